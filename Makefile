@@ -1,0 +1,62 @@
+# Shoal. `make run` starts a cluster on the embedded default config;
+# `make test` runs every test (Go unit + race, end-to-end, JS compatibility).
+GO      ?= go
+BIN     := bin/shoal
+GOBIN   := $(shell $(GO) env GOPATH)/bin
+PKGS    := ./...
+# Node packages for the compatibility tests live here, never globally.
+COMPAT  := test/compat
+
+.PHONY: all build run test lint fmt vet staticcheck unit compat compat-deps proto bench tidy clean
+
+all: build
+
+build:
+	$(GO) build -o $(BIN) ./cmd/shoal
+
+run: build
+	./$(BIN) run
+
+test: lint build unit compat
+
+lint: fmt vet staticcheck
+
+fmt:
+	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+
+vet:
+	$(GO) vet $(PKGS)
+
+# staticcheck comes through the Go module proxy; skipped (with a note) if that fails.
+staticcheck:
+	@if [ ! -x $(GOBIN)/staticcheck ]; then $(GO) install honnef.co/go/tools/cmd/staticcheck@latest >/dev/null 2>&1 || true; fi
+	@if [ -x $(GOBIN)/staticcheck ]; then $(GOBIN)/staticcheck $(PKGS); else echo "staticcheck: not installable, skipped"; fi
+
+# Race detector on everything; end-to-end tests build the binary themselves.
+unit:
+	$(GO) test -race -count=1 -timeout 15m $(PKGS)
+
+compat-deps:
+	@if [ -f $(COMPAT)/package.json ]; then \
+		cd $(COMPAT) && (npm ci --no-audit --no-fund --loglevel=error || npm install --no-audit --no-fund --loglevel=error); fi
+
+compat: build compat-deps
+	@if [ -f $(COMPAT)/package.json ]; then cd $(COMPAT) && SHOAL_BIN=$(CURDIR)/$(BIN) npm test; fi
+
+proto:
+	@command -v protoc >/dev/null || { echo "install protoc: apt-get install -y protobuf-compiler"; exit 1; }
+	$(GO) install google.golang.org/protobuf/cmd/protoc-gen-go@latest
+	$(GO) install google.golang.org/grpc/cmd/protoc-gen-go-grpc@latest
+	PATH=$(GOBIN):$$PATH protoc --go_out=. --go_opt=paths=source_relative \
+		--go-grpc_out=. --go-grpc_opt=paths=source_relative proto/control/controlpb/control.proto
+
+bench: build
+	$(GO) test -run '^$$' -bench . -benchmem $(PKGS)
+
+tidy:
+	$(GO) mod tidy
+	git diff --exit-code go.mod go.sum
+
+clean:
+	rm -rf bin data
