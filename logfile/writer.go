@@ -30,11 +30,11 @@ type Options struct {
 type Writer struct {
 	opts Options
 
-	mu   sync.Mutex
-	f    *os.File
-	size int64
-	buf  []byte
-	ebuf []byte
+	mu     sync.Mutex
+	f      *os.File
+	size   int64
+	buf    []byte
+	ebuf   []byte
 	err    error // the last failure to reopen after rotation
 	closed bool
 }
