@@ -220,7 +220,9 @@ func (w *walker) check(n *yaml.Node, t reflect.Type, path string) {
 			w.check(e, t.Elem(), fmt.Sprintf("%s[%d]", path, i))
 		}
 	case reflect.Map, reflect.Interface:
-		// Free-form (middleware rules until they are typed): any shape.
+		// Free-form (middleware rules): any shape here; registered validators
+		// check them. Record the lines so their errors can name them.
+		w.record(n, path)
 	default:
 		if n.Kind != yaml.ScalarNode {
 			w.fail(n, path, "expected a single value, got a %s", kindName(n))
@@ -229,6 +231,25 @@ func (w *walker) check(n *yaml.Node, t reflect.Type, path string) {
 		v := reflect.New(t)
 		if err := n.Decode(v.Interface()); err != nil {
 			w.fail(n, path, "expected %s, got %q", goKindName(t), n.Value)
+		}
+	}
+}
+
+// record notes the line of every key and element under a free-form node.
+func (w *walker) record(n *yaml.Node, path string) {
+	if _, seen := w.lines[path]; path != "" && !seen {
+		w.lines[path] = n.Line
+	}
+	switch n.Kind {
+	case yaml.MappingNode:
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			sub := join(path, n.Content[i].Value)
+			w.lines[sub] = n.Content[i].Line
+			w.record(n.Content[i+1], sub)
+		}
+	case yaml.SequenceNode:
+		for i, e := range n.Content {
+			w.record(e, fmt.Sprintf("%s[%d]", path, i))
 		}
 	}
 }

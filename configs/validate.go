@@ -7,6 +7,17 @@ import (
 	"strings"
 )
 
+// Validator checks part of a config that configs does not type itself (e.g.
+// middleware rules). Returned errors carry Key (dotted path, like
+// "middleware.inbound[1].rate.per_socket"); Load adds the file and line.
+type Validator func(c *Config) []*Error
+
+var validators []Validator
+
+// RegisterValidator adds a Validator run by every Load. Call it from an init
+// function of the package that owns the checked part.
+func RegisterValidator(v Validator) { validators = append(validators, v) }
+
 // normalize fills values derived from others.
 func (c *Config) normalize() {
 	if c.Log.File == "" {
@@ -117,6 +128,9 @@ func (c *Config) validate() Errors {
 	}
 	if w.MaxConnections < 1 {
 		bad("worker.max_connections", "must be at least 1")
+	}
+	for _, v := range validators {
+		errs = append(errs, v(c)...)
 	}
 	return errs
 }
