@@ -410,6 +410,16 @@ func TestBadMessages(t *testing.T) {
 	f2, _ := os.Open(os.DevNull)
 	defer f1.Close()
 	defer f2.Close()
+	// A valid message first, so the listener has accepted raw's connection
+	// (its fd exists) before the baseline is taken.
+	if _, _, err := raw.WriteMsgUnix([]byte{version}, syscall.UnixRights(int(f1.Fd())), nil); err != nil {
+		t.Fatal(err)
+	}
+	fd, _, err := l.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	syscall.Close(fd)
 	before := openFDs(t)
 	one := syscall.UnixRights(int(f1.Fd()))
 	two := syscall.UnixRights(int(f1.Fd()), int(f2.Fd()))
