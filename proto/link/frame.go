@@ -1,0 +1,234 @@
+// Package link is the internal wire format between workers and brokers: one
+// long-lived stream (unix socket on one host, TCP across hosts) per
+// worker×broker pair, carrying length-prefixed binary frames.
+//
+// Every frame is
+//
+//	u32 length (big endian) of what follows: the type byte and the body
+//	u8  type
+//	body (layout per type, below)
+//
+// Bodies (integers big endian; "rest" = every remaining byte of the frame):
+//
+//	hello   u16 version, u64 epoch, name rest      (both ways: worker name / broker name+epoch)
+//	sub     channel rest                           (worker → broker)
+//	unsub   channel rest                           (worker → broker)
+//	pub     u64 request id, u16 channel length, channel, data rest   (worker → broker)
+//	puback  u64 request id, u64 offset, u64 epoch, error text rest   (broker → worker; empty text = ok)
+//	msg     u64 offset, u64 epoch, u16 channel length, channel, data rest (broker → worker)
+//	ping    (empty)                                (either way; the peer answers pong)
+//	pong    (empty)
+//	members repeated: u16 name length, name, u16 address length, address (broker → worker)
+//
+// Fixed-width integers keep the encoder and decoder branch-free and let the
+// decoder validate a frame from its header alone; the data of pub and msg is
+// the raw published value, passed through untouched.
+package link
+
+import (
+	"encoding/binary"
+	"fmt"
+)
+
+// Version is the link protocol version sent in hello frames.
+const Version uint16 = 1
+
+// HeaderSize is the length prefix plus the type byte.
+const HeaderSize = 5
+
+// MaxChannel is the longest channel name a frame can carry (u16 length).
+const MaxChannel = 1<<16 - 1
+
+// Overhead is the largest frame size beyond the data of a pub or msg frame:
+// header, fixed fields and the longest channel name. A link's MaxFrame must be
+// at least max_payload + Overhead.
+const Overhead = HeaderSize + 8 + 8 + 2 + MaxChannel
+
+// Type is a frame type.
+type Type uint8
+
+// Frame types. Values are on the wire: never renumber.
+const (
+	TypeHello   Type = 1
+	TypeSub     Type = 2
+	TypeUnsub   Type = 3
+	TypePub     Type = 4
+	TypePubAck  Type = 5
+	TypeMsg     Type = 6
+	TypePing    Type = 7
+	TypePong    Type = 8
+	TypeMembers Type = 9
+)
+
+func (t Type) String() string {
+	switch t {
+	case TypeHello:
+		return "hello"
+	case TypeSub:
+		return "sub"
+	case TypeUnsub:
+		return "unsub"
+	case TypePub:
+		return "pub"
+	case TypePubAck:
+		return "puback"
+	case TypeMsg:
+		return "msg"
+	case TypePing:
+		return "ping"
+	case TypePong:
+		return "pong"
+	case TypeMembers:
+		return "members"
+	}
+	return fmt.Sprintf("type(%d)", uint8(t))
+}
+
+// Frame is one decoded frame. Its byte slices point into the decoder's
+// buffers and are valid only during the callback that receives it; copy what
+// you keep. Fields a type does not carry are zero.
+type Frame struct {
+	Type    Type
+	Version uint16 // hello
+	ReqID   uint64 // pub, puback
+	Offset  uint64 // puback, msg
+	Epoch   uint64 // hello (broker), puback, msg
+	Name    []byte // hello: the sender's name
+	Channel []byte // sub, unsub, pub, msg
+	Data    []byte // pub, msg: the payload; members: the raw member list
+	Err     []byte // puback: non-empty when the publish failed
+}
+
+// Sizes of the fixed parts of each body.
+const (
+	helloFixed  = 2 + 8
+	pubFixed    = 8 + 2
+	pubAckFixed = 8 + 8 + 8
+	msgFixed    = 8 + 8 + 2
+)
+
+func appendHeader(dst []byte, t Type, body int) []byte {
+	return append(binary.BigEndian.AppendUint32(dst, uint32(body+1)), byte(t))
+}
+
+// HelloSize and friends return the encoded size of a frame, header included,
+// so writers can check queue space before encoding.
+func HelloSize(name string) int { return HeaderSize + helloFixed + len(name) }
+
+// ChannelSize is the size of a sub or unsub frame.
+func ChannelSize(channel string) int { return HeaderSize + len(channel) }
+
+// PubSize is the size of a pub frame.
+func PubSize(channel string, data []byte) int {
+	return HeaderSize + pubFixed + len(channel) + len(data)
+}
+
+// PubAckSize is the size of a puback frame.
+func PubAckSize(errText string) int { return HeaderSize + pubAckFixed + len(errText) }
+
+// MsgSize is the size of a msg frame.
+func MsgSize(channel string, data []byte) int {
+	return HeaderSize + msgFixed + len(channel) + len(data)
+}
+
+// AppendHello appends a hello frame.
+func AppendHello(dst []byte, version uint16, epoch uint64, name string) []byte {
+	dst = appendHeader(dst, TypeHello, helloFixed+len(name))
+	dst = binary.BigEndian.AppendUint16(dst, version)
+	dst = binary.BigEndian.AppendUint64(dst, epoch)
+	return append(dst, name...)
+}
+
+// AppendChannel appends a sub or unsub frame (t must be TypeSub or TypeUnsub).
+func AppendChannel(dst []byte, t Type, channel string) []byte {
+	dst = appendHeader(dst, t, len(channel))
+	return append(dst, channel...)
+}
+
+// AppendPub appends a pub frame. The channel must be at most MaxChannel bytes.
+func AppendPub(dst []byte, reqID uint64, channel string, data []byte) []byte {
+	dst = appendHeader(dst, TypePub, pubFixed+len(channel)+len(data))
+	dst = binary.BigEndian.AppendUint64(dst, reqID)
+	dst = binary.BigEndian.AppendUint16(dst, uint16(len(channel)))
+	dst = append(dst, channel...)
+	return append(dst, data...)
+}
+
+// AppendPubAck appends a puback frame; a non-empty errText reports a failure.
+func AppendPubAck(dst []byte, reqID, offset, epoch uint64, errText string) []byte {
+	dst = appendHeader(dst, TypePubAck, pubAckFixed+len(errText))
+	dst = binary.BigEndian.AppendUint64(dst, reqID)
+	dst = binary.BigEndian.AppendUint64(dst, offset)
+	dst = binary.BigEndian.AppendUint64(dst, epoch)
+	return append(dst, errText...)
+}
+
+// AppendMsg appends a msg frame. The channel may be given as bytes so a
+// broker can encode straight from a decoded pub frame without a string.
+func AppendMsg(dst []byte, offset, epoch uint64, channel, data []byte) []byte {
+	dst = appendHeader(dst, TypeMsg, msgFixed+len(channel)+len(data))
+	dst = binary.BigEndian.AppendUint64(dst, offset)
+	dst = binary.BigEndian.AppendUint64(dst, epoch)
+	dst = binary.BigEndian.AppendUint16(dst, uint16(len(channel)))
+	dst = append(dst, channel...)
+	return append(dst, data...)
+}
+
+// AppendEmpty appends a frame with no body (ping, pong).
+func AppendEmpty(dst []byte, t Type) []byte { return appendHeader(dst, t, 0) }
+
+// Member is one broker in a members frame.
+type Member struct {
+	Name string
+	Addr string
+}
+
+// AppendMembers appends a members frame. Names and addresses longer than
+// MaxChannel bytes are not representable and are skipped.
+func AppendMembers(dst []byte, ms []Member) []byte {
+	body := 0
+	for _, m := range ms {
+		if len(m.Name) <= MaxChannel && len(m.Addr) <= MaxChannel {
+			body += 4 + len(m.Name) + len(m.Addr)
+		}
+	}
+	dst = appendHeader(dst, TypeMembers, body)
+	for _, m := range ms {
+		if len(m.Name) > MaxChannel || len(m.Addr) > MaxChannel {
+			continue
+		}
+		dst = binary.BigEndian.AppendUint16(dst, uint16(len(m.Name)))
+		dst = append(dst, m.Name...)
+		dst = binary.BigEndian.AppendUint16(dst, uint16(len(m.Addr)))
+		dst = append(dst, m.Addr...)
+	}
+	return dst
+}
+
+// ParseMembers decodes the Data of a members frame (copying the strings).
+func ParseMembers(b []byte) ([]Member, error) {
+	var out []Member
+	for len(b) > 0 {
+		var name, addr []byte
+		var ok bool
+		if name, b, ok = cutString(b); !ok {
+			return nil, fmt.Errorf("link: members frame: truncated name after %d members", len(out))
+		}
+		if addr, b, ok = cutString(b); !ok {
+			return nil, fmt.Errorf("link: members frame: truncated address of %q", name)
+		}
+		out = append(out, Member{Name: string(name), Addr: string(addr)})
+	}
+	return out, nil
+}
+
+func cutString(b []byte) (s, rest []byte, ok bool) {
+	if len(b) < 2 {
+		return nil, b, false
+	}
+	n := int(binary.BigEndian.Uint16(b))
+	if len(b) < 2+n {
+		return nil, b, false
+	}
+	return b[2 : 2+n], b[2+n:], true
+}
