@@ -97,7 +97,9 @@ func TestRoundTripAnySplit(t *testing.T) {
 }
 
 func TestDecoderErrors(t *testing.T) {
-	hdr := func(n uint32, typ byte) []byte { return []byte{byte(n >> 24), byte(n >> 16), byte(n >> 8), byte(n), typ} }
+	hdr := func(n uint32, typ byte) []byte {
+		return []byte{byte(n >> 24), byte(n >> 16), byte(n >> 8), byte(n), typ}
+	}
 	cases := []struct {
 		name string
 		in   []byte
