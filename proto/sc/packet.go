@@ -1,0 +1,301 @@
+package sc
+
+import "fmt"
+
+// Kind classifies a packet the way socketcluster-client and -server do.
+type Kind uint8
+
+const (
+	// Raw is anything that is not a packet: a JSON value that is neither an
+	// event nor a response, or a frame that is not JSON at all.
+	Raw Kind = iota
+	// Transmit is an event without a numeric cid (fire and forget). A string
+	// cid makes a transmit too.
+	Transmit
+	// Invoke is an event with a numeric cid: it expects a response.
+	Invoke
+	// Response answers a server invoke: numeric rid.
+	Response
+	// Pong is a heartbeat answer: the empty frame (v2) or "#2" (v1).
+	Pong
+	// PingV1 is "#1", which only a server sends; a client sending it is odd
+	// but harmless.
+	PingV1
+)
+
+func (k Kind) String() string {
+	switch k {
+	case Transmit:
+		return "transmit"
+	case Invoke:
+		return "invoke"
+	case Response:
+		return "response"
+	case Pong:
+		return "pong"
+	case PingV1:
+		return "ping"
+	}
+	return "raw"
+}
+
+// Packet is one packet of a frame. Every slice aliases the frame (except an
+// Event name that needed unescaping), so a Packet is valid only as long as
+// the frame's bytes are.
+type Packet struct {
+	Kind  Kind
+	Event []byte // the unescaped event name (Transmit, Invoke)
+	CID   []byte // Invoke: the cid as the JSON number text, echoed verbatim as rid
+	RID   []byte // Response: the rid number text
+	Data  []byte // raw JSON of "data"; nil when absent
+	Error []byte // raw JSON of "error"; nil when absent
+	Raw   []byte // the packet's own JSON text (or the whole frame)
+}
+
+// Reader yields the packets of one frame in order. The zero value is not
+// ready: call Reset. A Reader holds no heap memory, so it can live on the
+// stack of a message handler.
+type Reader struct {
+	frame []byte
+	s     scanner
+	batch bool
+	done  bool
+	count int
+	err   error
+}
+
+// Reset starts reading frame. The whole frame is validated first: an
+// invalid frame yields a single Raw packet and Err reports why.
+func (r *Reader) Reset(frame []byte) {
+	*r = Reader{frame: frame, s: scanner{b: frame}}
+	if len(frame) == 0 || string(frame) == "#1" || string(frame) == "#2" {
+		return
+	}
+	v := scanner{b: frame}
+	v.ws()
+	if v.i >= len(frame) || (frame[v.i] != '{' && frame[v.i] != '[') {
+		// sc-formatter hands such text to the app as a plain string.
+		return
+	}
+	if err := Valid(frame); err != nil {
+		r.err = err
+		return
+	}
+	r.s.ws()
+	if frame[r.s.i] == '[' {
+		r.batch = true
+		r.s.i++
+		r.s.depth = 1
+		r.s.ws()
+		if r.s.i < len(frame) && frame[r.s.i] == ']' {
+			r.done = true
+		}
+	}
+}
+
+// Err is why the frame was not valid JSON (nil for non-JSON heartbeats and
+// plain text, which are valid frames of kind Pong, PingV1 or Raw), or
+// ErrBatch once a batch exceeded MaxBatch.
+func (r *Reader) Err() error { return r.err }
+
+// Batch reports whether the frame is a JSON array of packets.
+func (r *Reader) Batch() bool { return r.batch }
+
+// Next fills p with the next packet and reports whether there was one.
+func (r *Reader) Next(p *Packet) bool {
+	if r.done {
+		return false
+	}
+	if !r.batch {
+		r.done = true
+		*p = Packet{Raw: r.frame}
+		switch {
+		case len(r.frame) == 0 || string(r.frame) == "#2":
+			p.Kind = Pong
+		case string(r.frame) == "#1":
+			p.Kind = PingV1
+		case r.err == nil:
+			r.s.ws()
+			start, end, err := r.s.value()
+			if err == nil {
+				parsePacket(r.frame[start:end], p)
+			}
+		}
+		return true
+	}
+	if r.count >= MaxBatch {
+		r.err = fmt.Errorf("%w (limit %d)", ErrBatch, MaxBatch)
+		r.done = true
+		return false
+	}
+	start, end, err := r.s.value()
+	if err != nil { // cannot happen on a validated frame; stay safe
+		r.err = err
+		r.done = true
+		return false
+	}
+	r.count++
+	if more, err := r.s.next(']'); err != nil || !more {
+		r.done = true
+		if err != nil {
+			r.err = err
+		}
+	}
+	parsePacket(r.frame[start:end], p)
+	return true
+}
+
+// parsePacket classifies one validated JSON value.
+func parsePacket(b []byte, p *Packet) {
+	*p = Packet{Raw: b}
+	if len(b) == 0 || b[0] != '{' {
+		return
+	}
+	var (
+		event    []byte
+		evString bool
+		cid, rid []byte
+	)
+	s := scanner{b: b, i: 1, depth: 1}
+	s.ws()
+	if s.i < len(b) && b[s.i] == '}' {
+		return
+	}
+	for {
+		s.ws()
+		ks, ke, kesc, err := s.str()
+		if err != nil {
+			return
+		}
+		key := b[ks:ke]
+		if kesc {
+			key = unescape(nil, key)
+		}
+		if s.colon() != nil {
+			return
+		}
+		s.ws()
+		vs, ve, err := s.value()
+		if err != nil {
+			return
+		}
+		val := b[vs:ve]
+		// Later duplicates win, as with JSON.parse.
+		switch string(key) {
+		case "event":
+			evString = val[0] == '"'
+			event = val
+		case "cid":
+			cid = val
+		case "rid":
+			rid = val
+		case "data":
+			p.Data = val
+		case "error":
+			p.Error = val
+		}
+		more, err := s.next('}')
+		if err != nil || !more {
+			break
+		}
+	}
+	switch {
+	case evString:
+		name, _ := String(event)
+		p.Event = name
+		if isNumber(cid) {
+			p.Kind, p.CID = Invoke, cid
+		} else {
+			p.Kind = Transmit
+		}
+	case isNumber(rid):
+		p.Kind, p.RID = Response, rid
+	}
+}
+
+func isNumber(v []byte) bool {
+	return len(v) > 0 && (v[0] == '-' || (v[0] >= '0' && v[0] <= '9'))
+}
+
+// String returns the contents of a JSON string value (raw, with quotes and
+// optional surrounding whitespace), unescaped. It aliases raw unless escapes had to be decoded. ok is false
+// when raw is not a valid JSON string.
+func String(raw []byte) (s []byte, ok bool) {
+	sc := scanner{b: raw}
+	sc.ws()
+	if sc.i >= len(raw) || raw[sc.i] != '"' {
+		return nil, false
+	}
+	start, end, esc, err := sc.str()
+	if err != nil {
+		return nil, false
+	}
+	if sc.ws(); sc.i != len(raw) {
+		return nil, false
+	}
+	if !esc {
+		return raw[start:end], true
+	}
+	return unescape(make([]byte, 0, end-start), raw[start:end]), true
+}
+
+// Field returns the raw JSON value of key in the JSON object obj (the last
+// one if the key repeats). ok is false when obj is not an object or lacks
+// the key.
+func Field(obj []byte, key string) (val []byte, ok bool) {
+	s := scanner{b: obj}
+	s.ws()
+	if s.i >= len(obj) || obj[s.i] != '{' {
+		return nil, false
+	}
+	s.i++
+	s.depth = 1
+	s.ws()
+	if s.i < len(obj) && obj[s.i] == '}' {
+		return nil, false
+	}
+	for {
+		s.ws()
+		if s.i >= len(obj) || obj[s.i] != '"' {
+			return nil, false
+		}
+		ks, ke, kesc, err := s.str()
+		if err != nil || s.colon() != nil {
+			return nil, false
+		}
+		vs, ve, err := s.value()
+		if err != nil {
+			return nil, false
+		}
+		k := obj[ks:ke]
+		if kesc {
+			k = unescape(nil, k)
+		}
+		if string(k) == key {
+			val, ok = obj[vs:ve], true
+		}
+		more, err := s.next('}')
+		if err != nil {
+			return nil, false
+		}
+		if !more {
+			return val, ok
+		}
+	}
+}
+
+// StringField returns the unescaped string value of key in obj; ok is false
+// when the key is missing or its value is not a string.
+func StringField(obj []byte, key string) (s []byte, ok bool) {
+	v, ok := Field(obj, key)
+	if !ok {
+		return nil, false
+	}
+	return String(v)
+}
+
+// IsTrue reports whether raw is the JSON literal true.
+func IsTrue(raw []byte) bool { return string(raw) == "true" }
+
+// IsNull reports whether raw is absent or the JSON literal null.
+func IsNull(raw []byte) bool { return len(raw) == 0 || string(raw) == "null" }
