@@ -1,0 +1,615 @@
+package bench
+
+// Connections of the bench client. A connection is opened synchronously by a
+// dial goroutine (TCP, WebSocket upgrade, #handshake, optional #subscribe,
+// each waited for), then its file descriptor is handed to an epoll poller
+// and the Go net.Conn is dropped. From then on an idle connection costs no
+// goroutine and no buffer: a struct of about 200 bytes in this process plus
+// the kernel's socket buffers. Only a connection that received half a frame
+// keeps a slice for the rest until it arrives.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/gobwas/ws"
+	"golang.org/x/sys/unix"
+)
+
+var (
+	errClosed      = errors.New("bench: connection closed")
+	errBackpressed = errors.New("bench: send buffer full")
+)
+
+// maxOut bounds the bytes a connection queues when the socket does not take
+// them at once. Only publishers ever queue; beyond this they wait, so a slow
+// server slows the publishers instead of growing the tool's memory.
+const maxOut = 1 << 20
+
+// conn is one established SC connection owned by a poller.
+type conn struct {
+	fd int
+	p  *poller
+
+	// Touched only by the poller goroutine.
+	partial []byte   // bytes of an incomplete inbound frame, nil when none
+	frag    []byte   // data of a fragmented message being reassembled
+	last    []uint32 // per publisher: highest seq+1 seen (subscribers only)
+	channel string   // the channel this connection subscribed to, if any
+	pub     *publisher
+
+	mu     sync.Mutex // guards out, closed and the fd against reuse after close
+	out    []byte     // bytes the socket would not take yet
+	closed bool
+}
+
+// write sends b now, or queues what the socket does not take; safe from any
+// goroutine. It never blocks: the poller flushes the queue on EPOLLOUT.
+func (c *conn) write(b []byte) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return errClosed
+	}
+	if len(c.out) > 0 {
+		if len(c.out)+len(b) > maxOut {
+			return errBackpressed
+		}
+		c.out = append(c.out, b...)
+		return nil
+	}
+	for len(b) > 0 {
+		n, err := unix.Write(c.fd, b)
+		if n > 0 {
+			b = b[n:]
+		}
+		switch {
+		case err == nil:
+		case err == unix.EINTR:
+		case err == unix.EAGAIN:
+			c.out = append(c.out, b...)
+			return nil
+		default:
+			return err
+		}
+	}
+	return nil
+}
+
+// flush writes queued bytes; called by the poller on EPOLLOUT.
+func (c *conn) flush() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for len(c.out) > 0 && !c.closed {
+		n, err := unix.Write(c.fd, c.out)
+		if n > 0 {
+			c.out = c.out[n:]
+		}
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			break
+		}
+	}
+	if len(c.out) == 0 {
+		c.out = nil // release the queue's memory once drained
+	}
+}
+
+// closeFD closes the socket once; the lock keeps writers from writing to a
+// descriptor number the kernel may already have given to a new socket.
+func (c *conn) closeFD() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return false
+	}
+	c.closed = true
+	c.out = nil
+	unix.Close(c.fd)
+	return true
+}
+
+// writeControl sends a small control or heartbeat frame from the poller.
+func (c *conn) writeControl(op byte, payload []byte) {
+	var buf [64]byte
+	if len(payload) > 50 {
+		payload = payload[:50] // ping payloads are at most 125; ours stay short
+	}
+	_ = c.write(appendClientFrame(buf[:0], op, payload))
+}
+
+// dialOpts is what every dial of an agent shares.
+type dialOpts struct {
+	urls    []string
+	sources []net.IP
+	timeout time.Duration
+	token   string // sent in #handshake when set
+}
+
+// sess is a connection during its synchronous phase.
+type sess struct {
+	nc  net.Conn
+	buf []byte // inbound bytes not yet parsed: buf[:n]
+	n   int
+	cid uint64
+	out []byte
+}
+
+// dial opens connection number i: TCP from source address i mod len(sources)
+// to URL i mod len(urls), WebSocket upgrade, then #handshake, waiting for its
+// reply. The caller owns the returned session.
+func dial(ctx context.Context, o *dialOpts, i int) (*sess, error) {
+	ctx, cancel := context.WithTimeout(ctx, o.timeout)
+	defer cancel()
+	url := o.urls[i%len(o.urls)]
+	nd := net.Dialer{Timeout: o.timeout, Control: bindNoPort}
+	if len(o.sources) > 0 {
+		nd.LocalAddr = &net.TCPAddr{IP: o.sources[i%len(o.sources)]}
+	}
+	wd := ws.Dialer{
+		Timeout: o.timeout,
+		NetDial: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			return nd.DialContext(ctx, network, addr)
+		},
+	}
+	nc, br, _, err := wd.Dial(ctx, url)
+	if err != nil {
+		return nil, err
+	}
+	s := &sess{nc: nc, buf: make([]byte, 4096), cid: 1}
+	if br != nil {
+		// The server may have sent bytes right behind its 101 response.
+		s.n, _ = br.Read(s.buf[:min(br.Buffered(), len(s.buf))])
+		ws.PutReader(br)
+	}
+	if dl, ok := ctx.Deadline(); ok {
+		_ = nc.SetDeadline(dl)
+	}
+	tok := []byte("null")
+	if o.token != "" {
+		tok = strconv.AppendQuote(nil, o.token)
+	}
+	data := append(append([]byte(`{"authToken":`), tok...), '}')
+	if err := s.invoke("#handshake", data); err != nil {
+		nc.Close()
+		return nil, fmt.Errorf("#handshake: %w", err)
+	}
+	return s, nil
+}
+
+// bindNoPort sets IP_BIND_ADDRESS_NO_PORT so that binding a source address
+// does not reserve an ephemeral port by itself: the port is chosen at
+// connect time per destination, which lets one source address carry more
+// than 28k connections across several server ports and reuse TIME_WAIT
+// ports on loopback.
+func bindNoPort(network, address string, rc syscall.RawConn) error {
+	var serr error
+	err := rc.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1)
+	})
+	if err != nil {
+		return err
+	}
+	return serr
+}
+
+// invoke sends an SC invoke and reads until its response arrives, answering
+// pings meanwhile. A response carrying "error" is returned as an error.
+func (s *sess) invoke(event string, data []byte) error {
+	cid := s.cid
+	s.cid++
+	s.out = appendClientFrame(s.out[:0], opText, appendInvoke(nil, event, data, cid))
+	if _, err := s.nc.Write(s.out); err != nil {
+		return err
+	}
+	for {
+		off := 0
+		for {
+			f, n, err := parseFrame(s.buf[off:s.n])
+			if err != nil {
+				return err
+			}
+			if n == 0 {
+				break
+			}
+			off += n
+			done, err := s.onFrame(f, cid)
+			if err != nil || done {
+				s.n = copy(s.buf, s.buf[off:s.n])
+				return err
+			}
+		}
+		s.n = copy(s.buf, s.buf[off:s.n])
+		if s.n == len(s.buf) {
+			s.buf = append(s.buf, make([]byte, len(s.buf))...)
+		}
+		n, err := s.nc.Read(s.buf[s.n:])
+		s.n += n
+		if err != nil && n == 0 {
+			return err
+		}
+	}
+}
+
+// onFrame handles one frame of the synchronous phase; done reports that the
+// response to cid was seen.
+func (s *sess) onFrame(f frame, cid uint64) (done bool, err error) {
+	switch f.op {
+	case opPing:
+		_, err = s.nc.Write(appendClientFrame(nil, opPong, f.payload))
+		return false, err
+	case opClose:
+		code := 0
+		if len(f.payload) >= 2 {
+			code = int(f.payload[0])<<8 | int(f.payload[1])
+		}
+		return false, fmt.Errorf("server closed the connection (code %d %q)", code, f.payload[min(2, len(f.payload)):])
+	case opText, opBinary:
+	default:
+		return false, nil
+	}
+	if len(f.payload) == 0 { // v2 heartbeat
+		_, err = s.nc.Write(appendClientFrame(nil, opText, nil))
+		return false, err
+	}
+	if string(f.payload) == "#1" { // v1 heartbeat
+		_, err = s.nc.Write(appendClientFrame(nil, opText, []byte("#2")))
+		return false, err
+	}
+	packets(f.payload, func(pkt []byte) {
+		rid, ok := field(pkt, "rid")
+		if !ok {
+			return
+		}
+		if n, ok := parseUint(rid); !ok || n != cid {
+			return
+		}
+		done = true
+		if e, ok := field(pkt, "error"); ok && string(e) != "null" {
+			err = fmt.Errorf("error response: %s", e)
+		}
+	})
+	return done, err
+}
+
+// subscribe sends #subscribe for channel and waits for the server's reply.
+func (s *sess) subscribe(channel string) error {
+	d := append([]byte(`{"channel":`), strconv.Quote(channel)...)
+	return s.invoke("#subscribe", append(d, '}'))
+}
+
+// detach turns the session into a raw non-blocking descriptor for a poller.
+// It returns the descriptor and any bytes already read but not parsed. The
+// descriptor is a dup: closing the net.Conn afterwards drops Go's netpoller
+// registration without closing the socket.
+func (s *sess) detach() (int, []byte, error) {
+	tc, ok := s.nc.(*net.TCPConn)
+	if !ok {
+		s.nc.Close()
+		return -1, nil, errors.New("bench: not a TCP connection")
+	}
+	rc, err := tc.SyscallConn()
+	if err != nil {
+		s.nc.Close()
+		return -1, nil, err
+	}
+	fd := -1
+	var derr error
+	err = rc.Control(func(f uintptr) {
+		fd, derr = unix.FcntlInt(f, unix.F_DUPFD_CLOEXEC, 0)
+	})
+	s.nc.Close()
+	if err == nil {
+		err = derr
+	}
+	if err != nil {
+		return -1, nil, err
+	}
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		return -1, nil, err
+	}
+	var rest []byte
+	if s.n > 0 {
+		rest = append([]byte(nil), s.buf[:s.n]...)
+	}
+	return fd, rest, nil
+}
+
+// closeNow ends a churn session: a WebSocket close frame, then a reset
+// (SO_LINGER 0) so the client side keeps no TIME_WAIT socket; without it a
+// churn run at thousands of cycles per second exhausts the ephemeral ports
+// of its source addresses within seconds.
+func (s *sess) closeNow() {
+	_, _ = s.nc.Write(appendClientFrame(nil, opClose, []byte{0x03, 0xE8}))
+	if tc, ok := s.nc.(*net.TCPConn); ok {
+		_ = tc.SetLinger(0)
+	}
+	s.nc.Close()
+}
+
+// poller owns a set of connections and one epoll instance; one goroutine
+// waits on it and does all reading and protocol replies for its conns.
+type poller struct {
+	a    *agent
+	epfd int
+	buf  []byte
+	st   pollStats
+
+	mu    sync.Mutex
+	conns map[int]*conn // fd → conn; only the poller deletes, under mu
+}
+
+// pollStats are written by one poller goroutine and read by the reporter.
+type pollStats struct {
+	delivered, windowDelivered, orderViolations, badPayload, closed atomic.Uint64
+	acked, pubErrors                                                atomic.Uint64
+	latency, ack                                                    Hist
+}
+
+func newPoller(a *agent) (*poller, error) {
+	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, err
+	}
+	return &poller{a: a, epfd: epfd, buf: make([]byte, 256<<10), conns: make(map[int]*conn)}, nil
+}
+
+// add registers an established connection (edge-triggered: the poller reads
+// until EAGAIN, and EPOLLOUT fires only when a full socket drains).
+func (p *poller) add(c *conn, rest []byte) error {
+	c.p = p
+	if len(rest) > 0 {
+		c.partial = rest // parsed on the first read event
+	}
+	p.mu.Lock() // publishes c (and partial) to the poller goroutine
+	p.conns[c.fd] = c
+	p.mu.Unlock()
+	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET, Fd: int32(c.fd)}
+	if err := unix.EpollCtl(p.epfd, unix.EPOLL_CTL_ADD, c.fd, &ev); err != nil {
+		p.mu.Lock()
+		delete(p.conns, c.fd)
+		p.mu.Unlock()
+		return err
+	}
+	return nil
+}
+
+// run waits for events until stop is closed. The 100 ms timeout bounds how
+// long stopping takes without needing a wake-up descriptor.
+func (p *poller) run(stop <-chan struct{}) {
+	events := make([]unix.EpollEvent, 256)
+	for {
+		select {
+		case <-stop:
+			return
+		default:
+		}
+		n, err := unix.EpollWait(p.epfd, events, 100)
+		if err != nil && err != unix.EINTR {
+			return
+		}
+		for i := 0; i < n; i++ {
+			ev := events[i]
+			p.mu.Lock()
+			c := p.conns[int(ev.Fd)]
+			p.mu.Unlock()
+			if c == nil {
+				continue
+			}
+			if ev.Events&unix.EPOLLOUT != 0 {
+				c.flush()
+			}
+			if ev.Events&(unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+				p.read(c)
+			}
+		}
+	}
+}
+
+// read drains the socket and handles every complete frame.
+func (p *poller) read(c *conn) {
+	if len(c.partial) > 0 {
+		// Bytes carried over from the synchronous phase or an earlier read.
+		if !p.consume(c, nil) {
+			return
+		}
+	}
+	for {
+		n, err := unix.Read(c.fd, p.buf)
+		if n > 0 {
+			if !p.consume(c, p.buf[:n]) {
+				return
+			}
+			if n < len(p.buf) {
+				return // a short read drained the socket; ET fires on new data
+			}
+			continue
+		}
+		if err == unix.EINTR {
+			continue
+		}
+		if err == unix.EAGAIN {
+			return
+		}
+		p.drop(c) // EOF or error: the server closed or reset
+		return
+	}
+}
+
+// drop forgets a connection the server closed.
+func (p *poller) drop(c *conn) {
+	_ = unix.EpollCtl(p.epfd, unix.EPOLL_CTL_DEL, c.fd, nil)
+	p.mu.Lock()
+	delete(p.conns, c.fd)
+	p.mu.Unlock()
+	if c.closeFD() && !p.a.stopping.Load() {
+		p.st.closed.Add(1)
+	}
+	c.partial, c.frag = nil, nil
+}
+
+// consume parses data (appended to any partial frame) and handles each
+// complete frame; it returns false if the connection was dropped.
+func (p *poller) consume(c *conn, data []byte) bool {
+	if len(c.partial) > 0 {
+		c.partial = append(c.partial, data...)
+		data = c.partial
+	}
+	off := 0
+	for {
+		f, n, err := parseFrame(data[off:])
+		if err != nil {
+			p.drop(c)
+			return false
+		}
+		if n == 0 {
+			break
+		}
+		off += n
+		if !p.onFrame(c, f) {
+			p.drop(c)
+			return false
+		}
+	}
+	rest := data[off:]
+	switch {
+	case len(rest) == 0:
+		c.partial = nil
+	case len(c.partial) > 0:
+		c.partial = c.partial[:copy(c.partial, rest)]
+	default:
+		c.partial = append(make([]byte, 0, len(rest)+4096), rest...)
+	}
+	return true
+}
+
+// onFrame handles one frame; false means the connection must be dropped.
+func (p *poller) onFrame(c *conn, f frame) bool {
+	switch f.op {
+	case opPing:
+		c.writeControl(opPong, f.payload)
+		return true
+	case opPong:
+		return true
+	case opClose:
+		c.writeControl(opClose, f.payload[:min(2, len(f.payload))])
+		return false
+	case opContinuation:
+		c.frag = append(c.frag, f.payload...)
+		if !f.fin {
+			return true
+		}
+		msg := c.frag
+		c.frag = nil
+		p.onMessage(c, msg)
+		return true
+	case opText, opBinary:
+		if !f.fin {
+			c.frag = append(c.frag[:0], f.payload...)
+			return true
+		}
+		p.onMessage(c, f.payload)
+		return true
+	}
+	return false // unknown opcode: a protocol error
+}
+
+// onMessage handles one SC text message.
+func (p *poller) onMessage(c *conn, msg []byte) {
+	if len(msg) == 0 { // v2 heartbeat: answer with the same empty frame
+		c.writeControl(opText, nil)
+		return
+	}
+	if len(msg) == 2 && msg[0] == '#' && msg[1] == '1' { // v1 heartbeat
+		c.writeControl(opText, []byte("#2"))
+		return
+	}
+	packets(msg, func(pkt []byte) { p.onPacket(c, pkt) })
+}
+
+// onPacket handles one SC packet: a #publish delivery or an invoke response.
+func (p *poller) onPacket(c *conn, pkt []byte) {
+	if ev, ok := field(pkt, "event"); ok {
+		if string(ev) != `"#publish"` {
+			return
+		}
+		data, ok := field(pkt, "data")
+		if !ok {
+			p.st.badPayload.Add(1)
+			return
+		}
+		payload, ok := field(data, "data")
+		if !ok {
+			p.st.badPayload.Add(1)
+			return
+		}
+		p.deliver(c, payload)
+		return
+	}
+	if c.pub == nil {
+		return
+	}
+	rid, ok := field(pkt, "rid")
+	if !ok {
+		return
+	}
+	n, ok := parseUint(rid)
+	if !ok {
+		return
+	}
+	e, isErr := field(pkt, "error")
+	c.pub.ack(p, n, isErr && string(e) != "null")
+}
+
+// deliver accounts one #publish received by a subscriber.
+func (p *poller) deliver(c *conn, payload []byte) {
+	now := time.Now().UnixNano()
+	pub, seq, sent, ok := parsePayload(payload)
+	if !ok {
+		p.st.badPayload.Add(1)
+		return
+	}
+	p.st.delivered.Add(1)
+	if p.a.measuring.Load() {
+		p.st.windowDelivered.Add(1)
+	}
+	p.st.latency.Record(time.Duration(now - sent))
+	np := p.a.spec.Publishers
+	if pub >= uint64(np) {
+		p.st.badPayload.Add(1)
+		return
+	}
+	if c.last == nil {
+		c.last = make([]uint32, np)
+	}
+	// Seqs of one publisher reach one subscriber in increasing order with
+	// gaps (the publisher rotates over channels); a seq at or below the last
+	// one seen is a duplicate or a reordering.
+	if uint32(seq+1) <= c.last[pub] {
+		p.st.orderViolations.Add(1)
+		return
+	}
+	c.last[pub] = uint32(seq + 1)
+}
+
+// closeAll closes every connection of the poller (after run has returned).
+func (p *poller) closeAll() {
+	p.mu.Lock()
+	conns := p.conns
+	p.conns = make(map[int]*conn)
+	p.mu.Unlock()
+	for _, c := range conns {
+		c.closeFD()
+	}
+	unix.Close(p.epfd)
+}
