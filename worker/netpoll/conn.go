@@ -1,0 +1,443 @@
+package netpoll
+
+import (
+	"net"
+	"sync"
+	"time"
+
+	"github.com/gobwas/ws"
+	"golang.org/x/sys/unix"
+)
+
+// phase is a connection's position in its life. It only moves forward.
+type phase uint8
+
+const (
+	phaseHandshake phase = iota // reading the HTTP request head
+	phaseOpen                   // WebSocket open: frames both ways
+	phaseClosing                // final bytes (close frame or HTTP error) queued; no new writes
+	phaseDraining               // final bytes written and write side shut; waiting for the peer to hang up
+	phaseDead                   // to be closed as soon as no task uses the fd
+	phaseGone                   // fd closed, resources released
+	phaseHanded                 // socket given to the HTTP server; not ours any more
+)
+
+// Conn is one WebSocket connection. Its methods are safe for concurrent use.
+//
+// An idle Conn owns no goroutine and no buffer: reads land in the pool
+// goroutine's buffer and only a frame that arrives in pieces is kept (in
+// stash) until it is complete.
+type Conn struct {
+	srv    *Server
+	id     uint64
+	remote net.Addr
+
+	mu sync.Mutex // guards everything below up to the input state
+	fd int32
+	// seq tells this connection's epoll events from those of an earlier
+	// connection that had the same fd number.
+	seq         uint32
+	phase       phase
+	reading     bool // a read task is queued or running
+	flushing    bool // a flush task is queued or running
+	waitOut     bool // the socket said EAGAIN; EPOLLOUT is armed
+	opened      bool // the upgrade succeeded (OnOpen called or about to be)
+	onCloseDone bool
+	closeSet    bool
+	pendFlush   bool // set under mu: unlockAndRun pushes a flush task
+	pendRead    bool // set under mu: unlockAndRun pushes a read task
+	closeCode   ws.StatusCode
+	closeReason string
+	// out is the send queue: frames shared read-only with other conns.
+	// Entries before outHead were written; out[outHead] may be partly written.
+	out      [][]byte
+	outHead  int
+	outBytes int
+	// deadline (unix ns, 0 = none) is when the handshake, a stalled write or
+	// the close sequence times out; timer fires at or before it.
+	deadline int64
+	timer    *time.Timer
+	data     any
+
+	// Input state. Only the read task touches it (Conn.reading serialises
+	// read tasks); finish clears it once no read task can run.
+	stash    []byte // incomplete input: HTTP head, or a frame still arriving
+	need     int    // total size of the frame in stash, 0 while its header is incomplete
+	frag     []byte // data message being reassembled from fragments
+	fragOp   ws.OpCode
+	fragging bool
+}
+
+// ID is unique among the connections of one Server.
+func (c *Conn) ID() uint64 { return c.id }
+
+// RemoteAddr is the address given to Serve or, if none, the socket's peer.
+// It may be nil when neither was available.
+func (c *Conn) RemoteAddr() net.Addr { return c.remote }
+
+// Data returns the value stored with SetData.
+func (c *Conn) Data() any {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.data
+}
+
+// SetData stores a per-connection user value.
+func (c *Conn) SetData(v any) {
+	c.mu.Lock()
+	c.data = v
+	c.mu.Unlock()
+}
+
+// WriteFrame queues a complete, pre-built frame (see AppendTextFrame). The
+// bytes are shared, not copied: they must not change until every connection
+// wrote them, so build a new slice per message rather than reusing one. It
+// never blocks on the network. It returns ErrQueueFull when the send queue is
+// over its bounds (the frame was dropped) and ErrClosed once the connection
+// is closing.
+func (c *Conn) WriteFrame(frame []byte) error {
+	if len(frame) == 0 {
+		return nil
+	}
+	s := c.srv
+	c.mu.Lock()
+	if c.phase != phaseOpen {
+		c.mu.Unlock()
+		return ErrClosed
+	}
+	if queued := len(c.out) - c.outHead; queued > 0 &&
+		(c.outBytes+len(frame) > s.cfg.SendQueueBytes || queued >= s.cfg.SendQueueMsgs) {
+		c.mu.Unlock()
+		s.stats.queueFull.Add(1)
+		return ErrQueueFull
+	}
+	c.enqueueLocked(frame)
+	flush := c.scheduleFlushLocked()
+	c.mu.Unlock()
+	s.stats.msgsOut.Add(1)
+	if flush {
+		s.pool.push(c, taskFlush)
+	}
+	return nil
+}
+
+// WriteText frames a private copy of payload as a text message and queues it.
+func (c *Conn) WriteText(payload []byte) error {
+	return c.WriteFrame(appendFrame(make([]byte, 0, frameSize(len(payload))), ws.OpText, payload))
+}
+
+// Close sends a close frame with code and reason after the data already
+// queued, then shuts the connection down; OnClose reports code. The whole
+// sequence is bounded by WriteTimeout. Closing a closed conn does nothing.
+func (c *Conn) Close(code ws.StatusCode, reason string) {
+	c.mu.Lock()
+	switch c.phase {
+	case phaseOpen:
+		c.beginCloseLocked(code, reason, closeFrame(code, reason))
+	case phaseHandshake:
+		c.abortLocked(ws.StatusAbnormalClosure, reason)
+	}
+	c.unlockAndRun()
+}
+
+// enqueueLocked appends a frame to the send queue without checking bounds.
+func (c *Conn) enqueueLocked(b []byte) {
+	if len(b) == 0 {
+		return
+	}
+	c.out = append(c.out, b)
+	c.outBytes += len(b)
+}
+
+// scheduleFlushLocked reports whether the caller must push a flush task.
+// None is needed while one is queued or running (it writes what we added)
+// or while the socket waits for EPOLLOUT (the poller schedules one then).
+func (c *Conn) scheduleFlushLocked() bool {
+	if c.flushing || c.waitOut {
+		return false
+	}
+	c.flushing = true
+	return true
+}
+
+// scheduleReadLocked reports whether the caller must push a read task.
+func (c *Conn) scheduleReadLocked() bool {
+	if c.reading {
+		return false
+	}
+	c.reading = true
+	return true
+}
+
+// setCloseLocked records the code and reason OnClose will report; the first
+// one wins.
+func (c *Conn) setCloseLocked(code ws.StatusCode, reason string) {
+	if !c.closeSet {
+		c.closeSet, c.closeCode, c.closeReason = true, code, reason
+	}
+}
+
+// beginCloseLocked queues final bytes (a close frame, or an HTTP error
+// response during the handshake) and stops accepting writes. The flush that
+// writes them shuts the write side; the read task then waits for the peer to
+// hang up. The task pushes happen in unlockAndRun.
+func (c *Conn) beginCloseLocked(code ws.StatusCode, reason string, final []byte) {
+	if c.phase != phaseOpen && c.phase != phaseHandshake {
+		return
+	}
+	c.setCloseLocked(code, reason)
+	c.phase = phaseClosing
+	c.enqueueLocked(final)
+	c.setDeadlineLocked(c.srv.cfg.WriteTimeout)
+	c.pendFlush = c.pendFlush || c.scheduleFlushLocked()
+	if c.opened {
+		// The read task delivers OnClose, after any OnMessage in progress.
+		c.pendRead = c.pendRead || c.scheduleReadLocked()
+	}
+}
+
+// abortLocked marks the connection for immediate closing (no close frame).
+func (c *Conn) abortLocked(code ws.StatusCode, reason string) {
+	if c.phase >= phaseDead {
+		return
+	}
+	c.setCloseLocked(code, reason)
+	c.phase = phaseDead
+	c.deadline = 0
+	if c.opened && !c.onCloseDone {
+		c.pendRead = c.pendRead || c.scheduleReadLocked()
+	}
+}
+
+// unlockAndRun releases c.mu and then does what the locked section decided:
+// push tasks, or close the fd when the connection is dead and no task uses it.
+func (c *Conn) unlockAndRun() {
+	flush, read := c.pendFlush, c.pendRead
+	c.pendFlush, c.pendRead = false, false
+	finish := c.phase == phaseDead && !c.reading && !c.flushing
+	if finish {
+		c.phase = phaseGone
+	}
+	c.mu.Unlock()
+	if flush {
+		c.srv.pool.push(c, taskFlush)
+	}
+	if read {
+		c.srv.pool.push(c, taskRead)
+	}
+	if finish {
+		c.finish()
+	}
+}
+
+// finish closes the fd and releases everything. It runs exactly once, after
+// the phase moved to gone under c.mu with no task queued or running.
+func (c *Conn) finish() {
+	s := c.srv
+	s.tableRemove(c)
+	if err := unix.Close(int(c.fd)); err != nil {
+		s.log.Debug("close fd", "fd", c.fd, "error", err)
+	}
+	c.mu.Lock()
+	if c.timer != nil {
+		c.timer.Stop()
+		c.timer = nil
+	}
+	clear(c.out)
+	c.out, c.outHead, c.outBytes = nil, 0, 0
+	c.stash, c.frag = nil, nil
+	c.mu.Unlock()
+	if c.opened {
+		s.open.Add(-1)
+	}
+	s.released()
+}
+
+// setDeadlineLocked arms the connection's timer d from now.
+func (c *Conn) setDeadlineLocked(d time.Duration) {
+	c.deadline = time.Now().Add(d).UnixNano()
+	if c.timer == nil {
+		c.timer = time.AfterFunc(d, c.onTimer)
+	} else {
+		c.timer.Reset(d)
+	}
+}
+
+// clearDeadlineLocked disarms the timer.
+func (c *Conn) clearDeadlineLocked() {
+	c.deadline = 0
+	if c.timer != nil {
+		c.timer.Stop()
+	}
+}
+
+// onTimer runs when a deadline may have passed. Deadlines move later without
+// resetting the timer (a stalled write that makes progress only bumps
+// c.deadline), so it re-arms itself when it fired early.
+func (c *Conn) onTimer() {
+	c.mu.Lock()
+	if c.deadline == 0 || c.phase >= phaseDead {
+		c.mu.Unlock()
+		return
+	}
+	if left := time.Until(time.Unix(0, c.deadline)); left > 0 {
+		c.timer.Reset(left)
+		c.mu.Unlock()
+		return
+	}
+	var reason string
+	switch c.phase {
+	case phaseHandshake:
+		reason = "handshake timeout"
+	case phaseOpen:
+		reason = "write timeout"
+	default:
+		reason = "close timeout"
+	}
+	c.srv.stats.timeouts.Add(1)
+	c.abortLocked(ws.StatusAbnormalClosure, reason)
+	c.unlockAndRun()
+}
+
+// armLocked re-arms the one-shot epoll registration for what the connection
+// still waits for: input unless a read task owns the fd, output while a
+// write is stalled. One-shot disarms the fd after every event, so each event
+// handler and each task calls this when it is done.
+func (c *Conn) armLocked() {
+	if c.phase >= phaseDead {
+		return
+	}
+	ev := uint32(unix.EPOLLONESHOT)
+	if !c.reading {
+		ev |= unix.EPOLLIN | unix.EPOLLRDHUP
+	}
+	if c.waitOut {
+		ev |= unix.EPOLLOUT
+	}
+	if ev == unix.EPOLLONESHOT {
+		return
+	}
+	e := unix.EpollEvent{Events: ev, Fd: c.fd, Pad: int32(c.seq)}
+	if err := unix.EpollCtl(c.srv.epfd, unix.EPOLL_CTL_MOD, int(c.fd), &e); err != nil {
+		c.srv.log.Warn("epoll re-arm failed, closing connection", "fd", c.fd, "error", err)
+		c.abortLocked(ws.StatusAbnormalClosure, "epoll: "+err.Error())
+	}
+}
+
+// flush writes the send queue with writev until it is empty or the socket
+// would block. It runs on a pool goroutine; c.flushing keeps it alone, and
+// c.mu is released around the syscall so writers keep queueing meanwhile.
+func (c *Conn) flush(sc *scratch) {
+	s := c.srv
+	c.mu.Lock()
+	requeue := false
+	for round := 0; ; round++ {
+		if c.phase >= phaseDead {
+			break
+		}
+		pending := len(c.out) - c.outHead
+		if pending == 0 {
+			c.drainedLocked()
+			break
+		}
+		if round == maxFlushRounds {
+			// Let other connections' tasks run; this one goes back in line.
+			requeue = true
+			break
+		}
+		n := min(pending, len(sc.iovs))
+		for i, b := range c.out[c.outHead : c.outHead+n] {
+			sc.iovs[i].Base = &b[0]
+			sc.iovs[i].SetLen(len(b))
+		}
+		fd := c.fd
+		c.mu.Unlock()
+		w, errno := writev(int(fd), sc.iovs[:n])
+		// Drop the references so the pool does not keep frames alive.
+		for i := range sc.iovs[:n] {
+			sc.iovs[i].Base = nil
+		}
+		c.mu.Lock()
+		if w > 0 {
+			c.consumeLocked(w)
+			s.stats.bytesOut.Add(uint64(w))
+			if c.phase == phaseOpen && c.deadline != 0 {
+				// Progress: a stalled write gets a fresh WriteTimeout.
+				c.deadline = time.Now().Add(s.cfg.WriteTimeout).UnixNano()
+			}
+		}
+		switch errno {
+		case 0:
+			continue
+		case unix.EINTR:
+			continue
+		case unix.EAGAIN:
+			c.waitOut = true
+			if c.phase == phaseOpen && c.deadline == 0 {
+				c.setDeadlineLocked(s.cfg.WriteTimeout)
+			}
+			c.armLocked()
+		default:
+			c.abortLocked(ws.StatusAbnormalClosure, "write: "+errno.Error())
+		}
+		break
+	}
+	if requeue {
+		c.mu.Unlock()
+		s.pool.push(c, taskFlush)
+		return
+	}
+	c.flushing = false
+	c.unlockAndRun()
+}
+
+// maxFlushRounds bounds the writev calls of one flush task.
+const maxFlushRounds = 16
+
+// drainedLocked runs when the send queue became empty.
+func (c *Conn) drainedLocked() {
+	switch c.phase {
+	case phaseOpen:
+		if c.deadline != 0 {
+			c.clearDeadlineLocked()
+		}
+	case phaseClosing:
+		// Everything including the close frame is out: send FIN and wait
+		// (bounded) for the peer to hang up, so that it reads our close
+		// frame before the socket goes away instead of getting a reset.
+		if err := unix.Shutdown(int(c.fd), unix.SHUT_WR); err != nil {
+			c.abortLocked(ws.StatusAbnormalClosure, "shutdown: "+err.Error())
+			return
+		}
+		c.phase = phaseDraining
+		c.setDeadlineLocked(c.srv.cfg.WriteTimeout)
+		c.armLocked()
+	}
+}
+
+// consumeLocked drops w written bytes from the head of the send queue.
+func (c *Conn) consumeLocked(w int) {
+	c.outBytes -= w
+	for w > 0 {
+		b := c.out[c.outHead]
+		if w < len(b) {
+			c.out[c.outHead] = b[w:]
+			break
+		}
+		w -= len(b)
+		c.out[c.outHead] = nil
+		c.outHead++
+	}
+	switch {
+	case c.outHead == len(c.out):
+		c.out, c.outHead = c.out[:0], 0
+		if cap(c.out) > 64 {
+			// A burst grew the queue: give the memory back.
+			c.out = nil
+		}
+	case c.outHead >= 256 && c.outHead*2 >= len(c.out):
+		n := copy(c.out, c.out[c.outHead:])
+		clear(c.out[n:])
+		c.out, c.outHead = c.out[:n], 0
+	}
+}
