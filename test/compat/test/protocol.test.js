@@ -603,6 +603,31 @@ describe(`socketcluster-client@20 against ${h.TARGET}`, {timeout: 200000}, () =>
     }));
   });
 
+  // docs/connecting.md: the Node example must work as written (host and port substituted).
+  it('docs/connecting.md Node example runs against the target', tc(async () => {
+    const fs = require('node:fs');
+    const path = require('node:path');
+    const {execFile} = require('node:child_process');
+    const doc = fs.readFileSync(path.join(__dirname, '..', '..', '..', 'docs', 'connecting.md'), 'utf8');
+    const m = doc.match(/<!-- compat:node-example[^>]*-->\s*```js\n([\s\S]*?)```/);
+    assert.ok(m, 'docs/connecting.md has a compat:node-example js block');
+    const code = m[1].replace("hostname: 'localhost'", `hostname: '${target.host}'`).replace('port: 8000', `port: ${target.port}`);
+    assert.notEqual(code, m[1], 'hostname/port substituted');
+    const file = path.join(target.dir, 'docs-example.js');
+    fs.writeFileSync(file, code);
+    const out = await new Promise((resolve, reject) => {
+      execFile(process.execPath, [file], {
+        timeout: 20000,
+        env: {...process.env, SHOAL_AUTH_KEY: h.AUTH_KEY, NODE_PATH: path.join(__dirname, '..', 'node_modules')}
+      }, (err, stdout, stderr) => (err ? reject(new Error(`example failed: ${err.message}\nstdout:\n${stdout}\nstderr:\n${stderr}`)) : resolve(stdout)));
+    });
+    assert.match(out, /^connected as \S+$/m, out);
+    assert.match(out, /^authenticated as alice$/m, out);
+    assert.match(out, /^chat\/lobby: \{ from: 'alice', text: 'hello' \}$/m, out);
+    assert.match(out, /^invoke getProfile: \S+$/m, out);
+    assert.doesNotMatch(out, /TimeoutError/, out);
+  }));
+
   // §5 re-subscribe after reconnect.
   it('reconnect (client-side close) restores subscriptions and delivery', tc(async () => {
     const ch = chan('resub');
