@@ -1,0 +1,252 @@
+package middleware
+
+import (
+	"net/netip"
+	"sync"
+	"time"
+)
+
+// bucket is a token bucket. The zero bucket is "not started": its first take
+// fills it to burst, so a new key starts with its whole burst.
+type bucket struct {
+	tokens  float64
+	last    int64 // nanos of the last refill
+	started bool
+}
+
+// refill returns tokens after (now-last) at perSec, capped at burst.
+func refill(tokens float64, last, now int64, perSec, burst float64) float64 {
+	if now > last {
+		tokens += float64(now-last) * perSec / 1e9
+	}
+	if tokens > burst {
+		tokens = burst
+	}
+	return tokens
+}
+
+func (b *bucket) take(now int64, perSec, burst float64) bool {
+	if !b.started {
+		b.started, b.tokens, b.last = true, burst, now
+	} else {
+		b.tokens = refill(b.tokens, b.last, now, perSec, burst)
+		if now > b.last {
+			b.last = now
+		}
+	}
+	if b.tokens < 1 {
+		return false
+	}
+	b.tokens--
+	return true
+}
+
+// limit is a rate and burst, with the time an empty bucket takes to fill.
+type limit struct {
+	perSec    float64
+	burst     float64
+	fullAfter int64 // nanos; a bucket idle this long is full, i.e. as good as absent
+}
+
+func newLimit(perSec, burst float64) limit {
+	return limit{perSec: perSec, burst: burst, fullAfter: int64(burst / perSec * 1e9)}
+}
+
+// store holds one rate rule's buckets for one scope (IP or user). Memory is
+// bounded two ways: buckets idle long enough to be full again are deleted
+// (that loses nothing, a new bucket starts full), swept at most every
+// sweepEvery; and at most max keys are kept. When the map is full of
+// busy keys, new keys share one overflow bucket, so a flood from many
+// addresses is limited as one instead of growing memory or passing free.
+type store[K comparable] struct {
+	lim limit
+	max int
+
+	mu         sync.Mutex
+	m          map[K]bucket
+	lastSweep  int64
+	sweepEvery int64
+	overflow   bucket
+}
+
+func newStore[K comparable](lim limit, maxKeys int) *store[K] {
+	every := min(max(lim.fullAfter/2, int64(time.Second)), int64(time.Minute))
+	return &store[K]{lim: lim, max: maxKeys, m: make(map[K]bucket), sweepEvery: every}
+}
+
+func (s *store[K]) take(k K, now int64) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if now-s.lastSweep >= s.sweepEvery {
+		s.sweep(now)
+	}
+	b, ok := s.m[k]
+	if !ok && len(s.m) >= s.max {
+		s.sweep(now)
+		if len(s.m) >= s.max {
+			return s.overflow.take(now, s.lim.perSec, s.lim.burst)
+		}
+	}
+	allowed := b.take(now, s.lim.perSec, s.lim.burst)
+	s.m[k] = b
+	return allowed
+}
+
+func (s *store[K]) sweep(now int64) {
+	s.lastSweep = now
+	for k, b := range s.m {
+		if now-b.last >= s.lim.fullAfter {
+			delete(s.m, k)
+		}
+	}
+}
+
+func (s *store[K]) len() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.m)
+}
+
+// socketState is the chain's memory for one socket: its per-socket buckets
+// (for the chain that made them; a reload starts them afresh) and what Open
+// counted, so Close undoes exactly that.
+type socketState struct {
+	mu      sync.Mutex
+	chain   *Chain
+	buckets []bucket
+
+	opened      bool
+	countedIP   netip.Addr
+	countedUser string
+}
+
+// shared is the state a chain hands to its successor on reload.
+type shared struct {
+	base   time.Time     // origin of the rate-limit clock
+	conns  *connCounts   // the same counts for every generation
+	stores map[string]any // this chain's per-IP / per-user stores by fingerprint
+}
+
+func newShared(prev *shared, now time.Time) *shared {
+	if prev == nil {
+		return &shared{base: now, conns: &connCounts{ip: map[netip.Addr]int{}, user: map[string]int{}}, stores: map[string]any{}}
+	}
+	return &shared{base: prev.base, conns: prev.conns, stores: map[string]any{}}
+}
+
+// connCounts counts open sockets per IP and per user on this worker.
+type connCounts struct {
+	mu   sync.Mutex
+	ip   map[netip.Addr]int
+	user map[string]int
+}
+
+func (cc *connCounts) ipCount(a netip.Addr) int {
+	cc.mu.Lock()
+	defer cc.mu.Unlock()
+	return cc.ip[a]
+}
+
+// otherUserConns counts the open sockets of s.UserID other than s itself
+// (a socket re-authenticating as the same user does not count twice).
+func (cc *connCounts) otherUserConns(s *Socket) int {
+	cc.mu.Lock()
+	defer cc.mu.Unlock()
+	n := cc.user[s.UserID]
+	if st := s.state; st != nil && st.opened && st.countedUser == s.UserID {
+		n--
+	}
+	return n
+}
+
+func dec[K comparable](m map[K]int, k K) {
+	if n := m[k] - 1; n > 0 {
+		m[k] = n
+	} else {
+		delete(m, k)
+	}
+}
+
+// Open counts a socket that completed its handshake (for conn_limit). Call
+// it once per socket, after the HandshakeSC decision allowed it, and Close
+// when it ends. Counts are per worker and survive reloads.
+func (c *Chain) Open(s *Socket) {
+	st := s.stateFor()
+	cc := c.shared.conns
+	cc.mu.Lock()
+	defer cc.mu.Unlock()
+	if st.opened {
+		return
+	}
+	st.opened = true
+	st.countedIP = s.RemoteIP.Unmap()
+	cc.ip[st.countedIP]++
+	if s.UserID != "" {
+		st.countedUser = s.UserID
+		cc.user[s.UserID]++
+	}
+}
+
+// UserChanged moves the socket's per-user count to s.UserID; call it after
+// the socket's auth state changed (#authenticate, #removeAuthToken, a
+// hook's identity).
+func (c *Chain) UserChanged(s *Socket) {
+	st := s.stateFor()
+	cc := c.shared.conns
+	cc.mu.Lock()
+	defer cc.mu.Unlock()
+	if !st.opened || st.countedUser == s.UserID {
+		return
+	}
+	if st.countedUser != "" {
+		dec(cc.user, st.countedUser)
+	}
+	st.countedUser = s.UserID
+	if s.UserID != "" {
+		cc.user[s.UserID]++
+	}
+}
+
+// Close undoes Open. Safe to call for a socket never opened, and twice.
+func (c *Chain) Close(s *Socket) {
+	st := s.state
+	if st == nil {
+		return
+	}
+	cc := c.shared.conns
+	cc.mu.Lock()
+	defer cc.mu.Unlock()
+	if !st.opened {
+		return
+	}
+	st.opened = false
+	dec(cc.ip, st.countedIP)
+	if st.countedUser != "" {
+		dec(cc.user, st.countedUser)
+		st.countedUser = ""
+	}
+}
+
+// stateFor returns the socket's state, making it on first use. The worker
+// calls the chain for one socket from one goroutine at a time, which is what
+// makes the lazy creation safe.
+func (s *Socket) stateFor() *socketState {
+	if s.state == nil {
+		s.state = &socketState{}
+	}
+	return s.state
+}
+
+// socketBucket takes a token from the socket's bucket in slot for lim.
+func (c *Chain) socketBucket(s *Socket, slot int, lim limit, now int64) bool {
+	st := s.stateFor()
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if st.chain != c {
+		// First use, or the chain was swapped: per-socket buckets start
+		// full under the new rules.
+		st.chain = c
+		st.buckets = make([]bucket, c.socketSlots)
+	}
+	return st.buckets[slot].take(now, lim.perSec, lim.burst)
+}
