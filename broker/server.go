@@ -1,0 +1,524 @@
+package broker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/shoalhq/shoal/proto/link"
+)
+
+// Lock order (never take them the other way round):
+//
+//	shard.mu → link.Writer's internal mutex
+//	Server.mu is never held together with a shard.mu.
+//
+// A blink's chans map is touched only by that link's reader goroutine, and
+// by its cleanup, which runs on the same goroutine after the reader stops.
+
+const numShards = 64
+
+// ServerConfig configures the link server. Zero fields take the defaults.
+type ServerConfig struct {
+	Name         string        // this broker's name, sent in hello
+	Epoch        uint64        // base of channel epochs; default: start time in ns
+	MaxFrame     int           // largest inbound frame; default link.DefaultMaxFrame
+	MaxPending   int           // bytes queued per worker link before it counts as slow; default 8 MiB
+	WriteTimeout time.Duration // a worker that accepts no bytes this long is dropped; default 10 s
+	IdleTimeout  time.Duration // a worker that sends nothing (not even a ping) this long is dropped; default 30 s
+	ChannelIdle  time.Duration // a channel with no interest and no publish this long is forgotten; default 2 min
+	Logger       hclog.Logger
+}
+
+// ServerStats are the broker's counters.
+type ServerStats struct {
+	Channels   int64 // channel states held
+	Links      int64 // worker links connected
+	Publishes  int64 // pub frames accepted (each got an offset)
+	Deliveries int64 // msg frames queued to worker links
+	SlowLinks  int64 // links dropped because their queue was full
+	BadFrames  int64 // links dropped because of a malformed frame or protocol error
+}
+
+// Server accepts worker links and routes publications: each publish gets the
+// channel's next offset and is encoded once, and the same bytes are queued on
+// every interested worker link.
+type Server struct {
+	cfg ServerConfig
+	log hclog.Logger
+
+	shards [numShards]shard
+	gen    atomic.Uint64 // channel-state generations, for epochs
+
+	mu        sync.Mutex
+	closed    bool
+	listeners []net.Listener
+	links     map[*blink]struct{}
+	members   []link.Member // latest ring view, sent to every link
+	wg        sync.WaitGroup
+	stopSweep chan struct{}
+
+	publishes, deliveries, slowLinks, badFrames, nlinks atomic.Int64
+}
+
+type shard struct {
+	mu      sync.Mutex
+	chans   map[string]*chanState
+	scratch []byte // msg encoding buffer, reused under mu
+}
+
+// chanState is one channel's sequence and interest.
+type chanState struct {
+	offset    uint64
+	epoch     uint64
+	links     []*blink // interested worker links; small, so a slice
+	idleSince int64    // unix ns of the last publish or of losing the last link
+}
+
+// blink is one worker's link.
+type blink struct {
+	s      *Server
+	conn   net.Conn
+	w      *link.Writer
+	worker string              // from hello
+	chans  map[string]struct{} // interests; reader goroutine only
+	once   sync.Once
+}
+
+// NewServer returns a server; call Serve with a listener.
+func NewServer(cfg ServerConfig) *Server {
+	if cfg.Epoch == 0 {
+		cfg.Epoch = uint64(time.Now().UnixNano())
+	}
+	if cfg.MaxFrame <= 0 {
+		cfg.MaxFrame = link.DefaultMaxFrame
+	}
+	if cfg.MaxPending <= 0 {
+		cfg.MaxPending = 8 << 20
+	}
+	if cfg.WriteTimeout <= 0 {
+		cfg.WriteTimeout = 10 * time.Second
+	}
+	if cfg.IdleTimeout <= 0 {
+		cfg.IdleTimeout = 30 * time.Second
+	}
+	if cfg.ChannelIdle <= 0 {
+		cfg.ChannelIdle = 2 * time.Minute
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = hclog.NewNullLogger()
+	}
+	s := &Server{cfg: cfg, log: cfg.Logger, links: map[*blink]struct{}{}, stopSweep: make(chan struct{})}
+	for i := range s.shards {
+		s.shards[i].chans = map[string]*chanState{}
+	}
+	s.wg.Add(1)
+	go s.sweep()
+	return s
+}
+
+// Epoch returns the base epoch of this broker run.
+func (s *Server) Epoch() uint64 { return s.cfg.Epoch }
+
+// Serve accepts links on ln in a goroutine the server owns, until Close.
+func (s *Server) Serve(ln net.Listener) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return errors.New("broker: serve after close")
+	}
+	s.listeners = append(s.listeners, ln)
+	s.wg.Add(1)
+	go s.acceptLoop(ln)
+	return nil
+}
+
+func (s *Server) acceptLoop(ln net.Listener) {
+	defer s.wg.Done()
+	delay := 5 * time.Millisecond
+	for {
+		conn, err := ln.Accept()
+		if err != nil {
+			if s.isClosed() || errors.Is(err, net.ErrClosed) {
+				return
+			}
+			// Out of file descriptors and the like: back off instead of spinning.
+			s.log.Error("accepting worker link", "addr", ln.Addr().String(), "error", err)
+			select {
+			case <-time.After(delay):
+			case <-s.stopSweep:
+				return
+			}
+			delay = min(2*delay, time.Second)
+			continue
+		}
+		delay = 5 * time.Millisecond
+		s.startLink(conn)
+	}
+}
+
+func (s *Server) isClosed() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.closed
+}
+
+func (s *Server) startLink(conn net.Conn) {
+	l := &blink{s: s, conn: conn, chans: map[string]struct{}{}}
+	l.w = link.NewWriter(conn, link.WriterConfig{MaxPending: s.cfg.MaxPending, WriteTimeout: s.cfg.WriteTimeout})
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		conn.Close()
+		return
+	}
+	s.links[l] = struct{}{}
+	s.wg.Add(2)
+	s.mu.Unlock()
+	s.nlinks.Add(1)
+	go func() {
+		defer s.wg.Done()
+		if err := l.w.Run(); err != nil {
+			l.fail("writing to worker link", err)
+		}
+	}()
+	go func() {
+		defer s.wg.Done()
+		l.serve()
+	}()
+}
+
+// serve is the link's reader: it runs every frame of the link in order.
+func (l *blink) serve() {
+	s := l.s
+	defer l.cleanup()
+	dec := link.Decoder{MaxFrame: s.cfg.MaxFrame}
+	buf := make([]byte, 64<<10)
+	helloDone := false
+	err := link.ReadFrames(l.conn, &dec, buf, s.cfg.IdleTimeout, func(f *link.Frame) error {
+		if !helloDone {
+			if f.Type != link.TypeHello {
+				return fmt.Errorf("broker: first frame is %s, want hello", f.Type)
+			}
+			if f.Version != link.Version {
+				return fmt.Errorf("broker: worker speaks link version %d, this broker %d", f.Version, link.Version)
+			}
+			helloDone = true
+			l.worker = string(f.Name)
+			if err := l.w.WriteHello(s.cfg.Epoch, s.cfg.Name); err != nil {
+				return fmt.Errorf("broker: answering hello: %w", err)
+			}
+			s.mu.Lock()
+			ms := s.members
+			s.mu.Unlock()
+			if ms != nil {
+				if err := l.w.WriteRaw(link.AppendMembers(nil, ms)); err != nil {
+					return fmt.Errorf("broker: sending members: %w", err)
+				}
+			}
+			return nil
+		}
+		switch f.Type {
+		case link.TypePub:
+			return l.publish(f)
+		case link.TypeSub:
+			l.subscribe(f.Channel)
+		case link.TypeUnsub:
+			l.unsubscribe(f.Channel)
+		case link.TypePing:
+			if err := l.w.WriteEmpty(link.TypePong); err != nil && !errors.Is(err, link.ErrQueueFull) {
+				return err
+			}
+		case link.TypePong:
+		default:
+			return fmt.Errorf("broker: unexpected %s frame from a worker", f.Type)
+		}
+		return nil
+	})
+	var fe *link.FrameError
+	switch {
+	case errors.As(err, &fe):
+		s.badFrames.Add(1)
+		s.log.Error("malformed frame on worker link; closing it", "worker", l.worker, "error", err)
+	case errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) || s.isClosed():
+		s.log.Debug("worker link closed", "worker", l.worker)
+	case err != nil:
+		if !helloDone || isProtocolError(err) {
+			s.badFrames.Add(1)
+		}
+		s.log.Warn("worker link failed; closing it", "worker", l.worker, "error", err)
+	}
+}
+
+func isProtocolError(err error) bool {
+	var ne net.Error
+	return !errors.As(err, &ne)
+}
+
+// publish assigns the next offset and fans the message out. The fan-out runs
+// under the shard lock so every worker sees a channel's offsets in order even
+// when several workers publish to it at once; it never blocks: a worker
+// link whose queue is full is dropped (it reconnects and re-registers).
+func (l *blink) publish(f *link.Frame) error {
+	s := l.s
+	sh := s.shard(f.Channel)
+	var slow []*blink
+	sh.mu.Lock()
+	st := sh.chans[string(f.Channel)]
+	if st == nil {
+		st = s.newChan()
+		sh.chans[string(f.Channel)] = st
+	}
+	st.offset++
+	off, epoch := st.offset, st.epoch
+	if n := len(st.links); n > 0 {
+		sh.scratch = link.AppendMsg(sh.scratch[:0], off, epoch, f.Channel, f.Data)
+		for _, dl := range st.links {
+			if err := dl.w.WriteRaw(sh.scratch); err != nil {
+				if errors.Is(err, link.ErrQueueFull) {
+					slow = append(slow, dl)
+				}
+				continue
+			}
+			s.deliveries.Add(1)
+		}
+		if cap(sh.scratch) > 256<<10 {
+			sh.scratch = nil
+		}
+	} else {
+		st.idleSince = time.Now().UnixNano()
+	}
+	sh.mu.Unlock()
+	s.publishes.Add(1)
+	for _, dl := range slow {
+		s.slowLinks.Add(1)
+		dl.fail("worker link queue full (slow worker)", link.ErrQueueFull)
+	}
+	// The ack goes to the publisher's own link with backpressure: if that
+	// worker does not read its acks, its reader (this goroutine) waits,
+	// which stops it publishing — bounded by the write timeout.
+	for range 2 {
+		err := l.w.WritePubAck(f.ReqID, off, epoch, "")
+		if !errors.Is(err, link.ErrQueueFull) {
+			return err
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), s.cfg.WriteTimeout)
+		err = l.w.WaitSpace(ctx, link.PubAckSize(""))
+		cancel()
+		if err != nil {
+			return fmt.Errorf("broker: queueing puback: %w", err)
+		}
+	}
+	return fmt.Errorf("broker: queueing puback: %w", link.ErrQueueFull)
+}
+
+func (s *Server) newChan() *chanState {
+	// Each new state of a channel gets a fresh epoch, so a channel that was
+	// forgotten while idle and comes back restarts its offsets under an
+	// epoch nobody has seen: offsets never repeat within an epoch.
+	return &chanState{epoch: s.cfg.Epoch + s.gen.Add(1) - 1, idleSince: time.Now().UnixNano()}
+}
+
+func (l *blink) subscribe(ch []byte) {
+	if _, ok := l.chans[string(ch)]; ok {
+		return
+	}
+	name := string(ch)
+	l.chans[name] = struct{}{}
+	sh := l.s.shard(ch)
+	sh.mu.Lock()
+	st := sh.chans[name]
+	if st == nil {
+		st = l.s.newChan()
+		sh.chans[name] = st
+	}
+	st.links = append(st.links, l)
+	sh.mu.Unlock()
+}
+
+func (l *blink) unsubscribe(ch []byte) {
+	if _, ok := l.chans[string(ch)]; !ok {
+		return
+	}
+	delete(l.chans, string(ch))
+	l.s.dropInterest(l, ch)
+}
+
+func (s *Server) dropInterest(l *blink, ch []byte) {
+	sh := s.shard(ch)
+	sh.mu.Lock()
+	if st := sh.chans[string(ch)]; st != nil {
+		for i, x := range st.links {
+			if x == l {
+				last := len(st.links) - 1
+				st.links[i] = st.links[last]
+				st.links[last] = nil
+				st.links = st.links[:last]
+				break
+			}
+		}
+		if len(st.links) == 0 {
+			st.idleSince = time.Now().UnixNano()
+		}
+	}
+	sh.mu.Unlock()
+}
+
+// cleanup runs on the reader goroutine after it stops: the link loses every
+// interest, then closes.
+func (l *blink) cleanup() {
+	l.fail("", nil)
+	for ch := range l.chans {
+		l.s.dropInterest(l, []byte(ch))
+	}
+	l.chans = nil
+	s := l.s
+	s.mu.Lock()
+	delete(s.links, l)
+	s.mu.Unlock()
+	s.nlinks.Add(-1)
+}
+
+// fail closes the link once; safe from any goroutine.
+func (l *blink) fail(why string, err error) {
+	l.once.Do(func() {
+		if why != "" {
+			l.s.log.Warn("closing worker link", "worker", l.worker, "reason", why, "error", err)
+		}
+		l.w.Close()
+		l.conn.Close()
+	})
+}
+
+// closeGracefully flushes what is queued (up to the deadline), then closes.
+func (l *blink) closeGracefully(ctx context.Context) {
+	l.w.Close()
+	select {
+	case <-l.w.Done():
+	case <-ctx.Done():
+	}
+	l.fail("", nil)
+}
+
+// shard picks a channel's shard by FNV-1a (inlined: hash.Hash would
+// allocate on this path).
+func (s *Server) shard(ch []byte) *shard {
+	h := uint32(2166136261)
+	for _, c := range ch {
+		h ^= uint32(c)
+		h *= 16777619
+	}
+	return &s.shards[h%numShards]
+}
+
+// SetMembers records the ring's live brokers and pushes them to every link.
+func (s *Server) SetMembers(ms []link.Member) {
+	frame := link.AppendMembers(nil, ms)
+	s.mu.Lock()
+	s.members = append([]link.Member(nil), ms...)
+	links := make([]*blink, 0, len(s.links))
+	for l := range s.links {
+		links = append(links, l)
+	}
+	s.mu.Unlock()
+	for _, l := range links {
+		// A full queue means a slow link that is about to be dropped; it
+		// gets the list again when it reconnects.
+		_ = l.w.WriteRaw(frame)
+	}
+}
+
+// Stats returns the counters.
+func (s *Server) Stats() ServerStats {
+	var chans int64
+	for i := range s.shards {
+		sh := &s.shards[i]
+		sh.mu.Lock()
+		chans += int64(len(sh.chans))
+		sh.mu.Unlock()
+	}
+	return ServerStats{
+		Channels:   chans,
+		Links:      s.nlinks.Load(),
+		Publishes:  s.publishes.Load(),
+		Deliveries: s.deliveries.Load(),
+		SlowLinks:  s.slowLinks.Load(),
+		BadFrames:  s.badFrames.Load(),
+	}
+}
+
+// sweep forgets idle channel states so that channels used once do not
+// accumulate for the life of the broker.
+func (s *Server) sweep() {
+	defer s.wg.Done()
+	t := time.NewTicker(min(s.cfg.ChannelIdle/2, 30*time.Second))
+	defer t.Stop()
+	for {
+		select {
+		case <-s.stopSweep:
+			return
+		case now := <-t.C:
+			cutoff := now.Add(-s.cfg.ChannelIdle).UnixNano()
+			for i := range s.shards {
+				sh := &s.shards[i]
+				sh.mu.Lock()
+				for name, st := range sh.chans {
+					if len(st.links) == 0 && st.idleSince < cutoff {
+						delete(sh.chans, name)
+					}
+				}
+				sh.mu.Unlock()
+			}
+		}
+	}
+}
+
+// Close stops accepting, closes every link (flushing what is queued until
+// ctx ends) and waits for every goroutine. Idempotent.
+func (s *Server) Close(ctx context.Context) {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		s.wg.Wait()
+		return
+	}
+	s.closed = true
+	close(s.stopSweep)
+	for _, ln := range s.listeners {
+		ln.Close()
+	}
+	links := make([]*blink, 0, len(s.links))
+	for l := range s.links {
+		links = append(links, l)
+	}
+	s.mu.Unlock()
+	var wg sync.WaitGroup
+	for _, l := range links {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			l.closeGracefully(ctx)
+		}()
+	}
+	wg.Wait()
+	s.wg.Wait()
+}
+
+// Interest returns how many worker links are interested in channel; for
+// tests and diagnostics.
+func (s *Server) Interest(channel string) int {
+	sh := s.shard([]byte(channel))
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	if st := sh.chans[channel]; st != nil {
+		return len(st.links)
+	}
+	return 0
+}

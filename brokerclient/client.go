@@ -1,0 +1,367 @@
+// Package brokerclient is the worker's side of the broker tier: one link to
+// every broker, channel ownership by rendezvous hashing, worker-level
+// interest registration, and publishes with acknowledgements.
+//
+// Ownership is computed over the broker set given to SetBrokers (the
+// membership), not over the links that happen to be connected: every worker
+// is given the same set, so every worker agrees on each channel's owner. A
+// channel whose owner's link is down fails its publishes at once (and its
+// interest is re-registered when the link returns) until SetBrokers drops
+// that broker, which moves only that broker's channels.
+//
+// Concurrency: every method is safe for concurrent use. Publish never blocks
+// on the network. done callbacks and OnMessage run on the client's goroutines
+// (or, for immediate failures, on the caller's) and must not block.
+//
+// Lock order: Client.mu → bconn.mu → link.Writer's mutex.
+package brokerclient
+
+import (
+	"errors"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/shoalhq/shoal/proto/link"
+)
+
+// Errors given to Publish's done.
+var (
+	// ErrNoBrokers: SetBrokers has not named any broker yet.
+	ErrNoBrokers = errors.New("brokerclient: no brokers known")
+	// ErrBrokerDown: the channel's owner has no live link right now.
+	ErrBrokerDown = errors.New("brokerclient: channel owner unreachable")
+	// ErrLinkLost: the link to the owner died before the ack arrived; the
+	// message may or may not have been delivered.
+	ErrLinkLost = errors.New("brokerclient: link to broker lost before the ack")
+	// ErrTimeout: no ack within Options.PublishTimeout.
+	ErrTimeout = errors.New("brokerclient: publish not acknowledged in time")
+	// ErrQueueFull: too many publishes in flight or too many bytes queued
+	// to the owner.
+	ErrQueueFull = errors.New("brokerclient: publish queue full")
+	// ErrClosed: the client is closed.
+	ErrClosed = errors.New("brokerclient: closed")
+	// ErrTooLarge: the channel name does not fit a link frame.
+	ErrTooLarge = errors.New("brokerclient: channel name too long")
+)
+
+// Endpoint is one broker: its unique name and link address ("unix:/path" or
+// "tcp:host:port").
+type Endpoint struct {
+	Name string
+	Addr string
+}
+
+// Options configure a Client. Zero fields take the defaults.
+type Options struct {
+	Name string // this worker's name, sent in hello (for the broker's logs)
+	// OnMessage receives every message for a channel this worker is
+	// interested in, from the link's reader goroutine, in order per
+	// channel. data points into the link's read buffer: it is valid only
+	// during the call; copy what you keep.
+	OnMessage func(channel string, data []byte, offset uint64)
+	// OnMembers, if set, receives the broker ring's live members whenever a
+	// broker reports them (see docs/brokers.md). The client does not act on
+	// it: the owner of the worker decides, and calls SetBrokers.
+	OnMembers func([]Endpoint)
+	Logger    hclog.Logger
+
+	PublishTimeout time.Duration // ack deadline; default 5 s
+	MaxInflight    int           // unacknowledged publishes per broker; default 65536
+	MaxPending     int           // bytes queued per broker link; default 4 MiB
+	MaxFrame       int           // largest inbound frame; default link.DefaultMaxFrame
+	DialTimeout    time.Duration // default 2 s
+	BackoffMin     time.Duration // first reconnect delay; default 20 ms
+	BackoffMax     time.Duration // default 1 s
+	PingInterval   time.Duration // keepalive; the link is dropped after 3 silent intervals; default 5 s
+	WriteTimeout   time.Duration // default 10 s
+}
+
+func (o *Options) defaults() {
+	if o.Logger == nil {
+		o.Logger = hclog.NewNullLogger()
+	}
+	if o.OnMessage == nil {
+		o.OnMessage = func(string, []byte, uint64) {}
+	}
+	if o.PublishTimeout <= 0 {
+		o.PublishTimeout = 5 * time.Second
+	}
+	if o.MaxInflight <= 0 {
+		o.MaxInflight = 1 << 16
+	}
+	if o.MaxPending <= 0 {
+		o.MaxPending = 4 << 20
+	}
+	if o.MaxFrame <= 0 {
+		o.MaxFrame = link.DefaultMaxFrame
+	}
+	if o.DialTimeout <= 0 {
+		o.DialTimeout = 2 * time.Second
+	}
+	if o.BackoffMin <= 0 {
+		o.BackoffMin = 20 * time.Millisecond
+	}
+	if o.BackoffMax <= 0 {
+		o.BackoffMax = time.Second
+	}
+	if o.PingInterval <= 0 {
+		o.PingInterval = 5 * time.Second
+	}
+	if o.WriteTimeout <= 0 {
+		o.WriteTimeout = 10 * time.Second
+	}
+}
+
+// Stats are the client's counters.
+type Stats struct {
+	Brokers   int   // in the current set
+	Connected int   // of which have a live link
+	Channels  int   // worker-level interests
+	Published int64 // publishes acknowledged
+	Failed    int64 // publishes whose done got an error
+	Received  int64 // messages delivered to OnMessage
+}
+
+// Client is the worker's connection to the broker tier.
+type Client struct {
+	opts Options
+	log  hclog.Logger
+
+	mu      sync.Mutex
+	closed  bool
+	conns   map[string]*bconn // by broker name: the membership
+	subs    map[string]struct{}
+	members atomic.Pointer[[]*bconn] // snapshot of conns for the lock-free Publish path
+
+	isClosed atomic.Bool
+	stop     chan struct{}
+	wg       sync.WaitGroup
+
+	published, failed, received atomic.Int64
+}
+
+// New returns a client with no brokers; call SetBrokers.
+func New(opts Options) *Client {
+	opts.defaults()
+	c := &Client{
+		opts:  opts,
+		log:   opts.Logger,
+		conns: map[string]*bconn{},
+		subs:  map[string]struct{}{},
+		stop:  make(chan struct{}),
+	}
+	empty := []*bconn{}
+	c.members.Store(&empty)
+	c.wg.Add(1)
+	go c.housekeeping()
+	return c
+}
+
+// SetBrokers replaces the broker set. New brokers are dialled, missing ones
+// closed (their in-flight publishes fail), and every channel whose owner
+// changed moves its interest: unsub at the old owner if it is still a
+// member, sub at the new one (at once if its link is up, else when it comes
+// up). Entries with an empty name or address are ignored; the last of a
+// duplicated name wins.
+func (c *Client) SetBrokers(eps []Endpoint) {
+	want := map[string]Endpoint{}
+	for _, ep := range eps {
+		if ep.Name != "" && ep.Addr != "" {
+			want[ep.Name] = ep
+		}
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return
+	}
+	old := *c.members.Load()
+	var removed []*bconn
+	for name, b := range c.conns {
+		if ep, ok := want[name]; !ok || ep.Addr != b.ep.Addr {
+			removed = append(removed, b)
+			delete(c.conns, name)
+		}
+	}
+	for name, ep := range want {
+		if _, ok := c.conns[name]; !ok {
+			b := newBconn(c, ep)
+			c.conns[name] = b
+			c.wg.Add(1)
+			go b.run()
+		}
+	}
+	next := make([]*bconn, 0, len(c.conns))
+	for _, b := range c.conns {
+		next = append(next, b)
+	}
+	// Sorted so ties in the hash (practically never) break the same way on
+	// every worker.
+	slices.SortFunc(next, func(a, b *bconn) int { return strings.Compare(a.ep.Name, b.ep.Name) })
+	c.members.Store(&next)
+
+	for ch := range c.subs {
+		was, now := owner(old, ch), owner(next, ch)
+		if was == now {
+			continue
+		}
+		if was != nil && c.conns[was.ep.Name] == was {
+			was.sendInterest(link.TypeUnsub, ch)
+		}
+		if now != nil {
+			now.sendInterest(link.TypeSub, ch)
+		}
+	}
+	for _, b := range removed {
+		b.shutdown()
+	}
+}
+
+// Subscribe registers this worker's interest in channel with its owner.
+// Idempotent: call it when the first local socket subscribes.
+func (c *Client) Subscribe(channel string) {
+	if channel == "" || len(channel) > link.MaxChannel {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return
+	}
+	if _, ok := c.subs[channel]; ok {
+		return
+	}
+	c.subs[channel] = struct{}{}
+	if o := owner(*c.members.Load(), channel); o != nil {
+		o.sendInterest(link.TypeSub, channel)
+	}
+}
+
+// Unsubscribe drops the interest. Idempotent: call it when the last local
+// socket unsubscribes.
+func (c *Client) Unsubscribe(channel string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return
+	}
+	if _, ok := c.subs[channel]; !ok {
+		return
+	}
+	delete(c.subs, channel)
+	if o := owner(*c.members.Load(), channel); o != nil {
+		o.sendInterest(link.TypeUnsub, channel)
+	}
+}
+
+// Publish sends data to channel's owner. done is called exactly once: with
+// the offset the broker assigned, or with an error (see the Err values). It
+// never blocks: an immediate failure calls done before Publish returns, on
+// the caller's goroutine. data is copied into the link's queue before
+// Publish returns.
+func (c *Client) Publish(channel string, data []byte, done func(offset uint64, err error)) {
+	if c.isClosed.Load() {
+		c.fail(done, ErrClosed)
+		return
+	}
+	if channel == "" || len(channel) > link.MaxChannel {
+		c.fail(done, ErrTooLarge)
+		return
+	}
+	o := owner(*c.members.Load(), channel)
+	if o == nil {
+		c.fail(done, ErrNoBrokers)
+		return
+	}
+	if err := o.publish(channel, data, done); err != nil {
+		c.fail(done, err)
+	}
+}
+
+func (c *Client) fail(done func(uint64, error), err error) {
+	c.failed.Add(1)
+	if done != nil {
+		done(0, err)
+	}
+}
+
+// Owner returns the name of the broker that owns channel ("" if none).
+func (c *Client) Owner(channel string) string {
+	if o := owner(*c.members.Load(), channel); o != nil {
+		return o.ep.Name
+	}
+	return ""
+}
+
+// Stats returns the counters.
+func (c *Client) Stats() Stats {
+	c.mu.Lock()
+	st := Stats{Brokers: len(c.conns), Channels: len(c.subs)}
+	for _, b := range c.conns {
+		if b.isUp() {
+			st.Connected++
+		}
+	}
+	c.mu.Unlock()
+	st.Published = c.published.Load()
+	st.Failed = c.failed.Load()
+	st.Received = c.received.Load()
+	return st
+}
+
+// Close closes every link, fails every pending publish with ErrClosed and
+// waits for every goroutine. Idempotent.
+func (c *Client) Close() {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		c.wg.Wait()
+		return
+	}
+	c.closed = true
+	c.isClosed.Store(true)
+	close(c.stop)
+	conns := make([]*bconn, 0, len(c.conns))
+	for _, b := range c.conns {
+		conns = append(conns, b)
+	}
+	c.conns = map[string]*bconn{}
+	empty := []*bconn{}
+	c.members.Store(&empty)
+	c.mu.Unlock()
+	for _, b := range conns {
+		b.shutdown()
+	}
+	c.wg.Wait()
+}
+
+// housekeeping times out unacknowledged publishes and sends keepalives.
+func (c *Client) housekeeping() {
+	defer c.wg.Done()
+	tick := min(c.opts.PublishTimeout/4, c.opts.PingInterval, 250*time.Millisecond)
+	t := time.NewTicker(tick)
+	defer t.Stop()
+	lastPing := time.Now()
+	for {
+		select {
+		case <-c.stop:
+			return
+		case now := <-t.C:
+			ping := now.Sub(lastPing) >= c.opts.PingInterval
+			if ping {
+				lastPing = now
+			}
+			for _, b := range *c.members.Load() {
+				b.expire(now)
+				if ping {
+					b.ping()
+				}
+			}
+		}
+	}
+}

@@ -1,0 +1,320 @@
+package brokerclient
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/shoalhq/shoal/proto/link"
+)
+
+// bconn is the link to one broker: a reconnect loop that owns the current
+// connection, its writer, and the FIFO of publishes awaiting their ack.
+type bconn struct {
+	c  *Client
+	ep Endpoint
+
+	ctx    context.Context // cancelled by shutdown: stops dialling and backoff
+	cancel context.CancelFunc
+
+	mu     sync.Mutex
+	conn   net.Conn
+	w      *link.Writer // nil while down
+	up     bool         // hello answered: interests are registered
+	nextID uint64
+	// Acks come back in the order the publishes were written (the broker
+	// handles one link's frames in order), so the in-flight publishes are a
+	// FIFO: the ack matches the head, and the head is the oldest deadline.
+	queue []pending
+	head  int
+	dead  bool // shut down for good
+}
+
+type pending struct {
+	id       uint64
+	deadline int64 // unix ns
+	done     func(uint64, error)
+}
+
+func newBconn(c *Client, ep Endpoint) *bconn {
+	ctx, cancel := context.WithCancel(context.Background())
+	return &bconn{c: c, ep: ep, ctx: ctx, cancel: cancel}
+}
+
+func (b *bconn) isUp() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.up
+}
+
+// run dials, serves the link until it fails, and redials with jittered
+// exponential backoff until shutdown.
+func (b *bconn) run() {
+	defer b.c.wg.Done()
+	o := &b.c.opts
+	backoff := o.BackoffMin
+	for b.ctx.Err() == nil {
+		dctx, cancel := context.WithTimeout(b.ctx, o.DialTimeout)
+		conn, err := link.Dial(dctx, b.ep.Addr)
+		cancel()
+		if err == nil {
+			if b.serve(conn) {
+				backoff = o.BackoffMin
+			}
+		} else if b.ctx.Err() == nil {
+			b.c.log.Debug("dialling broker", "broker", b.ep.Name, "error", err)
+		}
+		// Jitter spreads the reconnects of many workers after a broker restart.
+		d := backoff/2 + rand.N(backoff/2+1)
+		select {
+		case <-b.ctx.Done():
+		case <-time.After(d):
+		}
+		backoff = min(2*backoff, o.BackoffMax)
+	}
+}
+
+// serve runs one connection; it reports whether the link came up.
+func (b *bconn) serve(conn net.Conn) (wasUp bool) {
+	o := &b.c.opts
+	w := link.NewWriter(conn, link.WriterConfig{MaxPending: o.MaxPending, WriteTimeout: o.WriteTimeout})
+	b.mu.Lock()
+	if b.dead {
+		b.mu.Unlock()
+		conn.Close()
+		return false
+	}
+	b.conn, b.w = conn, w
+	b.mu.Unlock()
+
+	b.c.wg.Add(1)
+	go func() {
+		defer b.c.wg.Done()
+		if err := w.Run(); err != nil {
+			b.c.log.Warn("writing to broker", "broker", b.ep.Name, "error", err)
+		}
+		// A dead writer means a dead link: wake the reader.
+		conn.Close()
+	}()
+	err := w.WriteHello(0, o.Name)
+	if err == nil {
+		err = b.read(conn)
+	}
+	wasUp = b.down(err)
+	<-w.Done()
+	return wasUp
+}
+
+func (b *bconn) read(conn net.Conn) error {
+	o := &b.c.opts
+	dec := link.Decoder{MaxFrame: o.MaxFrame}
+	buf := make([]byte, 64<<10)
+	// Channel names are interned per link so the steady state allocates no
+	// string per message; bounded by resetting when it grows large.
+	names := map[string]string{}
+	return link.ReadFrames(conn, &dec, buf, 3*o.PingInterval, func(f *link.Frame) error {
+		switch f.Type {
+		case link.TypeMsg:
+			name, ok := names[string(f.Channel)]
+			if !ok {
+				if len(names) >= 4096 {
+					clear(names)
+				}
+				name = string(f.Channel)
+				names[name] = name
+			}
+			b.c.received.Add(1)
+			o.OnMessage(name, f.Data, f.Offset)
+		case link.TypePubAck:
+			b.ack(f)
+		case link.TypeHello:
+			if f.Version != link.Version {
+				return fmt.Errorf("brokerclient: broker %s speaks link version %d, this worker %d", b.ep.Name, f.Version, link.Version)
+			}
+			b.c.linkUp(b)
+		case link.TypePing:
+			b.mu.Lock()
+			if b.w != nil {
+				_ = b.w.WriteEmpty(link.TypePong)
+			}
+			b.mu.Unlock()
+		case link.TypePong:
+		case link.TypeMembers:
+			if o.OnMembers != nil {
+				ms, err := link.ParseMembers(f.Data)
+				if err != nil {
+					return err
+				}
+				eps := make([]Endpoint, len(ms))
+				for i, m := range ms {
+					eps[i] = Endpoint(m)
+				}
+				o.OnMembers(eps)
+			}
+		default:
+			return fmt.Errorf("brokerclient: unexpected %s frame from broker %s", f.Type, b.ep.Name)
+		}
+		return nil
+	})
+}
+
+// linkUp registers every interest this broker owns, under the client lock
+// so no Subscribe or Unsubscribe can interleave.
+func (c *Client) linkUp(b *bconn) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.w == nil || b.dead {
+		return
+	}
+	b.up = true
+	n := 0
+	members := *c.members.Load()
+	for ch := range c.subs {
+		if owner(members, ch) == b {
+			_ = b.w.WriteChannel(link.TypeSub, ch)
+			n++
+		}
+	}
+	c.log.Debug("broker link up", "broker", b.ep.Name, "channels", n)
+}
+
+// sendInterest queues a sub or unsub if the link is up; otherwise linkUp
+// will register the interest set as it is then.
+func (b *bconn) sendInterest(t link.Type, ch string) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.up {
+		_ = b.w.WriteChannel(t, ch)
+	}
+}
+
+func (b *bconn) publish(ch string, data []byte, done func(uint64, error)) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if !b.up {
+		return ErrBrokerDown
+	}
+	if len(b.queue)-b.head >= b.c.opts.MaxInflight {
+		return ErrQueueFull
+	}
+	b.nextID++
+	if err := b.w.WritePub(b.nextID, ch, data); err != nil {
+		if errors.Is(err, link.ErrQueueFull) {
+			return ErrQueueFull
+		}
+		return ErrBrokerDown
+	}
+	if b.head > 0 && b.head >= len(b.queue)/2 {
+		n := copy(b.queue, b.queue[b.head:])
+		clear(b.queue[n:])
+		b.queue, b.head = b.queue[:n], 0
+	}
+	b.queue = append(b.queue, pending{
+		id:       b.nextID,
+		deadline: time.Now().Add(b.c.opts.PublishTimeout).UnixNano(),
+		done:     done,
+	})
+	return nil
+}
+
+func (b *bconn) ack(f *link.Frame) {
+	var done func(uint64, error)
+	b.mu.Lock()
+	// Heads older than this ack timed out already or were lost; an ack
+	// older than the head belongs to a publish that timed out.
+	for b.head < len(b.queue) && b.queue[b.head].id <= f.ReqID {
+		p := b.queue[b.head]
+		b.queue[b.head] = pending{}
+		b.head++
+		if p.id == f.ReqID {
+			done = p.done
+			break
+		}
+		b.mu.Unlock()
+		b.c.fail(p.done, ErrLinkLost)
+		b.mu.Lock()
+	}
+	b.mu.Unlock()
+	if done == nil {
+		return
+	}
+	if len(f.Err) > 0 {
+		b.c.fail(done, fmt.Errorf("brokerclient: broker %s refused the publish: %s", b.ep.Name, f.Err))
+		return
+	}
+	b.c.published.Add(1)
+	done(f.Offset, nil)
+}
+
+// expire fails publishes whose ack is overdue.
+func (b *bconn) expire(now time.Time) {
+	ns := now.UnixNano()
+	for range 1 << 20 { // bounded: at most the whole queue
+		b.mu.Lock()
+		if b.head >= len(b.queue) || b.queue[b.head].deadline > ns {
+			b.mu.Unlock()
+			return
+		}
+		p := b.queue[b.head]
+		b.queue[b.head] = pending{}
+		b.head++
+		b.mu.Unlock()
+		b.c.fail(p.done, ErrTimeout)
+	}
+}
+
+func (b *bconn) ping() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.up {
+		_ = b.w.WriteEmpty(link.TypePing)
+	}
+}
+
+// down marks the link down and fails what was in flight. It reports whether
+// the link had come up.
+func (b *bconn) down(err error) bool {
+	b.mu.Lock()
+	wasUp := b.up
+	w, conn := b.w, b.conn
+	b.up, b.w, b.conn = false, nil, nil
+	q := b.queue[b.head:]
+	b.queue, b.head = nil, 0
+	dead := b.dead
+	b.mu.Unlock()
+	w.Close()
+	conn.Close()
+	if !dead && !errors.Is(err, io.EOF) {
+		b.c.log.Warn("broker link lost", "broker", b.ep.Name, "error", err)
+	} else if !dead {
+		b.c.log.Info("broker closed the link", "broker", b.ep.Name)
+	}
+	failWith := ErrLinkLost
+	if dead && b.c.isClosed.Load() {
+		failWith = ErrClosed
+	}
+	for _, p := range q {
+		b.c.fail(p.done, failWith)
+	}
+	return wasUp
+}
+
+// shutdown stops the link for good (broker removed, or client closed).
+func (b *bconn) shutdown() {
+	b.cancel()
+	b.mu.Lock()
+	b.dead = true
+	b.up = false
+	conn := b.conn
+	b.mu.Unlock()
+	if conn != nil {
+		conn.Close()
+	}
+}
