@@ -1,42 +1,260 @@
-// Package balancer is the balancer process role. STUB: replaced by the owner of this package.
+// Package balancer is the balancer process role: it accepts client
+// connections on the public port (and the TLS port) and spreads them over
+// the live workers by least connections.
+//
+// A plain connection is handed to the chosen worker as a file descriptor
+// (package handoff): the balancer reads nothing from it and keeps nothing
+// for it. A TLS connection is terminated here and proxied to the worker's
+// proxy socket behind a PROXY v2 header (package proxyproto) that names the
+// real client. See docs/balancer.md.
 package balancer
 
 import (
 	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"syscall"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/shoalhq/shoal/configs"
 	"github.com/shoalhq/shoal/internal/procstat"
 	"github.com/shoalhq/shoal/proto/control"
 )
 
 // Child is the balancer's control-plane implementation.
 type Child struct {
-	log hclog.Logger
+	log   hclog.Logger
+	pool  pool
+	stats *stats
+
+	// ctx ends at Stop; every goroutine the balancer starts watches it.
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup // accept loops and proxied connections
+
+	mu       sync.Mutex // guards the fields below
+	state    string
+	cfg      configs.Config
+	public   net.Listener
+	tlsLn    net.Listener
+	tlsConf  *tls.Config
+	conns    map[net.Conn]struct{} // proxied connections (both ends), closed by Stop
+	stopped  bool
+	draining bool
+	// proxyLimit caps proxied connections at what the fd limit allows.
+	proxyLimit int64
+	startedAt  time.Time
 }
 
 var _ control.Child = (*Child)(nil)
 
 // New returns the balancer role, ready to be served by control.Serve.
-func New(log hclog.Logger) *Child { return &Child{log: log} }
+func New(log hclog.Logger) *Child {
+	if log == nil {
+		log = hclog.NewNullLogger()
+	}
+	st := newStats()
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Child{
+		log:    log,
+		pool:   pool{stats: st},
+		stats:  st,
+		ctx:    ctx,
+		cancel: cancel,
+		state:  control.StateStarting,
+		conns:  map[net.Conn]struct{}{},
 
-func (c *Child) Start(ctx context.Context, p control.StartParams) (control.StartResult, error) {
-	return control.StartResult{Addrs: map[string]string{}}, nil
+		proxyLimit: fdLimitProxies(),
+	}
 }
 
+// Start reads the config, opens the listeners and starts accepting. Workers
+// arrive with the topology (p.Topology now, SetTopology later).
+func (c *Child) Start(ctx context.Context, p control.StartParams) (control.StartResult, error) {
+	cfg := configs.Default()
+	if len(p.Config) > 0 {
+		if err := json.Unmarshal(p.Config, &cfg); err != nil {
+			return control.StartResult{}, fmt.Errorf("balancer: read config: %w", err)
+		}
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.public != nil || c.stopped {
+		return control.StartResult{}, errors.New("balancer: Start called twice or after Stop")
+	}
+	c.cfg = cfg
+	c.pool.setTopology(p.Topology)
+
+	// Several balancers on one node share the ports with SO_REUSEPORT; a
+	// single one does not set it, so a stray process on the port is an
+	// error rather than a silent split of the traffic.
+	shared := cfg.Cluster.BalancerCount() > 1
+	pub, err := listenTCP(ctx, "listen.public", cfg.Listen.Public, shared)
+	if err != nil {
+		return control.StartResult{}, err
+	}
+	addrs := map[string]string{control.AddrPublic: pub.Addr().String()}
+	if cfg.Listen.TLS.Listen != "" {
+		tconf, err := c.tlsConfig(cfg)
+		if err != nil {
+			_ = pub.Close()
+			return control.StartResult{}, err
+		}
+		tln, err := listenTCP(ctx, "listen.tls.listen", cfg.Listen.TLS.Listen, shared)
+		if err != nil {
+			_ = pub.Close()
+			return control.StartResult{}, err
+		}
+		c.tlsConf, c.tlsLn = tconf, tln
+		addrs[control.AddrTLS] = tln.Addr().String()
+	}
+	c.public = pub
+	c.state = control.StateReady
+	c.startedAt = time.Now()
+	c.wg.Add(1)
+	go c.acceptLoop(pub, c.routePlain)
+	if c.tlsLn != nil {
+		c.wg.Add(1)
+		go c.acceptLoop(c.tlsLn, c.startTLS)
+	}
+	c.log.Info("balancer listening", "public", addrs[control.AddrPublic], "tls", addrs[control.AddrTLS],
+		"workers", len(c.pool.all()))
+	return control.StartResult{Addrs: addrs}, nil
+}
+
+// listenTCP opens a public listener; "address in use" names the config key.
+func listenTCP(ctx context.Context, key, addr string, reusePort bool) (net.Listener, error) {
+	lc := net.ListenConfig{}
+	if reusePort {
+		lc.Control = func(_, _ string, rc syscall.RawConn) error {
+			var serr error
+			if err := rc.Control(func(fd uintptr) {
+				serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, soReusePort, 1)
+			}); err != nil {
+				return err
+			}
+			return serr
+		}
+	}
+	ln, err := lc.Listen(ctx, "tcp", addr)
+	if err != nil {
+		if errors.Is(err, syscall.EADDRINUSE) {
+			return nil, fmt.Errorf("%s: address %s already in use", key, addr)
+		}
+		return nil, fmt.Errorf("%s: listen on %s: %w", key, addr, err)
+	}
+	return ln, nil
+}
+
+// soReusePort is SO_REUSEPORT on Linux (the syscall package lacks the name).
+const soReusePort = 0xf
+
 func (c *Child) Health(ctx context.Context) (control.Health, error) {
-	return control.Health{State: control.StateReady}, nil
+	c.mu.Lock()
+	state := c.state
+	c.mu.Unlock()
+	h := control.Health{State: state}
+	if state == control.StateReady && c.pool.live() == 0 {
+		// Still ready (it accepts and will route as soon as a worker is
+		// up), but say why connections are being closed.
+		h.Message = "no live worker"
+	}
+	return h, nil
 }
 
 func (c *Child) Stats(ctx context.Context) (control.Stats, error) {
-	var st control.Stats
+	st := control.Stats{
+		Connections: c.stats.active.Load(),
+		Counters:    c.stats.snapshot(),
+	}
 	procstat.Fill(&st)
 	return st, nil
 }
 
-func (c *Child) SetTopology(ctx context.Context, t control.Topology) error { return nil }
+func (c *Child) SetTopology(ctx context.Context, t control.Topology) error {
+	for _, w := range c.pool.setTopology(t) {
+		w.closeSender()
+	}
+	return nil
+}
 
-func (c *Child) Drain(ctx context.Context, timeout time.Duration) error { return nil }
+// Drain stops accepting new connections and returns. Proxied TLS
+// connections keep flowing: the workers drain them (closing with 1001), and
+// Stop closes whatever is left.
+func (c *Child) Drain(ctx context.Context, timeout time.Duration) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.draining || c.stopped {
+		return nil
+	}
+	c.draining = true
+	c.state = control.StateDraining
+	c.closeListenersLocked()
+	c.log.Info("balancer draining: no longer accepting")
+	return nil
+}
 
-func (c *Child) Stop(ctx context.Context) error { return nil }
+func (c *Child) closeListenersLocked() {
+	if c.public != nil {
+		_ = c.public.Close()
+	}
+	if c.tlsLn != nil {
+		_ = c.tlsLn.Close()
+	}
+}
+
+// Stop closes the listeners and every proxied connection, and waits for the
+// balancer's goroutines (bounded by ctx). Idempotent.
+func (c *Child) Stop(ctx context.Context) error {
+	c.mu.Lock()
+	if !c.stopped {
+		c.stopped = true
+		c.state = control.StateDead
+		c.closeListenersLocked()
+		c.cancel()
+		for conn := range c.conns {
+			_ = conn.Close()
+		}
+	}
+	c.mu.Unlock()
+
+	done := make(chan struct{})
+	go func() {
+		c.wg.Wait()
+		close(done)
+	}()
+	var err error
+	select {
+	case <-done:
+	case <-ctx.Done():
+		err = fmt.Errorf("balancer: stop: waiting for connections to close: %w", ctx.Err())
+	}
+	for _, w := range c.pool.all() {
+		w.closeSender()
+	}
+	return err
+}
+
+// track registers a proxied connection so Stop can close it; it reports
+// false (and the caller must close conn) when the balancer is stopping.
+func (c *Child) track(conn net.Conn) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.stopped {
+		return false
+	}
+	c.conns[conn] = struct{}{}
+	return true
+}
+
+func (c *Child) untrack(conn net.Conn) {
+	c.mu.Lock()
+	delete(c.conns, conn)
+	c.mu.Unlock()
+}

@@ -1,0 +1,218 @@
+package balancer
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/shoalhq/shoal/proxyproto"
+)
+
+const (
+	// proxyDialTimeout bounds connecting to a worker's proxy socket and
+	// writing the PROXY header; a live worker does both at once.
+	proxyDialTimeout = time.Second
+	// halfCloseLinger: after the client finished sending, how long the
+	// worker may take to finish its answer before the proxy gives up.
+	halfCloseLinger = 5 * time.Second
+	// copyBufSize: one TLS record's worth of plaintext.
+	copyBufSize = 16 << 10
+)
+
+// copyBufs are reused across connections. This first version holds one
+// buffer per direction for the life of a proxied connection (see
+// docs/balancer.md: epoll-driven copying is the planned replacement).
+var copyBufs = sync.Pool{New: func() any { b := make([]byte, copyBufSize); return &b }}
+
+// startTLS runs on the TLS accept loop: it starts the connection's own
+// goroutine at once, so a slow handshake never holds up the next accept.
+func (c *Child) startTLS(conn net.Conn) {
+	if limit := c.maxProxied(); c.stats.active.Load() >= limit {
+		// Two fds per proxied connection: past this point the process
+		// would run out of them and start failing at random places.
+		c.stats.add(ctrOverLimit, 1)
+		_ = conn.Close()
+		return
+	}
+	c.wg.Add(1)
+	go c.serveTLS(conn)
+}
+
+// ctrOverLimit counts TLS connections refused because the balancer holds as
+// many proxied connections as its fd limit allows.
+const ctrOverLimit = "over_limit"
+
+// maxProxied is how many proxied connections fit in this process's file
+// limit: two fds each, minus a reserve for listeners, handoff sockets and
+// the process itself.
+func (c *Child) maxProxied() int64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.proxyLimit
+}
+
+func fdLimitProxies() int64 {
+	var rl syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &rl); err != nil {
+		return 9_900
+	}
+	const reserve = 200
+	n := (int64(rl.Cur) - reserve) / 2
+	return max(n, 1)
+}
+
+// serveTLS terminates one TLS connection and proxies it to a worker.
+func (c *Child) serveTLS(raw net.Conn) {
+	defer c.wg.Done()
+	if !c.track(raw) {
+		_ = raw.Close()
+		return
+	}
+	defer c.untrack(raw)
+	defer raw.Close()
+
+	c.mu.Lock()
+	conf, hsTimeout := c.tlsConf, c.cfg.Protocol.HandshakeTimeout.D()
+	c.mu.Unlock()
+	if hsTimeout <= 0 {
+		hsTimeout = 10 * time.Second
+	}
+	tconn := tls.Server(raw, conf)
+	hctx, cancel := context.WithTimeout(c.ctx, hsTimeout)
+	err := tconn.HandshakeContext(hctx)
+	cancel()
+	if err != nil {
+		c.stats.add(ctrTLSHandshakeFail, 1)
+		return
+	}
+
+	up, w := c.dialWorker(raw.RemoteAddr(), raw.LocalAddr())
+	if up == nil {
+		_ = tconn.Close()
+		return
+	}
+	if !c.track(up) {
+		_ = up.Close()
+		c.pool.release(w)
+		return
+	}
+	defer c.untrack(up)
+	c.stats.addWorker(ctrProxied, w.name, 1)
+	c.stats.active.Add(1)
+	defer c.stats.active.Add(-1)
+	defer c.pool.release(w) // a closed proxied connection no longer weighs on w
+
+	c.pipe(tconn, up)
+}
+
+// dialWorker connects to the least-loaded worker's proxy socket and sends
+// the PROXY header for src → dst. A worker that fails is marked dead and the
+// next is tried. It returns nil if no worker could take the connection.
+func (c *Child) dialWorker(src, dst net.Addr) (*net.UnixConn, *worker) {
+	hdr := proxyproto.Encode(src, dst)
+	var tried []*worker
+	for range maxAttempts {
+		w := c.pool.pick(kindTLS, tried)
+		if w == nil {
+			break
+		}
+		tried = append(tried, w)
+		up, err := dialProxy(c.ctx, w.proxyPath, hdr)
+		if err == nil {
+			c.pool.markAlive(w)
+			return up, w
+		}
+		c.pool.release(w)
+		if isLocalExhaustion(err) {
+			c.stats.add(ctrFDExhausted, 1)
+			return nil, nil
+		}
+		if c.ctx.Err() != nil {
+			return nil, nil // stopping; not the worker's fault
+		}
+		c.pool.markDead(w)
+		c.stats.add(ctrProxyFailures, 1)
+		c.stats.addWorker("failures", w.name, 1)
+		c.log.Warn("worker proxy socket failed; marked dead, trying the next", "worker", w.name, "error", err)
+	}
+	c.stats.add(ctrNoWorker, 1)
+	return nil, nil
+}
+
+func dialProxy(ctx context.Context, path string, hdr []byte) (*net.UnixConn, error) {
+	d := net.Dialer{Timeout: proxyDialTimeout}
+	conn, err := d.DialContext(ctx, "unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("dial proxy socket %s: %w", path, err)
+	}
+	up := conn.(*net.UnixConn)
+	if err := up.SetWriteDeadline(time.Now().Add(proxyDialTimeout)); err == nil {
+		_, err = up.Write(hdr)
+	}
+	if err != nil {
+		_ = up.Close()
+		return nil, fmt.Errorf("send PROXY header to %s: %w", path, err)
+	}
+	return up, nil
+}
+
+// pipe copies both ways until one side is done, then closes both. Each write
+// has a deadline (worker.write_timeout), so a client or worker that stops
+// reading cannot pin the connection's goroutines forever.
+func (c *Child) pipe(client *tls.Conn, up *net.UnixConn) {
+	c.mu.Lock()
+	wt := c.cfg.Worker.WriteTimeout.D()
+	c.mu.Unlock()
+	if wt <= 0 {
+		wt = 10 * time.Second
+	}
+	done := make(chan struct{})
+	go func() { // worker → client
+		defer close(done)
+		_ = copyWithDeadline(client, up, wt)
+		_ = client.Close() // sends close_notify (bounded by crypto/tls), ends the other copy
+		_ = up.Close()
+	}()
+	// client → worker
+	err := copyWithDeadline(up, client, wt)
+	if err == nil {
+		// The client finished sending (close_notify): pass the EOF on and
+		// give the worker a bounded time to finish its answer.
+		_ = up.CloseWrite()
+		_ = up.SetReadDeadline(time.Now().Add(halfCloseLinger))
+	} else {
+		_ = up.Close()
+		_ = client.Close()
+	}
+	<-done
+}
+
+// copyWithDeadline copies src to dst until EOF (nil) or an error.
+func copyWithDeadline(dst net.Conn, src io.Reader, wt time.Duration) error {
+	bp := copyBufs.Get().(*[]byte)
+	defer copyBufs.Put(bp)
+	buf := *bp
+	for {
+		n, rerr := src.Read(buf)
+		if n > 0 {
+			if err := dst.SetWriteDeadline(time.Now().Add(wt)); err != nil {
+				return err
+			}
+			if _, err := dst.Write(buf[:n]); err != nil {
+				return err
+			}
+		}
+		if rerr != nil {
+			if errors.Is(rerr, io.EOF) {
+				return nil
+			}
+			return rerr
+		}
+	}
+}
