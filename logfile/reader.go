@@ -92,6 +92,7 @@ func Read(path string, f Filter, fn func(Entry) error) error {
 // FollowOptions tune Follow.
 type FollowOptions struct {
 	History bool          // deliver what the files already hold before following
+	Tail    int           // with History: only the last Tail matching entries of it (0 = all)
 	Poll    time.Duration // how often to look for new lines; default 200ms
 }
 
@@ -129,26 +130,43 @@ func Follow(ctx context.Context, path string, f Filter, opts FollowOptions, fn f
 	}
 	defer func() { cur.Close() }()
 
+	t := newTail(cur)
 	if opts.History {
 		// The live file is already open, so the rotated files read here are
 		// older than anything it will deliver.
+		hist := fn
+		var last *Last
+		if opts.Tail > 0 {
+			last = NewLast(opts.Tail)
+			hist = last.Add
+		}
 		files := Files(path)
 		for _, name := range files[:max(0, len(files)-1)] {
 			file, err := os.Open(name)
 			if err != nil {
 				continue
 			}
-			err = newTail(file).drain(f, fn, true)
+			err = newTail(file).drain(f, hist, true)
 			file.Close()
 			if err != nil {
 				return err
 			}
 		}
-	} else if _, err := cur.Seek(0, io.SeekEnd); err != nil {
-		return fmt.Errorf("following log: %w", err)
+		if err := t.drain(f, hist, false); err != nil {
+			return err
+		}
+		for _, e := range last.Entries() {
+			if err := fn(e); err != nil {
+				return err
+			}
+		}
+	} else {
+		if _, err := cur.Seek(0, io.SeekEnd); err != nil {
+			return fmt.Errorf("following log: %w", err)
+		}
+		t = newTail(cur)
 	}
 
-	t := newTail(cur)
 	for ctx.Err() == nil {
 		if err := t.drain(f, fn, false); err != nil {
 			return err
@@ -235,4 +253,36 @@ func (t *tail) drain(f Filter, fn func(Entry) error, final bool) error {
 			return fmt.Errorf("reading log: %w", err)
 		}
 	}
+}
+
+// Last keeps the last n entries given to Add (a ring), for `shoal logs -n`.
+type Last struct {
+	buf  []Entry
+	next int
+	full bool
+}
+
+// NewLast keeps up to n entries (n >= 1).
+func NewLast(n int) *Last { return &Last{buf: make([]Entry, max(n, 1))} }
+
+// Add keeps e, forgetting the oldest when full. It never fails; the error
+// makes it usable as a Read or Follow callback.
+func (l *Last) Add(e Entry) error {
+	l.buf[l.next] = e
+	l.next = (l.next + 1) % len(l.buf)
+	if l.next == 0 {
+		l.full = true
+	}
+	return nil
+}
+
+// Entries returns what is kept, oldest first. A nil *Last has none.
+func (l *Last) Entries() []Entry {
+	if l == nil {
+		return nil
+	}
+	if !l.full {
+		return l.buf[:l.next]
+	}
+	return append(append([]Entry(nil), l.buf[l.next:]...), l.buf[:l.next]...)
 }

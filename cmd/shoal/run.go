@@ -1,12 +1,134 @@
 package main
 
 import (
+	"context"
+	"errors"
+	"flag"
 	"fmt"
+	"net"
 	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"github.com/shoalhq/shoal/configs"
+	"github.com/shoalhq/shoal/supervisor"
 )
 
-// STUB: replaced by its owner.
+// cmdRun: `shoal run [-c FILE] [--join host:port,...] [--admin host:port]`.
 func cmdRun(args []string) int {
-	fmt.Fprintln(os.Stderr, "shoal run: not implemented yet")
-	return 1
+	fs := flag.NewFlagSet("shoal run", flag.ContinueOnError)
+	cfgPath := fs.String("c", "", "config `file` (default: the embedded default config)")
+	join := fs.String("join", "", "gossip `addresses` of other nodes, comma-separated (overrides cluster.join)")
+	admin := fs.String("admin", "", "admin HTTP `address` (overrides listen.admin)")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(os.Stderr, "shoal run: unexpected argument %q\n", fs.Arg(0))
+		return 2
+	}
+	// load is also the config source of a rolling reload, so the flags
+	// keep overriding the file after a reload too.
+	load := func() (configs.Config, error) {
+		cfg, err := loadConfig(*cfgPath)
+		if err != nil {
+			return cfg, err
+		}
+		if *join != "" {
+			cfg.Cluster.Join = nil
+			for _, j := range strings.Split(*join, ",") {
+				j = strings.TrimSpace(j)
+				if _, _, err := net.SplitHostPort(j); err != nil {
+					return cfg, fmt.Errorf("--join: expected host:port, got %q", j)
+				}
+				cfg.Cluster.Join = append(cfg.Cluster.Join, j)
+			}
+		}
+		if *admin != "" {
+			if _, _, err := net.SplitHostPort(*admin); err != nil {
+				return cfg, fmt.Errorf("--admin: expected host:port, got %q", *admin)
+			}
+			cfg.Listen.Admin = *admin
+		}
+		return cfg, nil
+	}
+	cfg, err := load()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "shoal run: "+oneLine(err))
+		return 1
+	}
+	name := *cfgPath
+	if name == "" {
+		name = "<default>"
+	}
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	reloads := make(chan struct{}, 1)
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	defer signal.Stop(sigs)
+	done := make(chan struct{})
+	defer close(done)
+	go func() {
+		stopping := false
+		for {
+			select {
+			case <-done:
+				return
+			case sig := <-sigs:
+				switch {
+				case sig == syscall.SIGHUP:
+					select {
+					case reloads <- struct{}{}:
+					default: // one is pending already
+					}
+				case !stopping:
+					stopping = true
+					fmt.Fprintf(os.Stderr, "shoal: %s: draining and stopping (again to exit at once)\n", sig)
+					cancel()
+				default:
+					// The children die with us (Pdeathsig, parent watch).
+					fmt.Fprintln(os.Stderr, "shoal: exiting at once")
+					os.Exit(130)
+				}
+			}
+		}
+	}()
+
+	err = supervisor.Run(ctx, cfg, supervisor.Options{
+		Stdout:         os.Stdout,
+		Stderr:         os.Stderr,
+		ConfigName:     name,
+		Reload:         load,
+		ReloadRequests: reloads,
+	})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "shoal run: "+oneLine(err))
+		return 1
+	}
+	return 0
+}
+
+// loadConfig reads a config file, or the embedded default for "".
+func loadConfig(path string) (configs.Config, error) {
+	if path == "" {
+		return configs.LoadDefault(), nil
+	}
+	return configs.LoadFile(path)
+}
+
+// oneLine reduces an error to the single line a user reads first; a config
+// with several mistakes says how to see them all.
+func oneLine(err error) string {
+	var errs configs.Errors
+	if errors.As(err, &errs) && len(errs) > 1 {
+		return fmt.Sprintf("%v (and %d more: shoal config check %s)", errs[0], len(errs)-1, errs[0].File)
+	}
+	msg := err.Error()
+	if i := strings.IndexByte(msg, '\n'); i >= 0 {
+		msg = msg[:i]
+	}
+	return msg
 }
