@@ -26,9 +26,11 @@ const FILE_DEADLINE_MS = Number(process.env.SHOAL_COMPAT_FILE_DEADLINE_MS || 200
 
 // ---------------------------------------------------------------- utilities
 
+function fatal(msg) { const e = new Error(msg); e.fatal = true; return e; }
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 // Poll fn until it returns a truthy value (returned) or the deadline passes.
+// An error with .fatal set ends the wait at once (other errors are retried).
 async function waitFor(fn, {timeout = 5000, interval = 25, what = 'condition'} = {}) {
   const deadline = Date.now() + timeout;
   let last;
@@ -38,6 +40,7 @@ async function waitFor(fn, {timeout = 5000, interval = 25, what = 'condition'} =
       last = await fn();
       if (last) return last;
     } catch (e) {
+      if (e && e.fatal) throw e; // no point waiting any longer
       lastErr = e;
     }
     if (Date.now() >= deadline) break;
@@ -306,14 +309,14 @@ class Target {
 
     try {
       await waitFor(async () => {
-        if (this.exited) throw new Error(`target exited early: ${JSON.stringify(this.exited)}`);
+        if (this.exited) throw fatal(`target exited early: ${JSON.stringify(this.exited)}`);
         const r = await fetch(`${this.httpBase}/healthz`, {signal: AbortSignal.timeout(1000)});
         await r.arrayBuffer();
         return r.status === 200;
       }, {timeout: o.startTimeout, interval: 100, what: `GET ${this.httpBase}/healthz → 200`});
       if (!IS_REFERENCE) {
         await waitFor(async () => {
-          if (this.exited) throw new Error(`target exited early: ${JSON.stringify(this.exited)}`);
+          if (this.exited) throw fatal(`target exited early: ${JSON.stringify(this.exited)}`);
           const procs = await this.processes();
           return this.allReady(procs);
         }, {timeout: o.startTimeout, interval: 100, what: `GET ${this.adminBase}/api/cluster → ${o.workers} workers + ${o.brokers} brokers + balancer ready`});
@@ -409,7 +412,7 @@ const DEFAULTS = {
   maxPayload: 1024 * 1024,
   allowClientPublish: true,
   logLevel: 'info',
-  startTimeout: 30000
+  startTimeout: 20000
 };
 
 async function startTarget(opts = {}) {
