@@ -1,0 +1,324 @@
+package worker
+
+import (
+	"errors"
+	"fmt"
+	"hash/maphash"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/gobwas/ws"
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/shoalhq/shoal/auth"
+	"github.com/shoalhq/shoal/configs"
+	"github.com/shoalhq/shoal/proto/sc"
+)
+
+// Close codes the engine uses (see the protocol reference, §8).
+const (
+	CodePongTimeout      ws.StatusCode = 4001 // no pong within pingTimeout
+	CodeHandshakeTimeout ws.StatusCode = 4005 // no #handshake within handshakeTimeout
+	CodeBadHandshake     ws.StatusCode = 4008 // #handshake (or #authenticate) without a numeric cid
+	CodeNotHandshaken    ws.StatusCode = 4009 // a packet before the handshake (strict handshake)
+	// CodeSlowConsumer closes a socket whose send queue overflowed. It is in
+	// the app-defined 4010–4499 range, so the client reconnects with
+	// back-off (and recovers what it missed, once recovery exists).
+	CodeSlowConsumer ws.StatusCode = 4100
+	// CodeGoingAway is used when the worker drains.
+	CodeGoingAway ws.StatusCode = 1001
+)
+
+// MaxChannelLen bounds a channel name (bytes); longer names are refused.
+const MaxChannelLen = 1024
+
+// Conn is what the engine needs of a client connection; *netpoll.Conn
+// implements it. Methods must be safe for concurrent use and never block.
+type Conn interface {
+	// WriteFrame queues a complete frame built with EngineConfig.Frame. The
+	// slice is shared between connections and never modified afterwards.
+	WriteFrame(frame []byte) error
+	Close(code ws.StatusCode, reason string)
+	RemoteAddr() net.Addr
+}
+
+// Broker is what the engine needs of the broker client (*brokerclient.Client).
+type Broker interface {
+	Subscribe(channel string)
+	Unsubscribe(channel string)
+	// Publish copies data before returning; done is called exactly once,
+	// possibly on the caller's goroutine, and must not block.
+	Publish(channel string, data []byte, done func(offset uint64, err error))
+}
+
+// EngineConfig configures an Engine.
+type EngineConfig struct {
+	Name     string // worker name, for logs
+	Protocol configs.Protocol
+	Keys     *auth.Keys // nil: every token is refused
+	Broker   Broker     // nil: channels stay local to the worker (tests)
+	// Frame builds a WebSocket text frame around payload (netpoll.AppendTextFrame).
+	Frame func(dst, payload []byte) []byte
+	// ErrQueueFull is the Conn.WriteFrame error that means the socket's send
+	// queue is full (netpoll.ErrQueueFull).
+	ErrQueueFull error
+	Logger       hclog.Logger
+	// Now is the clock (tests); default time.Now.
+	Now func() time.Time
+}
+
+// Engine runs the SocketCluster protocol for every session of a worker:
+// handshake, heartbeat, events, pub/sub and auth. It does not own sockets;
+// the transport calls Open, Message and Closed.
+type Engine struct {
+	cfg       EngineConfig
+	proto     configs.Protocol
+	log       hclog.Logger
+	hub       *Hub
+	pingFrame []byte // shared by every ping
+	tick      time.Duration
+
+	seed     maphash.Seed
+	sessions [hubShards]sessionShard
+
+	bufs sync.Pool // *[]byte scratch for building payloads
+
+	stop chan struct{}
+	done chan struct{}
+	once sync.Once
+
+	stats engineStats
+}
+
+type sessionShard struct {
+	mu sync.RWMutex
+	m  map[string]*Session
+}
+
+type engineStats struct {
+	connections, handshakes                   atomic.Int64
+	msgsIn, msgsOut, bytesIn, bytesOut        atomic.Int64
+	subscriptions                             atomic.Int64
+	invalidFrames, transmitsDropped           atomic.Int64
+	unknownProcedures, publishesIn, pubErrors atomic.Int64
+	authFailures, deauthExpired               atomic.Int64
+	slowConsumers, pingTimeouts, hsTimeouts   atomic.Int64
+	strictViolations, fanouts                 atomic.Int64
+}
+
+// NewEngine validates cfg and starts the heartbeat sweeper (stop it with Close).
+func NewEngine(cfg EngineConfig) (*Engine, error) {
+	p := cfg.Protocol
+	d := configs.Default().Protocol
+	if p.Version == 0 {
+		p.Version = d.Version
+	}
+	if p.Version != 1 && p.Version != 2 {
+		return nil, fmt.Errorf("protocol.version %d: must be 1 or 2", p.Version)
+	}
+	if p.PingInterval <= 0 {
+		p.PingInterval = d.PingInterval
+	}
+	if p.PingTimeout <= 0 {
+		p.PingTimeout = d.PingTimeout
+	}
+	if p.HandshakeTimeout <= 0 {
+		p.HandshakeTimeout = d.HandshakeTimeout
+	}
+	if cfg.Frame == nil {
+		return nil, errors.New("worker engine: EngineConfig.Frame is required")
+	}
+	if cfg.ErrQueueFull == nil {
+		return nil, errors.New("worker engine: EngineConfig.ErrQueueFull is required")
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = hclog.NewNullLogger()
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	e := &Engine{
+		cfg:   cfg,
+		proto: p,
+		log:   cfg.Logger,
+		hub:   newHub(cfg.Broker, cfg.ErrQueueFull),
+		seed:  maphash.MakeSeed(),
+		stop:  make(chan struct{}),
+		done:  make(chan struct{}),
+	}
+	e.pingFrame = cfg.Frame(nil, sc.PingPayload(p.Version))
+	for i := range e.sessions {
+		e.sessions[i].m = make(map[string]*Session)
+	}
+	e.bufs.New = func() any { b := make([]byte, 0, 512); return &b }
+	// The sweeper's resolution: a quarter of the shortest timer, so pings
+	// and timeouts fire within 25% of their configured time.
+	shortest := min(p.PingInterval.D(), p.PingTimeout.D(), p.HandshakeTimeout.D())
+	e.tick = min(max(shortest/4, 5*time.Millisecond), time.Second)
+	go e.sweep()
+	return e, nil
+}
+
+// Close stops the sweeper. Sessions are closed by the transport.
+func (e *Engine) Close() {
+	e.once.Do(func() { close(e.stop) })
+	<-e.done
+}
+
+// Hub is the engine's channel table.
+func (e *Engine) Hub() *Hub { return e.hub }
+
+func (e *Engine) now() time.Time { return e.cfg.Now() }
+
+func (e *Engine) shard(id string) *sessionShard {
+	return &e.sessions[maphash.String(e.seed, id)%hubShards]
+}
+
+// Session returns the live session with this id, or nil.
+func (e *Engine) Session(id string) *Session {
+	sh := e.shard(id)
+	sh.mu.RLock()
+	defer sh.mu.RUnlock()
+	return sh.m[id]
+}
+
+// Len is the number of open sessions.
+func (e *Engine) Len() int { return int(e.stats.connections.Load()) }
+
+// Open starts a session for a new connection.
+func (e *Engine) Open(c Conn) *Session {
+	s := &Session{e: e, c: c, id: newSessionID(), opened: e.now()}
+	sh := e.shard(s.id)
+	sh.mu.Lock()
+	sh.m[s.id] = s
+	sh.mu.Unlock()
+	e.stats.connections.Add(1)
+	return s
+}
+
+// Closed ends a session: it leaves every channel. Safe to call twice.
+func (e *Engine) Closed(s *Session, code ws.StatusCode, reason string) {
+	s.mu.Lock()
+	if s.state == stateClosed {
+		s.mu.Unlock()
+		return
+	}
+	s.state = stateClosed
+	chans := s.channels
+	s.channels = nil
+	s.mu.Unlock()
+	for ch := range chans {
+		if e.hub.remove(ch, s) {
+			e.stats.subscriptions.Add(-1)
+		}
+	}
+	sh := e.shard(s.id)
+	sh.mu.Lock()
+	delete(sh.m, s.id)
+	sh.mu.Unlock()
+	e.stats.connections.Add(-1)
+	if e.log.IsDebug() {
+		e.log.Debug("session closed", "id", s.id, "code", int(code), "reason", reason)
+	}
+}
+
+// Deliver is the broker client's OnMessage: frame the publish once and
+// write the same bytes to every local subscriber. data is only read here.
+func (e *Engine) Deliver(channel string, data []byte, offset uint64) {
+	if e.hub.Subscribers(channel) == 0 {
+		return
+	}
+	bp := e.bufs.Get().(*[]byte)
+	payload := sc.AppendPublish((*bp)[:0], channel, data)
+	frame := e.cfg.Frame(make([]byte, 0, len(payload)+14), payload)
+	*bp = payload[:0]
+	e.bufs.Put(bp)
+	n := e.hub.fanout(channel, frame, e.slowConsumer)
+	e.stats.fanouts.Add(1)
+	e.stats.msgsOut.Add(int64(n))
+	e.stats.bytesOut.Add(int64(n * len(frame)))
+}
+
+// slowConsumer applies the slow-consumer policy: disconnect.
+func (e *Engine) slowConsumer(s *Session) {
+	e.stats.slowConsumers.Add(1)
+	e.log.Warn("slow consumer: send queue full, disconnecting", "id", s.id, "remote", addrString(s.c.RemoteAddr()))
+	s.close(CodeSlowConsumer, "Slow consumer: send queue full")
+}
+
+func addrString(a net.Addr) string {
+	if a == nil {
+		return ""
+	}
+	return a.String()
+}
+
+// sweep is the one heartbeat goroutine for all sessions: handshake
+// timeouts, pings every pingInterval and pong timeouts. No session has a
+// timer of its own.
+func (e *Engine) sweep() {
+	defer close(e.done)
+	t := time.NewTicker(e.tick)
+	defer t.Stop()
+	var batch []*Session
+	for {
+		select {
+		case <-e.stop:
+			return
+		case <-t.C:
+		}
+		now := e.now()
+		for i := range e.sessions {
+			sh := &e.sessions[i]
+			sh.mu.RLock()
+			for _, s := range sh.m {
+				batch = append(batch, s)
+			}
+			sh.mu.RUnlock()
+			// Act outside the shard lock: Close may end in Closed, which
+			// takes it.
+			for _, s := range batch {
+				s.heartbeat(now)
+			}
+			clear(batch)
+			batch = batch[:0]
+		}
+	}
+}
+
+// Stats is a snapshot of the engine's counters.
+type Stats struct {
+	Connections, MessagesIn, MessagesOut, BytesIn, BytesOut int64
+	Counters                                                map[string]int64
+}
+
+// Stats returns the engine's counters.
+func (e *Engine) Stats() Stats {
+	s := &e.stats
+	return Stats{
+		Connections: s.connections.Load(),
+		MessagesIn:  s.msgsIn.Load(),
+		MessagesOut: s.msgsOut.Load(),
+		BytesIn:     s.bytesIn.Load(),
+		BytesOut:    s.bytesOut.Load(),
+		Counters: map[string]int64{
+			"handshakes":           s.handshakes.Load(),
+			"subscriptions":        s.subscriptions.Load(),
+			"channels":             int64(e.hub.Channels()),
+			"invalid_frames":       s.invalidFrames.Load(),
+			"transmits_dropped":    s.transmitsDropped.Load(),
+			"unknown_procedures":   s.unknownProcedures.Load(),
+			"publishes_in":         s.publishesIn.Load(),
+			"publish_errors":       s.pubErrors.Load(),
+			"auth_failures":        s.authFailures.Load(),
+			"auth_expired":         s.deauthExpired.Load(),
+			"slow_consumer_closes": s.slowConsumers.Load(),
+			"pong_timeouts":        s.pingTimeouts.Load(),
+			"handshake_timeouts":   s.hsTimeouts.Load(),
+			"strict_handshake":     s.strictViolations.Load(),
+			"fanouts":              s.fanouts.Load(),
+		},
+	}
+}

@@ -1,0 +1,138 @@
+package worker
+
+import (
+	"errors"
+	"hash/maphash"
+	"sync"
+)
+
+// hubShards spreads channels over independently locked maps so subscribes
+// and fan-outs of unrelated channels do not contend.
+const hubShards = 64
+
+// Hub maps channels to the local sessions subscribed to them and keeps the
+// worker's interest at the brokers in step: the first local subscriber of a
+// channel registers interest, the last one to leave drops it.
+//
+// Lock order: Session.mu → hubShard.imu → hubShard.mu → (Broker's locks).
+// Fan-out holds only hubShard.mu (read) and writes to connections, which
+// never call back; slow consumers are closed after the lock is released.
+type Hub struct {
+	seed   maphash.Seed
+	shards [hubShards]hubShard
+	broker Broker
+	full   error // the Conn error that means "send queue full"
+}
+
+type hubShard struct {
+	// imu serialises interest changes of this shard's channels, including
+	// the broker call, so a subscribe/unsubscribe pair reaches the broker
+	// in the order the local map changed. Fan-out never takes it, so a
+	// broker that delivers while holding its own locks cannot deadlock
+	// against us.
+	imu  sync.Mutex
+	mu   sync.RWMutex
+	subs map[string]map[*Session]struct{}
+}
+
+func newHub(b Broker, full error) *Hub {
+	h := &Hub{seed: maphash.MakeSeed(), broker: b, full: full}
+	for i := range h.shards {
+		h.shards[i].subs = make(map[string]map[*Session]struct{})
+	}
+	return h
+}
+
+func (h *Hub) shard(channel string) *hubShard {
+	return &h.shards[maphash.String(h.seed, channel)%hubShards]
+}
+
+// add subscribes s to channel; it reports whether s was newly added.
+func (h *Hub) add(channel string, s *Session) bool {
+	sh := h.shard(channel)
+	sh.imu.Lock()
+	defer sh.imu.Unlock()
+	sh.mu.Lock()
+	set := sh.subs[channel]
+	if _, ok := set[s]; ok {
+		sh.mu.Unlock()
+		return false
+	}
+	first := set == nil
+	if first {
+		set = make(map[*Session]struct{}, 1)
+		sh.subs[channel] = set
+	}
+	set[s] = struct{}{}
+	sh.mu.Unlock()
+	if first && h.broker != nil {
+		h.broker.Subscribe(channel)
+	}
+	return true
+}
+
+// remove unsubscribes s from channel; it reports whether s was subscribed.
+func (h *Hub) remove(channel string, s *Session) bool {
+	sh := h.shard(channel)
+	sh.imu.Lock()
+	defer sh.imu.Unlock()
+	sh.mu.Lock()
+	set := sh.subs[channel]
+	if _, ok := set[s]; !ok {
+		sh.mu.Unlock()
+		return false
+	}
+	delete(set, s)
+	last := len(set) == 0
+	if last {
+		delete(sh.subs, channel)
+	}
+	sh.mu.Unlock()
+	if last && h.broker != nil {
+		h.broker.Unsubscribe(channel)
+	}
+	return true
+}
+
+// Channels is the number of channels with at least one local subscriber.
+func (h *Hub) Channels() int {
+	n := 0
+	for i := range h.shards {
+		sh := &h.shards[i]
+		sh.mu.RLock()
+		n += len(sh.subs)
+		sh.mu.RUnlock()
+	}
+	return n
+}
+
+// Subscribers is the number of local subscribers of channel.
+func (h *Hub) Subscribers(channel string) int {
+	sh := h.shard(channel)
+	sh.mu.RLock()
+	defer sh.mu.RUnlock()
+	return len(sh.subs[channel])
+}
+
+// fanout writes one pre-built frame to every local subscriber of channel and
+// returns how many took it. Sessions whose send queue is full are handed to
+// slow after the shard lock is released.
+func (h *Hub) fanout(channel string, frame []byte, slow func(*Session)) int {
+	sh := h.shard(channel)
+	var full []*Session
+	n := 0
+	sh.mu.RLock()
+	for s := range sh.subs[channel] {
+		switch err := s.c.WriteFrame(frame); {
+		case err == nil:
+			n++
+		case errors.Is(err, h.full):
+			full = append(full, s)
+		}
+	}
+	sh.mu.RUnlock()
+	for _, s := range full {
+		slow(s)
+	}
+	return n
+}
