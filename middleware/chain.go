@@ -145,14 +145,18 @@ func compile(cfg configs.Config, o Options) (*Chain, []*configs.Error) {
 	if c.log == nil {
 		c.log = hclog.NewNullLogger()
 	}
-	if c.client == nil {
-		c.client = &http.Client{Transport: http.DefaultTransport.(*http.Transport).Clone()}
-	}
 	var prev *shared
 	if o.Previous != nil {
 		prev = o.Previous.shared
 	}
+	if c.client == nil && prev != nil {
+		c.client = prev.client // keep the pooled backend connections
+	}
+	if c.client == nil {
+		c.client = &http.Client{Transport: http.DefaultTransport.(*http.Transport).Clone()}
+	}
 	c.shared = newShared(prev, c.now())
+	c.shared.client = c.client
 	c.logLim = logLimiter{perSec: 5, burst: 20}
 
 	p := &problems{}
@@ -395,3 +399,7 @@ func (l *logLimiter) take(now int64) (ok bool, suppressed uint64) {
 	l.suppressed = 0
 	return true, s
 }
+
+// CloseIdleConnections closes the hook client's idle backend connections
+// (worker shutdown; chains of one lineage share the client).
+func (c *Chain) CloseIdleConnections() { c.client.CloseIdleConnections() }

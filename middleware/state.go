@@ -1,6 +1,7 @@
 package middleware
 
 import (
+	"net/http"
 	"net/netip"
 	"sync"
 	"time"
@@ -122,9 +123,10 @@ type socketState struct {
 
 // shared is the state a chain hands to its successor on reload.
 type shared struct {
-	base   time.Time     // origin of the rate-limit clock
-	conns  *connCounts   // the same counts for every generation
+	base   time.Time      // origin of the rate-limit clock
+	conns  *connCounts    // the same counts for every generation
 	stores map[string]any // this chain's per-IP / per-user stores by fingerprint
+	client *http.Client   // hook client, handed on so reloads reuse connections
 }
 
 func newShared(prev *shared, now time.Time) *shared {
