@@ -1,6 +1,7 @@
 package logfile
 
 import (
+	"encoding/json"
 	"strconv"
 	"strings"
 	"time"
@@ -55,7 +56,9 @@ func format(dst []byte, e Entry, blocks bool) []byte {
 		dst = append(dst, ' ')
 		dst = append(dst, f.Key...)
 		dst = append(dst, '=')
-		if v == "" || strings.ContainsAny(v, " \t\"=") {
+		if isJSONComposite(f.Value) {
+			dst = append(dst, v...) // an object or list reads best as JSON
+		} else if v == "" || strings.ContainsAny(v, " \t\"=") {
 			dst = strconv.AppendQuote(dst, v)
 		} else {
 			dst = append(dst, v...)
@@ -105,4 +108,9 @@ type sinceError struct{ s string }
 
 func (e *sinceError) Error() string {
 	return "invalid --since " + strconv.Quote(e.s) + " (use a duration like 10m or a time like 2026-01-02T15:04:05Z)"
+}
+
+func isJSONComposite(v any) bool {
+	raw, ok := v.(json.RawMessage)
+	return ok && len(raw) > 0 && (raw[0] == '{' || raw[0] == '[')
 }

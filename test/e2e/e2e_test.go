@@ -1,0 +1,532 @@
+// Package e2e runs the real shoal binary: `shoal run` with a temporary
+// config on free loopback ports, and checks the process tree, restarts, the
+// central log, the CLI and shutdown from the outside, as an operator would.
+package e2e
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+)
+
+// shoalBin is the binary built once by TestMain.
+var shoalBin string
+
+func TestMain(m *testing.M) {
+	os.Exit(buildAndRun(m))
+}
+
+func buildAndRun(m *testing.M) int {
+	root, err := moduleRoot()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "e2e:", err)
+		return 1
+	}
+	dir, err := os.MkdirTemp("", "shoal-e2e-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "e2e:", err)
+		return 1
+	}
+	defer os.RemoveAll(dir)
+	shoalBin = filepath.Join(dir, "shoal")
+	build := exec.Command("go", "build", "-o", shoalBin, "./cmd/shoal")
+	build.Dir = root
+	if out, err := build.CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "e2e: building shoal: %v\n%s", err, out)
+		return 1
+	}
+	// goleak after the run: the tests' own goroutines (exec pipes, HTTP)
+	// must be gone too.
+	code := m.Run()
+	if code == 0 {
+		if err := goleak.Find(); err != nil {
+			fmt.Fprintln(os.Stderr, "e2e: goroutine leak:", err)
+			return 1
+		}
+	}
+	return code
+}
+
+// moduleRoot walks up from the test's directory to the go.mod.
+func moduleRoot() (string, error) {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for i := 0; i < 20; i++ {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			return dir, nil
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			break
+		}
+		dir = parent
+	}
+	return "", fmt.Errorf("no go.mod above the test directory")
+}
+
+// waitFor polls cond until it holds or the deadline passes.
+func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", timeout, what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func freePort(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+// alive reports whether pid is a running process (a zombie left for a
+// non-reaping init counts as gone).
+func alive(pid int) bool {
+	if pid <= 0 || syscall.Kill(pid, 0) != nil {
+		return false
+	}
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return false
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	return i < 0 || i+2 >= len(s) || s[i+2] != 'Z'
+}
+
+// childrenOf lists the pids whose parent is ppid.
+func childrenOf(ppid int) []int {
+	ents, _ := os.ReadDir("/proc")
+	var out []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+		if err != nil {
+			continue
+		}
+		s := string(b)
+		i := strings.LastIndexByte(s, ')')
+		if i < 0 {
+			continue
+		}
+		f := strings.Fields(s[i+1:])
+		if len(f) > 1 && f[1] == strconv.Itoa(ppid) {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// cluster is one `shoal run` under test.
+type cluster struct {
+	t       *testing.T
+	cfgPath string
+	public  string
+	admin   string
+	cmd     *exec.Cmd
+	stdout  *syncBuffer
+	stderr  *syncBuffer
+	waited  chan error
+	exitErr error
+	exited  bool
+}
+
+func writeConfig(t *testing.T, public, admin string) string {
+	t.Helper()
+	dir := t.TempDir()
+	cfg := fmt.Sprintf(`cluster:
+  workers: 2
+  brokers: 2
+  gossip: %s
+  restart: {backoff_min: 100ms, backoff_max: 1s}
+listen:
+  public: %s
+  admin: %s
+storage:
+  dir: %s
+log:
+  level: info
+`, freePort(t), public, admin, filepath.Join(dir, "data"))
+	path := filepath.Join(dir, "shoal.yaml")
+	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+func startCluster(t *testing.T) *cluster {
+	t.Helper()
+	c := &cluster{t: t, public: freePort(t), admin: freePort(t), stdout: &syncBuffer{}, stderr: &syncBuffer{}, waited: make(chan error, 1)}
+	c.cfgPath = writeConfig(t, c.public, c.admin)
+	c.cmd = exec.Command(shoalBin, "run", "-c", c.cfgPath)
+	c.cmd.Stdout, c.cmd.Stderr = c.stdout, c.stderr
+	if err := c.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { c.waited <- c.cmd.Wait() }()
+	t.Cleanup(func() {
+		if !c.exited {
+			_ = c.cmd.Process.Kill()
+			c.wait(30 * time.Second)
+		}
+		if t.Failed() {
+			t.Logf("shoal run stdout:\n%s\nstderr:\n%s", c.stdout, c.stderr)
+		}
+	})
+	return c
+}
+
+// wait waits for `shoal run` to exit and returns its error.
+func (c *cluster) wait(timeout time.Duration) error {
+	c.t.Helper()
+	if c.exited {
+		return c.exitErr
+	}
+	select {
+	case err := <-c.waited:
+		c.exited, c.exitErr = true, err
+		return err
+	case <-time.After(timeout):
+		c.t.Fatalf("shoal run did not exit within %s", timeout)
+		return nil
+	}
+}
+
+type procInfo struct {
+	Name     string            `json:"name"`
+	Role     string            `json:"role"`
+	Pid      int               `json:"pid"`
+	State    string            `json:"state"`
+	Restarts int               `json:"restarts"`
+	Uptime   float64           `json:"uptime"`
+	RSS      uint64            `json:"rss_bytes"`
+	Addrs    map[string]string `json:"addrs"`
+}
+
+type clusterInfo struct {
+	SupervisorPid int        `json:"supervisor_pid"`
+	Public        string     `json:"public"`
+	Processes     []procInfo `json:"processes"`
+}
+
+var httpClient = &http.Client{Timeout: 5 * time.Second}
+
+func (c *cluster) table() (clusterInfo, error) {
+	var ci clusterInfo
+	resp, err := httpClient.Get("http://" + c.admin + "/api/cluster")
+	if err != nil {
+		return ci, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return ci, fmt.Errorf("GET /api/cluster: %s", resp.Status)
+	}
+	return ci, json.NewDecoder(resp.Body).Decode(&ci)
+}
+
+// waitReady waits until every process of the table is ready.
+func (c *cluster) waitReady(timeout time.Duration) clusterInfo {
+	c.t.Helper()
+	var ci clusterInfo
+	waitFor(c.t, timeout, "every process ready in /api/cluster", func() bool {
+		if c.exitedEarly() {
+			c.t.Fatalf("shoal run exited during startup: %v", c.exitErr)
+		}
+		var err error
+		ci, err = c.table()
+		if err != nil || len(ci.Processes) == 0 {
+			return false
+		}
+		for _, p := range ci.Processes {
+			if p.State != "ready" {
+				return false
+			}
+		}
+		return true
+	})
+	return ci
+}
+
+func (c *cluster) exitedEarly() bool {
+	select {
+	case err := <-c.waited:
+		c.exited, c.exitErr = true, err
+		return true
+	default:
+		return c.exited
+	}
+}
+
+func (c *cluster) proc(name string) procInfo {
+	c.t.Helper()
+	ci, err := c.table()
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	for _, p := range ci.Processes {
+		if p.Name == name {
+			return p
+		}
+	}
+	c.t.Fatalf("no %s in the table", name)
+	return procInfo{}
+}
+
+// shoal runs a CLI command and returns its stdout, stderr and exit code.
+func shoal(t *testing.T, args ...string) (string, string, int) {
+	t.Helper()
+	cmd := exec.Command(shoalBin, args...)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatalf("running shoal %v: %v", args, err)
+	}
+	return out.String(), errb.String(), code
+}
+
+func TestClusterLifecycle(t *testing.T) {
+	c := startCluster(t)
+	ci := c.waitReady(30 * time.Second)
+
+	want := []string{"broker-1", "broker-2", "worker-1", "worker-2", "balancer-1"}
+	if len(ci.Processes) != len(want) {
+		t.Fatalf("table has %d processes, want %v: %+v", len(ci.Processes), want, ci.Processes)
+	}
+	tree := map[int]string{ci.SupervisorPid: "supervisor"}
+	for i, p := range ci.Processes {
+		if p.Name != want[i] || p.Restarts != 0 || !alive(p.Pid) || p.RSS == 0 {
+			t.Fatalf("row %d = %+v, want %s with a live pid and memory", i, p, want[i])
+		}
+		tree[p.Pid] = p.Name
+	}
+	if ci.SupervisorPid != c.cmd.Process.Pid {
+		t.Fatalf("supervisor_pid %d, started %d", ci.SupervisorPid, c.cmd.Process.Pid)
+	}
+	if !strings.Contains(c.stdout.String(), "public  ws://"+c.public+"/socketcluster/") {
+		t.Errorf("startup report lacks the public URL:\n%s", c.stdout)
+	}
+
+	// `shoal status` prints the same table.
+	out, errOut, code := shoal(t, "status", "-c", c.cfgPath)
+	if code != 0 || !strings.Contains(out, "worker-2") || !strings.Contains(out, "ready") {
+		t.Fatalf("shoal status (%d): %s %s", code, out, errOut)
+	}
+
+	// Traffic reaches a worker through the balancer, once the real worker
+	// (which publishes a handoff address) is in place.
+	if ci.Processes[2].Addrs["handoff"] != "" {
+		waitFor(t, 10*time.Second, "GET /healthz through the balancer", func() bool {
+			resp, err := httpClient.Get("http://" + c.public + "/healthz")
+			if err != nil {
+				return false
+			}
+			resp.Body.Close()
+			return resp.StatusCode == http.StatusOK
+		})
+	} else {
+		t.Log("worker is still the stub (no handoff address): skipping /healthz through the balancer")
+	}
+
+	// SIGKILL a worker: a new pid within a few seconds, restarts=1.
+	old := c.proc("worker-1")
+	if err := syscall.Kill(old.Pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "worker-1 restarted", func() bool {
+		ci, err := c.table()
+		if err != nil {
+			return false
+		}
+		for _, p := range ci.Processes {
+			if p.Name == "worker-1" {
+				return p.State == "ready" && p.Pid != old.Pid && p.Restarts == 1
+			}
+		}
+		return false
+	})
+	tree[old.Pid] = "killed worker-1"
+	tree[c.proc("worker-1").Pid] = "worker-1 (restarted)"
+
+	// The crash is in the central log, at error level.
+	out, errOut, code = shoal(t, "logs", "-c", c.cfgPath, "--level", "error")
+	if code != 0 || !strings.Contains(out, "worker-1["+strconv.Itoa(old.Pid)+"]") || !strings.Contains(out, "crashed") || !strings.Contains(out, "SIGKILL") {
+		t.Fatalf("shoal logs --level error (%d) lacks the crash:\n%s\n%s", code, out, errOut)
+	}
+	if strings.Contains(out, " INFO ") {
+		t.Errorf("--level error printed info lines:\n%s", out)
+	}
+	out, _, _ = shoal(t, "logs", "-c", c.cfgPath, "--proc", "broker")
+	for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
+		if !strings.Contains(line, " broker-") && !strings.HasPrefix(line, "    ") {
+			t.Errorf("--proc broker printed %q", line)
+		}
+	}
+
+	// Every process of the tree, as the kernel sees it.
+	for _, pid := range childrenOf(ci.SupervisorPid) {
+		if _, ok := tree[pid]; !ok {
+			tree[pid] = "unlisted child"
+		}
+	}
+
+	// SIGTERM: drain, stop, exit 0, nothing left.
+	if err := c.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.wait(30 * time.Second); err != nil {
+		t.Fatalf("shoal run after SIGTERM: %v (want exit 0)", err)
+	}
+	for pid, name := range tree {
+		if alive(pid) {
+			t.Errorf("%s (pid %d) is still running after the supervisor exited", name, pid)
+		}
+	}
+	if out, _, _ := shoal(t, "logs", "-c", c.cfgPath, "--proc", "supervisor", "-n", "1"); !strings.Contains(out, "stopped") {
+		t.Errorf("the log does not end with the supervisor's stop: %q", out)
+	}
+}
+
+func TestSupervisorSIGKILLTakesChildren(t *testing.T) {
+	c := startCluster(t)
+	ci := c.waitReady(30 * time.Second)
+	pids := childrenOf(ci.SupervisorPid)
+	if len(pids) != len(ci.Processes) {
+		t.Fatalf("kernel sees children %v, table %+v", pids, ci.Processes)
+	}
+	if err := c.cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	_ = c.wait(10 * time.Second)
+	waitFor(t, 10*time.Second, "every child to die with the supervisor", func() bool {
+		for _, pid := range pids {
+			if alive(pid) {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+func TestBadInputIsOneLine(t *testing.T) {
+	run := func(t *testing.T, args ...string) (string, int) {
+		t.Helper()
+		cmd := exec.Command(shoalBin, args...)
+		var out, errb bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &out, &errb
+		done := make(chan error, 1)
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		go func() { done <- cmd.Wait() }()
+		select {
+		case err := <-done:
+			code := 0
+			if ee, ok := err.(*exec.ExitError); ok {
+				code = ee.ExitCode()
+			}
+			return errb.String(), code
+		case <-time.After(30 * time.Second):
+			_ = cmd.Process.Kill()
+			<-done
+			t.Fatalf("shoal %v did not exit; stdout:\n%s", args, out.String())
+			return "", 0
+		}
+	}
+	oneLine := func(t *testing.T, stderr string, code int, wants ...string) {
+		t.Helper()
+		if code == 0 {
+			t.Fatalf("exit 0, want non-zero; stderr %q", stderr)
+		}
+		if strings.Count(stderr, "\n") != 1 || strings.Contains(stderr, "goroutine ") {
+			t.Fatalf("want exactly one line on stderr, got:\n%s", stderr)
+		}
+		for _, w := range wants {
+			if !strings.Contains(stderr, w) {
+				t.Fatalf("stderr %q lacks %q", stderr, w)
+			}
+		}
+	}
+
+	t.Run("unknown key", func(t *testing.T) {
+		path := filepath.Join(t.TempDir(), "bad.yaml")
+		if err := os.WriteFile(path, []byte("cluster:\n  brokers: 2\n  wrokers: 3\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		stderr, code := run(t, "run", "-c", path)
+		oneLine(t, stderr, code, path+":3", "wrokers")
+	})
+	t.Run("wrong type", func(t *testing.T) {
+		path := filepath.Join(t.TempDir(), "bad.yaml")
+		if err := os.WriteFile(path, []byte("protocol:\n  ping_interval: soon\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		stderr, code := run(t, "run", "-c", path)
+		oneLine(t, stderr, code, path+":2", "ping_interval")
+	})
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	addr := busy.Addr().String()
+	t.Run("admin port in use", func(t *testing.T) {
+		stderr, code := run(t, "run", "-c", writeConfig(t, freePort(t), addr))
+		oneLine(t, stderr, code, "listen.admin", addr, "address already in use")
+	})
+	t.Run("public port in use", func(t *testing.T) {
+		stderr, code := run(t, "run", "-c", writeConfig(t, addr, freePort(t)))
+		oneLine(t, stderr, code, "listen.public", addr, "address already in use")
+	})
+	t.Run("status without a cluster", func(t *testing.T) {
+		stderr, code := run(t, "status", "--admin", freePort(t)) // nobody listens there
+		if code == 0 || strings.Count(stderr, "\n") != 1 {
+			t.Fatalf("status: %d %q", code, stderr)
+		}
+	})
+}
