@@ -44,6 +44,7 @@ type Conn struct {
 	opened      bool // the upgrade succeeded (OnOpen called or about to be)
 	onCloseDone bool
 	closeSet    bool
+	peerClosed  bool // the peer sent its close frame or hung up: no need to wait for it
 	pendFlush   bool // set under mu: unlockAndRun pushes a flush task
 	pendRead    bool // set under mu: unlockAndRun pushes a read task
 	closeCode   ws.StatusCode
@@ -62,6 +63,7 @@ type Conn struct {
 	// Input state. Only the read task touches it (Conn.reading serialises
 	// read tasks); finish clears it once no read task can run.
 	stash    []byte // incomplete input: HTTP head, or a frame still arriving
+	discard  bool   // closing: frames are parsed only to find the peer's close frame
 	need     int    // total size of the frame in stash, 0 while its header is incomplete
 	frag     []byte // data message being reassembled from fragments
 	fragOp   ws.OpCode
@@ -402,9 +404,16 @@ func (c *Conn) drainedLocked() {
 			c.clearDeadlineLocked()
 		}
 	case phaseClosing:
-		// Everything including the close frame is out: send FIN and wait
-		// (bounded) for the peer to hang up, so that it reads our close
-		// frame before the socket goes away instead of getting a reset.
+		if c.peerClosed {
+			// Both close frames were exchanged: the server closes the
+			// TCP connection at once (RFC 6455 §7.1.1).
+			c.phase = phaseDead
+			return
+		}
+		// Our close frame (or HTTP error) is out: send FIN and wait,
+		// bounded, for the peer's close frame or hang-up. Closing now
+		// with its data unread would reset the connection, and the peer
+		// might lose our close frame.
 		if err := unix.Shutdown(int(c.fd), unix.SHUT_WR); err != nil {
 			c.abortLocked(ws.StatusAbnormalClosure, "shutdown: "+err.Error())
 			return

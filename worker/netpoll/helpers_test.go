@@ -98,6 +98,12 @@ func (r *recorder) closeCount() int {
 	return len(r.closed)
 }
 
+func (r *recorder) closes() []closeEvent {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]closeEvent(nil), r.closed...)
+}
+
 func (r *recorder) closeOf(id uint64) (closeEvent, bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -291,4 +297,55 @@ func openFDs(t testing.TB) int {
 		t.Fatalf("read /proc/self/fd: %v", err)
 	}
 	return len(ents)
+}
+
+func socketpair() ([2]int, error) {
+	return unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+}
+
+func closeFD(fd int) { _ = unix.Close(fd) }
+
+// fileConn wraps a raw fd as a net.Conn closed at cleanup.
+func fileConn(t testing.TB, fd int) net.Conn {
+	t.Helper()
+	f := os.NewFile(uintptr(fd), "client")
+	nc, err := net.FileConn(f)
+	_ = f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = nc.Close() })
+	return nc
+}
+
+// rawUpgraded serves one end of a socketpair and upgrades it from the other
+// end with blocking syscalls only. It returns the client fd.
+func rawUpgraded(srv *Server) (int, error) {
+	fds, err := socketpair()
+	if err != nil {
+		return -1, fmt.Errorf("socketpair: %w", err)
+	}
+	if err := srv.Serve(fds[0], nil, &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 1}); err != nil {
+		closeFD(fds[1])
+		return -1, err
+	}
+	if _, err := unix.Write(fds[1], []byte(upgradeRequest("/socketcluster/", ""))); err != nil {
+		closeFD(fds[1])
+		return -1, fmt.Errorf("write upgrade: %w", err)
+	}
+	var resp []byte
+	buf := make([]byte, 512)
+	for !strings.Contains(string(resp), "\r\n\r\n") {
+		n, err := unix.Read(fds[1], buf)
+		if err != nil || n == 0 {
+			closeFD(fds[1])
+			return -1, fmt.Errorf("read upgrade response: %v", err)
+		}
+		resp = append(resp, buf[:n]...)
+	}
+	if !strings.HasPrefix(string(resp), "HTTP/1.1 101 ") {
+		closeFD(fds[1])
+		return -1, fmt.Errorf("upgrade response %q", resp)
+	}
+	return fds[1], nil
 }

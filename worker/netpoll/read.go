@@ -62,23 +62,27 @@ func (c *Conn) readTask(sc *scratch) {
 			continue
 		}
 		s.stats.bytesIn.Add(uint64(n))
-		switch ph {
-		case phaseHandshake:
+		switch {
+		case ph == phaseHandshake:
 			c.stash = append(c.stash, buf[:n]...)
 			c.handshakeInput()
-		case phaseOpen:
+		case c.opened:
+			// Open, or closing: then frames are still parsed, to find
+			// the peer's close frame, but nothing is delivered.
+			c.discard = ph != phaseOpen
 			if direct {
 				c.stash = c.stash[:len(c.stash)+n]
 				if len(c.stash) == c.need {
 					frame := c.stash
 					c.stash, c.need = nil, 0
-					c.frames(frame)
+					c.framesRest(frame)
 				}
 			} else {
 				c.input(buf[:n])
 			}
 		default:
-			// Closing: input is discarded until the peer hangs up.
+			// An HTTP error reply was sent: input is discarded until the
+			// peer hangs up.
 		}
 		if n < len(buf) {
 			// The socket is most likely empty; re-arming checks readiness,
@@ -151,7 +155,7 @@ func (c *Conn) input(p []byte) {
 		}
 		frame := c.stash
 		c.stash, c.need = nil, 0
-		if !c.frames(frame) {
+		if c.framesRest(frame) == nil && c.peerClosedOrFailed() {
 			return
 		}
 	}
@@ -173,16 +177,9 @@ func (c *Conn) input(p []byte) {
 	copy(c.stash, rest)
 }
 
-// frames handles the complete frames in p; it reports whether the
-// connection is still open.
-func (c *Conn) frames(p []byte) bool {
-	c.framesRest(p)
-	return c.isOpen()
-}
-
 // framesRest handles every complete frame at the start of p and returns the
 // bytes of the incomplete frame that follows, if any. It returns nil when it
-// stopped because the connection is closing.
+// stopped at a close frame or a protocol error.
 func (c *Conn) framesRest(p []byte) []byte {
 	for len(p) > 0 {
 		h, ok, err := parseHeader(p)
@@ -226,6 +223,13 @@ func (c *Conn) checkSize(h frameHeader) error {
 // frame handles one complete, unmasked frame; it reports whether the
 // connection is still open.
 func (c *Conn) frame(h frameHeader, payload []byte) bool {
+	if c.discard {
+		if h.op == ws.OpClose {
+			c.peerHungUp()
+			return false
+		}
+		return true
+	}
 	switch h.op {
 	case ws.OpPing:
 		c.writeControl(appendFrame(make([]byte, 0, 2+len(payload)), ws.OpPong, payload))
@@ -243,8 +247,10 @@ func (c *Conn) frame(h frameHeader, payload []byte) bool {
 			echo = closeFrame(code, "")
 		}
 		c.mu.Lock()
+		c.peerClosed = true
 		c.beginCloseLocked(code, reason, echo)
 		c.unlockAndRun()
+		c.discard = true
 		return false
 	case ws.OpText, ws.OpBinary:
 		if c.fragging {
@@ -280,11 +286,34 @@ func (c *Conn) frame(h frameHeader, payload []byte) bool {
 	}
 }
 
-// deliver hands a data message to the Handler.
+// deliver hands a data message to the Handler. If the handler closed the
+// connection, the frames after it are only parsed, not delivered.
 func (c *Conn) deliver(msg []byte) bool {
 	c.srv.stats.msgsIn.Add(1)
 	c.srv.cfg.Handler.OnMessage(c, msg)
-	return c.isOpen()
+	if !c.isOpen() {
+		c.discard = true
+	}
+	return true
+}
+
+// peerHungUp records that the peer's side of the close handshake is done
+// (its close frame came, or its input cannot be parsed any more); once our
+// own close frame is out, the fd is closed.
+func (c *Conn) peerHungUp() {
+	c.mu.Lock()
+	c.peerClosed = true
+	if c.phase == phaseDraining {
+		c.phase = phaseDead
+	}
+	c.unlockAndRun()
+}
+
+// peerClosedOrFailed reports whether input processing must stop.
+func (c *Conn) peerClosedOrFailed() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.peerClosed || c.phase >= phaseDead
 }
 
 func (c *Conn) isOpen() bool {
@@ -306,8 +335,16 @@ func (c *Conn) writeControl(frame []byte) {
 	c.unlockAndRun()
 }
 
-// fail closes the connection for a protocol violation.
+// fail closes the connection for a protocol violation. While closing, bad
+// input means the peer's close frame will not be found: stop waiting for it.
 func (c *Conn) fail(err error) {
+	// The rest of the stream cannot be framed reliably: drop what is buffered.
+	c.stash, c.need = nil, 0
+	if c.discard {
+		c.peerHungUp()
+		return
+	}
+	c.discard = true
 	code, reason := ws.StatusProtocolError, err.Error()
 	if pe, ok := err.(*protoError); ok {
 		code = pe.code
