@@ -23,17 +23,18 @@ import (
 
 // hookRequest is the JSON body a backend receives.
 type hookRequest struct {
-	Action     string          `json:"action"` // connect, subscribe, publish, rpc, transmit, authenticate, publish_out, handshake_ws
-	Client     string          `json:"client,omitempty"`
-	RemoteAddr string          `json:"remote_addr,omitempty"`
-	User       string          `json:"user,omitempty"`
-	Claims     map[string]any  `json:"claims,omitempty"`
-	Channel    string          `json:"channel,omitempty"`
-	Method     string          `json:"method,omitempty"` // invoke procedure / transmit event
-	Data       json.RawMessage `json:"data,omitempty"`
-	Token      string          `json:"token,omitempty"`
-	Origin     string          `json:"origin,omitempty"`
-	Query      string          `json:"query,omitempty"`
+	Action     string            `json:"action"` // connect, subscribe, publish, rpc, transmit, authenticate, publish_out, handshake_ws
+	Client     string            `json:"client,omitempty"`
+	RemoteAddr string            `json:"remote_addr,omitempty"`
+	User       string            `json:"user,omitempty"`
+	Claims     map[string]any    `json:"claims,omitempty"`
+	Channel    string            `json:"channel,omitempty"`
+	Method     string            `json:"method,omitempty"` // invoke procedure / transmit event
+	Data       json.RawMessage   `json:"data,omitempty"`
+	Token      string            `json:"token,omitempty"`
+	Origin     string            `json:"origin,omitempty"`
+	Query      string            `json:"query,omitempty"`
+	Headers    map[string]string `json:"headers,omitempty"` // forward_headers present in the upgrade request
 }
 
 // hookReply is what a backend answers: result to allow (optionally with
@@ -65,6 +66,7 @@ type hookRule struct {
 	url      string
 	timeout  time.Duration
 	headers  map[string]string
+	forward  []string  // upgrade request headers passed to the backend
 	channels []pattern // only these channels go to the backend (empty: all)
 	methods  []string  // rpc: only these procedures ("x*" = prefix); empty: all
 	rpc      bool      // the reply answers the invoke
@@ -95,7 +97,7 @@ func buildHook(b *builder, v any) (rule, []Action) {
 			r.channels = append(r.channels, p)
 		}
 	}
-	o.finish("url", "timeout", "headers", "actions", "channels", "error")
+	o.finish("url", "timeout", "headers", "forward_headers", "actions", "channels", "error")
 	return r, acts
 }
 
@@ -112,7 +114,7 @@ func buildRPC(b *builder, v any) (rule, []Action) {
 	if ml, ok := o.strList("procedures"); ok {
 		r.methods = ml
 	}
-	o.finish("url", "timeout", "headers", "procedures", "error")
+	o.finish("url", "timeout", "headers", "forward_headers", "procedures", "error")
 	return r, []Action{Invoke}
 }
 
@@ -151,6 +153,11 @@ func readHookCommon(b *builder, v any, defTimeout time.Duration) (*hookRule, *op
 				continue
 			}
 			r.headers[k] = s
+		}
+	}
+	if fh, ok := o.strList("forward_headers"); ok {
+		for _, h := range fh {
+			r.forward = append(r.forward, http.CanonicalHeaderKey(h))
 		}
 	}
 	r.failErr = readErrSpec(o, r.failErr)
@@ -252,6 +259,14 @@ func (r *hookRule) post(ctx context.Context, c *Chain, in *Input) (*hookReply, e
 	}
 	if ip := in.ip(); ip.IsValid() {
 		req.RemoteAddr = ip.Unmap().String()
+	}
+	for _, h := range r.forward {
+		if v := in.Header.Get(h); v != "" {
+			if req.Headers == nil {
+				req.Headers = map[string]string{}
+			}
+			req.Headers[h] = v
+		}
 	}
 	if s := in.Socket; s != nil {
 		req.Client, req.User, req.Claims = s.ID, s.UserID, s.Claims

@@ -220,13 +220,14 @@ func TestHookConnect(t *testing.T) {
 			reply(w, `{}`)
 		}
 	})
-	c := load(t, fmt.Sprintf("middleware:\n  handshake:\n    - hook: {url: %q}\n", be.URL), Options{})
-	d := c.Decide(context.Background(), &Input{Action: HandshakeSC, Socket: anon("s", "10.0.0.1")})
+	c := load(t, fmt.Sprintf("middleware:\n  handshake:\n    - hook: {url: %q, forward_headers: [cookie]}\n", be.URL), Options{})
+	hdr := http.Header{"Cookie": {"session=abc"}, "X-Other": {"no"}}
+	d := c.Decide(context.Background(), &Input{Action: HandshakeSC, Socket: anon("s", "10.0.0.1"), Header: hdr})
 	if d.Verdict != Allow || d.Identity == nil || d.Identity.UserID != "guest-1" || d.Identity.Token != "signed.jwt.here" || d.Identity.Claims["guest"] != true {
 		t.Fatalf("%+v", d)
 	}
-	if req, _ := be.last(); req.Action != "connect" {
-		t.Fatalf("action %q", req.Action)
+	if req, _ := be.last(); req.Action != "connect" || len(req.Headers) != 1 || req.Headers["Cookie"] != "session=abc" {
+		t.Fatalf("backend saw %+v", req)
 	}
 	d = c.Decide(context.Background(), &Input{Action: HandshakeSC, Socket: anon("s", "10.6.6.6")})
 	if d.Verdict != Deny || d.CloseCode != 4503 {
