@@ -146,6 +146,12 @@ const testKey = "test-secret"
 
 func newEnv(t *testing.T, mod func(*configs.Protocol)) *testEnv {
 	t.Helper()
+	return newEnvWith(t, mod, func(dst, p []byte) []byte { return append(dst, p...) }, errFakeFull)
+}
+
+// newEnvWith builds an engine with a loopback broker and the given framing.
+func newEnvWith(t *testing.T, mod func(*configs.Protocol), frame func(dst, p []byte) []byte, full error) *testEnv {
+	t.Helper()
 	p := configs.Default().Protocol
 	if mod != nil {
 		mod(&p)
@@ -161,8 +167,8 @@ func newEnv(t *testing.T, mod func(*configs.Protocol)) *testEnv {
 		Protocol:     p,
 		Keys:         keys,
 		Broker:       b,
-		Frame:        func(dst, p []byte) []byte { return append(dst, p...) },
-		ErrQueueFull: errFakeFull,
+		Frame:        frame,
+		ErrQueueFull: full,
 		Now:          clock.now,
 	})
 	if err != nil {

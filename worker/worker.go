@@ -1,42 +1,423 @@
-// Package worker is the worker process role. STUB: replaced by the owner of this package.
+// Package worker is the worker process role: it owns client WebSocket
+// connections and speaks the SocketCluster protocol on them.
+//
+// Pieces: Engine (engine.go, session.go) runs the protocol for every
+// session; Hub (hub.go) maps channels to local sessions and keeps the
+// worker's broker interest in step; Child (this file) wires them to the
+// transport (worker/netpoll: epoll, no goroutine per idle connection), to
+// the sockets the balancer hands connections over (handoff: fds; proxy:
+// PROXY v2 streams from the TLS terminator) and to the broker tier
+// (brokerclient).
 package worker
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"syscall"
 	"time"
 
+	"github.com/gobwas/ws"
 	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
 
+	"github.com/shoalhq/shoal/auth"
+	"github.com/shoalhq/shoal/brokerclient"
+	"github.com/shoalhq/shoal/configs"
+	"github.com/shoalhq/shoal/handoff"
 	"github.com/shoalhq/shoal/internal/procstat"
 	"github.com/shoalhq/shoal/proto/control"
+	"github.com/shoalhq/shoal/proxyproto"
+	"github.com/shoalhq/shoal/worker/netpoll"
 )
+
+// proxyHeaderTimeout bounds how long a proxied stream may take to send its
+// PROXY v2 header.
+const proxyHeaderTimeout = 5 * time.Second
 
 // Child is the worker's control-plane implementation.
 type Child struct {
 	log hclog.Logger
+
+	mu      sync.Mutex // guards the fields below
+	started bool
+	stopped bool
+	state   string
+	name    string
+	cfg     configs.Config
+	eng     *Engine
+	srv     *netpoll.Server
+	bc      *brokerclient.Client
+	hand    *handoff.Listener
+	proxy   *net.UnixListener
+	topoVer int64
+
+	loops    sync.WaitGroup // accept loops and PROXY header readers
+	refused  atomic.Int64   // sockets refused at max_connections
+	badProxy atomic.Int64   // proxied streams refused (no/bad header)
 }
 
 var _ control.Child = (*Child)(nil)
 
 // New returns the worker role, ready to be served by control.Serve.
-func New(log hclog.Logger) *Child { return &Child{log: log} }
+func New(log hclog.Logger) *Child {
+	if log == nil {
+		log = hclog.NewNullLogger()
+	}
+	return &Child{log: log, state: control.StateStarting}
+}
 
+// wsHandler connects netpoll's callbacks to the engine.
+type wsHandler struct{ e *Engine }
+
+func (h wsHandler) OnOpen(c *netpoll.Conn) { c.SetData(h.e.Open(c)) }
+
+func (h wsHandler) OnMessage(c *netpoll.Conn, p []byte) {
+	if s, ok := c.Data().(*Session); ok {
+		h.e.Message(s, p)
+	}
+}
+
+func (h wsHandler) OnClose(c *netpoll.Conn, code ws.StatusCode, reason string) {
+	if s, ok := c.Data().(*Session); ok {
+		h.e.Closed(s, code, reason)
+	}
+}
+
+// Start decodes the config, starts the engine, the WebSocket server, the
+// broker client and the two listeners, and returns their addresses.
 func (c *Child) Start(ctx context.Context, p control.StartParams) (control.StartResult, error) {
-	return control.StartResult{Addrs: map[string]string{}}, nil
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.started {
+		return control.StartResult{}, errors.New("worker: Start called twice")
+	}
+	cfg := configs.Default()
+	if len(p.Config) > 0 {
+		if err := json.Unmarshal(p.Config, &cfg); err != nil {
+			return control.StartResult{}, fmt.Errorf("worker %s: decoding config: %w", p.Name, err)
+		}
+	}
+	if cfg.Worker.GoMaxProcs > 0 {
+		runtime.GOMAXPROCS(cfg.Worker.GoMaxProcs)
+	}
+	c.name, c.cfg = p.Name, cfg
+	log := c.log
+
+	keys, err := auth.New(cfg.Auth.JWT, os.Getenv)
+	if err != nil {
+		return control.StartResult{}, fmt.Errorf("worker %s: loading auth keys: %w", p.Name, err)
+	}
+	if !keys.Enabled() {
+		log.Warn("auth: no key configured, every client token will be refused", "reason", keys.Missing())
+	}
+
+	var eng *Engine
+	bc := brokerclient.New(brokerclient.Options{
+		Name: p.Name,
+		// Deliveries start only after a Subscribe, which needs eng.
+		OnMessage: func(channel string, data []byte, offset uint64) { eng.Deliver(channel, data, offset) },
+		Logger:    log.Named("brokerclient"),
+	})
+	eng, err = NewEngine(EngineConfig{
+		Name:         p.Name,
+		Protocol:     cfg.Protocol,
+		Keys:         keys,
+		Broker:       bc,
+		Frame:        netpoll.AppendTextFrame,
+		ErrQueueFull: netpoll.ErrQueueFull,
+		Logger:       log.Named("sc"),
+	})
+	if err != nil {
+		bc.Close()
+		return control.StartResult{}, fmt.Errorf("worker %s: %w", p.Name, err)
+	}
+	srv, err := netpoll.New(netpoll.Config{
+		Path:           cfg.Listen.Path,
+		Origins:        cfg.Protocol.Origins,
+		MaxPayload:     int64(cfg.Protocol.MaxPayload),
+		SendQueueBytes: int(cfg.Worker.SendQueue),
+		SendQueueMsgs:  cfg.Worker.SendQueueMsgs,
+		WriteTimeout:   cfg.Worker.WriteTimeout.D(),
+		HTTP:           c.httpHandler(p.Name),
+		Handler:        wsHandler{eng},
+		Logger:         log.Named("netpoll"),
+	})
+	if err != nil {
+		eng.Close()
+		bc.Close()
+		return control.StartResult{}, fmt.Errorf("worker %s: starting WebSocket server: %w", p.Name, err)
+	}
+	c.eng, c.srv, c.bc = eng, srv, bc
+	c.setBrokersLocked(p.Topology)
+
+	handPath := filepath.Join(p.RunDir, p.Name+".sock")
+	hand, err := handoff.Listen(handPath)
+	if err != nil {
+		c.teardownLocked(ctx)
+		return control.StartResult{}, fmt.Errorf("worker %s: listening for handed-over connections: %w", p.Name, err)
+	}
+	c.hand = hand
+	proxyPath := filepath.Join(p.RunDir, p.Name+".proxy.sock")
+	_ = os.Remove(proxyPath) // a stale socket of a crashed predecessor
+	pl, err := net.ListenUnix("unix", &net.UnixAddr{Name: proxyPath, Net: "unix"})
+	if err != nil {
+		c.teardownLocked(ctx)
+		return control.StartResult{}, fmt.Errorf("worker %s: listening for proxied streams: %w", p.Name, err)
+	}
+	if err := os.Chmod(proxyPath, 0o600); err != nil {
+		_ = pl.Close()
+		c.teardownLocked(ctx)
+		return control.StartResult{}, fmt.Errorf("worker %s: chmod %s: %w", p.Name, proxyPath, err)
+	}
+	c.proxy = pl
+	c.loops.Add(2)
+	go c.acceptHandoff(hand)
+	go c.acceptProxy(pl)
+
+	c.started = true
+	c.state = control.StateReady
+	log.Info("worker started", "handoff", handPath, "proxy", proxyPath, "path", cfg.Listen.Path,
+		"protocol", cfg.Protocol.Version, "gomaxprocs", runtime.GOMAXPROCS(0))
+	return control.StartResult{Addrs: map[string]string{
+		control.AddrHandoff: handPath,
+		control.AddrProxy:   proxyPath,
+	}}, nil
+}
+
+func (c *Child) httpHandler(name string) http.Handler {
+	mux := http.NewServeMux()
+	body, _ := json.Marshal(map[string]string{"status": "ok", "worker": name})
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = w.Write(body)
+	})
+	return mux
+}
+
+// serve hands an accepted socket to netpoll unless the worker is full.
+func (c *Child) serve(fd int, prebuf []byte, remote net.Addr) {
+	if max := c.cfg.Worker.MaxConnections; max > 0 && c.srv.Len() >= max {
+		c.refused.Add(1)
+		_ = unix.Close(fd)
+		return
+	}
+	if err := c.srv.Serve(fd, prebuf, remote); err != nil && !errors.Is(err, netpoll.ErrServerClosed) {
+		c.log.Warn("serving handed-over socket", "error", err)
+	}
+}
+
+// acceptHandoff serves the fds the balancer passes; it ends when the
+// listener is closed.
+func (c *Child) acceptHandoff(l *handoff.Listener) {
+	defer c.loops.Done()
+	for {
+		fd, prebuf, err := l.Accept()
+		if err != nil {
+			if !errors.Is(err, net.ErrClosed) {
+				c.log.Error("handoff accept failed; no more handed-over connections", "error", err)
+			}
+			return
+		}
+		c.serve(fd, prebuf, nil)
+	}
+}
+
+// acceptProxy accepts streams from the TLS terminator. Each must start with
+// a PROXY v2 header carrying the client's address; streams without one are
+// refused.
+func (c *Child) acceptProxy(l *net.UnixListener) {
+	defer c.loops.Done()
+	for {
+		conn, err := l.AcceptUnix()
+		if err != nil {
+			if !errors.Is(err, net.ErrClosed) {
+				c.log.Error("proxy accept failed; no more proxied connections", "error", err)
+			}
+			return
+		}
+		// The header read is bounded by a deadline, so this goroutine is
+		// short-lived; it keeps a slow proxy from stalling accepts.
+		c.loops.Add(1)
+		go func() {
+			defer c.loops.Done()
+			c.proxied(conn)
+		}()
+	}
+}
+
+func (c *Child) proxied(conn *net.UnixConn) {
+	defer conn.Close()
+	_ = conn.SetReadDeadline(time.Now().Add(proxyHeaderTimeout))
+	h, err := proxyproto.ReadHeader(conn)
+	if err != nil {
+		c.badProxy.Add(1)
+		c.log.Warn("refusing proxied stream without a valid PROXY v2 header", "error", err)
+		return
+	}
+	_ = conn.SetReadDeadline(time.Time{})
+	// netpoll takes an fd it owns: duplicate ours (the conn closes its own).
+	fd, err := dupFD(conn)
+	if err != nil {
+		c.log.Warn("proxied stream: duplicating fd", "error", err)
+		return
+	}
+	var remote net.Addr
+	if !h.Local && h.Src != nil {
+		remote = h.Src
+	}
+	c.serve(fd, nil, remote)
+}
+
+// dupFD returns a close-on-exec duplicate of a connection's descriptor,
+// leaving the connection's own descriptor (and its blocking mode) alone.
+func dupFD(conn syscall.Conn) (int, error) {
+	raw, err := conn.SyscallConn()
+	if err != nil {
+		return -1, fmt.Errorf("raw conn: %w", err)
+	}
+	fd := -1
+	var dupErr error
+	if err := raw.Control(func(s uintptr) { fd, dupErr = unix.FcntlInt(s, unix.F_DUPFD_CLOEXEC, 0) }); err != nil {
+		return -1, fmt.Errorf("raw conn control: %w", err)
+	}
+	if dupErr != nil {
+		return -1, fmt.Errorf("dup: %w", dupErr)
+	}
+	return fd, nil
+}
+
+// setBrokersLocked gives the broker client the ready brokers of t.
+func (c *Child) setBrokersLocked(t control.Topology) {
+	if c.bc == nil || (t.Version != 0 && t.Version < c.topoVer) {
+		return
+	}
+	c.topoVer = t.Version
+	var eps []brokerclient.Endpoint
+	for _, p := range t.ByRole(control.RoleBroker) {
+		if p.State != control.StateReady || p.Addrs[control.AddrLink] == "" {
+			continue
+		}
+		eps = append(eps, brokerclient.Endpoint{Name: p.Name, Addr: p.Addrs[control.AddrLink]})
+	}
+	c.bc.SetBrokers(eps)
+}
+
+// SetTopology moves the worker's broker links to the ready brokers.
+func (c *Child) SetTopology(ctx context.Context, t control.Topology) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.setBrokersLocked(t)
+	return nil
 }
 
 func (c *Child) Health(ctx context.Context) (control.Health, error) {
-	return control.Health{State: control.StateReady}, nil
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return control.Health{State: c.state}, nil
 }
 
 func (c *Child) Stats(ctx context.Context) (control.Stats, error) {
 	var st control.Stats
 	procstat.Fill(&st)
+	c.mu.Lock()
+	eng, srv := c.eng, c.srv
+	c.mu.Unlock()
+	if eng == nil {
+		return st, nil
+	}
+	es := eng.Stats()
+	st.Connections = es.Connections
+	st.MessagesIn, st.MessagesOut = es.MessagesIn, es.MessagesOut
+	st.BytesIn, st.BytesOut = es.BytesIn, es.BytesOut
+	st.Counters = es.Counters
+	ns := srv.Stats()
+	// The transport's byte counts include framing and HTTP: the truth on
+	// the wire.
+	st.BytesIn, st.BytesOut = int64(ns.BytesIn), int64(ns.BytesOut)
+	st.Counters["ws_upgraded"] = int64(ns.Upgraded)
+	st.Counters["ws_rejected"] = int64(ns.Rejected)
+	st.Counters["ws_queue_full"] = int64(ns.QueueFull)
+	st.Counters["ws_timeouts"] = int64(ns.Timeouts)
+	st.Counters["ws_protocol_errors"] = int64(ns.ProtoErrors)
+	st.Counters["http_requests"] = int64(ns.HTTP)
+	st.Counters["refused_max_connections"] = c.refused.Load()
+	st.Counters["proxy_refused"] = c.badProxy.Load()
 	return st, nil
 }
 
-func (c *Child) SetTopology(ctx context.Context, t control.Topology) error { return nil }
+// Drain stops accepting and closes every connection with 1001 (clients
+// reconnect to another worker), waiting at most timeout.
+func (c *Child) Drain(ctx context.Context, timeout time.Duration) error {
+	c.mu.Lock()
+	if !c.started || c.stopped {
+		c.mu.Unlock()
+		return nil
+	}
+	c.state = control.StateDraining
+	c.closeListenersLocked()
+	srv := c.srv
+	// Health and Stats keep answering while connections close.
+	c.mu.Unlock()
+	if timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, timeout)
+		defer cancel()
+	}
+	if err := srv.Shutdown(ctx, CodeGoingAway, "Worker is draining"); err != nil {
+		return fmt.Errorf("worker %s: draining: %w", c.name, err)
+	}
+	return nil
+}
 
-func (c *Child) Drain(ctx context.Context, timeout time.Duration) error { return nil }
+// Stop shuts everything down. Idempotent.
+func (c *Child) Stop(ctx context.Context) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.started || c.stopped {
+		return nil
+	}
+	c.stopped = true
+	c.state = control.StateDead
+	return c.teardownLocked(ctx)
+}
 
-func (c *Child) Stop(ctx context.Context) error { return nil }
+func (c *Child) closeListenersLocked() {
+	if c.hand != nil {
+		if err := c.hand.Close(); err != nil {
+			c.log.Warn("closing handoff listener", "error", err)
+		}
+	}
+	if c.proxy != nil {
+		_ = c.proxy.Close()
+	}
+}
+
+// teardownLocked stops listeners, the WebSocket server, the engine and the
+// broker client, in that order (connections first, so their sessions leave
+// the hub before the broker client goes away).
+func (c *Child) teardownLocked(ctx context.Context) error {
+	c.closeListenersLocked()
+	c.loops.Wait()
+	var err error
+	if c.srv != nil {
+		if e := c.srv.Shutdown(ctx, CodeGoingAway, "Worker is stopping"); e != nil {
+			err = fmt.Errorf("worker %s: stopping WebSocket server: %w", c.name, e)
+		}
+	}
+	if c.eng != nil {
+		c.eng.Close()
+	}
+	if c.bc != nil {
+		c.bc.Close()
+	}
+	return err
+}
