@@ -1,0 +1,181 @@
+package worker
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/gobwas/ws"
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/shoalhq/shoal/configs"
+	"github.com/shoalhq/shoal/handoff"
+	"github.com/shoalhq/shoal/proto/control"
+	"github.com/shoalhq/shoal/proxyproto"
+)
+
+// startChild starts a worker Child in a temp run dir and a stand-in
+// balancer on 127.0.0.1 that hands every accepted connection over.
+func startChild(t *testing.T, mod func(*configs.Config)) (*Child, control.StartResult, string) {
+	t.Helper()
+	cfg := configs.Default()
+	cfg.Worker.GoMaxProcs = 0 // leave the test binary's scheduler alone
+	if mod != nil {
+		mod(&cfg)
+	}
+	js, err := json.Marshal(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := New(hclog.NewNullLogger())
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	res, err := c.Start(ctx, control.StartParams{Role: control.RoleWorker, Name: "worker-1", Index: 1, Config: js, RunDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := c.Stop(ctx); err != nil {
+			t.Errorf("stop: %v", err)
+		}
+	})
+
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	snd, err := handoff.Dial(res.Addrs[control.AddrHandoff])
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			if err := snd.SendConn(conn.(*net.TCPConn), nil); err != nil {
+				t.Errorf("handoff: %v", err)
+			}
+			conn.Close()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		wg.Wait()
+		snd.Close()
+	})
+	return c, res, ln.Addr().String()
+}
+
+func TestChildHandoffHealthAndDrain(t *testing.T) {
+	c, res, addr := startChild(t, nil)
+	if !strings.HasSuffix(res.Addrs[control.AddrHandoff], "/worker-1.sock") || !strings.HasSuffix(res.Addrs[control.AddrProxy], "/worker-1.proxy.sock") {
+		t.Fatalf("addrs %v", res.Addrs)
+	}
+	resp, err := (&http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}).Get("http://" + addr + "/healthz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || string(body) != `{"status":"ok","worker":"worker-1"}` {
+		t.Fatalf("healthz: %d %s", resp.StatusCode, body)
+	}
+
+	cl := dialWS(t, addr)
+	cl.handshake("")
+	cl.send(`{"event":"#subscribe","data":{"channel":"a"},"cid":2}`)
+	if r := cl.recvData(); r != `{"rid":2}` {
+		t.Fatalf("subscribe %s", r)
+	}
+	ctx := context.Background()
+	st, err := c.Stats(ctx)
+	if err != nil || st.Connections != 1 || st.Counters["subscriptions"] != 1 {
+		t.Fatalf("stats %+v %v", st, err)
+	}
+	// No broker is known yet: a publish invoke fails with an error, not silence.
+	cl.send(`{"event":"#publish","data":{"channel":"a","data":1},"cid":3}`)
+	if r := cl.recvData(); !strings.HasPrefix(r, `{"rid":3,"error":{"message":"Failed to publish: `) {
+		t.Fatalf("publish without brokers: %s", r)
+	}
+
+	drained := make(chan error, 1)
+	go func() { drained <- c.Drain(ctx, 5*time.Second) }()
+	cl.expectClose(CodeGoingAway)
+	if err := <-drained; err != nil {
+		t.Fatal(err)
+	}
+	if h, _ := c.Health(ctx); h.State != control.StateDraining {
+		t.Fatalf("health %v", h)
+	}
+}
+
+func TestChildProxySocket(t *testing.T) {
+	c, res, _ := startChild(t, nil)
+	path := res.Addrs[control.AddrProxy]
+	src := &net.TCPAddr{IP: net.IPv4(203, 0, 113, 7), Port: 40000}
+	dst := &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 8443}
+	d := ws.Dialer{NetDial: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		conn, err := net.Dial("unix", path)
+		if err != nil {
+			return nil, err
+		}
+		if _, err := conn.Write(proxyproto.Encode(src, dst)); err != nil {
+			conn.Close()
+			return nil, err
+		}
+		return conn, nil
+	}}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	conn, _, _, err := d.Dial(ctx, "ws://127.0.0.1/socketcluster/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	cl := &wsClient{t: t, c: conn}
+	r := cl.handshake("")
+	var hs struct{ Data struct{ ID string } }
+	if err := json.Unmarshal([]byte(r), &hs); err != nil {
+		t.Fatal(err)
+	}
+	s := c.eng.Session(hs.Data.ID)
+	if s == nil || s.Conn().RemoteAddr().String() != src.String() {
+		t.Fatalf("remote address not taken from the PROXY header: %v", s)
+	}
+
+	// A stream without a header is refused.
+	raw, err := net.Dial("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	if _, err := raw.Write([]byte("GET /socketcluster/ HTTP/1.1\r\nHost: x\r\n\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	_ = raw.SetReadDeadline(time.Now().Add(5 * time.Second))
+	// Closed unanswered: EOF, or a reset because our request was unread.
+	line, err := bufio.NewReader(raw).ReadString('\n')
+	var ne net.Error
+	if line != "" || err == nil || (errors.As(err, &ne) && ne.Timeout()) {
+		t.Fatalf("headerless stream answered %q, %v", line, err)
+	}
+	waitFor(t, 2*time.Second, "refusal counted", func() bool {
+		st, _ := c.Stats(context.Background())
+		return st.Counters["proxy_refused"] == 1
+	})
+}
