@@ -26,6 +26,17 @@ const FILE_DEADLINE_MS = Number(process.env.SHOAL_COMPAT_FILE_DEADLINE_MS || 200
 
 // ---------------------------------------------------------------- utilities
 
+// Strictly increasing time stamps (ms, fractional when several fall in one
+// ms): frames, client events and test marks share this clock, so "since a
+// mark" never includes what happened before it.
+let lastStamp = 0;
+function stamp() {
+  let n = Date.now();
+  if (n <= lastStamp) n = lastStamp + 0.001;
+  lastStamp = n;
+  return n;
+}
+
 function fatal(msg) { const e = new Error(msg); e.fatal = true; return e; }
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
@@ -105,7 +116,7 @@ function record(ws, dir, data, binary) {
   else if (data instanceof ArrayBuffer) text = Buffer.from(data).toString('utf8');
   else if (Array.isArray(data)) text = Buffer.concat(data).toString('utf8');
   else text = String(data);
-  frames.push({t: Date.now(), ws: wsId(ws), dir, binary: !!binary, len: text.length, text});
+  frames.push({t: stamp(), ws: wsId(ws), dir, binary: !!binary, len: text.length, text});
   if (frames.length > MAX_FRAMES) frames.splice(0, frames.length - MAX_FRAMES);
 }
 
@@ -125,7 +136,7 @@ WebSocket.prototype.emit = function (ev, ...args) {
 };
 
 const tap = {
-  mark() { return frames.length ? frames[frames.length - 1].t : 0; },
+  mark: stamp,
   // Frames of one ws (or all) since a time, optionally filtered.
   of(ws, {since = 0, dir} = {}) {
     const id = ws ? wsId(ws) : null;
@@ -205,6 +216,7 @@ protocol:
   handshake_timeout: ${o.handshakeTimeout}ms
   max_payload: ${o.maxPayload}
   allow_client_publish: ${o.allowClientPublish ? 'true' : 'false'}
+  socket_channel_limit: ${o.socketChannelLimit}
 auth:
   jwt:
     algorithms: [HS256]
@@ -289,7 +301,8 @@ class Target {
         pingInterval: o.pingInterval,
         pingTimeout: o.pingTimeout,
         handshakeTimeout: o.handshakeTimeout,
-        protocolVersion: o.protocolVersion
+        protocolVersion: o.protocolVersion,
+        socketChannelLimit: o.socketChannelLimit
       });
     } else {
       const bin = process.env.SHOAL_BIN;
@@ -411,6 +424,7 @@ const DEFAULTS = {
   handshakeTimeout: 2000,
   maxPayload: 1024 * 1024,
   allowClientPublish: true,
+  socketChannelLimit: 1000,
   logLevel: 'info',
   startTimeout: 20000
 };
@@ -445,7 +459,7 @@ class Client {
     for (const name of EVENTS) {
       (async () => {
         for await (const data of this.socket.listener(name)) {
-          this.events.push({name, data, t: Date.now()});
+          this.events.push({name, data, t: stamp()});
         }
       })();
     }
@@ -516,8 +530,8 @@ class RawSocket {
     this.messages = [];
     this.closeInfo = null;
     this.ws = new WebSocket(`ws://${target.host}:${target.port}${p}`, [], {headers, maxPayload: 64 * 1024 * 1024});
-    this.ws.on('message', (data, isBinary) => this.messages.push({t: Date.now(), text: isBinary ? null : data.toString('utf8'), binary: isBinary, data}));
-    this.ws.on('close', (code, reason) => { this.closeInfo = {code, reason: reason.toString(), t: Date.now()}; });
+    this.ws.on('message', (data, isBinary) => this.messages.push({t: stamp(), text: isBinary ? null : data.toString('utf8'), binary: isBinary, data}));
+    this.ws.on('close', (code, reason) => { this.closeInfo = {code, reason: reason.toString(), t: stamp()}; });
     this.ws.on('error', (err) => { this.error = err; });
     this.ws.on('unexpected-response', (req, res) => { this.httpStatus = res.statusCode; res.resume(); this.closeInfo = {code: null, http: res.statusCode, t: Date.now()}; });
     openClients.add(this);
@@ -605,7 +619,7 @@ const state = {failures: 0};
 
 function wrap(target, fn) {
   return async (t) => {
-    const since = Date.now();
+    const since = stamp();
     try {
       await fn(t);
     } catch (e) {
@@ -614,7 +628,14 @@ function wrap(target, fn) {
       let extra = `\n--- frames seen by this test (client side; > sent, < received) ---\n${tap.dump(tap.since(since), 60)}`;
       if (tgt && state.failures <= 3) extra += `\n${tgt.logTail(40)}`;
       if (e && typeof e === 'object') {
-        try { e.message = `${e.message}${extra}`; } catch (_) {}
+        // The reporter prints the stack (built when the error was made), so
+        // put the diagnostics into both.
+        const orig = String(e.message);
+        try { e.message = `${orig}${extra}`; } catch (_) {}
+        try {
+          const st = String(e.stack || '');
+          e.stack = st.includes(orig) ? st.replace(orig, `${orig}${extra}`) : `${st}${extra}`;
+        } catch (_) {}
       }
       throw e;
     } finally {
@@ -625,7 +646,7 @@ function wrap(target, fn) {
 
 module.exports = {
   TARGET, IS_REFERENCE, CLUSTER_ONLY, AUTH_KEY, AUTH_KEY_ENV,
-  sleep, waitFor, short, freePort,
+  sleep, waitFor, short, freePort, stamp,
   tap, signToken, nowSec,
   startTarget, normaliseProcesses,
   connect, Client, rawSocket, RawSocket, closeAll,

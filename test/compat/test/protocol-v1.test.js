@@ -26,7 +26,7 @@ describe(`protocol v1 against ${h.TARGET}`, {timeout: 120000}, () => {
     const c = await connect(target, {protocolVersion: 1});
     const id = c.socket.id;
     const ws = c.ws;
-    const t0 = Date.now();
+    const t0 = h.stamp();
     await sleep(7000); // observation window: 2 × 3 s + 1 s
     assert.equal(c.socket.state, 'open', c.eventSummary());
     assert.equal(c.socket.id, id);

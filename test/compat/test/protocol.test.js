@@ -24,7 +24,7 @@ function publishFramesFor(list, channel) {
 
 describe(`socketcluster-client@20 against ${h.TARGET}`, {timeout: 200000}, () => {
   before(async () => {
-    target = await h.startTarget({name: 'main'});
+    target = await h.startTarget({name: 'main', socketChannelLimit: 50});
     console.log(`# ${target.kind} target ready in ${target.readyAfterMs} ms on ${target.url}`);
   });
 
@@ -56,7 +56,7 @@ describe(`socketcluster-client@20 against ${h.TARGET}`, {timeout: 200000}, () =>
 
   // §2 handshake.
   it('handshake: socket.id set, state open, unauthenticated, pingTimeout from the server', tc(async () => {
-    const since = Date.now();
+    const since = h.stamp();
     const c = await connect(target);
     const status = await c.waitEvent('connect');
     assert.equal(typeof c.socket.id, 'string');
@@ -86,7 +86,7 @@ describe(`socketcluster-client@20 against ${h.TARGET}`, {timeout: 200000}, () =>
     const c = await connect(target);
     const id = c.socket.id;
     const ws = c.ws;
-    const t0 = Date.now();
+    const t0 = h.stamp();
     await sleep(7000); // observation window, not synchronisation: 2 × 3 s + 1 s
     assert.equal(c.socket.state, 'open', `events: ${c.eventSummary()}`);
     assert.equal(c.socket.id, id, 'same session (no reconnect)');
@@ -103,7 +103,7 @@ describe(`socketcluster-client@20 against ${h.TARGET}`, {timeout: 200000}, () =>
   // §4 event layer.
   it('invoke of an unknown procedure gets an error response (not a timeout) naming it', tc(async () => {
     const c = await connect(target);
-    const t0 = Date.now();
+    const t0 = h.stamp();
     const err = await c.socket.invoke('noSuchProcedure', {a: 1}, {ackTimeout: 6000}).then(
       (v) => assert.fail(`resolved with ${short(v)}`), (e) => e);
     assert.ok(err instanceof Error, `rejected with an Error: ${short(err)}`);
@@ -118,7 +118,7 @@ describe(`socketcluster-client@20 against ${h.TARGET}`, {timeout: 200000}, () =>
   it('transmit of an unknown event is accepted silently; the socket keeps working', tc(async () => {
     const c = await connect(target);
     const ws = c.ws;
-    const t0 = Date.now();
+    const t0 = h.stamp();
     c.socket.transmit('someEvent', {x: 1});
     c.socket.transmit('other', 'string data');
     c.socket.transmit('noData');
@@ -182,7 +182,7 @@ describe(`socketcluster-client@20 against ${h.TARGET}`, {timeout: 200000}, () =>
     const eb = await b.subscribe(ch);
     await pub.socket.invokePublish(ch, 'before');
     await waitFor(() => ea.messages.length === 1 && eb.messages.length === 1, {what: 'both got "before"'});
-    const t0 = Date.now();
+    const t0 = h.stamp();
     a.socket.unsubscribe(ch);
     // The client sends a transmit with the bare channel name (§5).
     const unsubFrame = tap.of(a.ws, {since: t0, dir: '>'}).find((f) => f.text.includes('#unsubscribe'));
@@ -190,7 +190,7 @@ describe(`socketcluster-client@20 against ${h.TARGET}`, {timeout: 200000}, () =>
     assert.deepEqual(JSON.parse(unsubFrame.text), {event: '#unsubscribe', data: ch});
     // A round trip on the same socket after the unsubscribe: the worker has processed it.
     await a.subscribe(chan('barrier'));
-    const t1 = Date.now();
+    const t1 = h.stamp();
     for (let i = 0; i < 5; i++) await pub.socket.invokePublish(ch, `after-${i}`);
     await waitFor(() => eb.messages.includes('after-4'), {what: 'control subscriber got every "after" message'});
     await sleep(300); // observation window for stray deliveries
@@ -203,7 +203,7 @@ describe(`socketcluster-client@20 against ${h.TARGET}`, {timeout: 200000}, () =>
     const ch = chan('shape');
     const c = await connect(target);
     await c.subscribe(ch);
-    const t0 = Date.now();
+    const t0 = h.stamp();
     await c.socket.invokePublish(ch, {k: 'v'});
     const f = await waitFor(() => publishFramesFor(tap.of(c.ws, {since: t0}), ch)[0], {what: '#publish frame'});
     const pkt = JSON.parse(f.text);
@@ -214,7 +214,7 @@ describe(`socketcluster-client@20 against ${h.TARGET}`, {timeout: 200000}, () =>
   it('invokePublish is acked (with no subscription needed); transmitPublish is accepted', tc(async () => {
     const ch = chan('ack');
     const c = await connect(target);
-    const t0 = Date.now();
+    const t0 = h.stamp();
     await c.socket.invokePublish(ch, {hello: 'world'}); // resolves on the ack, rejects on an error response
     const resp = tap.of(c.ws, {since: t0, dir: '<'}).find((f) => /"rid"/.test(f.text));
     assert.ok(resp, 'a response frame arrived');
@@ -227,7 +227,7 @@ describe(`socketcluster-client@20 against ${h.TARGET}`, {timeout: 200000}, () =>
 
   it('subscribe with data and waitForAuth fields set (after auth) is answered', tc(async () => {
     const c = await connect(target);
-    const t0 = Date.now();
+    const t0 = h.stamp();
     await c.subscribe(chan('with-data'), {data: {z: 1}});
     const f = tap.of(c.ws, {since: t0, dir: '>'}).find((x) => x.text.includes('#subscribe'));
     assert.deepEqual(JSON.parse(f.text).data.data, {z: 1});
@@ -239,7 +239,7 @@ describe(`socketcluster-client@20 against ${h.TARGET}`, {timeout: 200000}, () =>
       const token = signToken({sub: 'alice', exp: nowSec() + 3600});
       const c = await connect(target, {autoConnect: false}, {wait: false});
       await c.socket.auth.saveToken(c.socket.authTokenName, token);
-      const t0 = Date.now();
+      const t0 = h.stamp();
       c.socket.connect();
       await c.connected();
       const status = await c.waitEvent('connect');
@@ -314,7 +314,7 @@ describe(`socketcluster-client@20 against ${h.TARGET}`, {timeout: 200000}, () =>
       const c = await connect(target);
       assert.equal(c.socket.authState, 'unauthenticated');
       const token = signToken({sub: 'dave', exp: nowSec() + 3600});
-      const t0 = Date.now();
+      const t0 = h.stamp();
       const r = await c.socket.authenticate(token);
       assert.equal(r.isAuthenticated, true, short(r));
       assert.ok(r.authError == null, `no authError: ${short(r.authError)}`);
@@ -349,7 +349,7 @@ describe(`socketcluster-client@20 against ${h.TARGET}`, {timeout: 200000}, () =>
       const c = await connect(target);
       await c.socket.authenticate(token);
       assert.equal(c.socket.authState, 'authenticated');
-      const t0 = Date.now();
+      const t0 = h.stamp();
       await c.socket.deauthenticate();
       assert.equal(c.socket.authState, 'unauthenticated');
       assert.equal(await c.socket.auth.loadToken(c.socket.authTokenName), null);
@@ -358,7 +358,7 @@ describe(`socketcluster-client@20 against ${h.TARGET}`, {timeout: 200000}, () =>
       await c.subscribe(chan('after-deauth'));
       assert.equal(c.socket.state, 'open');
       // Force a reconnect: the new handshake carries no token and is unauthenticated.
-      const t1 = Date.now();
+      const t1 = h.stamp();
       c.socket.transport.close(4000, 'compat test: reconnect');
       const status = await c.waitEvent('connect', {since: t1, timeout: 8000});
       assert.equal(status.isAuthenticated, false);
@@ -379,7 +379,7 @@ describe(`socketcluster-client@20 against ${h.TARGET}`, {timeout: 200000}, () =>
       const ch = chan('wfa');
       const c = await connect(target);
       const pub = await connect(target);
-      const t0 = Date.now();
+      const t0 = h.stamp();
       const e = await c.subscribe(ch, {waitForAuth: true}, {wait: false});
       await sleep(300); // observation window: nothing may be sent
       assert.equal(e.channel.state, 'pending');
@@ -420,7 +420,7 @@ describe(`socketcluster-client@20 against ${h.TARGET}`, {timeout: 200000}, () =>
     const other = await connect(target);
     const e = await other.subscribe(ch);
     const otherId = other.socket.id;
-    const t0 = Date.now();
+    const t0 = h.stamp();
     big.socket.transmit('huge', 'x'.repeat(1024 * 1024 + 1024));
     const d = await big.waitEvent('close', {since: t0, timeout: 8000});
     assert.equal(d.code, 1009, `close code ${d.code} (${d.reason})`);
@@ -478,7 +478,7 @@ describe(`socketcluster-client@20 against ${h.TARGET}`, {timeout: 200000}, () =>
     it('no pongs → server closes with 4001 after pingTimeout', tc(async () => {
       const r = await rawSocket(target);
       await r.handshake();
-      const t0 = Date.now();
+      const t0 = h.stamp();
       const ci = await r.closed(8000);
       assert.equal(ci.code, 4001, short(ci));
       const waited = ci.t - t0;
@@ -523,6 +523,47 @@ describe(`socketcluster-client@20 against ${h.TARGET}`, {timeout: 200000}, () =>
       r.sendJSON({event: '#subscribe', data: {channel: chan('legacy'), batch: true, whatever: [1]}, cid: 2});
       const resp = await r.response(2);
       assert.equal(resp.error, undefined, short(resp));
+    }));
+
+    it('upgrade on a path other than listen.path is refused (HTTP 4xx, no WebSocket)', tc(async () => {
+      const r = new h.RawSocket(target, {path: '/not-socketcluster/'});
+      const ci = await r.closed(5000);
+      assert.ok(r.httpStatus >= 400 && r.httpStatus < 500, `HTTP status ${r.httpStatus} (${short(ci)})`);
+    }));
+
+    it('no subprotocol required or echoed; any Origin accepted with the default origins ["*"]', tc(async () => {
+      const r = await rawSocket(target, {headers: {Origin: 'http://some-page.example:1234'}});
+      assert.equal(r.ws.protocol, '', 'no Sec-WebSocket-Protocol in the answer');
+      const resp = await r.handshake();
+      assert.equal(resp.error, undefined);
+    }));
+
+    it('a binary frame holding a JSON packet is decoded like text (as the official server does)', tc(async () => {
+      const r = (await rawSocket(target)).autoPong();
+      await r.handshake();
+      r.send(Buffer.from(JSON.stringify({event: '#subscribe', data: {channel: chan('binary')}, cid: 2})), {binary: true});
+      const resp = await r.response(2);
+      assert.equal(resp.error, undefined, short(resp));
+      assert.ok(r.messages.every((m) => !m.binary), 'the server sends text frames only');
+    }));
+
+    it('socket_channel_limit (50 in this config): the 51st #subscribe gets an error response', tc(async () => {
+      const r = (await rawSocket(target)).autoPong();
+      await r.handshake();
+      const base = chan('limit');
+      r.send(JSON.stringify(Array.from({length: 51}, (_, i) => ({event: '#subscribe', data: {channel: `${base}-${i}`}, cid: i + 2}))));
+      const resps = [];
+      for (let i = 0; i < 51; i++) resps.push(await r.response(i + 2));
+      const errs = resps.filter((x) => x.error);
+      assert.equal(errs.length, 1, `exactly one subscribe refused: ${short(errs)}`);
+      assert.equal(errs[0].rid, 52, 'the 51st');
+      assert.equal(typeof errs[0].error.message, 'string');
+      assert.equal(typeof errs[0].error.name, 'string');
+      // Unsubscribing one frees a slot.
+      r.sendJSON({event: '#unsubscribe', data: `${base}-0`});
+      r.sendJSON({event: '#subscribe', data: {channel: `${base}-50`}, cid: 60});
+      const again = await r.response(60);
+      assert.equal(again.error, undefined, short(again));
     }));
 
     it('garbage frames crash nothing: no process restarts, a normal client still works', tc(async () => {
@@ -638,7 +679,7 @@ describe(`socketcluster-client@20 against ${h.TARGET}`, {timeout: 200000}, () =>
     await waitFor(() => e.messages.length === 1, {what: 'first message'});
     const oldId = c.socket.id;
     const oldWs = c.ws;
-    const t0 = Date.now();
+    const t0 = h.stamp();
     c.socket.transport.close(4000, 'compat test: forced reconnect'); // client reconnects at once on 4000
     await c.waitEvent('connect', {since: t0, timeout: 8000});
     assert.notEqual(c.ws, oldWs, 'a new transport');
@@ -664,7 +705,7 @@ describe(`socketcluster-client@20 against ${h.TARGET}`, {timeout: 200000}, () =>
     }, {timeout: 5000, interval: 100, what: 'admin API: the worker holding the client'});
     const victim = workers.find((w) => w.connections === 1);
     t.diagnostic(`killing ${victim.name} pid ${victim.pid}`);
-    const t0 = Date.now();
+    const t0 = h.stamp();
     process.kill(victim.pid, 'SIGKILL');
     await c.waitEvent('disconnect', {since: t0, timeout: 5000});
     await c.waitEvent('connect', {since: t0, timeout: 15000});
