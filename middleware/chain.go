@@ -11,6 +11,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/shoalhq/shoal/configs"
+	"github.com/shoalhq/shoal/proto/sc"
 )
 
 func init() {
@@ -220,37 +221,43 @@ func (c *Chain) HasRules(a Action) bool { return a < numActions && len(c.lists[a
 // context).
 func (c *Chain) Run(in *Input, done func(Decision)) (d Decision, pending bool) {
 	if in.Action >= numActions {
-		return Decision{Verdict: Deny, Error: silentErrors[Transmit]}, false
+		return Decision{Verdict: Deny, Error: errInvalidAction}, false
 	}
 	list := c.lists[in.Action]
-	var acc Decision // Data/Identity carried from hooks that passed
 	for i, e := range list {
-		if e.slow != nil && e.slow.wants(in) {
+		if e.slow != nil {
+			if !e.slow.wants(in) {
+				e.allowed.Add(1)
+				continue
+			}
 			if done == nil {
-				return c.runFrom(context.Background(), in, list, i, acc), false
+				return c.runFrom(context.Background(), in, list, i, Decision{}), false
 			}
 			cp := cloneInput(in)
 			c.inflight.Add(1)
 			go func() {
 				defer c.inflight.Done()
-				done(c.runFrom(context.Background(), cp, list, i, acc))
+				done(c.runFrom(context.Background(), cp, list, i, Decision{}))
 			}()
 			return Decision{}, true
 		}
-		if e.slow == nil {
-			if d, decided := e.r.check(c, in); decided {
-				return c.finish(e, in, d, acc), false
-			}
+		if d, decided := e.r.check(c, in); decided {
+			return c.finish(e, in, d, Decision{}), false
 		}
 		e.allowed.Add(1)
 	}
-	return acc, false
+	return Decision{}, false
 }
+
+var errInvalidAction = sc.NewError("InvalidActionError", "Unknown middleware action")
 
 // Decide is the blocking form of Run: it waits for hooks, giving up when ctx
 // ends (each hook also has its configured timeout). For tests, tools, and
 // callers that are not on a read path.
 func (c *Chain) Decide(ctx context.Context, in *Input) Decision {
+	if in.Action >= numActions {
+		return Decision{Verdict: Deny, Error: errInvalidAction}
+	}
 	list := c.lists[in.Action]
 	return c.runFrom(ctx, in, list, 0, Decision{})
 }
