@@ -157,3 +157,62 @@ middleware:
 		}
 	}
 }
+
+func TestDropOnHandshakes(t *testing.T) {
+	c := load(t, `
+middleware:
+  handshake:
+    - cidr: {deny: [10.0.0.0/8], error: drop}
+`, Options{})
+	tests := []struct {
+		in   Input
+		want Verdict
+	}{
+		{Input{Action: HandshakeWS, RemoteIP: ip("10.0.0.1")}, Drop},
+		{Input{Action: HandshakeWS, RemoteIP: ip("11.0.0.1")}, Allow},
+	}
+	for _, tc := range tests {
+		t.Run(tc.in.RemoteIP.String(), func(t *testing.T) {
+			if d := decide(c, tc.in); d.Verdict != tc.want {
+				t.Fatalf("%+v", d)
+			}
+		})
+	}
+}
+
+// TestConcurrentUse runs many sockets on one chain from several goroutines
+// (the race detector checks the shared stores and counts).
+func TestConcurrentUse(t *testing.T) {
+	c := load(t, `
+middleware:
+  handshake:
+    - conn_limit: {per_ip: 1000, per_user: 1000}
+  inbound:
+    - rate: {per_socket: 1000/s, per_ip: 100000/s, per_user: 100000/s}
+    - channels:
+        - {match: "user/{sub}/**", publish: {require: claim}}
+`, Options{})
+	var wg sync.WaitGroup
+	for g := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range 50 {
+				s := user("s", "10.0.0."+string(rune('1'+g)), "u"+string(rune('a'+i%5)), nil)
+				c.Open(s)
+				in := Input{Action: PublishIn, Socket: s, Channel: "user/" + s.UserID + "/x"}
+				for range 20 {
+					if d, _ := c.Run(&in, nil); d.Verdict != Allow {
+						t.Errorf("denied: %+v", d)
+						return
+					}
+				}
+				c.Close(s)
+			}
+		}()
+	}
+	wg.Wait()
+	if len(c.shared.conns.ip) != 0 || len(c.shared.conns.user) != 0 {
+		t.Fatal("counts left after every socket closed")
+	}
+}

@@ -201,7 +201,11 @@ func (r *hookRule) call(ctx context.Context, c *Chain, in *Input) (Decision, boo
 	defer cancel()
 	reply, err := r.post(ctx, c, in)
 	if err != nil {
-		c.log.Warn("middleware hook failed", "url", r.url, "action", in.Action.String(), "error", err)
+		// Limited like deny lines: a dead backend under load must not
+		// flood the central log.
+		if ok, suppressed := c.logLim.take(c.nanos()); ok {
+			c.log.Warn("middleware hook failed", "url", r.url, "action", in.Action.String(), "error", err, "suppressed", suppressed)
+		}
 		return r.failErr.decide(in), true
 	}
 	if e := reply.Error; e != nil {

@@ -88,7 +88,8 @@ var stageActions = [numStages][]Action{
 //
 // Claims is read by rules (and, for hooks, by another goroutine): after the
 // Socket is shown to the chain, replace the map on a change of auth state
-// rather than mutating it.
+// rather than mutating it. Keep one Socket per connection and pass its
+// pointer: copies share the chain's per-socket state (buckets, counts).
 type Socket struct {
 	ID            string
 	RemoteIP      netip.Addr
