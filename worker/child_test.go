@@ -26,6 +26,11 @@ import (
 // balancer on 127.0.0.1 that hands every accepted connection over.
 func startChild(t *testing.T, mod func(*configs.Config)) (*Child, control.StartResult, string) {
 	t.Helper()
+	return startNamedChild(t, "worker-1", control.Topology{}, mod)
+}
+
+func startNamedChild(t *testing.T, name string, topo control.Topology, mod func(*configs.Config)) (*Child, control.StartResult, string) {
+	t.Helper()
 	cfg := configs.Default()
 	cfg.Worker.GoMaxProcs = 0 // leave the test binary's scheduler alone
 	if mod != nil {
@@ -38,7 +43,7 @@ func startChild(t *testing.T, mod func(*configs.Config)) (*Child, control.StartR
 	c := New(hclog.NewNullLogger())
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	res, err := c.Start(ctx, control.StartParams{Role: control.RoleWorker, Name: "worker-1", Index: 1, Config: js, RunDir: t.TempDir()})
+	res, err := c.Start(ctx, control.StartParams{Role: control.RoleWorker, Name: name, Index: 1, Config: js, RunDir: t.TempDir(), Topology: topo})
 	if err != nil {
 		t.Fatal(err)
 	}
