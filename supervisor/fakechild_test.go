@@ -23,14 +23,16 @@ import (
 //	ok               start and log a few lines (the default)
 //	panic            panic 50 ms after Start
 //	start-error MSG  fail Start with MSG
+//	hang-stats       never answer Stats (a deadlocked child)
 //
 // Every SetTopology is written to <SHOAL_FAKE_DIR>/<name>.topo as JSON.
 const fakeDirEnv = "SHOAL_FAKE_DIR"
 
 type fakeChild struct {
-	log  hclog.Logger
-	name string
-	dir  string
+	log       hclog.Logger
+	name      string
+	dir       string
+	hangStats bool
 }
 
 var _ control.Child = (*fakeChild)(nil)
@@ -47,6 +49,8 @@ func (c *fakeChild) Start(ctx context.Context, p control.StartParams) (control.S
 	switch verb {
 	case "start-error":
 		return control.StartResult{}, errors.New(arg)
+	case "hang-stats":
+		c.hangStats = true
 	case "panic":
 		go func() {
 			time.Sleep(50 * time.Millisecond) // let Start's reply reach the supervisor first
@@ -63,7 +67,11 @@ func (c *fakeChild) Health(context.Context) (control.Health, error) {
 	return control.Health{State: control.StateReady}, nil
 }
 
-func (c *fakeChild) Stats(context.Context) (control.Stats, error) {
+func (c *fakeChild) Stats(ctx context.Context) (control.Stats, error) {
+	if c.hangStats {
+		<-ctx.Done() // the supervisor's timeout; then it is "late", not an answer
+		time.Sleep(time.Hour)
+	}
 	return control.Stats{Connections: 3, MessagesIn: 5, Counters: map[string]int64{"fake_total": 7}}, nil
 }
 

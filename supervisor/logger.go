@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -115,6 +116,12 @@ func (l *procLogger) Log(level hclog.Level, msg string, args ...any) {
 			val = fmt.Sprintf(fmt.Sprint(h[0]), h[1:]...)
 		}
 		e.Fields = append(e.Fields, logfile.Field{Key: key, Value: val})
+	}
+	if l.fromChild && len(e.Fields) > 1 {
+		// go-plugin decodes the child's JSON into a map, so the order the
+		// child logged its fields in is gone: sort them so that lines of one
+		// kind read alike.
+		sort.SliceStable(e.Fields, func(i, j int) bool { return e.Fields[i].Key < e.Fields[j].Key })
 	}
 	// A log that cannot be written has nowhere to report to; the writer
 	// retries on the next line.

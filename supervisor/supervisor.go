@@ -72,6 +72,7 @@ type proc struct {
 	since    time.Time // when the current instance started
 	lastExit string
 	stats    control.Stats
+	statFail int // consecutive failed Stats polls of the current instance
 
 	hist CrashHistory // only the supervise goroutine touches it
 }
@@ -100,6 +101,8 @@ type Supervisor struct {
 	publicURL string
 
 	kick     chan struct{} // coalesced "topology changed"
+	pushed   int64         // guarded by mu: version of the last finished push round
+	pushedCh chan struct{} // guarded by mu: closed (and replaced) when a round finishes
 	reloadMu sync.Mutex
 	bg       sync.WaitGroup
 }
@@ -128,7 +131,7 @@ func Run(ctx context.Context, cfg configs.Config, opts Options) error {
 	s := &Supervisor{
 		opts: opts, exe: exe, level: hclogLevel(cfg.Log.Level),
 		policy: PolicyFromConfig(cfg.Cluster.Restart), started: time.Now(),
-		kick: make(chan struct{}, 1),
+		kick: make(chan struct{}, 1), pushedCh: make(chan struct{}),
 	}
 	if err := s.setCfg(cfg); err != nil {
 		return err
@@ -190,11 +193,19 @@ func Run(ctx context.Context, cfg configs.Config, opts Options) error {
 	}
 
 	if err := s.startAll(rctx); err != nil {
-		s.log.Error("startup failed; stopping", "error", err)
+		interrupted := ctx.Err() != nil
+		if interrupted {
+			s.log.Info("interrupted during startup; stopping")
+		} else {
+			s.log.Error("startup failed; stopping", "error", err)
+		}
 		cancel()
 		s.bg.Wait()
 		s.shutdown()
 		admin.close()
+		if interrupted {
+			return nil // the user asked for it: a clean stop, not a failure
+		}
 		return err
 	}
 	s.printReady()
@@ -394,7 +405,7 @@ func (s *Supervisor) setStarting(p *proc, inst *instance) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	p.state, p.pid, p.since = control.StateStarting, inst.pid, inst.started
-	p.stats = control.Stats{}
+	p.stats, p.statFail = control.Stats{}, 0
 	s.changedLocked()
 }
 
@@ -405,11 +416,14 @@ func (s *Supervisor) markReady(p *proc, inst *instance) {
 	s.changedLocked()
 }
 
-func (s *Supervisor) setState(p *proc, state string) {
+// setState changes a slot's state and returns the topology version that
+// carries the change.
+func (s *Supervisor) setState(p *proc, state string) int64 {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	p.state = state
 	s.changedLocked()
+	return s.version
 }
 
 func (s *Supervisor) setDead(p *proc, why string) {
@@ -482,12 +496,41 @@ func (s *Supervisor) pushLoop(ctx context.Context) {
 			}()
 		}
 		wg.Wait()
+		s.mu.Lock()
+		s.pushed = topo.Version
+		close(s.pushedCh)
+		s.pushedCh = make(chan struct{})
+		s.mu.Unlock()
+	}
+}
+
+// waitPushed waits (at most timeout) until a topology of at least version v
+// has been pushed to every child: a worker about to drain must first be out
+// of the balancer's rotation, or reconnecting clients would be routed to it.
+func (s *Supervisor) waitPushed(ctx context.Context, v int64, timeout time.Duration) {
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	for {
+		s.mu.Lock()
+		done, ch := s.pushed >= v, s.pushedCh
+		s.mu.Unlock()
+		if done {
+			return
+		}
+		select {
+		case <-ch:
+		case <-t.C:
+			return
+		case <-ctx.Done():
+			return
+		}
 	}
 }
 
 // statsLoop polls every ready child's Stats for the table and /metrics.
 func (s *Supervisor) statsLoop(ctx context.Context) {
-	t := time.NewTicker(2 * time.Second)
+	every := statsInterval
+	t := time.NewTicker(every)
 	defer t.Stop()
 	for {
 		select {
@@ -513,7 +556,7 @@ func (s *Supervisor) statsLoop(ctx context.Context) {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				cctx, cancel := context.WithTimeout(ctx, rpcTimeout)
+				cctx, cancel := context.WithTimeout(ctx, min(rpcTimeout, every))
 				defer cancel()
 				st, err := tg.inst.child.Stats(cctx)
 				if err != nil {
@@ -528,10 +571,19 @@ func (s *Supervisor) statsLoop(ctx context.Context) {
 		wg.Wait()
 		s.mu.Lock()
 		changed := false
+		var hung []*instance
 		for i, tg := range targets {
-			if results[i] == nil || tg.p.inst != tg.inst {
+			if tg.p.inst != tg.inst {
 				continue
 			}
+			if results[i] == nil {
+				tg.p.statFail++
+				if tg.p.statFail == hungPolls {
+					hung = append(hung, tg.inst)
+				}
+				continue
+			}
+			tg.p.statFail = 0
 			if tg.p.stats.Connections != results[i].Connections {
 				changed = true
 			}
@@ -541,8 +593,22 @@ func (s *Supervisor) statsLoop(ctx context.Context) {
 			s.changedLocked() // balancers weigh workers by connections
 		}
 		s.mu.Unlock()
+		for _, inst := range hung {
+			// Alive but deaf (deadlocked, stuck in a syscall): kill it so that
+			// supervise treats it as a crash and starts a fresh one.
+			s.childLog(inst.name, inst.pid).Error(fmt.Sprintf("%s has not answered its control plane for %d polls; killing it", inst.name, hungPolls))
+			_ = inst.cmd.Process.Signal(syscall.SIGKILL)
+		}
 	}
 }
+
+// hungPolls failed Stats polls in a row (statsInterval apart, each with a
+// timeout of at most statsInterval) mark a child as hung.
+const hungPolls = 3
+
+// statsInterval is how often children's Stats are polled (a variable so
+// that a test can shorten it).
+var statsInterval = 2 * time.Second
 
 // ---- restarts ----
 
@@ -572,7 +638,8 @@ func (s *Supervisor) supervise(ctx context.Context, p *proc) {
 		}
 		var crash *crashInfo
 		if planned != nil {
-			s.setState(p, control.StateDraining) // the balancer stops routing to it now
+			v := s.setState(p, control.StateDraining)
+			s.waitPushed(ctx, v, rpcTimeout+time.Second) // out of the balancer's rotation first
 			s.drainAndStop(inst)
 			inst.kill()
 			s.setDead(p, "replaced by reload")

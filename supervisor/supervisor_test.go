@@ -373,6 +373,32 @@ func TestCrashLoopGivesUpOthersKeepRunning(t *testing.T) {
 	}
 }
 
+func TestHungChildIsKilledAndRestarted(t *testing.T) {
+	old := statsInterval
+	statsInterval = 100 * time.Millisecond
+	t.Cleanup(func() { statsInterval = old })
+	cfg := testConfig(t, 1)
+	n := startNode(t, cfg, map[string]string{"worker-1": "hang-stats"})
+	n.waitReady()
+	first := n.proc("worker-1").Pid
+	waitFor(t, 20*time.Second, "the hung worker to be replaced", func() bool {
+		p := n.proc("worker-1")
+		return p.Pid != first && p.Restarts >= 1
+	})
+	var told bool
+	for _, e := range n.logEntries(logfile.Filter{MinLevel: logfile.LevelError, Procs: []string{"worker-1"}}) {
+		if strings.Contains(e.Msg, "has not answered its control plane") && e.Pid == first {
+			told = true
+		}
+	}
+	if !told {
+		t.Error("killing a hung child must be logged at error level")
+	}
+	if err := n.stop(); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func TestStartErrorIsFatal(t *testing.T) {
 	cfg := testConfig(t, 1)
 	n := startNode(t, cfg, map[string]string{"balancer-1": "start-error listen tcp 127.0.0.1:8000: bind: address already in use"})

@@ -5,7 +5,9 @@ package e2e
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -19,6 +21,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gobwas/ws"
+	"github.com/gobwas/ws/wsutil"
 	"go.uber.org/goleak"
 )
 
@@ -358,20 +362,34 @@ func TestClusterLifecycle(t *testing.T) {
 		t.Fatalf("shoal status (%d): %s %s", code, out, errOut)
 	}
 
-	// Traffic reaches a worker through the balancer, once the real worker
-	// (which publishes a handoff address) is in place.
-	if ci.Processes[2].Addrs["handoff"] != "" {
-		waitFor(t, 10*time.Second, "GET /healthz through the balancer", func() bool {
-			resp, err := httpClient.Get("http://" + c.public + "/healthz")
-			if err != nil {
-				return false
-			}
-			resp.Body.Close()
-			return resp.StatusCode == http.StatusOK
-		})
-	} else {
-		t.Log("worker is still the stub (no handoff address): skipping /healthz through the balancer")
+	// Traffic reaches a worker through the balancer.
+	if ci.Processes[2].Addrs["handoff"] == "" {
+		t.Fatalf("worker-1 publishes no handoff address: %+v", ci.Processes[2])
 	}
+	waitFor(t, 10*time.Second, "GET /healthz through the balancer", func() bool {
+		resp, err := httpClient.Get("http://" + c.public + "/healthz")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	})
+	// A WebSocket client, to see the drain's close code at shutdown.
+	wsClosed := dialSocketCluster(t, c.public)
+
+	// `shoal logs -f` is running while the worker crashes.
+	follow := exec.Command(shoalBin, "logs", "-f", "-c", c.cfgPath, "--level", "error")
+	followOut := &syncBuffer{}
+	follow.Stdout, follow.Stderr = followOut, followOut
+	if err := follow.Start(); err != nil {
+		t.Fatal(err)
+	}
+	followDone := make(chan error, 1)
+	go func() { followDone <- follow.Wait() }()
+	defer func() {
+		_ = follow.Process.Kill()
+		<-followDone
+	}()
 
 	// SIGKILL a worker: a new pid within a few seconds, restarts=1.
 	old := c.proc("worker-1")
@@ -408,6 +426,22 @@ func TestClusterLifecycle(t *testing.T) {
 		}
 	}
 
+	waitFor(t, 10*time.Second, "shoal logs -f to print the crash", func() bool {
+		return strings.Contains(followOut.String(), "worker-1["+strconv.Itoa(old.Pid)+"]") && strings.Contains(followOut.String(), "crashed")
+	})
+	if err := follow.Process.Signal(syscall.SIGINT); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-followDone:
+		followDone <- err // for the deferred cleanup
+		if err != nil {
+			t.Errorf("shoal logs -f after SIGINT: %v (want exit 0)", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Error("shoal logs -f did not stop on SIGINT")
+	}
+
 	// Every process of the tree, as the kernel sees it.
 	for _, pid := range childrenOf(ci.SupervisorPid) {
 		if _, ok := tree[pid]; !ok {
@@ -422,6 +456,15 @@ func TestClusterLifecycle(t *testing.T) {
 	if err := c.wait(30 * time.Second); err != nil {
 		t.Fatalf("shoal run after SIGTERM: %v (want exit 0)", err)
 	}
+	select {
+	case err := <-wsClosed:
+		var ce wsutil.ClosedError
+		if !errors.As(err, &ce) || ce.Code != ws.StatusGoingAway {
+			t.Errorf("the WebSocket client got %v at shutdown, want a close with 1001", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Error("the WebSocket client was not closed at shutdown")
+	}
 	for pid, name := range tree {
 		if alive(pid) {
 			t.Errorf("%s (pid %d) is still running after the supervisor exited", name, pid)
@@ -430,6 +473,42 @@ func TestClusterLifecycle(t *testing.T) {
 	if out, _, _ := shoal(t, "logs", "-c", c.cfgPath, "--proc", "supervisor", "-n", "1"); !strings.Contains(out, "stopped") {
 		t.Errorf("the log does not end with the supervisor's stop: %q", out)
 	}
+}
+
+// dialSocketCluster opens a WebSocket through the balancer, completes the
+// SocketCluster handshake, and returns the error that ends the connection.
+func dialSocketCluster(t *testing.T, public string) <-chan error {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	conn, _, _, err := ws.Dial(ctx, "ws://"+public+"/socketcluster/")
+	if err != nil {
+		t.Fatalf("WebSocket through the balancer: %v", err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	_ = conn.SetDeadline(time.Now().Add(30 * time.Second)) // bounds every read below
+	if err := wsutil.WriteClientText(conn, []byte(`{"event":"#handshake","data":{"authToken":null},"cid":1}`)); err != nil {
+		t.Fatal(err)
+	}
+	reply, _, err := wsutil.ReadServerData(conn)
+	if err != nil || !strings.Contains(string(reply), `"rid":1`) {
+		t.Fatalf("SocketCluster handshake: %q, %v", reply, err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		for i := 0; i < 10000; i++ { // pings until the server closes (or the deadline)
+			msg, _, err := wsutil.ReadServerData(conn)
+			if err != nil {
+				done <- err
+				return
+			}
+			if len(msg) == 0 || string(msg) == "#1" { // v2 / v1 ping
+				_ = wsutil.WriteClientText(conn, []byte(map[bool]string{true: "", false: "#2"}[len(msg) == 0]))
+			}
+		}
+		done <- errors.New("too many messages")
+	}()
+	return done
 }
 
 func TestSupervisorSIGKILLTakesChildren(t *testing.T) {
