@@ -11,6 +11,7 @@ import (
 	"net/url"
 	"sort"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/shoalhq/shoal/proto/sc"
@@ -71,7 +72,14 @@ type hookRule struct {
 	methods  []string  // rpc: only these procedures ("x*" = prefix); empty: all
 	rpc      bool      // the reply answers the invoke
 	failErr  errSpec
+
+	// maxInflight bounds calls under way: past it the action is denied at
+	// once, so a flood cannot pile up goroutines waiting on a slow backend.
+	maxInflight int64
+	inflight    atomic.Int64
 }
+
+const defaultMaxInflight = 1000
 
 func buildHook(b *builder, v any) (rule, []Action) {
 	r, o := readHookCommon(b, v, 2*time.Second)
@@ -97,7 +105,7 @@ func buildHook(b *builder, v any) (rule, []Action) {
 			r.channels = append(r.channels, p)
 		}
 	}
-	o.finish("url", "timeout", "headers", "forward_headers", "actions", "channels", "error")
+	o.finish("url", "timeout", "headers", "forward_headers", "max_inflight", "actions", "channels", "error")
 	return r, acts
 }
 
@@ -114,7 +122,7 @@ func buildRPC(b *builder, v any) (rule, []Action) {
 	if ml, ok := o.strList("procedures"); ok {
 		r.methods = ml
 	}
-	o.finish("url", "timeout", "headers", "forward_headers", "procedures", "error")
+	o.finish("url", "timeout", "headers", "forward_headers", "max_inflight", "procedures", "error")
 	return r, []Action{Invoke}
 }
 
@@ -123,7 +131,7 @@ func readHookCommon(b *builder, v any, defTimeout time.Duration) (*hookRule, *op
 	if !ok {
 		return nil, nil
 	}
-	r := &hookRule{timeout: defTimeout,
+	r := &hookRule{timeout: defTimeout, maxInflight: defaultMaxInflight,
 		failErr: newErrSpec("BackendError", "The server could not process the {action} request", 503)}
 	if u, ok := o.str("url"); ok {
 		pu, err := url.Parse(u)
@@ -154,6 +162,12 @@ func readHookCommon(b *builder, v any, defTimeout time.Duration) (*hookRule, *op
 			}
 			r.headers[k] = s
 		}
+	}
+	if n, ok := o.intv("max_inflight"); ok {
+		if n < 1 {
+			b.p.add(o.sub("max_inflight"), "must be at least 1")
+		}
+		r.maxInflight = n
 	}
 	if fh, ok := o.strList("forward_headers"); ok {
 		for _, h := range fh {
@@ -197,6 +211,14 @@ func (r *hookRule) call(ctx context.Context, c *Chain, in *Input) (Decision, boo
 	if !r.wants(in) {
 		return Decision{}, false
 	}
+	if r.inflight.Add(1) > r.maxInflight {
+		r.inflight.Add(-1)
+		if ok, suppressed := c.logLim.take(c.nanos()); ok {
+			c.log.Warn("middleware hook busy", "url", r.url, "max_inflight", r.maxInflight, "suppressed", suppressed)
+		}
+		return r.failErr.decide(in), true
+	}
+	defer r.inflight.Add(-1)
 	ctx, cancel := context.WithTimeout(ctx, r.timeout)
 	defer cancel()
 	reply, err := r.post(ctx, c, in)

@@ -282,3 +282,31 @@ middleware:
 		})
 	}
 }
+
+func TestHookMaxInflight(t *testing.T) {
+	gate := make(chan struct{})
+	arrived := make(chan struct{}, 1)
+	be := newBackend(t, func(w http.ResponseWriter, req hookRequest, r *http.Request) {
+		arrived <- struct{}{}
+		<-gate
+		reply(w, `{}`)
+	})
+	c := load(t, fmt.Sprintf("middleware:\n  inbound:\n    - hook: {url: %q, max_inflight: 1, timeout: 10s}\n", be.URL), Options{})
+	s := anon("s", "10.0.0.1")
+	first := make(chan Decision, 1)
+	in := Input{Action: PublishIn, Socket: s, Channel: "a"}
+	if _, pending := c.Run(&in, func(d Decision) { first <- d }); !pending {
+		t.Fatal("not pending")
+	}
+	<-arrived // the backend holds the only slot
+	second := make(chan Decision, 1)
+	c.Run(&in, func(d Decision) { second <- d })
+	if d := <-second; d.Verdict != Deny || d.Error.Name != "BackendError" {
+		t.Fatalf("second call while busy: %+v", d)
+	}
+	close(gate)
+	if d := <-first; d.Verdict != Allow {
+		t.Fatalf("first: %+v", d)
+	}
+	c.Wait()
+}
