@@ -409,7 +409,9 @@ func (p *poller) run(stop <-chan struct{}) {
 			if ev.Events&unix.EPOLLOUT != 0 {
 				c.flush()
 			}
-			if ev.Events&(unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+			// Bytes left over from the synchronous phase are parsed on the
+			// first event of any kind (registration reports EPOLLOUT at once).
+			if ev.Events&(unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 || len(c.partial) > 0 {
 				p.read(c)
 			}
 		}

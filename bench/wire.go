@@ -162,9 +162,13 @@ func skipValue(b []byte, i int) int {
 		}
 		return -1
 	default: // number, true, false, null
+		start := i
 		for i < len(b) {
 			switch b[i] {
 			case ',', '}', ']', ' ', '\t', '\n', '\r':
+				if i == start {
+					return -1 // no value at all: callers must not loop on it
+				}
 				return i
 			}
 			i++
