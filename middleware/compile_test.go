@@ -29,6 +29,7 @@ func TestCompileErrorsNameTheKey(t *testing.T) {
 		{"empty cidr", "middleware:\n  handshake:\n    - cidr: {}\n", "middleware.handshake[0].cidr", "set allow"},
 		{"channels not a list", "middleware:\n  inbound:\n    - channels: {match: x}\n", "middleware.inbound[0].channels", "expected a list"},
 		{"channels missing match", "middleware:\n  inbound:\n    - channels:\n        - subscribe: deny\n", "middleware.inbound[0].channels[0].match", "must be set"},
+		{"star inside a segment", "middleware:\n  inbound:\n    - channels:\n        - {match: \"a*b\", subscribe: deny}\n", "middleware.inbound[0].channels[0].match", "may only end a segment"},
 		{"bad pattern", "middleware:\n  inbound:\n    - channels:\n        - {match: \"a/**/b\", subscribe: deny}\n", "middleware.inbound[0].channels[0].match", "last segment"},
 		{"claim without template", "middleware:\n  inbound:\n    - channels:\n        - {match: \"a/*\", subscribe: {require: claim}}\n", "middleware.inbound[0].channels[0].subscribe.require", "{claim} segment"},
 		{"bad require", "middleware:\n  inbound:\n    - channels:\n        - {match: \"a/*\", publish: {require: admin}}\n", "middleware.inbound[0].channels[0].publish.require", "authenticated or claim"},

@@ -8,8 +8,9 @@ import (
 )
 
 // Channel patterns: segments separated by '/'. A segment is a literal, `*`
-// (exactly one non-empty segment), `**` (last only: one or more segments),
-// or `{claim}` (one segment that, where the rule requires it, must equal the
+// (exactly one non-empty segment), `text*` (one segment starting with text,
+// for apps that name channels "chat.general"), `**` (last only: one or more
+// segments), or `{claim}` (one segment that, where the rule requires it, must equal the
 // socket's claim of that name, e.g. user/{sub}/**).
 
 type segKind uint8
@@ -19,6 +20,7 @@ const (
 	segStar
 	segRest
 	segClaim
+	segPrefix // "room-*": a segment that starts with text and has more after it
 )
 
 type seg struct {
@@ -54,9 +56,11 @@ func compilePattern(s string) (pattern, error) {
 			}
 			p.segs = append(p.segs, seg{kind: segClaim, text: name})
 			p.claims = append(p.claims, name)
+		case strings.HasSuffix(part, "*") && !strings.ContainsAny(part[:len(part)-1], "*{}"):
+			p.segs = append(p.segs, seg{kind: segPrefix, text: part[:len(part)-1]})
 		default:
 			if strings.ContainsAny(part, "*{}") {
-				return p, fmt.Errorf("segment %q of %q mixes text with * or {claim}: wildcards and claims take a whole segment", part, s)
+				return p, fmt.Errorf("segment %q of %q: * may only end a segment, and a {claim} takes a whole segment", part, s)
 			}
 			p.segs = append(p.segs, seg{kind: segLit, text: part})
 		}
@@ -95,6 +99,10 @@ func (p *pattern) match(ch string, claims map[string]any, checkClaims bool) bool
 			}
 		case segStar:
 			if part == "" {
+				return false
+			}
+		case segPrefix:
+			if len(part) <= len(sg.text) || part[:len(sg.text)] != sg.text {
 				return false
 			}
 		case segClaim:
