@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"sync"
 	"syscall"
 	"time"
@@ -19,15 +20,13 @@ const (
 	// writing the PROXY header; a live worker does both at once.
 	proxyDialTimeout = time.Second
 	// halfCloseLinger: after the client finished sending, how long the
-	// worker may take to finish its answer before the proxy gives up.
+	// worker may take to finish its answer before the proxy closes both.
 	halfCloseLinger = 5 * time.Second
 	// copyBufSize: one TLS record's worth of plaintext.
 	copyBufSize = 16 << 10
 )
 
-// copyBufs are reused across connections. This first version holds one
-// buffer per direction for the life of a proxied connection (see
-// docs/balancer.md: epoll-driven copying is the planned replacement).
+// copyBufs are lent to a direction only while it moves data (copyIdleFree).
 var copyBufs = sync.Pool{New: func() any { b := make([]byte, copyBufSize); return &b }}
 
 // startTLS runs on the TLS accept loop: it starts the connection's own
@@ -108,7 +107,7 @@ func (c *Child) serveTLS(raw net.Conn) {
 	defer c.stats.active.Add(-1)
 	defer c.pool.release(w) // a closed proxied connection no longer weighs on w
 
-	c.pipe(tconn, up)
+	c.pipe(raw, tconn, up)
 }
 
 // dialWorker connects to the least-loaded worker's proxy socket and sends
@@ -164,36 +163,125 @@ func dialProxy(ctx context.Context, path string, hdr []byte) (*net.UnixConn, err
 
 // pipe copies both ways until one side is done, then closes both. Each write
 // has a deadline (worker.write_timeout), so a client or worker that stops
-// reading cannot pin the connection's goroutines forever.
-func (c *Child) pipe(client *tls.Conn, up *net.UnixConn) {
+// reading cannot pin the connection's goroutines forever. Between bursts
+// neither direction holds a copy buffer (see copyIdleFree).
+func (c *Child) pipe(raw net.Conn, client *tls.Conn, up *net.UnixConn) {
 	c.mu.Lock()
 	wt := c.cfg.Worker.WriteTimeout.D()
 	c.mu.Unlock()
 	if wt <= 0 {
 		wt = 10 * time.Second
 	}
+	closeBoth := func() {
+		_ = up.Close()
+		_ = client.Close() // sends close_notify, bounded by crypto/tls
+	}
 	done := make(chan struct{})
 	go func() { // worker → client
 		defer close(done)
-		_ = copyWithDeadline(client, up, wt)
-		_ = client.Close() // sends close_notify (bounded by crypto/tls), ends the other copy
-		_ = up.Close()
+		_ = copyIdleFree(client, up, up, wt)
+		closeBoth()
 	}()
 	// client → worker
-	err := copyWithDeadline(up, client, wt)
-	if err == nil {
-		// The client finished sending (close_notify): pass the EOF on and
-		// give the worker a bounded time to finish its answer.
+	if err := copyIdleFree(up, client, raw, wt); err == nil {
+		// The client finished sending (close_notify or FIN at a record
+		// boundary): pass the EOF on and give the worker a bounded time to
+		// finish its answer.
 		_ = up.CloseWrite()
-		_ = up.SetReadDeadline(time.Now().Add(halfCloseLinger))
+		t := time.AfterFunc(halfCloseLinger, closeBoth)
+		defer t.Stop()
 	} else {
-		_ = up.Close()
-		_ = client.Close()
+		closeBoth()
 	}
 	<-done
 }
 
-// copyWithDeadline copies src to dst until EOF (nil) or an error.
+// copyIdleFree copies src to dst until src ends (nil on a clean EOF). It
+// waits for src's socket (sock) to become readable without holding a
+// buffer, then takes a pooled one, moves what is there, and gives it back,
+// so an idle proxied connection costs no copy buffer. src may buffer data
+// of its own (crypto/tls decrypts whole records and may hold more), so after
+// each burst it is drained with an already-expired read deadline: that
+// returns what src holds without touching the socket, and a timeout once it
+// holds nothing (crypto/tls keeps timeouts non-fatal, partial records
+// included).
+func copyIdleFree(dst net.Conn, src net.Conn, sock net.Conn, wt time.Duration) error {
+	sc, ok := sock.(syscall.Conn)
+	if !ok {
+		return copyWithDeadline(dst, src, wt)
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return copyWithDeadline(dst, src, wt)
+	}
+	var peek [1]byte
+	ready := func(fd uintptr) bool {
+		_, _, err := syscall.Recvfrom(int(fd), peek[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+		// Readable, EOF or a real error: the Read that follows reports it.
+		return err != syscall.EAGAIN && err != syscall.EINTR
+	}
+	// Start with a drain: the TLS handshake may already have pulled the
+	// client's first records off the socket (TLS 1.3 clients send their
+	// request right behind Finished), so the socket need not turn readable.
+	blocking := false
+	for {
+		if blocking {
+			if err := rc.Read(ready); err != nil {
+				return err // closed by the other direction or by Stop
+			}
+		}
+		bp := copyBufs.Get().(*[]byte)
+		err := burst(dst, src, *bp, wt, blocking)
+		copyBufs.Put(bp)
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				return nil
+			}
+			return err
+		}
+		blocking = true
+	}
+}
+
+// expired is a read deadline in the past: a Read with it returns only what
+// src already holds.
+var expired = time.Unix(1, 0)
+
+// burst moves what is there: one blocking read if block (the socket is
+// known to be readable), then a drain of src's own buffer with an expired
+// deadline. nil means "nothing more for now, wait again".
+func burst(dst, src net.Conn, buf []byte, wt time.Duration, block bool) error {
+	if !block {
+		if err := src.SetReadDeadline(expired); err != nil {
+			return err
+		}
+	}
+	for i := 0; ; i++ {
+		n, rerr := src.Read(buf)
+		if n > 0 {
+			if err := dst.SetWriteDeadline(time.Now().Add(wt)); err != nil {
+				return err
+			}
+			if _, err := dst.Write(buf[:n]); err != nil {
+				return err
+			}
+		}
+		if rerr != nil {
+			if (i > 0 || !block) && errors.Is(rerr, os.ErrDeadlineExceeded) {
+				return src.SetReadDeadline(time.Time{}) // drained
+			}
+			return rerr
+		}
+		if i == 0 && block {
+			if err := src.SetReadDeadline(expired); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// copyWithDeadline copies src to dst until EOF (nil) or an error, with a
+// write deadline on each write. Fallback for conns without a raw socket.
 func copyWithDeadline(dst net.Conn, src io.Reader, wt time.Duration) error {
 	bp := copyBufs.Get().(*[]byte)
 	defer copyBufs.Put(bp)
