@@ -30,7 +30,8 @@ type ServerConfig struct {
 	Name         string        // this broker's name, sent in hello
 	Epoch        uint64        // base of channel epochs; default: start time in ns
 	MaxFrame     int           // largest inbound frame; default link.DefaultMaxFrame
-	MaxPending   int           // bytes queued per worker link before it counts as slow; default 8 MiB
+	MaxPending   int           // bytes queued per worker link before fan-out waits for it; default 8 MiB
+	SlowTimeout  time.Duration // a full worker link that frees no space this long is dropped; default 2 s
 	WriteTimeout time.Duration // a worker that accepts no bytes this long is dropped; default 10 s
 	IdleTimeout  time.Duration // a worker that sends nothing (not even a ping) this long is dropped; default 30 s
 	ChannelIdle  time.Duration // a channel with no interest and no publish this long is forgotten; default 2 min
@@ -105,6 +106,9 @@ func NewServer(cfg ServerConfig) *Server {
 	}
 	if cfg.WriteTimeout <= 0 {
 		cfg.WriteTimeout = 10 * time.Second
+	}
+	if cfg.SlowTimeout <= 0 {
+		cfg.SlowTimeout = 2 * time.Second
 	}
 	if cfg.IdleTimeout <= 0 {
 		cfg.IdleTimeout = 30 * time.Second
@@ -264,8 +268,15 @@ func isProtocolError(err error) bool {
 
 // publish assigns the next offset and fans the message out. The fan-out runs
 // under the shard lock so every worker sees a channel's offsets in order even
-// when several workers publish to it at once; it never blocks: a worker
-// link whose queue is full is dropped (it reconnects and re-registers).
+// when several workers publish to it at once.
+//
+// Backpressure: a worker link whose queue is full is waited for (up to
+// SlowTimeout) rather than dropped at once, so a briefly busy worker slows
+// the publishers — whose acks come later, and whose own bounded queues then
+// fail new publishes loudly — instead of silently losing acknowledged
+// messages. A worker that stays full is dropped (it reconnects and
+// re-registers). The wait holds the shard lock: that is the point (order),
+// and it cannot deadlock, because a link's writer never takes a shard lock.
 func (l *blink) publish(f *link.Frame) error {
 	s := l.s
 	sh := s.shard(f.Channel)
@@ -281,13 +292,16 @@ func (l *blink) publish(f *link.Frame) error {
 	if n := len(st.links); n > 0 {
 		sh.scratch = link.AppendMsg(sh.scratch[:0], off, epoch, f.Channel, f.Data)
 		for _, dl := range st.links {
-			if err := dl.w.WriteRaw(sh.scratch); err != nil {
-				if errors.Is(err, link.ErrQueueFull) {
+			err := dl.w.WriteRaw(sh.scratch)
+			if errors.Is(err, link.ErrQueueFull) {
+				err = s.waitAndWrite(dl, sh.scratch)
+				if errors.Is(err, link.ErrQueueFull) || errors.Is(err, context.DeadlineExceeded) {
 					slow = append(slow, dl)
 				}
-				continue
 			}
-			s.deliveries.Add(1)
+			if err == nil {
+				s.deliveries.Add(1)
+			}
 		}
 		if cap(sh.scratch) > 256<<10 {
 			sh.scratch = nil
@@ -317,6 +331,21 @@ func (l *blink) publish(f *link.Frame) error {
 		}
 	}
 	return fmt.Errorf("broker: queueing puback: %w", link.ErrQueueFull)
+}
+
+// waitAndWrite is the slow path of a fan-out: wait for space, then queue.
+func (s *Server) waitAndWrite(dl *blink, frame []byte) error {
+	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.SlowTimeout)
+	defer cancel()
+	for range 8 { // space may be taken by other frames between wake and write
+		if err := dl.w.WaitSpace(ctx, len(frame)); err != nil {
+			return err
+		}
+		if err := dl.w.WriteRaw(frame); !errors.Is(err, link.ErrQueueFull) {
+			return err
+		}
+	}
+	return link.ErrQueueFull
 }
 
 func (s *Server) newChan() *chanState {
