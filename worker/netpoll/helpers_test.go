@@ -329,6 +329,9 @@ func rawUpgraded(srv *Server) (int, error) {
 		closeFD(fds[1])
 		return -1, err
 	}
+	// Bound the blocking calls so a stuck server fails the caller.
+	tv := unix.Timeval{Sec: 5}
+	_ = unix.SetsockoptTimeval(fds[1], unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
 	if _, err := unix.Write(fds[1], []byte(upgradeRequest("/socketcluster/", ""))); err != nil {
 		closeFD(fds[1])
 		return -1, fmt.Errorf("write upgrade: %w", err)
