@@ -216,3 +216,24 @@ middleware:
 		t.Fatal("counts left after every socket closed")
 	}
 }
+
+// BenchmarkPublishInChannelsOnly is the common case without rate limits:
+// the channel rules alone.
+func BenchmarkPublishInChannelsOnly(b *testing.B) {
+	c := load(b, `
+middleware:
+  inbound:
+    - channels:
+        - {match: "private/**", subscribe: {require: authenticated}}
+        - {match: "user/{sub}/**", publish: {require: claim}}
+        - {match: "readonly/**", publish: deny}
+`, Options{})
+	s := user("s1", "10.0.0.1", "alice", nil)
+	in := Input{Action: PublishIn, Socket: s, Channel: "user/alice/inbox", Data: []byte(`{"text":"hello"}`)}
+	b.ReportAllocs()
+	for b.Loop() {
+		if d, _ := c.Run(&in, nil); d.Verdict != Allow {
+			b.Fatal(d)
+		}
+	}
+}
