@@ -167,8 +167,8 @@ func checkLoopbackURL(s string) error {
 	if err != nil {
 		return fmt.Errorf("bench: bad URL %q: %w", s, err)
 	}
-	if u.Scheme != "ws" {
-		return fmt.Errorf("bench: URL %q: only ws:// is supported", s)
+	if u.Scheme != "ws" && u.Scheme != "wss" {
+		return fmt.Errorf("bench: URL %q: only ws:// and wss:// are supported", s)
 	}
 	h := u.Hostname()
 	if h == "localhost" {
@@ -679,6 +679,9 @@ func (c *coordinator) run(ctx context.Context) (*Result, error) {
 			r.add("server_rss_delta_per_conn_kib", "server RSS growth / connection", (float64(held.RSS)-float64(before.RSS))/n/1024, "KiB")
 		}
 		r.add("closed_by_server", "closed by server while held", float64(runEnd.Closed), "")
+		if o.Agents > 0 && setup.Connected > 0 {
+			r.add("tool_rss_per_conn_kib", "bench RSS growth / connection", float64(setup.RSSGrowth)/float64(setup.Connected)/1024, "KiB")
+		}
 	case "fanout":
 		r.param("channels", "channels", float64(o.Channels), "")
 		r.param("subscribers", "subscribers per channel", float64(o.Subscribers), "")

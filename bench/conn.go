@@ -10,6 +10,7 @@ package bench
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -37,6 +38,7 @@ const maxOut = 1 << 20
 type conn struct {
 	fd int
 	p  *poller
+	tc net.Conn // wss:// only: the TLS connection, read by its own goroutine
 
 	// Touched only by the poller goroutine.
 	partial []byte   // bytes of an incomplete inbound frame, nil when none
@@ -57,6 +59,13 @@ func (c *conn) write(b []byte) error {
 	defer c.mu.Unlock()
 	if c.closed {
 		return errClosed
+	}
+	if c.tc != nil {
+		// TLS keeps its state in user space, so the write is a blocking one,
+		// bounded by a deadline; only publishers write at volume.
+		_ = c.tc.SetWriteDeadline(time.Now().Add(10 * time.Second))
+		_, err := c.tc.Write(b)
+		return err
 	}
 	if len(c.out) > 0 {
 		if len(c.out)+len(b) > maxOut {
@@ -114,7 +123,11 @@ func (c *conn) closeFD() bool {
 	}
 	c.closed = true
 	c.out = nil
-	unix.Close(c.fd)
+	if c.tc != nil {
+		c.tc.Close()
+	} else {
+		unix.Close(c.fd)
+	}
 	return true
 }
 
@@ -133,6 +146,7 @@ type dialOpts struct {
 	sources []net.IP
 	timeout time.Duration
 	token   string // sent in #handshake when set
+	tls     *tls.Config
 }
 
 // sess is a connection during its synchronous phase.
@@ -156,7 +170,8 @@ func dial(ctx context.Context, o *dialOpts, i int) (*sess, error) {
 		nd.LocalAddr = &net.TCPAddr{IP: o.sources[i%len(o.sources)]}
 	}
 	wd := ws.Dialer{
-		Timeout: o.timeout,
+		Timeout:   o.timeout,
+		TLSConfig: o.tls,
 		NetDial: func(ctx context.Context, network, addr string) (net.Conn, error) {
 			return nd.DialContext(ctx, network, addr)
 		},
@@ -346,7 +361,9 @@ type poller struct {
 	st   pollStats
 
 	mu    sync.Mutex
-	conns map[int]*conn // fd → conn; only the poller deletes, under mu
+	conns map[int]*conn  // fd → conn; only the poller deletes, under mu
+	tls   map[*conn]bool // wss:// conns, each read by its own goroutine
+	tlsWG sync.WaitGroup
 }
 
 // pollStats are written by one poller goroutine and read by the reporter.
@@ -361,7 +378,7 @@ func newPoller(a *agent) (*poller, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &poller{a: a, epfd: epfd, buf: make([]byte, 256<<10), conns: make(map[int]*conn)}, nil
+	return &poller{a: a, epfd: epfd, buf: make([]byte, 256<<10), conns: make(map[int]*conn), tls: make(map[*conn]bool)}, nil
 }
 
 // add registers an established connection (edge-triggered: the poller reads
@@ -382,6 +399,36 @@ func (p *poller) add(c *conn, rest []byte) error {
 		return err
 	}
 	return nil
+}
+
+// addTLS starts the reader of a wss:// connection. TLS state lives in user
+// space, so these cannot be handed to epoll as bare descriptors: each costs
+// a goroutine and a 2 KiB read buffer in the bench (docs/bench.md says so).
+func (p *poller) addTLS(c *conn, rest []byte) {
+	c.p = p
+	c.partial = rest
+	p.mu.Lock()
+	p.tls[c] = true
+	p.mu.Unlock()
+	p.tlsWG.Add(1)
+	go func() {
+		defer p.tlsWG.Done()
+		_ = c.tc.SetReadDeadline(time.Time{})
+		buf := make([]byte, 2048)
+		if len(c.partial) > 0 && !p.consume(c, nil) {
+			return
+		}
+		for {
+			n, err := c.tc.Read(buf)
+			if n > 0 && !p.consume(c, buf[:n]) {
+				return
+			}
+			if err != nil {
+				p.drop(c)
+				return
+			}
+		}
+	}()
 }
 
 // run waits for events until stop is closed. The 100 ms timeout bounds how
@@ -450,9 +497,13 @@ func (p *poller) read(c *conn) {
 
 // drop forgets a connection the server closed.
 func (p *poller) drop(c *conn) {
-	_ = unix.EpollCtl(p.epfd, unix.EPOLL_CTL_DEL, c.fd, nil)
 	p.mu.Lock()
-	delete(p.conns, c.fd)
+	if c.tc != nil {
+		delete(p.tls, c)
+	} else {
+		_ = unix.EpollCtl(p.epfd, unix.EPOLL_CTL_DEL, c.fd, nil)
+		delete(p.conns, c.fd)
+	}
 	p.mu.Unlock()
 	if c.closeFD() && !p.a.stopping.Load() {
 		p.st.closed.Add(1)
@@ -609,9 +660,15 @@ func (p *poller) closeAll() {
 	p.mu.Lock()
 	conns := p.conns
 	p.conns = make(map[int]*conn)
+	tlsConns := p.tls
+	p.tls = make(map[*conn]bool)
 	p.mu.Unlock()
 	for _, c := range conns {
 		c.closeFD()
 	}
+	for c := range tlsConns {
+		c.closeFD() // unblocks its reader
+	}
+	p.tlsWG.Wait()
 	unix.Close(p.epfd)
 }

@@ -62,7 +62,7 @@ func checkFanout(t *testing.T, r *Result) {
 }
 
 func TestScenariosAgainstFakeServer(t *testing.T) {
-	s := startFakeSC(t)
+	s := startFakeSC(t, false)
 	u := []string{s.url()}
 
 	r := run(t, Options{Scenario: "conns", URLs: u, Conns: 200, Hold: 100 * time.Millisecond, Sources: 4})
@@ -97,10 +97,25 @@ func TestScenariosAgainstFakeServer(t *testing.T) {
 	}
 }
 
+// TestWSS runs the TLS path: connections read by their own goroutines.
+func TestWSS(t *testing.T) {
+	s := startFakeSC(t, true)
+	u := []string{s.url()}
+	if !strings.HasPrefix(u[0], "wss://") {
+		t.Fatal(u[0])
+	}
+	r := run(t, Options{Scenario: "conns", URLs: u, Conns: 20, Hold: 50 * time.Millisecond})
+	if c := metric(t, r, "connected"); c != 20 {
+		t.Errorf("connected %v of 20 over wss", c)
+	}
+	r = run(t, Options{Scenario: "fanout", URLs: u, Subscribers: 5, Publishers: 2, Rate: 200, Duration: 300 * time.Millisecond})
+	checkFanout(t, r)
+}
+
 // TestAgentProcesses runs the agents as child processes (this test binary
 // re-executed as an agent, as `shoal bench --agent` is in the CLI).
 func TestAgentProcesses(t *testing.T) {
-	s := startFakeSC(t)
+	s := startFakeSC(t, false)
 	t.Setenv(agentEnv, "1")
 	r := run(t, Options{Scenario: "fanout", URLs: []string{s.url()}, Agents: 2, AgentCommand: []string{os.Args[0]},
 		Channels: 2, Subscribers: 6, Publishers: 3, Rate: 300, Duration: 400 * time.Millisecond})
@@ -111,7 +126,7 @@ func TestAgentProcesses(t *testing.T) {
 }
 
 func TestRejectsNonLoopbackTargets(t *testing.T) {
-	for _, u := range []string{"ws://10.0.0.1:8000/socketcluster/", "ws://example.com/socketcluster/", "wss://127.0.0.1/x", "http://127.0.0.1/"} {
+	for _, u := range []string{"ws://10.0.0.1:8000/socketcluster/", "ws://example.com/socketcluster/", "wss://10.1.2.3/x", "ftp://127.0.0.1/", "http://127.0.0.1/"} {
 		if _, err := Run(context.Background(), Options{Scenario: "conns", URLs: []string{u}}); err == nil {
 			t.Errorf("%s accepted", u)
 		}

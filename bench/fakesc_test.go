@@ -7,11 +7,19 @@ package bench
 // thing being measured.
 
 import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/json"
+	"math/big"
 	"net"
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/gobwas/ws"
 	"github.com/gobwas/ws/wsutil"
@@ -19,6 +27,7 @@ import (
 
 type fakeSC struct {
 	ln    net.Listener
+	tls   bool
 	wg    sync.WaitGroup
 	pongs atomic.Int64
 
@@ -38,20 +47,50 @@ func (c *fakeConn) send(b []byte) {
 	_ = wsutil.WriteServerText(c.nc, b)
 }
 
-func startFakeSC(t *testing.T) *fakeSC {
+func startFakeSC(t *testing.T, withTLS bool) *fakeSC {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := &fakeSC{ln: ln, subs: map[string][]*fakeConn{}, conns: map[*fakeConn]bool{}}
+	if withTLS {
+		ln = tls.NewListener(ln, &tls.Config{Certificates: []tls.Certificate{selfSigned(t)}})
+	}
+	s := &fakeSC{ln: ln, tls: withTLS, subs: map[string][]*fakeConn{}, conns: map[*fakeConn]bool{}}
 	s.wg.Add(1)
 	go s.accept()
 	t.Cleanup(s.close)
 	return s
 }
 
-func (s *fakeSC) url() string { return "ws://" + s.ln.Addr().String() + "/socketcluster/" }
+func (s *fakeSC) url() string {
+	scheme := "ws://"
+	if s.tls {
+		scheme = "wss://"
+	}
+	return scheme + s.ln.Addr().String() + "/socketcluster/"
+}
+
+// selfSigned makes a throwaway certificate for 127.0.0.1.
+func selfSigned(t *testing.T) tls.Certificate {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1),
+		Subject:      pkix.Name{CommonName: "bench test"},
+		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(time.Hour),
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+}
 
 func (s *fakeSC) close() {
 	s.ln.Close()
