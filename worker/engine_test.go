@@ -118,7 +118,7 @@ func (b *loopBroker) interestIn(ch string) int {
 }
 
 type testEnv struct {
-	t      *testing.T
+	t      testing.TB
 	e      *Engine
 	broker *loopBroker
 	keys   *auth.Keys
@@ -144,13 +144,13 @@ func (c *fakeClock) advance(d time.Duration) {
 
 const testKey = "test-secret"
 
-func newEnv(t *testing.T, mod func(*configs.Protocol)) *testEnv {
+func newEnv(t testing.TB, mod func(*configs.Protocol)) *testEnv {
 	t.Helper()
 	return newEnvWith(t, mod, func(dst, p []byte) []byte { return append(dst, p...) }, errFakeFull)
 }
 
 // newEnvWith builds an engine with a loopback broker and the given framing.
-func newEnvWith(t *testing.T, mod func(*configs.Protocol), frame func(dst, p []byte) []byte, full error) *testEnv {
+func newEnvWith(t testing.TB, mod func(*configs.Protocol), frame func(dst, p []byte) []byte, full error) *testEnv {
 	t.Helper()
 	p := configs.Default().Protocol
 	if mod != nil {
