@@ -16,6 +16,15 @@ const path = require('node:path');
 const WebSocket = require('ws');
 const scClient = require('socketcluster-client');
 
+// The frame tap below patches the ws module the client itself loads: both
+// must resolve to the same copy (package.json pins ws to the client's).
+{
+  const clientWs = require.resolve('ws', {paths: [path.dirname(require.resolve('socketcluster-client'))]});
+  if (clientWs !== require.resolve('ws')) {
+    throw new Error(`socketcluster-client loads ${clientWs} but the harness loads ${require.resolve('ws')}: pin ws in package.json to the client's version`);
+  }
+}
+
 const TARGET = (process.env.SHOAL_COMPAT_TARGET || 'shoal').toLowerCase();
 const IS_REFERENCE = TARGET === 'reference';
 const AUTH_KEY_ENV = 'SHOAL_COMPAT_AUTH_KEY';

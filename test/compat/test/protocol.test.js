@@ -160,6 +160,81 @@ describe(`socketcluster-client@20 against ${h.TARGET}`, {timeout: 200000}, () =>
     assert.equal(own.messages.length, N + 1);
   }));
 
+  it('two publishers on different workers, 8 channels (both brokers): per-publisher order, exactly once, same bytes to every subscriber', tc(async () => {
+    const chans = Array.from({length: 8}, () => chan('multi'));
+    const subs = [];
+    for (let i = 0; i < 3; i++) subs.push(await connect(target));
+    const pubs = [await connect(target), await connect(target)];
+    if (!IS_REFERENCE) {
+      await waitFor(async () => (await target.processes()).filter((p) => p.role === 'worker').every((w) => w.connections >= 2),
+        {timeout: 5000, interval: 100, what: 'admin API: both workers hold ≥ 2 of the 5 sockets'});
+    }
+    const entries = [];
+    for (const s of subs) for (const ch of chans) entries.push({s, ch, e: await s.subscribe(ch)});
+    const N = 60;
+    const t0 = h.stamp();
+    for (let i = 0; i < N; i++) {
+      for (const [k, p] of pubs.entries()) p.socket.transmitPublish(chans[i % chans.length], {p: k, seq: i});
+    }
+    for (const [k, p] of pubs.entries()) for (const ch of chans) await p.socket.invokePublish(ch, {p: k, end: true});
+    for (const {ch, e} of entries) {
+      await waitFor(() => e.messages.filter((m) => m.end).length === 2, {timeout: 10000, what: `both end markers on ${ch} (has ${e.messages.length})`});
+      for (const k of [0, 1]) {
+        const got = e.messages.filter((m) => m.p === k && !m.end).map((m) => m.seq);
+        const want = Array.from({length: N}, (_, i) => i).filter((i) => chans[i % chans.length] === ch);
+        assert.deepEqual(got, want, `publisher ${k} on ${ch}: every message once, in order`);
+      }
+    }
+    // The server frames a publish once: every subscriber gets the same bytes.
+    const byMsg = new Map();
+    for (const s of subs) {
+      for (const f of tap.of(s.ws, {since: t0, dir: '<'}).filter((x) => x.text.includes('"#publish"'))) {
+        const pkt = JSON.parse(f.text);
+        for (const one of Array.isArray(pkt) ? pkt : [pkt]) {
+          if (one.event !== '#publish') continue;
+          const key = `${one.data.channel}|${JSON.stringify(one.data.data)}`;
+          if (!Array.isArray(pkt)) {
+            if (!byMsg.has(key)) byMsg.set(key, new Set());
+            byMsg.get(key).add(f.text);
+          }
+        }
+      }
+    }
+    for (const [key, texts] of byMsg) assert.equal(texts.size, 1, `identical bytes for ${key}: ${short([...texts])}`);
+  }));
+
+  it('200 official clients connect at once, all subscribe, all receive one publish', {timeout: 60000}, tc(async (t) => {
+    const ch = chan('crowd');
+    const clients = await Promise.all(Array.from({length: 200}, () => connect(target)));
+    const ids = new Set(clients.map((c) => c.socket.id));
+    assert.equal(ids.size, 200, 'distinct socket ids');
+    const entries = await Promise.all(clients.map((c) => c.subscribe(ch, undefined, {timeout: 15000})));
+    if (!IS_REFERENCE) {
+      const ws = await waitFor(async () => {
+        const w = (await target.processes()).filter((p) => p.role === 'worker');
+        return w.reduce((n, x) => n + x.connections, 0) >= 200 && w;
+      }, {timeout: 8000, interval: 100, what: 'admin API: 200 connections counted'});
+      t.diagnostic(`connections per worker: ${ws.map((w) => `${w.name}=${w.connections}`).join(' ')}`);
+      for (const w of ws) assert.ok(w.connections >= 50, `least-connections spreads the crowd (${w.name}: ${w.connections})`);
+    }
+    await clients[0].socket.invokePublish(ch, 'to everyone');
+    await waitFor(() => entries.every((e) => e.messages.length === 1), {timeout: 10000,
+      what: `all 200 got it (${entries.filter((e) => e.messages.length === 1).length} did)`});
+  }));
+
+  it('channel names with quotes, backslashes, slashes, spaces, unicode and control characters', tc(async () => {
+    const names = ['chat/room 1', 'quote"in"name', 'back\\slash\\', 'ünï/😀/日本', 'ctl\u0001\ttab', 'a'.repeat(200), '#hash', 'x/**/y'];
+    const a = await connect(target);
+    const b = await connect(target);
+    const es = [];
+    for (const n of names) es.push(await b.subscribe(n));
+    for (const [i, n] of names.entries()) await a.socket.invokePublish(n, {i, n});
+    for (const [i, n] of names.entries()) {
+      await waitFor(() => es[i].messages.length === 1, {what: `message on ${JSON.stringify(n)}`});
+      assert.deepEqual(es[i].messages, [{i, n}], `only its own message on ${JSON.stringify(n)}`);
+    }
+  }));
+
   it('publish payload types pass through unchanged (object, string, number, null, array, unicode)', tc(async () => {
     const ch = chan('types');
     const a = await connect(target);
@@ -299,6 +374,14 @@ describe(`socketcluster-client@20 against ${h.TARGET}`, {timeout: 200000}, () =>
       const {c, status} = await handshakeWith(token);
       assert.equal(status.isAuthenticated, false);
       assert.equal(c.socket.authState, 'unauthenticated');
+      assert.equal(status.authError && status.authError.name, 'AuthTokenInvalidError', short(status.authError));
+      await c.waitEvent('removeAuthToken');
+    }));
+
+    it('token signed with HS512 while algorithms is [HS256] → AuthTokenInvalidError', tc(async () => {
+      const token = signToken({sub: 'ivan', exp: nowSec() + 3600}, {alg: 'HS512'});
+      const {c, status} = await handshakeWith(token);
+      assert.equal(status.isAuthenticated, false);
       assert.equal(status.authError && status.authError.name, 'AuthTokenInvalidError', short(status.authError));
       await c.waitEvent('removeAuthToken');
     }));
@@ -523,6 +606,58 @@ describe(`socketcluster-client@20 against ${h.TARGET}`, {timeout: 200000}, () =>
       r.sendJSON({event: '#subscribe', data: {channel: chan('legacy'), batch: true, whatever: [1]}, cid: 2});
       const resp = await r.response(2);
       assert.equal(resp.error, undefined, short(resp));
+    }));
+
+    it('envelope variations: key order, whitespace, escaped event name and channel are understood', tc(async () => {
+      const r = (await rawSocket(target)).autoPong();
+      await r.handshake();
+      r.send('{"cid":2,"data":{"channel":"env-a"},"event":"#subscribe"}');
+      r.send(' \n{ "event" : "#subscribe" , "data" : { "channel" : "env-b" } , "cid" : 3 }\n');
+      r.send('{"event":"\\u0023subscribe","data":{"channel":"env-\\u0063"},"cid":4}');
+      for (const rid of [2, 3, 4]) {
+        const resp = await r.response(rid);
+        assert.equal(resp.error, undefined, `rid ${rid}: ${short(resp)}`);
+      }
+      r.send('{"data":{"data":"pa","channel":"env-a"},"event":"#publish"}');
+      r.send('{"event":"#publish","data":{"channel":"env-\\u0063","data":"pc"},"cid":5}');
+      await r.response(5);
+      await waitFor(() => r.packets().filter((p) => p.event === '#publish').length === 2, {what: 'two #publish back'});
+      const got = r.packets().filter((p) => p.event === '#publish').map((p) => [p.data.channel, p.data.data]).sort();
+      assert.deepEqual(got, [['env-a', 'pa'], ['env-c', 'pc']]);
+    }));
+
+    it('#unsubscribe as an invoke is answered; delivery stops', tc(async () => {
+      const r = (await rawSocket(target)).autoPong();
+      await r.handshake();
+      const ch = chan('unsub-invoke');
+      r.sendJSON({event: '#subscribe', data: {channel: ch}, cid: 2});
+      await r.response(2);
+      r.sendJSON({event: '#unsubscribe', data: ch, cid: 3});
+      const resp = await r.response(3);
+      assert.equal(resp.error, undefined, short(resp));
+      const p = await connect(target);
+      const b = await connect(target);
+      const eb = await b.subscribe(ch);
+      await p.socket.invokePublish(ch, 'after');
+      await waitFor(() => eb.messages.length === 1, {what: 'control subscriber got it'});
+      await sleep(300); // observation window
+      assert.equal(r.packets().filter((x) => x.event === '#publish').length, 0, 'nothing delivered after the invoke-form unsubscribe');
+    }));
+
+    it('#subscribe sent as a transmit (no cid) subscribes nothing (as the official server)', tc(async () => {
+      const r = (await rawSocket(target)).autoPong();
+      await r.handshake();
+      const ch = chan('sub-transmit');
+      r.sendJSON({event: '#subscribe', data: {channel: ch}});
+      r.sendJSON({event: '#subscribe', data: {channel: chan('barrier')}, cid: 2});
+      await r.response(2);
+      const p = await connect(target);
+      const b = await connect(target);
+      const eb = await b.subscribe(ch);
+      await p.socket.invokePublish(ch, 'x');
+      await waitFor(() => eb.messages.length === 1, {what: 'control subscriber got it'});
+      await sleep(300); // observation window
+      assert.equal(r.packets().filter((x) => x.event === '#publish').length, 0, 'a transmit #subscribe must not subscribe');
     }));
 
     it('upgrade on a path other than listen.path is refused (HTTP 4xx, no WebSocket)', tc(async () => {
