@@ -28,7 +28,8 @@ type wsEnv struct {
 func newWSEnv(t *testing.T, mod func(*configs.Protocol)) *wsEnv {
 	t.Helper()
 	env := newEnvWith(t, mod, netpoll.AppendTextFrame, netpoll.ErrQueueFull)
-	srv, err := netpoll.New(netpoll.Config{Handler: wsHandler{env.e}, MaxPayload: 1 << 20})
+	srv, err := netpoll.New(netpoll.Config{Handler: wsHandler{env.e}, MaxPayload: 1 << 20,
+		SendQueueBytes: 256 << 10, SendQueueMsgs: 64})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -308,4 +309,51 @@ func TestWSAuth(t *testing.T) {
 	if r := c.recvData(); r != `{"rid":2,"data":{"isAuthenticated":true,"authError":null}}` {
 		t.Fatalf("authenticate: %s", r)
 	}
+}
+
+// TestWSSlowConsumer: a subscriber that stops reading is disconnected with
+// CodeSlowConsumer once its send queue overflows; a reading subscriber of
+// the same channel gets every message and stays connected.
+func TestWSSlowConsumer(t *testing.T) {
+	env := newWSEnv(t, nil)
+	slow, fast := dialWS(t, env.addr), dialWS(t, env.addr)
+	for _, c := range []*wsClient{slow, fast} {
+		c.handshake("")
+		c.send(`{"event":"#subscribe","data":{"channel":"firehose"},"cid":2}`)
+		if r := c.recvData(); r != `{"rid":2}` {
+			t.Fatalf("subscribe: %s", r)
+		}
+	}
+	got := make(chan int, 1)
+	readErr := make(chan error, 1)
+	go func() {
+		for n := 1; ; n++ {
+			_ = fast.c.SetReadDeadline(time.Now().Add(10 * time.Second))
+			if _, _, err := wsutil.ReadServerData(fast.c); err != nil {
+				readErr <- err
+				return
+			}
+			got <- n
+		}
+	}()
+	data := []byte(`"` + strings.Repeat("x", 64<<10) + `"`)
+	sent := 0
+	for ; sent < 2000 && env.e.Stats().Counters["slow_consumer_closes"] == 0; sent++ {
+		env.e.Deliver("firehose", data, uint64(sent))
+		// Pace on the fast reader so only the slow one can overflow.
+		select {
+		case <-got:
+		case err := <-readErr:
+			t.Fatalf("fast subscriber: %v", err)
+		case <-time.After(10 * time.Second):
+			t.Fatal("fast subscriber stalled")
+		}
+	}
+	if n := env.e.Stats().Counters["slow_consumer_closes"]; n != 1 {
+		t.Fatalf("slow consumer closes %d after %d messages", n, sent)
+	}
+	slow.expectClose(CodeSlowConsumer)
+	fast.c.SetReadDeadline(time.Now()) // stop the reader goroutine
+	<-readErr
+	waitFor(t, 5*time.Second, "the slow session to end", func() bool { return env.e.Len() == 1 })
 }
