@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
@@ -75,7 +76,7 @@ func (s *Supervisor) launch(ctx context.Context, p *proc) (*instance, error) {
 		Plugins:          control.PluginMap(nil),
 		Cmd:              cmd,
 		AllowedProtocols: []plugin.Protocol{plugin.ProtocolGRPC},
-		Logger:           newProcLogger(s.sink, p.name, pidOf, s.level),
+		Logger:           childLogger(newProcLogger(s.sink, p.name, pidOf, s.level), exe),
 		Stderr:           ring,
 		SkipHostEnv:      true,
 		StartTimeout:     handshakeTimeout,
@@ -202,6 +203,13 @@ func stderrSuffix(r *stderrRing) string {
 		return ""
 	}
 	return " (stderr: " + lastLines(rep, 1) + ")"
+}
+
+// childLogger readies l for go-plugin, which names the child's stderr
+// logger after the executable's base name.
+func childLogger(l *procLogger, exe string) *procLogger {
+	l.childStream = filepath.Base(exe)
+	return l
 }
 
 // hclogLevel maps the config's level name.

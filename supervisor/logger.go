@@ -30,9 +30,11 @@ type procLogger struct {
 	pid     func() int
 	level   *atomic.Int32 // shared by a logger and its With/Named copies
 	implied []any
-	// fromChild marks the logger go-plugin uses for the child's stderr (the
-	// Named one); the base logger carries go-plugin's own messages about it.
-	fromChild bool
+	// childStream is the name go-plugin gives the logger of the child's
+	// stderr (the binary's base name); fromChild marks that logger. The base
+	// logger carries go-plugin's own messages about the child.
+	childStream string
+	fromChild   bool
 }
 
 var _ hclog.Logger = (*procLogger)(nil)
@@ -150,11 +152,12 @@ func (l *procLogger) With(args ...any) hclog.Logger {
 
 func (l *procLogger) Name() string { return l.proc }
 
-// Named keeps the process name: the name go-plugin adds (the binary's base
-// name, "shoal") says nothing the proc field does not.
-func (l *procLogger) Named(string) hclog.Logger {
+// Named keeps the process name. go-plugin replays the child's stderr on
+// Named(<binary's base name>), and uses other names ("stdio", "yamux") for
+// its own parts; only the first carries the child's lines.
+func (l *procLogger) Named(name string) hclog.Logger {
 	c := *l
-	c.fromChild = true
+	c.fromChild = l.childStream != "" && name == l.childStream
 	return &c
 }
 

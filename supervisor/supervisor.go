@@ -689,6 +689,10 @@ func (s *Supervisor) restart(ctx context.Context, p *proc, crash *crashInfo, pla
 			p.restarts++
 			s.mu.Unlock()
 		}
+		if ctx.Err() != nil { // shutting down: do not start what would be stopped at once
+			reply(ctx.Err())
+			return nil
+		}
 		inst, err := s.launch(ctx, p)
 		if err == nil {
 			s.markReady(p, inst)
