@@ -68,7 +68,7 @@ func collectPIDs(v any, out *[]int) {
 	switch t := v.(type) {
 	case map[string]any:
 		for k, x := range t {
-			if k == "pid" {
+			if k == "pid" || strings.HasSuffix(k, "_pid") { // "supervisor_pid" too
 				if n, ok := x.(json.Number); ok {
 					if p, err := strconv.Atoi(n.String()); err == nil && p > 0 {
 						*out = append(*out, p)
