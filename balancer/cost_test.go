@@ -1,0 +1,376 @@
+package balancer
+
+// The balancer's cost, measured (SHOAL_BALANCER_COST=1 go test -run TestBalancerCost -v ./balancer).
+// The balancer runs in a child process (this test binary re-executed), so
+// its memory is measured alone; clients and an echo "worker" stay here.
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/shoalhq/shoal/handoff"
+	"github.com/shoalhq/shoal/internal/procstat"
+	"github.com/shoalhq/shoal/proto/control"
+	"github.com/shoalhq/shoal/proxyproto"
+)
+
+const (
+	envHelper = "SHOAL_BALANCER_HELPER"
+	envCost   = "SHOAL_BALANCER_COST"
+)
+
+type helperStats struct {
+	RSS        uint64
+	HeapInuse  uint64
+	StackInuse uint64
+	Goroutines int
+}
+
+// TestHelperBalancerProcess is the child: a balancer driven over stdin.
+func TestHelperBalancerProcess(t *testing.T) {
+	if os.Getenv(envHelper) == "" {
+		t.Skip("helper process only")
+	}
+	var p control.StartParams
+	if err := json.Unmarshal([]byte(os.Getenv(envHelper)), &p); err != nil {
+		t.Fatal(err)
+	}
+	c := New(nil)
+	res, err := c.Start(context.Background(), p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, _ := json.Marshal(res.Addrs)
+	fmt.Printf("ADDRS %s\n", out)
+	sc := bufio.NewScanner(os.Stdin)
+	for sc.Scan() { // ends when the parent closes stdin
+		runtime.GC()
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
+		st, _ := json.Marshal(helperStats{RSS: procstat.RSS(os.Getpid()), HeapInuse: ms.HeapInuse, StackInuse: ms.StackInuse, Goroutines: runtime.NumGoroutine()})
+		fmt.Printf("STATS %s\n", st)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_ = c.Stop(ctx)
+}
+
+// echoWorker answers every byte it gets, on a handoff socket, a proxy
+// socket (PROXY v2 required), a direct TCP port and a direct TLS port.
+type echoWorker struct {
+	hl       *handoff.Listener
+	pl, tl   net.Listener
+	tlsl     net.Listener
+	wg       sync.WaitGroup
+	mu       sync.Mutex
+	conns    map[net.Conn]struct{}
+	handoffP string
+	proxyP   string
+}
+
+func startEchoWorker(t *testing.T, dir string, tconf *tls.Config) *echoWorker {
+	t.Helper()
+	w := &echoWorker{conns: map[net.Conn]struct{}{}, handoffP: filepath.Join(dir, "w.sock"), proxyP: filepath.Join(dir, "w.proxy.sock")}
+	var err error
+	if w.hl, err = handoff.Listen(w.handoffP); err != nil {
+		t.Fatal(err)
+	}
+	if w.pl, err = net.Listen("unix", w.proxyP); err != nil {
+		t.Fatal(err)
+	}
+	if w.tl, err = net.Listen("tcp", "127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	if w.tlsl, err = net.Listen("tcp", "127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	w.wg.Add(4)
+	go func() {
+		defer w.wg.Done()
+		for {
+			fd, _, err := w.hl.Accept()
+			if err != nil {
+				return
+			}
+			f := os.NewFile(uintptr(fd), "h")
+			c, err := net.FileConn(f)
+			f.Close()
+			if err == nil {
+				w.echo(c)
+			}
+		}
+	}()
+	acceptLoop := func(l net.Listener, wrap func(net.Conn) net.Conn) {
+		defer w.wg.Done()
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			w.echo(wrap(c))
+		}
+	}
+	go acceptLoop(w.pl, func(c net.Conn) net.Conn { return &headerConn{Conn: c} })
+	go acceptLoop(w.tl, func(c net.Conn) net.Conn { return c })
+	go acceptLoop(w.tlsl, func(c net.Conn) net.Conn { return tls.Server(c, tconf) })
+	t.Cleanup(func() {
+		w.hl.Close()
+		w.pl.Close()
+		w.tl.Close()
+		w.tlsl.Close()
+		w.mu.Lock()
+		for c := range w.conns {
+			c.Close()
+		}
+		w.mu.Unlock()
+		w.wg.Wait()
+	})
+	return w
+}
+
+// headerConn reads (and requires) the PROXY header before the first byte.
+type headerConn struct {
+	net.Conn
+	once sync.Once
+	err  error
+}
+
+func (h *headerConn) Read(b []byte) (int, error) {
+	h.once.Do(func() { _, h.err = proxyproto.ReadHeader(h.Conn) })
+	if h.err != nil {
+		return 0, h.err
+	}
+	return h.Conn.Read(b)
+}
+
+func (w *echoWorker) echo(c net.Conn) {
+	w.mu.Lock()
+	w.conns[c] = struct{}{}
+	w.mu.Unlock()
+	w.wg.Add(1)
+	go func() {
+		defer w.wg.Done()
+		defer func() {
+			w.mu.Lock()
+			delete(w.conns, c)
+			w.mu.Unlock()
+			c.Close()
+		}()
+		_, _ = io.Copy(c, c)
+	}()
+}
+
+type costRig struct {
+	t      *testing.T
+	cmd    *exec.Cmd
+	stdin  io.WriteCloser
+	out    *bufio.Scanner
+	addrs  map[string]string
+	worker *echoWorker
+	tlsCli *tls.Config
+}
+
+func startCostRig(t *testing.T) *costRig {
+	cfg := testConfig(t, true)
+	// The worker's own TLS (the "balancers: 0" comparison) uses the same dev cert.
+	cert, _, _, err := loadOrCreateDevCert(filepath.Join(cfg.Storage.Dir, "tls"), time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := startEchoWorker(t, t.TempDir(), &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12})
+	raw, _ := json.Marshal(cfg)
+	p := control.StartParams{Role: control.RoleBalancer, Name: "balancer-1", Config: raw, Topology: topology(1, control.Peer{
+		Name: "w", Role: control.RoleWorker, State: control.StateReady, Pid: 1,
+		Addrs: map[string]string{control.AddrHandoff: w.handoffP, control.AddrProxy: w.proxyP},
+	})}
+	pj, _ := json.Marshal(p)
+	cmd := exec.Command(os.Args[0], "-test.run=^TestHelperBalancerProcess$", "-test.count=1")
+	cmd.Env = append(os.Environ(), envHelper+"="+string(pj))
+	cmd.Stderr = os.Stderr
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	r := &costRig{t: t, cmd: cmd, stdin: stdin, out: bufio.NewScanner(stdout), worker: w,
+		tlsCli: &tls.Config{RootCAs: devCertPool(t, cfg.Storage.Dir)}}
+	t.Cleanup(func() {
+		stdin.Close()
+		done := make(chan error, 1)
+		go func() { done <- cmd.Wait() }()
+		select {
+		case <-done:
+		case <-time.After(15 * time.Second):
+			_ = cmd.Process.Kill()
+			<-done
+		}
+	})
+	line := r.line("ADDRS ")
+	if err := json.Unmarshal([]byte(line), &r.addrs); err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+// line returns the payload of the child's next stdout line with prefix.
+func (r *costRig) line(prefix string) string {
+	for r.out.Scan() {
+		if s, ok := strings.CutPrefix(r.out.Text(), prefix); ok {
+			return s
+		}
+	}
+	r.t.Fatalf("child exited before printing %q: %v", prefix, r.out.Err())
+	return ""
+}
+
+func (r *costRig) stats() helperStats {
+	if _, err := io.WriteString(r.stdin, "stats\n"); err != nil {
+		r.t.Fatal(err)
+	}
+	var s helperStats
+	if err := json.Unmarshal([]byte(r.line("STATS ")), &s); err != nil {
+		r.t.Fatal(err)
+	}
+	return s
+}
+
+func (r *costRig) dial(path string) (net.Conn, error) {
+	switch path {
+	case "plain":
+		return net.Dial("tcp", r.addrs[control.AddrPublic])
+	case "proxied-tls":
+		return tls.Dial("tcp", r.addrs[control.AddrTLS], r.tlsCli)
+	case "direct":
+		return net.Dial("tcp", r.worker.tl.Addr().String())
+	case "direct-tls":
+		return tls.Dial("tcp", r.worker.tlsl.Addr().String(), r.tlsCli)
+	}
+	return nil, fmt.Errorf("unknown path %s", path)
+}
+
+func roundTrip(c net.Conn, msg, buf []byte) error {
+	if _, err := c.Write(msg); err != nil {
+		return err
+	}
+	_, err := io.ReadFull(c, buf[:len(msg)])
+	return err
+}
+
+func TestBalancerCost(t *testing.T) {
+	if os.Getenv(envCost) == "" {
+		t.Skip("set " + envCost + "=1 to measure the balancer (slow; numbers go to docs/balancer.md)")
+	}
+	r := startCostRig(t)
+	paths := []string{"direct", "plain", "direct-tls", "proxied-tls"}
+
+	// Connections per second: connect, one 1-byte round trip, close; 4 clients.
+	const connsPerClient, clients = 500, 4
+	for _, path := range paths {
+		start := time.Now()
+		var wg sync.WaitGroup
+		var failed sync.Map
+		for range clients {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				buf := make([]byte, 1)
+				for range connsPerClient {
+					c, err := r.dial(path)
+					if err != nil {
+						failed.Store(path, err)
+						return
+					}
+					err = roundTrip(c, []byte{'x'}, buf)
+					c.Close()
+					if err != nil {
+						failed.Store(path, err)
+						return
+					}
+				}
+			}()
+		}
+		wg.Wait()
+		failed.Range(func(k, v any) bool { t.Fatalf("%v: %v", k, v); return false })
+		d := time.Since(start)
+		t.Logf("connections/s %-12s %8.0f", path, float64(connsPerClient*clients)/d.Seconds())
+	}
+
+	// Messages per second: 32 connections, 64-byte ping-pong.
+	const conns, rounds = 32, 2000
+	for _, path := range paths {
+		cs := make([]net.Conn, conns)
+		for i := range cs {
+			c, err := r.dial(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			cs[i] = c
+		}
+		msg := make([]byte, 64)
+		start := time.Now()
+		var wg sync.WaitGroup
+		for _, c := range cs {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				buf := make([]byte, 64)
+				for range rounds {
+					if roundTrip(c, msg, buf) != nil {
+						return
+					}
+				}
+			}()
+		}
+		wg.Wait()
+		d := time.Since(start)
+		for _, c := range cs {
+			c.Close()
+		}
+		t.Logf("round trips/s %-12s %8.0f (64 B each way, %d conns)", path, float64(conns*rounds)/d.Seconds(), conns)
+	}
+
+	// Memory per idle connection in the balancer process.
+	const idle = 3000
+	for _, path := range []string{"plain", "proxied-tls"} {
+		before := r.stats()
+		cs := make([]net.Conn, 0, idle)
+		buf := make([]byte, 1)
+		for range idle {
+			c, err := r.dial(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := roundTrip(c, []byte{'x'}, buf); err != nil {
+				t.Fatal(err)
+			}
+			cs = append(cs, c)
+		}
+		after := r.stats()
+		per := func(a, b uint64) float64 { return (float64(a) - float64(b)) / idle }
+		t.Logf("idle %-12s per conn: RSS %6.0f B, heap %6.0f B, stacks %6.0f B; goroutines %d -> %d",
+			path, per(after.RSS, before.RSS), per(after.HeapInuse, before.HeapInuse), per(after.StackInuse, before.StackInuse),
+			before.Goroutines, after.Goroutines)
+		for _, c := range cs {
+			c.Close()
+		}
+	}
+}
