@@ -1,0 +1,131 @@
+package ring
+
+import (
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+func TestMetaRoundTrip(t *testing.T) {
+	m := Meta{Role: "broker", Link: "tcp:10.0.0.2:41000", Version: "v0.1.0"}
+	b, err := m.Encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := DecodeMeta(b)
+	if err != nil || got != m {
+		t.Fatalf("got %+v %v", got, err)
+	}
+	for _, bad := range [][]byte{nil, {9}, {1, 0}, {1, 0, 5, 'a'}} {
+		if _, err := DecodeMeta(bad); err == nil {
+			t.Errorf("%v decoded", bad)
+		}
+	}
+}
+
+// views records each ring's latest OnChange list.
+type views struct {
+	mu   sync.Mutex
+	last map[string][]Member
+}
+
+func (v *views) set(name string) func([]Member) {
+	return func(ms []Member) {
+		v.mu.Lock()
+		defer v.mu.Unlock()
+		v.last[name] = ms
+	}
+}
+
+func (v *views) names(name string) string {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	s := ""
+	for _, m := range v.last[name] {
+		s += m.Name + "=" + m.Meta.Link + " "
+	}
+	return s
+}
+
+func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) time.Duration {
+	t.Helper()
+	start := time.Now()
+	for !cond() {
+		if time.Since(start) > timeout {
+			t.Fatalf("timed out after %v waiting for %s", timeout, what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	return time.Since(start)
+}
+
+func startRing(t *testing.T, v *views, name string, join []string) *Ring {
+	t.Helper()
+	r, err := Start(Config{
+		Name:     name,
+		Bind:     "127.0.0.1:0",
+		Join:     join,
+		Meta:     Meta{Role: "broker", Link: "unix:/run/" + name + ".link.sock", Version: "test"},
+		OnChange: v.set(name),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = r.Shutdown() })
+	return r
+}
+
+func TestThreeBrokersJoinAndDetectFailure(t *testing.T) {
+	v := &views{last: map[string][]Member{}}
+	a := startRing(t, v, "broker-a", nil)
+	b := startRing(t, v, "broker-b", []string{a.Addr()})
+	c := startRing(t, v, "broker-c", []string{b.Addr()}) // joins through b, learns a by gossip
+	all := "broker-a=unix:/run/broker-a.link.sock broker-b=unix:/run/broker-b.link.sock broker-c=unix:/run/broker-c.link.sock "
+	for _, n := range []string{"broker-a", "broker-b", "broker-c"} {
+		waitFor(t, 5*time.Second, n+" sees all three", func() bool { return v.names(n) == all })
+	}
+
+	// A crash (no leave): the others notice through failed probes.
+	if err := c.Shutdown(); err != nil {
+		t.Fatal(err)
+	}
+	two := "broker-a=unix:/run/broker-a.link.sock broker-b=unix:/run/broker-b.link.sock "
+	var worst time.Duration
+	for _, n := range []string{"broker-a", "broker-b"} {
+		worst = max(worst, waitFor(t, 10*time.Second, n+" drops broker-c", func() bool { return v.names(n) == two }))
+	}
+	t.Logf("crash detected by both survivors after %v", worst)
+
+	// A graceful leave is seen at once.
+	start := time.Now()
+	if err := b.Leave(time.Second); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "broker-a drops broker-b", func() bool {
+		return v.names("broker-a") == "broker-a=unix:/run/broker-a.link.sock "
+	})
+	t.Logf("leave seen after %v", time.Since(start))
+	_ = b.Shutdown()
+}
+
+func TestLoneNodeRejoins(t *testing.T) {
+	v := &views{last: map[string][]Member{}}
+	// Reserve an address, then start the contact there after the joiner.
+	probe := startRing(t, v, "probe", nil)
+	addr := probe.Addr()
+	_ = probe.Shutdown()
+	j := startRing(t, v, "joiner", []string{addr})
+	if n := len(j.Members()); n != 1 {
+		t.Fatalf("joiner sees %d members before its contact exists", n)
+	}
+	r, err := Start(Config{Name: "late", Bind: addr, Meta: Meta{Role: "broker"}, OnChange: v.set("late")})
+	if err != nil {
+		t.Skipf("could not rebind %s for the late contact: %v", addr, err)
+	}
+	t.Cleanup(func() { _ = r.Shutdown() })
+	waitFor(t, 10*time.Second, "the lone node to rejoin", func() bool { return len(j.Members()) == 2 })
+}
