@@ -49,10 +49,9 @@ type Conn struct {
 	pendRead    bool // set under mu: unlockAndRun pushes a read task
 	closeCode   ws.StatusCode
 	closeReason string
-	// out is the send queue: frames shared read-only with other conns.
-	// Entries before outHead were written; out[outHead] may be partly written.
-	out      [][]byte
-	outHead  int
+	// q is the send queue (frames shared read-only with other conns), nil
+	// when empty; outBytes counts its unwritten bytes.
+	q        *queue
 	outBytes int
 	// deadline (unix ns, 0 = none) is when the handshake, a stalled write or
 	// the close sequence times out; timer fires at or before it.
@@ -107,7 +106,7 @@ func (c *Conn) WriteFrame(frame []byte) error {
 		c.mu.Unlock()
 		return ErrClosed
 	}
-	if queued := len(c.out) - c.outHead; queued > 0 &&
+	if queued := c.queuedLocked(); queued > 0 &&
 		(c.outBytes+len(frame) > s.cfg.SendQueueBytes || queued >= s.cfg.SendQueueMsgs) {
 		c.mu.Unlock()
 		s.stats.queueFull.Add(1)
@@ -147,8 +146,19 @@ func (c *Conn) enqueueLocked(b []byte) {
 	if len(b) == 0 {
 		return
 	}
-	c.out = append(c.out, b)
+	if c.q == nil {
+		c.q = getQueue(1)
+	}
+	c.q = c.q.push(b)
 	c.outBytes += len(b)
+}
+
+// queuedLocked is the number of frames not yet completely written.
+func (c *Conn) queuedLocked() int {
+	if c.q == nil {
+		return 0
+	}
+	return c.q.len()
 }
 
 // scheduleFlushLocked reports whether the caller must push a flush task.
@@ -245,8 +255,10 @@ func (c *Conn) finish() {
 		c.timer.Stop()
 		c.timer = nil
 	}
-	clear(c.out)
-	c.out, c.outHead, c.outBytes = nil, 0, 0
+	if c.q != nil {
+		putQueue(c.q)
+		c.q, c.outBytes = nil, 0
+	}
 	c.stash, c.frag = nil, nil
 	c.mu.Unlock()
 	if c.opened {
@@ -337,7 +349,7 @@ func (c *Conn) flush(sc *scratch) {
 		if c.phase >= phaseDead {
 			break
 		}
-		pending := len(c.out) - c.outHead
+		pending := c.queuedLocked()
 		if pending == 0 {
 			c.drainedLocked()
 			break
@@ -348,7 +360,7 @@ func (c *Conn) flush(sc *scratch) {
 			break
 		}
 		n := min(pending, len(sc.iovs))
-		for i, b := range c.out[c.outHead : c.outHead+n] {
+		for i, b := range c.q.frames[c.q.head : c.q.head+n] {
 			sc.iovs[i].Base = &b[0]
 			sc.iovs[i].SetLen(len(b))
 		}
@@ -424,29 +436,12 @@ func (c *Conn) drainedLocked() {
 	}
 }
 
-// consumeLocked drops w written bytes from the head of the send queue.
+// consumeLocked drops w written bytes from the head of the send queue and
+// gives the queue back to the pool when it is empty.
 func (c *Conn) consumeLocked(w int) {
 	c.outBytes -= w
-	for w > 0 {
-		b := c.out[c.outHead]
-		if w < len(b) {
-			c.out[c.outHead] = b[w:]
-			break
-		}
-		w -= len(b)
-		c.out[c.outHead] = nil
-		c.outHead++
-	}
-	switch {
-	case c.outHead == len(c.out):
-		c.out, c.outHead = c.out[:0], 0
-		if cap(c.out) > 64 {
-			// A burst grew the queue: give the memory back.
-			c.out = nil
-		}
-	case c.outHead >= 256 && c.outHead*2 >= len(c.out):
-		n := copy(c.out, c.out[c.outHead:])
-		clear(c.out[n:])
-		c.out, c.outHead = c.out[:n], 0
+	if c.q.consume(w) {
+		putQueue(c.q)
+		c.q = nil
 	}
 }

@@ -325,30 +325,74 @@ func rawUpgraded(srv *Server) (int, error) {
 	if err != nil {
 		return -1, fmt.Errorf("socketpair: %w", err)
 	}
-	if err := srv.Serve(fds[0], nil, &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 1}); err != nil {
-		closeFD(fds[1])
+	return serveAndUpgrade(srv, fds[0], fds[1], &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 1})
+}
+
+// tcpListener is a raw loopback listening socket.
+func tcpListener(tb testing.TB) int {
+	tb.Helper()
+	lfd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { closeFD(lfd) })
+	if err := unix.Bind(lfd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		tb.Fatal(err)
+	}
+	if err := unix.Listen(lfd, 1024); err != nil {
+		tb.Fatal(err)
+	}
+	return lfd
+}
+
+// tcpUpgraded connects to the raw listener, serves the accepted socket
+// (remote from getpeername, as in production) and upgrades it.
+func tcpUpgraded(srv *Server, lfd int) (int, error) {
+	sa, err := unix.Getsockname(lfd)
+	if err != nil {
+		return -1, err
+	}
+	cfd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return -1, fmt.Errorf("socket: %w", err)
+	}
+	if err := unix.Connect(cfd, sa); err != nil {
+		closeFD(cfd)
+		return -1, fmt.Errorf("connect: %w", err)
+	}
+	sfd, _, err := unix.Accept4(lfd, unix.SOCK_CLOEXEC)
+	if err != nil {
+		closeFD(cfd)
+		return -1, fmt.Errorf("accept: %w", err)
+	}
+	return serveAndUpgrade(srv, sfd, cfd, nil)
+}
+
+func serveAndUpgrade(srv *Server, sfd, cfd int, remote net.Addr) (int, error) {
+	if err := srv.Serve(sfd, nil, remote); err != nil {
+		closeFD(cfd)
 		return -1, err
 	}
 	// Bound the blocking calls so a stuck server fails the caller.
 	tv := unix.Timeval{Sec: 5}
-	_ = unix.SetsockoptTimeval(fds[1], unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
-	if _, err := unix.Write(fds[1], []byte(upgradeRequest("/socketcluster/", ""))); err != nil {
-		closeFD(fds[1])
+	_ = unix.SetsockoptTimeval(cfd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
+	if _, err := unix.Write(cfd, []byte(upgradeRequest("/socketcluster/", ""))); err != nil {
+		closeFD(cfd)
 		return -1, fmt.Errorf("write upgrade: %w", err)
 	}
 	var resp []byte
 	buf := make([]byte, 512)
 	for !strings.Contains(string(resp), "\r\n\r\n") {
-		n, err := unix.Read(fds[1], buf)
+		n, err := unix.Read(cfd, buf)
 		if err != nil || n == 0 {
-			closeFD(fds[1])
+			closeFD(cfd)
 			return -1, fmt.Errorf("read upgrade response: %v", err)
 		}
 		resp = append(resp, buf[:n]...)
 	}
 	if !strings.HasPrefix(string(resp), "HTTP/1.1 101 ") {
-		closeFD(fds[1])
+		closeFD(cfd)
 		return -1, fmt.Errorf("upgrade response %q", resp)
 	}
-	return fds[1], nil
+	return cfd, nil
 }

@@ -327,7 +327,7 @@ func (c *Conn) isOpen() bool {
 func (c *Conn) writeControl(frame []byte) {
 	cfg := &c.srv.cfg
 	c.mu.Lock()
-	if queued := len(c.out) - c.outHead; c.phase == phaseOpen &&
+	if queued := c.queuedLocked(); c.phase == phaseOpen &&
 		c.outBytes+len(frame) <= cfg.SendQueueBytes && queued < cfg.SendQueueMsgs {
 		c.enqueueLocked(frame)
 		c.pendFlush = c.pendFlush || c.scheduleFlushLocked()
