@@ -38,15 +38,16 @@ type Child struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup // accept loops and proxied connections
 
-	mu       sync.Mutex // guards the fields below
-	state    string
-	cfg      configs.Config
-	public   net.Listener
-	tlsLn    net.Listener
-	tlsConf  *tls.Config
-	conns    map[net.Conn]struct{} // proxied connections (both ends), closed by Stop
-	stopped  bool
-	draining bool
+	mu         sync.Mutex // guards the fields below
+	state      string
+	cfg        configs.Config
+	public     net.Listener
+	tlsLn      net.Listener
+	tlsConf    *tls.Config
+	conns      map[net.Conn]struct{} // proxied connections (both ends), closed by Stop
+	stopped    bool
+	draining   bool
+	sharedPort bool // ws:// and wss:// on listen.public (see sniff)
 	// proxyLimit caps proxied connections at what the fd limit allows.
 	proxyLimit int64
 	startedAt  time.Time
@@ -106,19 +107,30 @@ func (c *Child) Start(ctx context.Context, p control.StartParams) (control.Start
 			_ = pub.Close()
 			return control.StartResult{}, err
 		}
-		tln, err := listenTCP(ctx, "listen.tls.listen", cfg.Listen.TLS.Listen, shared)
-		if err != nil {
-			_ = pub.Close()
-			return control.StartResult{}, err
+		c.tlsConf = tconf
+		if cfg.Listen.TLS.Listen == cfg.Listen.Public {
+			// One port for ws:// and wss://: told apart by the first byte.
+			c.sharedPort = true
+			addrs[control.AddrTLS] = addrs[control.AddrPublic]
+		} else {
+			tln, err := listenTCP(ctx, "listen.tls.listen", cfg.Listen.TLS.Listen, shared)
+			if err != nil {
+				_ = pub.Close()
+				return control.StartResult{}, err
+			}
+			c.tlsLn = tln
+			addrs[control.AddrTLS] = tln.Addr().String()
 		}
-		c.tlsConf, c.tlsLn = tconf, tln
-		addrs[control.AddrTLS] = tln.Addr().String()
 	}
 	c.public = pub
 	c.state = control.StateReady
 	c.startedAt = time.Now()
 	c.wg.Add(1)
-	go c.acceptLoop(pub, c.routePlain)
+	if c.sharedPort {
+		go c.acceptLoop(pub, c.startSniff)
+	} else {
+		go c.acceptLoop(pub, c.routePlain)
+	}
 	if c.tlsLn != nil {
 		c.wg.Add(1)
 		go c.acceptLoop(c.tlsLn, c.startTLS)
@@ -126,6 +138,13 @@ func (c *Child) Start(ctx context.Context, p control.StartParams) (control.Start
 	c.log.Info("balancer listening", "public", addrs[control.AddrPublic], "tls", addrs[control.AddrTLS],
 		"workers", len(c.pool.all()))
 	return control.StartResult{Addrs: addrs}, nil
+}
+
+// startSniff gives a shared-port connection its short-lived sniffing
+// goroutine (the accept loop must not wait for a client's first byte).
+func (c *Child) startSniff(conn net.Conn) {
+	c.wg.Add(1)
+	go c.sniff(conn)
 }
 
 // listenTCP opens a public listener; "address in use" names the config key.

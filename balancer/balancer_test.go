@@ -667,3 +667,34 @@ func TestTLSProxyLargeTransfers(t *testing.T) {
 	tr.CloseIdleConnections()
 	waitFor(t, 5*time.Second, "proxied connections closed", func() bool { return b.counter(t, "active_tls") == 0 })
 }
+
+// listen.tls.listen equal to listen.public: one port serves ws:// (handed
+// over, first byte untouched) and wss:// (terminated and proxied).
+func TestSharedPortSniffs(t *testing.T) {
+	dir := t.TempDir()
+	w1 := startFakeWorker(t, dir, "worker-1")
+	cfg := testConfig(t, true)
+	cfg.Listen.TLS.Listen = cfg.Listen.Public // "127.0.0.1:0" both: one listener
+	b := startBalancer(t, cfg, topology(1, w1.peer(101, 0)))
+	if b.tls != b.public {
+		t.Fatalf("tls %s, public %s: want one port", b.tls, b.public)
+	}
+	body, local, err := get(t, "http://"+b.public+"/", "127.0.0.2", nil)
+	if err != nil || body != "worker-1 "+local {
+		t.Fatalf("plain on the shared port: %q, %v", body, err)
+	}
+	body, local, err = get(t, "https://"+b.public+"/", "127.0.0.2", &tls.Config{RootCAs: devCertPool(t, b.storage)})
+	if err != nil || body != "worker-1 "+local {
+		t.Fatalf("TLS on the shared port: %q, %v", body, err)
+	}
+	if w1.handed.Load() != 1 || w1.proxied.Load() != 1 {
+		t.Errorf("handed %d, proxied %d; want 1 each", w1.handed.Load(), w1.proxied.Load())
+	}
+	// A client that sends nothing does not hold Stop up (goleak checks the
+	// sniffing goroutine is gone).
+	c, err := net.Dial("tcp", b.public)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+}
