@@ -58,6 +58,7 @@ type Packet struct {
 type Reader struct {
 	frame []byte
 	s     scanner
+	span  [2]int // the single packet's value, found while validating
 	batch bool
 	done  bool
 	count int
@@ -77,11 +78,17 @@ func (r *Reader) Reset(frame []byte) {
 		// sc-formatter hands such text to the app as a plain string.
 		return
 	}
-	if err := Valid(frame); err != nil {
+	if _, _, err := v.value(); err != nil {
 		r.err = err
 		return
 	}
+	end := v.i
+	if v.ws(); v.i != len(frame) {
+		r.err = v.fail(ErrSyntax, "trailing data after value")
+		return
+	}
 	r.s.ws()
+	r.span = [2]int{r.s.i, end}
 	if frame[r.s.i] == '[' {
 		r.batch = true
 		r.s.i++
@@ -115,11 +122,7 @@ func (r *Reader) Next(p *Packet) bool {
 		case string(r.frame) == "#1":
 			p.Kind = PingV1
 		case r.err == nil:
-			r.s.ws()
-			start, end, err := r.s.value()
-			if err == nil {
-				parsePacket(r.frame[start:end], p)
-			}
+			parsePacket(r.frame[r.span[0]:r.span[1]], p)
 		}
 		return true
 	}
@@ -128,12 +131,14 @@ func (r *Reader) Next(p *Packet) bool {
 		r.done = true
 		return false
 	}
-	start, end, err := r.s.value()
-	if err != nil { // cannot happen on a validated frame; stay safe
-		r.err = err
+	r.s.ws()
+	start := r.s.i
+	if start >= len(r.frame) { // cannot happen on a validated frame; stay safe
 		r.done = true
 		return false
 	}
+	end := skipValid(r.frame, start)
+	r.s.i = end
 	r.count++
 	if more, err := r.s.next(']'); err != nil || !more {
 		r.done = true
@@ -175,11 +180,10 @@ func parsePacket(b []byte, p *Packet) {
 			return
 		}
 		s.ws()
-		vs, ve, err := s.value()
-		if err != nil {
-			return
-		}
-		val := b[vs:ve]
+		// The frame was validated as a whole: skip without re-checking.
+		vs := s.i
+		s.i = skipValid(b, s.i)
+		val := b[vs:s.i]
 		// Later duplicates win, as with JSON.parse.
 		switch string(key) {
 		case "event":
@@ -299,3 +303,57 @@ func IsTrue(raw []byte) bool { return string(raw) == "true" }
 
 // IsNull reports whether raw is absent or the JSON literal null.
 func IsNull(raw []byte) bool { return len(raw) == 0 || string(raw) == "null" }
+
+// skipValid returns the end of the JSON value starting at b[i], which must
+// be part of an already validated text: it only matches brackets and skips
+// strings, which is much cheaper than validating again.
+func skipValid(b []byte, i int) int {
+	if i >= len(b) {
+		return len(b)
+	}
+	switch b[i] {
+	case '"':
+		return skipString(b, i)
+	case '{', '[':
+		depth := 0
+		for i < len(b) {
+			switch b[i] {
+			case '"':
+				i = skipString(b, i)
+				continue
+			case '{', '[':
+				depth++
+			case '}', ']':
+				depth--
+				if depth == 0 {
+					return i + 1
+				}
+			}
+			i++
+		}
+		return len(b)
+	}
+	for i < len(b) { // number or literal
+		switch b[i] {
+		case ',', '}', ']', ' ', '\t', '\n', '\r':
+			return i
+		}
+		i++
+	}
+	return i
+}
+
+// skipString returns the index after the closing quote of the string at b[i].
+func skipString(b []byte, i int) int {
+	for i++; i < len(b); {
+		switch b[i] {
+		case '"':
+			return i + 1
+		case '\\':
+			i += 2
+		default:
+			i++
+		}
+	}
+	return len(b)
+}

@@ -1,0 +1,57 @@
+package worker
+
+import (
+	"fmt"
+	"net"
+	"sync/atomic"
+	"testing"
+
+	"github.com/gobwas/ws"
+
+	"github.com/shoalhq/shoal/worker/netpoll"
+)
+
+// nullConn accepts every frame and keeps nothing.
+type nullConn struct{ n atomic.Int64 }
+
+func (c *nullConn) WriteFrame(f []byte) error             { c.n.Add(1); return nil }
+func (c *nullConn) Close(code ws.StatusCode, reason string) {}
+func (c *nullConn) RemoteAddr() net.Addr                    { return nil }
+
+// BenchmarkDeliver: one broker message fanned out to 1000 local
+// subscribers: framed once (one allocation), the same bytes to everyone.
+func BenchmarkDeliver(b *testing.B) {
+	env := newEnvWith(b, nil, netpoll.AppendTextFrame, netpoll.ErrQueueFull)
+	conns := make([]*nullConn, 1000)
+	for i := range conns {
+		conns[i] = &nullConn{}
+		s := env.e.Open(conns[i])
+		env.e.Message(s, []byte(`{"event":"#handshake","data":{},"cid":1}`))
+		env.e.Message(s, []byte(`{"event":"#subscribe","data":{"channel":"room"},"cid":2}`))
+	}
+	data := []byte(`{"text":"hello world, this is a chat message","user":"alice"}`)
+	b.ReportAllocs()
+	for b.Loop() {
+		env.e.Deliver("room", data, 1)
+	}
+	b.ReportMetric(float64(conns[0].n.Load())/float64(b.N), "frames/sub/op")
+}
+
+// BenchmarkInboundPublish: a client #publish invoke through the engine to
+// the (loopback) broker, with no local subscriber.
+func BenchmarkInboundPublish(b *testing.B) {
+	env := newEnvWith(b, nil, netpoll.AppendTextFrame, netpoll.ErrQueueFull)
+	c := &nullConn{}
+	s := env.e.Open(c)
+	env.e.Message(s, []byte(`{"event":"#handshake","data":{},"cid":1}`))
+	frames := make([][]byte, 64)
+	for i := range frames {
+		frames[i] = []byte(fmt.Sprintf(`{"event":"#publish","data":{"channel":"chat/room-1","data":{"text":"hello","n":%d}},"cid":%d}`, i, i+2))
+	}
+	b.ReportAllocs()
+	i := 0
+	for b.Loop() {
+		env.e.Message(s, frames[i%len(frames)])
+		i++
+	}
+}
