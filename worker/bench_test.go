@@ -14,7 +14,7 @@ import (
 // nullConn accepts every frame and keeps nothing.
 type nullConn struct{ n atomic.Int64 }
 
-func (c *nullConn) WriteFrame(f []byte) error             { c.n.Add(1); return nil }
+func (c *nullConn) WriteFrame(f []byte) error               { c.n.Add(1); return nil }
 func (c *nullConn) Close(code ws.StatusCode, reason string) {}
 func (c *nullConn) RemoteAddr() net.Addr                    { return nil }
 
