@@ -397,7 +397,7 @@ func (s *Session) subscribe(p *sc.Packet) {
 		return // the official server subscribes only on the invoke form
 	}
 	ch, ok := sc.StringField(p.Data, "channel")
-	if !ok {
+	if !ok || len(ch) == 0 { // "" cannot be routed to a broker
 		s.replyError(p.CID, errSubscribeMalformed)
 		return
 	}
@@ -489,7 +489,7 @@ func (s *Session) publish(p *sc.Packet) {
 		return
 	}
 	ch, ok := sc.StringField(p.Data, "channel")
-	if !ok || len(ch) > MaxChannelLen {
+	if !ok || len(ch) == 0 || len(ch) > MaxChannelLen {
 		if invoke {
 			s.replyError(p.CID, errPublishMalformed)
 		}
