@@ -13,7 +13,11 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
+	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -23,25 +27,27 @@ import (
 	"github.com/shoalhq/shoal/internal/procstat"
 	"github.com/shoalhq/shoal/proto/control"
 	"github.com/shoalhq/shoal/proto/link"
+	"github.com/shoalhq/shoal/ring"
 )
+
+// Version is reported in ring metadata.
+const Version = "0.1.0"
 
 // Child is the broker's control-plane implementation.
 type Child struct {
 	log hclog.Logger
 
-	mu      sync.Mutex
-	state   string
-	name    string
-	srv     *Server
-	ring    Ring // nil until the ring is started (or when it is disabled)
-	stopped bool
-}
-
-// Ring is what the broker needs from its gossip membership (package ring);
-// an interface so the broker runs, and is tested, without one.
-type Ring interface {
-	Leave(timeout time.Duration) error
-	Shutdown() error
+	mu       sync.Mutex
+	state    string
+	name     string
+	srv      *Server
+	ring     *ring.Ring // nil when gossip is disabled (cluster.gossip "")
+	ringName string
+	joining  bool // a topology-driven join is in flight
+	joined   bool // the ring has had another member at least once
+	contacts bool // there is someone to join
+	stopped  bool
+	wg       sync.WaitGroup
 }
 
 var _ control.Child = (*Child)(nil)
@@ -96,9 +102,20 @@ func (c *Child) Start(ctx context.Context, p control.StartParams) (control.Start
 		srv.Close(ctx)
 		return control.StartResult{}, err
 	}
-	c.srv, c.name, c.state = srv, p.Name, control.StateReady
-	c.log.Info("broker listening", "link", addr, "epoch", srv.Epoch())
-	return control.StartResult{Addrs: map[string]string{control.AddrLink: addr}}, nil
+	c.srv, c.name = srv, p.Name
+	addrs := map[string]string{control.AddrLink: addr}
+	if cfg.Cluster.Gossip != "" {
+		gossip, err := c.startRing(cfg, p, srv, addr)
+		if err != nil {
+			srv.Close(ctx)
+			c.srv = nil
+			return control.StartResult{}, err
+		}
+		addrs[control.AddrGossip] = gossip
+	}
+	c.state = control.StateReady
+	c.log.Info("broker listening", "link", addr, "gossip", addrs[control.AddrGossip], "epoch", srv.Epoch())
+	return control.StartResult{Addrs: addrs}, nil
 }
 
 // Server returns the link server (nil before Start); for tests and the ring.
@@ -106,6 +123,145 @@ func (c *Child) Server() *Server {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.srv
+}
+
+// GossipPlan is where a broker's ring binds and whom it joins, from the
+// config and its 1-based index on the node:
+//
+//   - bind: cluster.gossip's host, port + index - 1 (brokers of one node take
+//     consecutive ports from cluster.gossip; port 0 stays 0 = ephemeral);
+//   - join: cluster.join, plus every sibling's computed address, so a
+//     restarted broker finds its node's ring even when cluster.join is empty;
+//   - name: the broker's name on a single node; with cluster.join set,
+//     name@bind so names stay unique across nodes;
+//   - crossHost: with cluster.join set or a non-loopback bind, the broker
+//     also listens for links on TCP and advertises that address.
+type GossipPlan struct {
+	Bind      string
+	Join      []string
+	Name      string
+	CrossHost bool
+}
+
+// PlanGossip computes the GossipPlan.
+func PlanGossip(cfg configs.Config, name string, index int) (GossipPlan, error) {
+	host, portStr, err := net.SplitHostPort(cfg.Cluster.Gossip)
+	if err != nil {
+		return GossipPlan{}, fmt.Errorf("broker: cluster.gossip %q: %w", cfg.Cluster.Gossip, err)
+	}
+	port, err := strconv.Atoi(portStr)
+	if err != nil || port < 0 || port > 65535 {
+		return GossipPlan{}, fmt.Errorf("broker: cluster.gossip %q: bad port", cfg.Cluster.Gossip)
+	}
+	index = max(index, 1)
+	plan := GossipPlan{Name: name}
+	bindPort := 0
+	if port != 0 {
+		bindPort = port + index - 1
+		if bindPort > 65535 {
+			return GossipPlan{}, fmt.Errorf("broker: cluster.gossip port %d + broker index %d is past 65535", port, index)
+		}
+		for j := 1; j <= cfg.Cluster.Brokers; j++ {
+			if j != index && port+j-1 <= 65535 {
+				plan.Join = append(plan.Join, net.JoinHostPort(joinHost(host), strconv.Itoa(port+j-1)))
+			}
+		}
+	}
+	plan.Bind = net.JoinHostPort(host, strconv.Itoa(bindPort))
+	plan.Join = append(plan.Join, cfg.Cluster.Join...)
+	ip := net.ParseIP(host)
+	loopback := host == "localhost" || (ip != nil && ip.IsLoopback())
+	if len(cfg.Cluster.Join) > 0 || !loopback {
+		plan.CrossHost = true
+	}
+	if len(cfg.Cluster.Join) > 0 {
+		plan.Name = name + "@" + plan.Bind
+		if host == "" || (ip != nil && ip.IsUnspecified()) {
+			hn, _ := os.Hostname()
+			plan.Name = name + "@" + net.JoinHostPort(hn, strconv.Itoa(bindPort))
+		}
+	}
+	return plan, nil
+}
+
+// joinHost turns a wildcard bind host into one that can be dialled.
+func joinHost(h string) string {
+	if ip := net.ParseIP(h); h == "" || (ip != nil && ip.IsUnspecified()) {
+		return "127.0.0.1"
+	}
+	return h
+}
+
+// startRing joins the gossip ring; called with c.mu held.
+func (c *Child) startRing(cfg configs.Config, p control.StartParams, srv *Server, unixAddr string) (string, error) {
+	plan, err := PlanGossip(cfg, p.Name, p.Index)
+	if err != nil {
+		return "", err
+	}
+	meta := ring.Meta{Role: string(control.RoleBroker), Link: unixAddr, Version: Version}
+	if plan.CrossHost {
+		host, _, _ := net.SplitHostPort(plan.Bind)
+		ln, err := link.Listen("tcp:" + net.JoinHostPort(host, "0"))
+		if err != nil {
+			return "", fmt.Errorf("broker %s: listening for links on TCP: %w", p.Name, err)
+		}
+		if err := srv.Serve(ln); err != nil {
+			ln.Close()
+			return "", err
+		}
+		meta.Link = link.ListenerAddr(ln)
+	}
+	c.ringName = plan.Name
+	c.contacts = len(plan.Join) > 0
+	r, err := ring.Start(ring.Config{
+		Name:     plan.Name,
+		Bind:     plan.Bind,
+		Join:     plan.Join,
+		Meta:     meta,
+		Logger:   c.log.Named("ring"),
+		OnChange: c.ringChanged,
+	})
+	if err != nil {
+		return "", fmt.Errorf("broker %s: %w", p.Name, err)
+	}
+	if plan.CrossHost {
+		// A wildcard TCP listener advertises the IP memberlist chose.
+		gh, _, _ := net.SplitHostPort(r.Addr())
+		_, lport, _ := net.SplitHostPort(strings.TrimPrefix(meta.Link, "tcp:"))
+		if lh, _, _ := net.SplitHostPort(strings.TrimPrefix(meta.Link, "tcp:")); lh != gh {
+			meta.Link = "tcp:" + net.JoinHostPort(gh, lport)
+			if err := r.SetMeta(meta, time.Second); err != nil {
+				c.log.Warn("gossiping the link address", "error", err)
+			}
+		}
+	}
+	c.ring = r
+	return r.Addr(), nil
+}
+
+// ringChanged pushes the live brokers to every worker link. Until the ring
+// has had a second member, a broker with contacts keeps quiet: a broker
+// that is alone only because it started first would otherwise tell workers
+// that it owns every channel.
+func (c *Child) ringChanged(ms []ring.Member) {
+	c.mu.Lock()
+	if len(ms) > 1 {
+		c.joined = true
+	}
+	quiet := c.contacts && !c.joined
+	srv := c.srv
+	c.mu.Unlock()
+	if quiet || srv == nil {
+		return
+	}
+	out := make([]link.Member, 0, len(ms))
+	for _, m := range ms {
+		if m.Meta.Role == string(control.RoleBroker) && m.Meta.Link != "" {
+			out = append(out, link.Member{Name: m.Name, Addr: m.Meta.Link})
+		}
+	}
+	c.log.Info("ring changed", "brokers", len(out))
+	srv.SetMembers(out)
 }
 
 func (c *Child) Health(ctx context.Context) (control.Health, error) {
@@ -136,9 +292,42 @@ func (c *Child) Stats(ctx context.Context) (control.Stats, error) {
 	return st, nil
 }
 
-// SetTopology is accepted and ignored: workers, not brokers, act on the
-// broker set.
-func (c *Child) SetTopology(ctx context.Context, t control.Topology) error { return nil }
+// SetTopology joins the gossip addresses of the node's other brokers that
+// the ring does not know yet (useful when ports are ephemeral). The join
+// runs in the background: SetTopology never blocks the supervisor.
+func (c *Child) SetTopology(ctx context.Context, t control.Topology) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.ring == nil || c.joining || c.stopped {
+		return nil
+	}
+	known := map[string]bool{}
+	for _, m := range c.ring.Members() {
+		known[m.Gossip] = true
+	}
+	var addrs []string
+	for _, p := range t.ByRole(control.RoleBroker) {
+		if g := p.Addrs[control.AddrGossip]; g != "" && !known[g] && p.Name != c.name && p.State != control.StateDead {
+			addrs = append(addrs, g)
+		}
+	}
+	if len(addrs) == 0 {
+		return nil
+	}
+	c.joining = true
+	r := c.ring
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		if err := r.Join(addrs); err != nil {
+			c.log.Debug("joining brokers from the topology", "error", err)
+		}
+		c.mu.Lock()
+		c.joining = false
+		c.mu.Unlock()
+	}()
+	return nil
+}
 
 // Drain leaves the ring and closes every worker link (flushing what is
 // queued within timeout); workers then move this broker's channels once the
@@ -173,6 +362,7 @@ func (c *Child) Stop(ctx context.Context) error {
 	srv, r := c.srv, c.ring
 	c.mu.Unlock()
 	var err error
+	c.wg.Wait() // a topology join in flight ends within memberlist's TCP timeout
 	if r != nil {
 		if e := r.Shutdown(); e != nil {
 			err = fmt.Errorf("broker: shutting down the ring: %w", e)

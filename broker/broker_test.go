@@ -53,6 +53,9 @@ func (s *syncBuffer) String() string {
 
 func startChild(t *testing.T, cfg []byte) (*Child, string, *syncBuffer) {
 	t.Helper()
+	if cfg == nil {
+		cfg = []byte(`{"cluster":{"gossip":""}}`) // no ring unless a test asks
+	}
 	logs := &syncBuffer{}
 	c := New(hclog.New(&hclog.LoggerOptions{Output: logs, Level: hclog.Debug}))
 	res, err := c.Start(context.Background(), control.StartParams{Role: control.RoleBroker, Name: "broker-1", RunDir: shortDir(t), Config: cfg})
@@ -230,6 +233,7 @@ func TestMalformedFrameClosesOnlyThatLink(t *testing.T) {
 func TestMaxFrameFollowsMaxPayload(t *testing.T) {
 	cfg := configs.Default()
 	cfg.Protocol.MaxPayload = 1024
+	cfg.Cluster.Gossip = ""
 	b, _ := json.Marshal(cfg)
 	_, addr, logs := startChild(t, b)
 	w := dialRaw(t, addr)
