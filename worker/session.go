@@ -302,6 +302,10 @@ func (s *Session) handshake(p *sc.Packet) {
 	}
 	now := e.now()
 	s.mu.Lock()
+	if s.state >= stateClosing { // e.g. the handshake timeout fired meanwhile
+		s.mu.Unlock()
+		return
+	}
 	s.token = tok
 	s.state = stateOpen
 	s.lastPong = now
