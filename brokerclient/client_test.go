@@ -42,7 +42,9 @@ type testBroker struct {
 func startBroker(t *testing.T, dir, name string) *testBroker {
 	t.Helper()
 	c := broker.New(nil)
-	res, err := c.Start(context.Background(), control.StartParams{Role: control.RoleBroker, Name: name, RunDir: dir})
+	// No gossip: these tests drive the broker set by hand (ring tests are in
+	// package broker).
+	res, err := c.Start(context.Background(), control.StartParams{Role: control.RoleBroker, Name: name, RunDir: dir, Config: []byte(`{"cluster":{"gossip":""}}`)})
 	if err != nil {
 		t.Fatalf("starting %s: %v", name, err)
 	}
