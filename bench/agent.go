@@ -17,8 +17,10 @@ import (
 	"io"
 	"net"
 	"os"
+	"path/filepath"
 	"runtime"
 	"runtime/debug"
+	"runtime/pprof"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -217,6 +219,15 @@ func runAgent(ctx context.Context, in io.Reader, out io.Writer, inProcess bool) 
 	}
 	a := &agent{spec: *first.Spec, out: json.NewEncoder(out)}
 	a.spec.InProcessAgents = inProcess
+	if dir := os.Getenv("SHOAL_BENCH_PROFILE"); dir != "" && !inProcess {
+		// A CPU profile per agent, to see when and why the tool itself is
+		// the bottleneck: go tool pprof DIR/agent-N.cpu.prof
+		if f, err := os.Create(filepath.Join(dir, fmt.Sprintf("agent-%d.cpu.prof", a.spec.Index))); err == nil {
+			if pprof.StartCPUProfile(f) == nil {
+				defer func() { pprof.StopCPUProfile(); f.Close() }()
+			}
+		}
+	}
 	if err := a.setup(); err != nil {
 		_ = a.send(agentMsg{Type: "error", Error: err.Error()})
 		return err

@@ -165,7 +165,9 @@ func dial(ctx context.Context, o *dialOpts, i int) (*sess, error) {
 	ctx, cancel := context.WithTimeout(ctx, o.timeout)
 	defer cancel()
 	url := o.urls[i%len(o.urls)]
-	nd := net.Dialer{Timeout: o.timeout, Control: bindNoPort}
+	// KeepAlive -1: TCP keepalive probes are useless on loopback and cost a
+	// setsockopt per dial.
+	nd := net.Dialer{Timeout: o.timeout, KeepAlive: -1, Control: bindNoPort}
 	if len(o.sources) > 0 {
 		nd.LocalAddr = &net.TCPAddr{IP: o.sources[i%len(o.sources)]}
 	}
