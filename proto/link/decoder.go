@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
+	"time"
 )
 
 // DefaultMaxFrame fits the default max_payload (1 MiB) plus Overhead.
@@ -229,19 +231,29 @@ func parseBody(f *Frame, b []byte) string {
 	return ""
 }
 
-// ReadFrames reads r until it fails, feeding d; buf is the read buffer (its
-// size bounds each read). It returns io.EOF on a clean close, the
-// *FrameError of a malformed frame, or fn's error.
-func ReadFrames(r io.Reader, d *Decoder, buf []byte, fn func(*Frame) error) error {
+// ReadFrames reads conn until it fails, feeding d; buf is the read buffer
+// (its size bounds each read). With idle > 0 a peer that sends nothing for
+// that long fails the read (both sides ping well within it). It returns
+// io.EOF on a clean close, the *FrameError of a malformed frame, or fn's
+// error.
+func ReadFrames(conn net.Conn, d *Decoder, buf []byte, idle time.Duration, fn func(*Frame) error) error {
 	for {
-		n, err := r.Read(buf)
+		if idle > 0 {
+			if err := conn.SetReadDeadline(time.Now().Add(idle)); err != nil {
+				return fmt.Errorf("link: setting read deadline: %w", err)
+			}
+		}
+		n, err := conn.Read(buf)
 		if n > 0 {
 			if ferr := d.Feed(buf[:n], fn); ferr != nil {
 				return ferr
 			}
 		}
 		if err != nil {
-			return err
+			if errors.Is(err, io.EOF) {
+				return io.EOF
+			}
+			return fmt.Errorf("link: reading: %w", err)
 		}
 	}
 }

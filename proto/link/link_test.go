@@ -192,7 +192,7 @@ func TestWriterCoalescesAndDelivers(t *testing.T) {
 	var d Decoder
 	next := uint64(0)
 	buf := make([]byte, 32<<10)
-	err := ReadFrames(s, &d, buf, func(f *Frame) error {
+	err := ReadFrames(s, &d, buf, 0, func(f *Frame) error {
 		if f.ReqID != next {
 			t.Errorf("frame %d out of order (want %d)", f.ReqID, next)
 		}

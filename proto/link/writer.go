@@ -69,14 +69,15 @@ func NewWriter(conn net.Conn, cfg WriterConfig) *Writer {
 }
 
 // reserve takes the lock and checks that n more bytes fit. On success the
-// lock is held and the caller appends to w.buf, then calls commit.
+// lock is held and the caller appends to w.buf, then calls commit. n < 0
+// skips the limit.
 func (w *Writer) reserve(n int) error {
 	w.mu.Lock()
 	if w.closed {
 		w.mu.Unlock()
 		return ErrClosed
 	}
-	if len(w.buf) > 0 && len(w.buf)+n > w.max {
+	if n >= 0 && len(w.buf) > 0 && len(w.buf)+n > w.max {
 		w.mu.Unlock()
 		return ErrQueueFull
 	}
@@ -112,9 +113,12 @@ func (w *Writer) WriteHello(epoch uint64, name string) error {
 	return nil
 }
 
-// WriteChannel queues a sub or unsub frame.
+// WriteChannel queues a sub or unsub frame. Interest frames ignore the
+// queue limit: they are bounded by the sender's own interest table, and a
+// re-registration after a reconnect must never fail halfway (a lost sub
+// would silently stop deliveries).
 func (w *Writer) WriteChannel(t Type, channel string) error {
-	if err := w.reserve(ChannelSize(channel)); err != nil {
+	if err := w.reserve(-1); err != nil {
 		return err
 	}
 	w.buf = AppendChannel(w.buf, t, channel)
