@@ -31,12 +31,12 @@ type Conn struct {
 	srv    *Server
 	id     uint64
 	remote net.Addr
-
-	mu sync.Mutex // guards everything below up to the input state
-	fd int32
+	fd     int32
 	// seq tells this connection's epoll events from those of an earlier
 	// connection that had the same fd number.
-	seq         uint32
+	seq uint32
+
+	mu          sync.Mutex // guards everything below up to the input state
 	phase       phase
 	reading     bool // a read task is queued or running
 	flushing    bool // a flush task is queued or running

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/gobwas/ws"
 	"github.com/gobwas/ws/wsutil"
+	"golang.org/x/sys/unix"
 )
 
 func TestEcho(t *testing.T) {
@@ -685,5 +687,116 @@ func TestConcurrentWritersAndClose(t *testing.T) {
 	sc.Close(1000, "")
 	if code, _ := c.readClose(t); code != 1000 {
 		t.Fatal(code)
+	}
+}
+
+// TestLargeWritesInOrder forces partial writes and EAGAIN (two concurrent
+// writers queue ~10 MiB, more than the socket buffers, before the client
+// reads) and checks that the client gets every frame whole and in each
+// writer's order. (A tiny SO_SNDBUF would show the same paths but stalls on
+// the client's delayed ACKs.)
+func TestLargeWritesInOrder(t *testing.T) {
+	h := &recorder{}
+	ts := startServer(t, Config{Handler: h, SendQueueMsgs: 1 << 16, SendQueueBytes: 1 << 30})
+	c := ts.dial(t)
+	waitFor(t, 5*time.Second, "OnOpen", func() bool { return h.openCount() == 1 })
+	sc := h.conn(0)
+	const per = 40
+	errs := make(chan error, 2)
+	for w := range 2 {
+		go func() {
+			for i := range per {
+				size := 16 + (i*7919)%(256<<10)
+				p := bytes.Repeat([]byte{byte('a' + w)}, size)
+				copy(p, fmt.Sprintf("%d:%03d:", w, i))
+				if err := sc.WriteFrame(AppendTextFrame(nil, p)); err != nil {
+					errs <- err
+					return
+				}
+			}
+			errs <- nil
+		}()
+	}
+	for range 2 {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	next := [2]int{}
+	for range 2 * per {
+		msg := c.read(t)
+		var w, i int
+		if _, err := fmt.Sscanf(msg, "%d:%03d:", &w, &i); err != nil || w < 0 || w > 1 {
+			t.Fatalf("bad message prefix %q", msg[:min(len(msg), 10)])
+		}
+		if i != next[w] {
+			t.Fatalf("writer %d: got frame %d, want %d", w, i, next[w])
+		}
+		if want := 16 + (i*7919)%(256<<10); len(msg) != want || msg[len(msg)-1] != byte('a'+w) {
+			t.Fatalf("writer %d frame %d: %d bytes, want %d", w, i, len(msg), want)
+		}
+		next[w]++
+	}
+}
+
+// TestCloseRaces closes connections from every side at once: the client's
+// close frame, the client hanging up, server Close and Shutdown. OnClose must
+// come exactly once per conn (the recorder panics otherwise) and every fd
+// must be released.
+func TestCloseRaces(t *testing.T) {
+	h := &recorder{echo: true}
+	srv, err := New(Config{Handler: h, WriteTimeout: 2 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n = 200
+	fds := make([]int, n)
+	for i := range fds {
+		if fds[i], err = rawUpgraded(srv); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, 5*time.Second, "all open", func() bool { return h.openCount() == n })
+	h.mu.Lock()
+	conns := append([]*Conn(nil), h.opened...)
+	h.mu.Unlock()
+	closeFrame := ws.MustCompileFrame(ws.MaskFrame(ws.NewCloseFrame(ws.NewCloseFrameBody(1000, ""))))
+	text := ws.MustCompileFrame(ws.MaskFrame(ws.NewTextFrame([]byte("x"))))
+	both := append(append([]byte(nil), text...), closeFrame...)
+	done := make(chan struct{})
+	for i, fd := range fds {
+		go func() {
+			defer func() { done <- struct{}{} }()
+			switch i % 4 {
+			case 0:
+				_, _ = unix.Write(fd, closeFrame)
+			case 1:
+				_, _ = unix.Write(fd, both)
+			case 2:
+				_, _ = unix.Write(fd, text)
+			}
+			closeFD(fd)
+		}()
+		go func() {
+			defer func() { done <- struct{}{} }()
+			if i%3 == 0 {
+				conns[i].Close(4000+ws.StatusCode(i), "server side")
+			}
+			_ = conns[i].WriteText([]byte("racing"))
+		}()
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := srv.Shutdown(ctx, ws.StatusGoingAway, "shutdown"); err != nil {
+		t.Fatal(err)
+	}
+	for range 2 * n {
+		<-done
+	}
+	if got := h.closeCount(); got != n {
+		t.Fatalf("OnClose %d times for %d conns", got, n)
+	}
+	if srv.Len() != 0 || srv.owned.Load() != 0 {
+		t.Fatalf("Len %d, owned %d", srv.Len(), srv.owned.Load())
 	}
 }
