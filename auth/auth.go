@@ -17,6 +17,7 @@ import (
 	"bytes"
 	"crypto"
 	"crypto/ecdsa"
+	"crypto/ed25519"
 	"crypto/rsa"
 	"errors"
 	"fmt"
@@ -77,17 +78,14 @@ func New(cfg configs.JWT, getenv func(string) string, opts ...Option) (*Keys, er
 		switch a {
 		case "HS256", "HS384", "HS512":
 			needHMAC = true
-		case "RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512":
+		case "RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "EdDSA":
 			needPub = true
 		default:
-			return nil, fmt.Errorf("auth.jwt.algorithms: unsupported algorithm %q (use HS256/384/512, RS256/384/512, PS256/384/512, ES256/384/512)", a)
+			return nil, fmt.Errorf("auth.jwt.algorithms: unsupported algorithm %q (use HS256/384/512, RS256/384/512, PS256/384/512, ES256/384/512, EdDSA)", a)
 		}
 	}
-	if cfg.JWKSFile != "" {
-		return nil, errors.New("auth.jwt.jwks_file: not supported yet; use public_key_file")
-	}
-	if needHMAC && needPub && cfg.KeyFile != "" {
-		return nil, errors.New("auth.jwt: key_file is ambiguous when both HMAC and public-key algorithms are allowed")
+	if errs := checkConfig(cfg); len(errs) > 0 {
+		return nil, fmt.Errorf("%s: %s", errs[0].Key, errs[0].Msg)
 	}
 	if needHMAC {
 		if err := k.loadHMAC(cfg, getenv); err != nil {
@@ -147,8 +145,10 @@ func (k *Keys) loadPublic(cfg configs.JWT) error {
 			k.pub = pk
 		} else if pk, err := jwt.ParseECPublicKeyFromPEM(b); err == nil {
 			k.pub = pk
+		} else if pk, err := jwt.ParseEdPublicKeyFromPEM(b); err == nil {
+			k.pub = pk
 		} else {
-			return fmt.Errorf("auth.jwt.public_key_file %s: not an RSA or ECDSA public key in PEM", cfg.PublicKeyFile)
+			return fmt.Errorf("auth.jwt.public_key_file %s: not an RSA, ECDSA or Ed25519 public key in PEM", cfg.PublicKeyFile)
 		}
 	}
 	if cfg.KeyFile != "" {
@@ -160,8 +160,10 @@ func (k *Keys) loadPublic(cfg configs.JWT) error {
 			k.priv = pk
 		} else if pk, err := jwt.ParseECPrivateKeyFromPEM(b); err == nil {
 			k.priv = pk
+		} else if pk, err := jwt.ParseEdPrivateKeyFromPEM(b); err == nil {
+			k.priv = pk
 		} else {
-			return fmt.Errorf("auth.jwt.key_file %s: not an RSA or ECDSA private key in PEM", cfg.KeyFile)
+			return fmt.Errorf("auth.jwt.key_file %s: not an RSA, ECDSA or Ed25519 private key in PEM", cfg.KeyFile)
 		}
 		if k.pub == nil { // verify with the signing key's own public half
 			switch pk := k.priv.(type) {
@@ -169,10 +171,43 @@ func (k *Keys) loadPublic(cfg configs.JWT) error {
 				k.pub = &pk.PublicKey
 			case *ecdsa.PrivateKey:
 				k.pub = &pk.PublicKey
+			case ed25519.PrivateKey:
+				k.pub = pk.Public()
 			}
 		}
 	}
 	return nil
+}
+
+func init() {
+	// `shoal config check` reports key settings the worker would refuse.
+	configs.RegisterValidator(func(c *configs.Config) []*configs.Error { return checkConfig(c.Auth.JWT) })
+}
+
+// checkConfig finds key settings that cannot work, without reading files
+// or the environment (those may differ where the config is checked).
+func checkConfig(cfg configs.JWT) []*configs.Error {
+	var errs []*configs.Error
+	var hmac, pub bool
+	for _, a := range cfg.Algorithms {
+		if strings.HasPrefix(a, "HS") {
+			hmac = true
+		} else {
+			pub = true
+		}
+	}
+	if cfg.JWKSFile != "" {
+		errs = append(errs, &configs.Error{Key: "auth.jwt.jwks_file", Msg: "not supported yet; use public_key_file"})
+	}
+	if hmac && pub && cfg.KeyFile != "" {
+		errs = append(errs, &configs.Error{Key: "auth.jwt.key_file",
+			Msg: "ambiguous when both HMAC and public-key algorithms are allowed (use key_env for the HMAC secret)"})
+	}
+	if pub && cfg.PublicKeyFile == "" && cfg.KeyFile == "" {
+		errs = append(errs, &configs.Error{Key: "auth.jwt.public_key_file",
+			Msg: "must be set for " + strings.Join(cfg.Algorithms, ", ") + " (or key_file with the private key)"})
+	}
+	return errs
 }
 
 // Enabled reports whether a verification key is loaded.
@@ -259,7 +294,7 @@ func (k *Keys) keyFor(t *jwt.Token) (any, error) {
 			return nil, errors.New("no HMAC key")
 		}
 		return k.hmac, nil
-	case *jwt.SigningMethodRSA, *jwt.SigningMethodRSAPSS, *jwt.SigningMethodECDSA:
+	case *jwt.SigningMethodRSA, *jwt.SigningMethodRSAPSS, *jwt.SigningMethodECDSA, *jwt.SigningMethodEd25519:
 		if k.pub == nil {
 			return nil, errors.New("no public key")
 		}
@@ -339,6 +374,10 @@ func (k *Keys) signer() (jwt.SigningMethod, any) {
 			}
 		case *jwt.SigningMethodECDSA:
 			if pk, ok := k.priv.(*ecdsa.PrivateKey); ok && pk.Curve.Params().BitSize == m.(*jwt.SigningMethodECDSA).CurveBits {
+				return m, k.priv
+			}
+		case *jwt.SigningMethodEd25519:
+			if _, ok := k.priv.(ed25519.PrivateKey); ok {
 				return m, k.priv
 			}
 		}

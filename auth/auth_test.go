@@ -2,6 +2,7 @@ package auth
 
 import (
 	"crypto/ecdsa"
+	"crypto/ed25519"
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
@@ -178,6 +179,10 @@ func TestPublicKeys(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	edPub, edPriv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
 	for _, tc := range []struct {
 		alg  string
 		m    jwt.SigningMethod
@@ -186,6 +191,7 @@ func TestPublicKeys(t *testing.T) {
 	}{
 		{"RS256", jwt.SigningMethodRS256, rk, &rk.PublicKey},
 		{"ES256", jwt.SigningMethodES256, ek, &ek.PublicKey},
+		{"EdDSA", jwt.SigningMethodEdDSA, edPriv, edPub},
 	} {
 		t.Run(tc.alg, func(t *testing.T) {
 			pubDER, err := x509.MarshalPKIXPublicKey(tc.pub)
@@ -227,5 +233,24 @@ func TestPublicKeys(t *testing.T) {
 				t.Fatalf("round trip: %v", err)
 			}
 		})
+	}
+}
+
+func TestConfigCheck(t *testing.T) {
+	for _, tc := range []struct {
+		yml, key string
+	}{
+		{"auth:\n  jwt:\n    algorithms: [RS256]\n", "auth.jwt.public_key_file"},
+		{"auth:\n  jwt:\n    jwks_file: /x.json\n", "auth.jwt.jwks_file"},
+		{"auth:\n  jwt:\n    algorithms: [HS256, ES256]\n    key_file: /k\n", "auth.jwt.key_file"},
+	} {
+		_, err := configs.Load([]byte(tc.yml), "test.yaml")
+		var errs configs.Errors
+		if !errors.As(err, &errs) || len(errs) != 1 || errs[0].Key != tc.key {
+			t.Errorf("%q: got %v, want an error at %s", tc.yml, err, tc.key)
+		}
+	}
+	if _, err := configs.Load([]byte("auth:\n  jwt:\n    algorithms: [HS256, HS512]\n"), "ok.yaml"); err != nil {
+		t.Errorf("valid auth config refused: %v", err)
 	}
 }
