@@ -241,6 +241,31 @@ func (e *Engine) Deliver(channel string, data []byte, offset uint64) {
 	e.stats.bytesOut.Add(int64(n * len(frame)))
 }
 
+// Publish sends data (raw JSON) to channel through the brokers, as a client
+// #publish would: every subscriber on every worker gets it. done (may be
+// nil) is called once with the broker's verdict. For server-side senders
+// (the HTTP API, hooks).
+func (e *Engine) Publish(channel string, data []byte, done func(error)) {
+	if done == nil {
+		done = func(error) {}
+	}
+	if err := sc.Valid(data); err != nil {
+		done(fmt.Errorf("publishing to %q: data is not valid JSON: %w", channel, err))
+		return
+	}
+	if e.cfg.Broker == nil {
+		e.Deliver(channel, data, 0)
+		done(nil)
+		return
+	}
+	e.cfg.Broker.Publish(channel, data, func(_ uint64, err error) {
+		if err != nil {
+			err = fmt.Errorf("publishing to %q: %w", channel, err)
+		}
+		done(err)
+	})
+}
+
 // slowConsumer applies the slow-consumer policy: disconnect.
 func (e *Engine) slowConsumer(s *Session) {
 	e.stats.slowConsumers.Add(1)

@@ -559,3 +559,17 @@ func TestBinaryFrameIsJSON(t *testing.T) {
 		t.Fatalf("%q", got)
 	}
 }
+
+func TestServerPublish(t *testing.T) {
+	env := newEnv(t, nil)
+	c := env.handshake("")
+	env.send(c, `{"event":"#subscribe","data":{"channel":"news"},"cid":2}`)
+	c.take()
+	var got []error
+	env.e.Publish("news", []byte(`{"headline":"x"}`), func(err error) { got = append(got, err) })
+	env.e.Publish("news", []byte(`{bad`), func(err error) { got = append(got, err) })
+	if len(got) != 2 || got[0] != nil || got[1] == nil {
+		t.Fatalf("results %v", got)
+	}
+	wantFrames(t, c.take(), `{"event":"#publish","data":{"channel":"news","data":{"headline":"x"}}}`)
+}
