@@ -3,6 +3,7 @@ package worker
 import (
 	"fmt"
 	"net"
+	"runtime"
 	"sync/atomic"
 	"testing"
 
@@ -53,5 +54,31 @@ func BenchmarkInboundPublish(b *testing.B) {
 	for b.Loop() {
 		env.e.Message(s, frames[i%len(frames)])
 		i++
+	}
+}
+
+// BenchmarkSessionMemory reports the engine's heap per handshaken session
+// subscribed to one channel (the transport's own per-connection cost is
+// netpoll's to report).
+func BenchmarkSessionMemory(b *testing.B) {
+	env := newEnvWith(b, nil, netpoll.AppendTextFrame, netpoll.ErrQueueFull)
+	const n = 10000
+	var before, after runtime.MemStats
+	for b.Loop() {
+		runtime.GC()
+		runtime.ReadMemStats(&before)
+		sessions := make([]*Session, n)
+		for i := range sessions {
+			s := env.e.Open(&nullConn{})
+			env.e.Message(s, []byte(`{"event":"#handshake","data":{},"cid":1}`))
+			env.e.Message(s, []byte(fmt.Sprintf(`{"event":"#subscribe","data":{"channel":"user/%d"},"cid":2}`, i)))
+			sessions[i] = s
+		}
+		runtime.GC()
+		runtime.ReadMemStats(&after)
+		b.ReportMetric(float64(after.HeapAlloc-before.HeapAlloc)/n, "B/session")
+		for _, s := range sessions {
+			env.e.Closed(s, ws.StatusNormalClosure, "")
+		}
 	}
 }

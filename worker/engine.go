@@ -157,6 +157,12 @@ func NewEngine(cfg EngineConfig) (*Engine, error) {
 	// and timeouts fire within 25% of their configured time.
 	shortest := min(p.PingInterval.D(), p.PingTimeout.D(), p.HandshakeTimeout.D())
 	e.tick = min(max(shortest/4, 5*time.Millisecond), time.Second)
+	if p.PingInterval.D()+e.tick >= p.PingTimeout.D() {
+		// Clients drop the link (4000) when no ping arrives within
+		// pingTimeout, and pings may come up to one tick late.
+		cfg.Logger.Warn("protocol.ping_interval is not comfortably below protocol.ping_timeout: clients will time out",
+			"ping_interval", p.PingInterval.D(), "ping_timeout", p.PingTimeout.D())
+	}
 	go e.sweep()
 	return e, nil
 }

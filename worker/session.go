@@ -512,13 +512,12 @@ func (s *Session) publish(p *sc.Packet) {
 		}
 		return
 	}
-	var ack []byte
+	var ack, cidCopy []byte
 	if invoke {
 		// Built now: p aliases the frame, which is gone when done runs.
-		ack = e.cfg.Frame(nil, sc.AppendResponse(nil, p.CID, nil))
-	}
-	var cidCopy []byte
-	if invoke {
+		var rb [32]byte
+		resp := sc.AppendResponse(rb[:0], p.CID, nil)
+		ack = e.cfg.Frame(make([]byte, 0, len(resp)+14), resp)
 		cidCopy = append([]byte(nil), p.CID...)
 	}
 	e.stats.publishesIn.Add(1)

@@ -112,11 +112,14 @@ func shutdownBench(b *testing.B, srv *Server) {
 // connections per iteration; clients read everything. Reports deliveries/s
 // (frames written to a socket and read by the client, end to end).
 func BenchmarkFanout(b *testing.B) {
-	b.Run("tcp", func(b *testing.B) { benchFanout(b, true) })
-	b.Run("unix", func(b *testing.B) { benchFanout(b, false) })
+	b.Run("tcp", func(b *testing.B) { benchFanout(b, true, false) })
+	b.Run("unix", func(b *testing.B) { benchFanout(b, false, false) })
+	// One message at a time: the next is written only when every client
+	// got the previous one, so writes cannot coalesce (latency-bound).
+	b.Run("tcp-lockstep", func(b *testing.B) { benchFanout(b, true, true) })
 }
 
-func benchFanout(b *testing.B, tcp bool) {
+func benchFanout(b *testing.B, tcp, lockstep bool) {
 	const conns = 1000
 	h := &recorder{}
 	srv, err := New(Config{Handler: h, SendQueueMsgs: 4096, SendQueueBytes: 4 << 20})
@@ -161,7 +164,20 @@ func benchFanout(b *testing.B, tcp bool) {
 	b.ReportAllocs()
 	b.ResetTimer()
 	t0 := time.Now()
-	send(b.N)
+	if lockstep {
+		for i := range b.N {
+			send(1)
+			want := start + int64(i+1)*int64(conns*len(frame))
+			for spins := 0; d.bytes.Load() < want; spins++ {
+				if spins > 1e8 {
+					b.Fatal("clients stopped receiving")
+				}
+				runtime.Gosched()
+			}
+		}
+	} else {
+		send(b.N)
+	}
 	wait(start + int64(b.N)*int64(conns*len(frame)))
 	elapsed := time.Since(t0)
 	b.StopTimer()
