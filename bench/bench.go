@@ -71,9 +71,10 @@ type Options struct {
 	PIDs         []int  // server pids (with their descendants)
 	PIDsFromPort int    // find the server as the owner of this listening port
 
-	JSON     bool      // results as JSON lines
-	Stdout   io.Writer // results
-	Progress io.Writer // live progress line (nil = none)
+	JSON          bool      // results as JSON lines
+	Stdout        io.Writer // results
+	Progress      io.Writer // live progress line (nil = none)
+	ProgressLines bool      // Progress is not a terminal: one line every 5 s instead of rewriting one
 }
 
 func (o *Options) defaults() error {
@@ -515,7 +516,11 @@ func (c *coordinator) sleep(ctx context.Context, d time.Duration) error {
 
 // showProgress rewrites the progress line about once a second.
 func (c *coordinator) showProgress() {
-	if c.o.Progress == nil || time.Since(c.lastLine) < time.Second {
+	every := time.Second
+	if c.o.ProgressLines {
+		every = 5 * time.Second // a log file gets a line now and then, not a \r stream
+	}
+	if c.o.Progress == nil || time.Since(c.lastLine) < every {
 		return
 	}
 	now := time.Now()
@@ -546,6 +551,10 @@ func (c *coordinator) showProgress() {
 	}
 	line += fmt.Sprintf(" | tool cpu %.2f", cpu)
 	c.lastSum, c.lastAt, c.lastLine = s, now, now
+	if c.o.ProgressLines {
+		fmt.Fprintln(c.o.Progress, line)
+		return
+	}
 	pad := ""
 	if c.progLen > len(line) {
 		pad = strings.Repeat(" ", c.progLen-len(line))

@@ -68,13 +68,15 @@ func TestParseServerFrames(t *testing.T) {
 }
 
 func TestField(t *testing.T) {
-	obj := []byte(` { "event" : "#publish", "x":[1,{"rid":9}], "s":"a\"b}", "data":{"channel":"c/1","data":"p"} , "rid": 12 }`)
+	obj := []byte(` { "event" : "#publish", "x":[1,{"rid":9}], "s":"a\"b}", "e":"q\\", "f":"\\\"", "data":{"channel":"c/1","data":"p"} , "rid": 12 }`)
 	for _, c := range []struct{ key, want string }{
 		{"event", `"#publish"`},
 		{"data", `{"channel":"c/1","data":"p"}`},
 		{"rid", "12"},
 		{"s", `"a\"b}"`},
 		{"x", `[1,{"rid":9}]`},
+		{"e", `"q\\"`},   // an escaped backslash, then the closing quote
+		{"f", `"\\\""`}, // an escaped backslash, then an escaped quote
 	} {
 		v, ok := field(obj, c.key)
 		if !ok || string(v) != c.want {
@@ -172,4 +174,32 @@ func FuzzParse(f *testing.F) {
 			off += n
 		}
 	})
+}
+
+// BenchmarkReceivePublish measures the bench's own cost per received
+// #publish through the poller's path: frame parse, SC scan, payload, order
+// and latency accounting.
+func BenchmarkReceivePublish(b *testing.B) {
+	a := &agent{spec: agentSpec{Publishers: 4}}
+	p := &poller{a: a}
+	c := &conn{fd: -1}
+	const n = 64
+	var frames [][]byte
+	for seq := range uint64(n) {
+		data := appendPublishData(nil, "bench/1", seq%4, seq, 1, 100)
+		frames = append(frames, unmaskedServerFrame(opText, true, appendTransmit(nil, "#publish", data)))
+	}
+	b.ReportAllocs()
+	b.SetBytes(int64(len(frames[0])))
+	for i := 0; b.Loop(); i++ {
+		if i%n == 0 {
+			clear(c.last) // replay the same seqs without counting violations
+		}
+		if !p.consume(c, frames[i%n]) {
+			b.Fatal("dropped")
+		}
+	}
+	if p.st.orderViolations.Load() != 0 || p.st.badPayload.Load() != 0 {
+		b.Fatalf("violations %d bad %d", p.st.orderViolations.Load(), p.st.badPayload.Load())
+	}
 }

@@ -100,6 +100,9 @@ func cmdBench(args []string) int {
 	o.Stdout = os.Stdout
 	if !quiet {
 		o.Progress = os.Stderr
+		if fi, err := os.Stderr.Stat(); err == nil && fi.Mode()&os.ModeCharDevice == 0 {
+			o.ProgressLines = true // stderr is a file or pipe
+		}
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
