@@ -75,7 +75,7 @@ func TestField(t *testing.T) {
 		{"rid", "12"},
 		{"s", `"a\"b}"`},
 		{"x", `[1,{"rid":9}]`},
-		{"e", `"q\\"`},   // an escaped backslash, then the closing quote
+		{"e", `"q\\"`},  // an escaped backslash, then the closing quote
 		{"f", `"\\\""`}, // an escaped backslash, then an escaped quote
 	} {
 		v, ok := field(obj, c.key)
