@@ -105,7 +105,7 @@ type engineStats struct {
 	unknownProcedures, publishesIn, pubErrors atomic.Int64
 	authFailures, deauthExpired               atomic.Int64
 	slowConsumers, pingTimeouts, hsTimeouts   atomic.Int64
-	strictViolations, fanouts                 atomic.Int64
+	strictViolations, fanouts, rawPackets     atomic.Int64
 }
 
 // NewEngine validates cfg and starts the heartbeat sweeper (stop it with Close).
@@ -339,6 +339,7 @@ func (e *Engine) Stats() Stats {
 			"subscriptions":        s.subscriptions.Load(),
 			"channels":             int64(e.hub.Channels()),
 			"invalid_frames":       s.invalidFrames.Load(),
+			"raw_packets":          s.rawPackets.Load(),
 			"transmits_dropped":    s.transmitsDropped.Load(),
 			"unknown_procedures":   s.unknownProcedures.Load(),
 			"publishes_in":         s.publishesIn.Load(),

@@ -191,7 +191,6 @@ func (s *Session) packet(p *sc.Packet) bool {
 			return true
 		case (p.Kind == sc.Invoke || p.Kind == sc.Transmit) && string(p.Event) == "#handshake":
 			if p.Kind != sc.Invoke {
-				s.markClosing()
 				s.close(CodeBadHandshake, "Handshake request was malformatted")
 				return false
 			}
@@ -199,7 +198,6 @@ func (s *Session) packet(p *sc.Packet) bool {
 			return true
 		}
 		e.stats.strictViolations.Add(1)
-		s.markClosing()
 		s.close(CodeNotHandshaken, "Message received before handshake")
 		return false
 	}
@@ -210,9 +208,10 @@ func (s *Session) packet(p *sc.Packet) bool {
 		return true
 	case sc.Transmit, sc.Invoke:
 	default:
-		// Responses to server invokes (none yet) and raw values.
+		// Responses to server invokes (none yet) and raw values (the
+		// official server emits those as 'raw' to the app; we have none).
 		if p.Kind == sc.Raw {
-			e.stats.invalidFrames.Add(1)
+			e.stats.rawPackets.Add(1)
 		}
 		return true
 	}
@@ -220,7 +219,6 @@ func (s *Session) packet(p *sc.Packet) bool {
 	switch string(p.Event) {
 	case "#handshake":
 		if p.Kind != sc.Invoke {
-			s.markClosing()
 			s.close(CodeBadHandshake, "Handshake request was malformatted")
 			return false
 		}
@@ -233,7 +231,6 @@ func (s *Session) packet(p *sc.Packet) bool {
 		s.publish(p)
 	case "#authenticate":
 		if p.Kind != sc.Invoke {
-			s.markClosing()
 			s.close(CodeBadHandshake, "Authenticate request was malformatted")
 			return false
 		}
