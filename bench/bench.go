@@ -226,7 +226,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	ctx, cancel := context.WithTimeout(ctx, maxRun+o.Duration+o.Hold)
 	defer cancel()
 
-	pids, pidSource := serverPIDs(ctx, &o)
+	pids, names, pidSource := serverPIDs(ctx, &o)
 	srcs, err := sourceAddrs(o.SourceBase, o.Sources)
 	if err != nil {
 		return nil, err
@@ -269,7 +269,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 			return nil, fmt.Errorf("bench: agent %d: %w", i, err)
 		}
 	}
-	c := &coordinator{o: &o, handles: handles, events: events, pids: pids, start: time.Now()}
+	c := &coordinator{o: &o, handles: handles, events: events, pids: pids, names: names, start: time.Now()}
 	defer func() {
 		for _, h := range handles {
 			h.in.Close()
@@ -329,24 +329,25 @@ func joinInts(v []int) string {
 
 // serverPIDs resolves which processes make up the server: --pid (with
 // descendants), else --admin's /api/cluster, else the owners of
-// --pids-from-port, else the owners of the first URL's port.
-func serverPIDs(ctx context.Context, o *Options) ([]int, string) {
+// --pids-from-port, else the owners of the first URL's port. It also says
+// how it found them (or why it could not).
+func serverPIDs(ctx context.Context, o *Options) ([]int, map[int]string, string) {
 	if len(o.PIDs) > 0 {
-		return withDescendants(o.PIDs), "--pid and descendants"
+		return withDescendants(o.PIDs), nil, "--pid and descendants"
 	}
 	if o.AdminURL != "" {
-		p, err := adminPIDs(ctx, o.AdminURL)
+		p, names, err := adminPIDs(ctx, o.AdminURL)
 		if err != nil {
-			return nil, err.Error()
+			return nil, nil, err.Error()
 		}
-		return p, "admin API " + o.AdminURL
+		return p, names, "admin API " + o.AdminURL
 	}
 	port := o.PIDsFromPort
 	how := "listening on port " + strconv.Itoa(port)
 	if port == 0 {
 		u, err := url.Parse(o.URLs[0])
 		if err != nil {
-			return nil, err.Error()
+			return nil, nil, err.Error()
 		}
 		port, _ = strconv.Atoi(u.Port())
 		if port == 0 {
@@ -356,9 +357,9 @@ func serverPIDs(ctx context.Context, o *Options) ([]int, string) {
 	}
 	p, err := portPIDs(port)
 	if err != nil {
-		return nil, err.Error()
+		return nil, nil, err.Error()
 	}
-	return p, how
+	return p, nil, how
 }
 
 // startAgent starts agent i as a process, or in this process when
@@ -419,6 +420,7 @@ type coordinator struct {
 	handles []*agentHandle
 	events  chan agentEvent
 	pids    []int
+	names   map[int]string // from the admin API
 	start   time.Time
 
 	phase    string
@@ -583,6 +585,7 @@ func (c *coordinator) run(ctx context.Context) (*Result, error) {
 		return nil, err
 	}
 	setup := c.sum()
+	afterSetup := sampleServer(c.pids)
 	setupElapsed := maxElapsed(ready)
 	firstErr := firstError(ready)
 
@@ -680,12 +683,14 @@ func (c *coordinator) run(ctx context.Context) (*Result, error) {
 		r.addLatency("connect", "connect+handshake", &conn)
 		tool = toolCores(Counters{}, setup, setupElapsed)
 		r.add("tool_cpu_cores", "bench CPU while connecting", tool, "cores")
+		r.add("server_cpu_cores", "server CPU while connecting", serverCores(before, afterSetup, setupElapsed), "cores")
 		if len(c.pids) > 0 && setup.Connected > 0 {
 			n := float64(setup.Connected)
 			r.add("server_processes", "server processes", float64(held.Alive), "")
 			r.add("server_rss_mib", "server RSS held", float64(held.RSS)/(1<<20), "MiB")
 			r.add("server_rss_per_conn_kib", "server RSS / connection", float64(held.RSS)/n/1024, "KiB")
 			r.add("server_rss_delta_per_conn_kib", "server RSS growth / connection", (float64(held.RSS)-float64(before.RSS))/n/1024, "KiB")
+			r.Notes = append(r.Notes, "server RSS by process: "+c.rssByProcess(held))
 		}
 		r.add("closed_by_server", "closed by server while held", float64(runEnd.Closed), "")
 		if o.Agents > 0 && setup.Connected > 0 {
@@ -759,6 +764,24 @@ func (c *coordinator) run(ctx context.Context) (*Result, error) {
 		r.Notes = append(r.Notes, fmt.Sprintf("the bench itself used %.2f of %.0f cores: on this machine it competes with the server, so figures may be bounded by the tool", tool, ncpu))
 	}
 	return r, nil
+}
+
+// rssByProcess lists each server process's RSS, named when the admin API
+// gave names, so a reader sees where the memory per connection sits.
+func (c *coordinator) rssByProcess(s serverSample) string {
+	var parts []string
+	for _, p := range c.pids {
+		rss, ok := s.ByPID[p]
+		if !ok {
+			continue
+		}
+		name := strconv.Itoa(p)
+		if n := c.names[p]; n != "" {
+			name = n + "(" + name + ")"
+		}
+		parts = append(parts, fmt.Sprintf("%s %.1f MiB", name, float64(rss)/(1<<20)))
+	}
+	return strings.Join(parts, ", ")
 }
 
 func maxElapsed(ms []agentMsg) time.Duration {

@@ -5,6 +5,8 @@ import (
 	"context"
 	"fmt"
 	"math"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -223,5 +225,26 @@ func TestAgainstReferenceServer(t *testing.T) {
 	r = run(t, Options{Scenario: "churn", URLs: u, Conns: 2, Duration: 500 * time.Millisecond})
 	if metric(t, r, "cycles") == 0 {
 		t.Error("churn against the reference made no cycle")
+	}
+}
+
+func TestAdminPIDs(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/api/cluster" {
+			http.NotFound(w, r)
+			return
+		}
+		fmt.Fprint(w, `{"supervisor_pid":10,"processes":[{"name":"worker-1","pid":12,"addrs":{}},{"name":"broker-1","pid":11},{"pid":12}]}`)
+	}))
+	defer srv.Close()
+	pids, names, err := adminPIDs(context.Background(), srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(pids) != "[10 11 12]" || names[10] != "supervisor" || names[12] != "worker-1" || names[11] != "broker-1" {
+		t.Errorf("pids %v names %v", pids, names)
+	}
+	if _, _, err := adminPIDs(context.Background(), srv.URL+"/nope"); err == nil {
+		t.Error("404 accepted")
 	}
 }

@@ -28,59 +28,69 @@ import (
 const clkTck = 100
 
 // adminPIDs asks the supervisor's admin API for the cluster's processes. The
-// response's shape is not pinned yet, so every numeric "pid" field anywhere
-// in the JSON counts.
-func adminPIDs(ctx context.Context, base string) ([]int, error) {
+// response's shape may still change, so every numeric "pid" or "*_pid" field
+// anywhere in the JSON counts; a "name" beside a "pid" names it.
+func adminPIDs(ctx context.Context, base string) ([]int, map[int]string, error) {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	url := strings.TrimSuffix(base, "/") + "/api/cluster"
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("GET %s: %s", url, resp.Status)
+		return nil, nil, fmt.Errorf("GET %s: %s", url, resp.Status)
 	}
 	var v any
 	dec := json.NewDecoder(bytes.NewReader(body))
 	dec.UseNumber()
 	if err := dec.Decode(&v); err != nil {
-		return nil, fmt.Errorf("GET %s: %w", url, err)
+		return nil, nil, fmt.Errorf("GET %s: %w", url, err)
 	}
+	names := map[int]string{}
 	var pids []int
-	collectPIDs(v, &pids)
+	collectPIDs(v, &pids, names)
 	if len(pids) == 0 {
-		return nil, fmt.Errorf("GET %s: no pid in the response", url)
+		return nil, nil, fmt.Errorf("GET %s: no pid in the response", url)
 	}
-	return dedupe(pids), nil
+	return dedupe(pids), names, nil
 }
 
-func collectPIDs(v any, out *[]int) {
+func collectPIDs(v any, out *[]int, names map[int]string) {
 	switch t := v.(type) {
 	case map[string]any:
 		for k, x := range t {
 			if k == "pid" || strings.HasSuffix(k, "_pid") { // "supervisor_pid" too
-				if n, ok := x.(json.Number); ok {
-					if p, err := strconv.Atoi(n.String()); err == nil && p > 0 {
-						*out = append(*out, p)
-					}
+				n, ok := x.(json.Number)
+				if !ok {
+					continue
+				}
+				p, err := strconv.Atoi(n.String())
+				if err != nil || p <= 0 {
+					continue
+				}
+				*out = append(*out, p)
+				if name, ok := t["name"].(string); ok && k == "pid" {
+					names[p] = name
+				} else if k != "pid" {
+					names[p] = strings.TrimSuffix(k, "_pid")
 				}
 				continue
 			}
-			collectPIDs(x, out)
+			collectPIDs(x, out, names)
 		}
 	case []any:
 		for _, x := range t {
-			collectPIDs(x, out)
+			collectPIDs(x, out, names)
 		}
 	}
 }
@@ -223,10 +233,11 @@ type serverSample struct {
 	RSS   uint64
 	CPU   time.Duration
 	Alive int
+	ByPID map[int]uint64 // RSS of each live process
 }
 
 func sampleServer(pids []int) serverSample {
-	var s serverSample
+	s := serverSample{ByPID: map[int]uint64{}}
 	for _, p := range pids {
 		rss := procstat.RSS(p)
 		if rss == 0 {
@@ -234,6 +245,7 @@ func sampleServer(pids []int) serverSample {
 		}
 		s.Alive++
 		s.RSS += rss
+		s.ByPID[p] = rss
 		s.CPU += procCPU(p)
 	}
 	return s
