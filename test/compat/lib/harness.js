@@ -191,6 +191,14 @@ function alive(pid) {
 process.on('exit', () => {
   for (const t of liveTargets) t.killNow();
 });
+// The target runs in its own process group (so it can be killed as a tree),
+// which also means a Ctrl-C or a kill of the test run does not reach it: pass it on.
+for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP']) {
+  process.once(sig, () => {
+    for (const t of liveTargets) t.killNow();
+    process.exit(130);
+  });
+}
 
 let watchdog = null;
 function armWatchdog() {

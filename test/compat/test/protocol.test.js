@@ -804,6 +804,76 @@ describe(`socketcluster-client@20 against ${h.TARGET}`, {timeout: 200000}, () =>
     assert.doesNotMatch(out, /TimeoutError/, out);
   }));
 
+  // docs/connecting.md: the browser example in headless Chromium, when one is installed.
+  const chromium = ['chromium', 'chromium-browser', 'google-chrome'].map((b) => {
+    for (const dir of (process.env.PATH || '').split(':')) {
+      const f = require('node:path').join(dir, b);
+      if (require('node:fs').existsSync(f)) return f;
+    }
+    return null;
+  }).find(Boolean);
+  it('docs/connecting.md browser example runs in headless Chromium', {skip: chromium ? false : 'no chromium on PATH (apt-get install chromium to run it)', timeout: 60000}, tc(async () => {
+    const fs = require('node:fs');
+    const path = require('node:path');
+    const http = require('node:http');
+    const {spawn} = require('node:child_process');
+    const doc = fs.readFileSync(path.join(__dirname, '..', '..', '..', 'docs', 'connecting.md'), 'utf8');
+    const m = doc.match(/```html\n([\s\S]*?)```/);
+    assert.ok(m, 'docs/connecting.md has an html block');
+    const page = m[1].replace('port: 8000', `port: ${target.port}`);
+    const lib = fs.readFileSync(path.join(__dirname, '..', 'node_modules', 'socketcluster-client', 'socketcluster-client.min.js'));
+    const srv = http.createServer((req, res) => {
+      if (req.url === '/socketcluster-client.min.js') { res.writeHead(200, {'content-type': 'text/javascript'}); res.end(lib); return; }
+      res.writeHead(200, {'content-type': 'text/html'});
+      res.end(page);
+    });
+    await new Promise((r) => srv.listen(0, '127.0.0.1', r));
+    const profile = fs.mkdtempSync(path.join(target.dir, 'chromium-'));
+    // Real time, not virtual time: Chromium exposes the DevTools protocol and
+    // the test polls the page's log list through it until the example is done.
+    const proc = spawn(chromium, ['--headless', '--no-sandbox', '--disable-gpu', '--no-first-run', `--user-data-dir=${profile}`,
+      '--remote-debugging-address=127.0.0.1', '--remote-debugging-port=0', `http://localhost:${srv.address().port}/`],
+    {stdio: 'ignore', detached: true});
+    let cdp;
+    try {
+      const port = await waitFor(() => {
+        try { return Number(fs.readFileSync(path.join(profile, 'DevToolsActivePort'), 'utf8').split('\n')[0]) || false; } catch (_) { return false; }
+      }, {timeout: 20000, interval: 100, what: 'chromium DevToolsActivePort'});
+      const pageUrl = await waitFor(async () => {
+        const list = await (await fetch(`http://127.0.0.1:${port}/json/list`)).json();
+        const pg = list.find((x) => x.type === 'page' && x.url.startsWith('http://localhost'));
+        return pg && pg.webSocketDebuggerUrl;
+      }, {timeout: 10000, interval: 100, what: 'chromium page target'});
+      cdp = new h.WebSocket(pageUrl, {perMessageDeflate: false});
+      await new Promise((resolve, reject) => { cdp.once('open', resolve); cdp.once('error', reject); });
+      let seq = 0;
+      const evaluate = (expression) => new Promise((resolve, reject) => {
+        const id = ++seq;
+        const onMsg = (d) => {
+          const msg = JSON.parse(d.toString());
+          if (msg.id !== id) return;
+          cdp.off('message', onMsg);
+          if (msg.error) reject(new Error(JSON.stringify(msg.error)));
+          else resolve(msg.result.result.value);
+        };
+        cdp.on('message', onMsg);
+        cdp.send(JSON.stringify({id, method: 'Runtime.evaluate', params: {expression, returnByValue: true}}));
+      });
+      let items = [];
+      await waitFor(async () => {
+        items = await evaluate("[...document.querySelectorAll('#log li')].map((li) => li.textContent)") || [];
+        return items.includes('browser: hi');
+      }, {timeout: 20000, interval: 100, what: `the page to log "browser: hi" (page log so far: ${short(items)})`});
+      assert.ok(items.some((x) => /^connected as \S+ \(authenticated: false\)$/.test(x)), `page log: ${short(items)}`);
+      assert.ok(!items.some((x) => x.startsWith('error')), `no errors on the page: ${short(items)}`);
+    } finally {
+      if (cdp) cdp.terminate();
+      try { process.kill(-proc.pid, 'SIGKILL'); } catch (_) {}
+      srv.close();
+      srv.closeAllConnections();
+    }
+  }));
+
   // §5 re-subscribe after reconnect.
   it('reconnect (client-side close) restores subscriptions and delivery', tc(async () => {
     const ch = chan('resub');
