@@ -90,6 +90,12 @@ func (r *Reader) Reset(frame []byte) {
 	r.s.ws()
 	r.span = [2]int{r.s.i, end}
 	if frame[r.s.i] == '[' {
+		// All or nothing, like a parse error: an oversized batch is
+		// refused before any of its packets runs.
+		if n := countElements(frame, r.s.i); n > MaxBatch {
+			r.err = fmt.Errorf("%w: %d packets (limit %d)", ErrBatch, n, MaxBatch)
+			return
+		}
 		r.batch = true
 		r.s.i++
 		r.s.depth = 1
@@ -100,9 +106,30 @@ func (r *Reader) Reset(frame []byte) {
 	}
 }
 
-// Err is why the frame was not valid JSON (nil for non-JSON heartbeats and
-// plain text, which are valid frames of kind Pong, PingV1 or Raw), or
-// ErrBatch once a batch exceeded MaxBatch.
+// countElements counts the elements of the validated array at b[i],
+// stopping early once past MaxBatch.
+func countElements(b []byte, i int) int {
+	n := 0
+	s := scanner{b: b, i: i + 1}
+	for n <= MaxBatch {
+		s.ws()
+		if s.i >= len(b) || b[s.i] == ']' {
+			return n
+		}
+		s.i = skipValid(b, s.i)
+		n++
+		s.ws()
+		if s.i < len(b) && b[s.i] == ',' {
+			s.i++
+		}
+	}
+	return n
+}
+
+// Err is why the frame was refused: not valid JSON, too deep, or a batch of
+// more than MaxBatch packets (ErrBatch). A refused frame yields one Raw
+// packet. Heartbeats and plain text are not errors: they are frames of kind
+// Pong, PingV1 or Raw.
 func (r *Reader) Err() error { return r.err }
 
 // Batch reports whether the frame is a JSON array of packets.
@@ -126,8 +153,7 @@ func (r *Reader) Next(p *Packet) bool {
 		}
 		return true
 	}
-	if r.count >= MaxBatch {
-		r.err = fmt.Errorf("%w (limit %d)", ErrBatch, MaxBatch)
+	if r.count >= MaxBatch { // counted in Reset; stay safe
 		r.done = true
 		return false
 	}

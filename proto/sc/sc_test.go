@@ -125,8 +125,12 @@ func TestReaderDepthLimit(t *testing.T) {
 func TestReaderBatchLimit(t *testing.T) {
 	frame := "[" + strings.Repeat(`{"event":"a"},`, MaxBatch) + `{"event":"a"}]`
 	ps, err := readAll(t, frame)
-	if !errors.Is(err, ErrBatch) || len(ps) != MaxBatch {
+	if !errors.Is(err, ErrBatch) || len(ps) != 1 || ps[0].Kind != Raw {
 		t.Fatalf("got %d packets, err %v", len(ps), err)
+	}
+	frame = "[" + strings.Repeat(`{"event":"a"},`, MaxBatch-1) + `{"event":"a"}]`
+	if ps, err := readAll(t, frame); err != nil || len(ps) != MaxBatch {
+		t.Fatalf("a full batch: %d packets, err %v", len(ps), err)
 	}
 }
 
