@@ -190,3 +190,34 @@ func FuzzEncode(f *testing.F) {
 		}
 	})
 }
+
+// FuzzField: looking a key up in an object agrees with encoding/json.
+func FuzzField(f *testing.F) {
+	f.Add([]byte(`{"channel":"a","data":{"channel":"b"}}`), "channel")
+	f.Add([]byte(`{"ch\u0061nnel":1,"channel":[2]}`), "channel")
+	f.Add([]byte(`[{"channel":"a"}]`), "channel")
+	f.Fuzz(func(t *testing.T, obj []byte, key string) {
+		got, ok := Field(obj, key)
+		if !utf8.Valid(obj) || !json.Valid(obj) || Valid(obj) != nil {
+			return
+		}
+		v, err := decodeStd(obj)
+		if err != nil {
+			t.Fatal(err)
+		}
+		m, isObj := v.(map[string]any)
+		want, present := m[key]
+		if !isObj {
+			present = false
+		}
+		if ok != present {
+			t.Fatalf("Field(%q, %q) ok=%v, encoding/json present=%v", obj, key, ok, present)
+		}
+		if ok {
+			gv, err := decodeStd(got)
+			if err != nil || !reflect.DeepEqual(gv, want) {
+				t.Fatalf("Field(%q, %q) = %q, encoding/json %#v", obj, key, got, want)
+			}
+		}
+	})
+}
