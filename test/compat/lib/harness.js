@@ -225,7 +225,8 @@ cluster:
 listen:
   public: "127.0.0.1:${o.port}"
   admin: "127.0.0.1:${o.adminPort}"
-  path: ${o.path}
+  path: ${o.path}${o.tlsPort ? `
+  tls: {listen: "127.0.0.1:${o.tlsPort}", auto: true}` : ''}
 protocol:
   version: ${o.protocolVersion}
   ping_interval: ${o.pingInterval}ms
@@ -299,6 +300,7 @@ class Target {
     this.port = await freePort();
     this.adminPort = await freePort();
     this.gossipPort = await freePort('127.0.0.1', {udpToo: true});
+    if (o.tls) this.tlsPort = await freePort();
     this.outFile = path.join(this.dir, 'stdout-stderr.log');
     const out = fs.openSync(this.outFile, 'a');
     const env = {...process.env, [AUTH_KEY_ENV]: AUTH_KEY};
@@ -326,7 +328,7 @@ class Target {
       if (!bin) throw new Error('SHOAL_BIN is not set: run through `make compat`, or set it to the absolute path of bin/shoal (or SHOAL_COMPAT_TARGET=reference)');
       if (!fs.existsSync(bin)) throw new Error(`SHOAL_BIN=${bin} does not exist (run make build)`);
       this.configFile = path.join(this.dir, 'shoal.yaml');
-      fs.writeFileSync(this.configFile, yamlConfig({...o, port: this.port, adminPort: this.adminPort, gossipPort: this.gossipPort, dataDir: this.dataDir}));
+      fs.writeFileSync(this.configFile, yamlConfig({...o, port: this.port, adminPort: this.adminPort, gossipPort: this.gossipPort, tlsPort: this.tlsPort, dataDir: this.dataDir}));
       cmd = bin;
       args = ['run', '-c', this.configFile];
     }
@@ -442,6 +444,7 @@ const DEFAULTS = {
   maxPayload: 1024 * 1024,
   allowClientPublish: true,
   socketChannelLimit: 1000,
+  tls: false,
   logLevel: 'info',
   startTimeout: 20000
 };

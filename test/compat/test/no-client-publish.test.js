@@ -7,6 +7,10 @@ const assert = require('node:assert/strict');
 const h = require('../lib/harness');
 const {connect, sleep, short} = h;
 
+function isAlive(pid) {
+  try { process.kill(pid, 0); return true; } catch (e) { return e.code === 'EPERM'; }
+}
+
 let target;
 const tc = (fn) => h.wrap(() => target, fn);
 
@@ -35,5 +39,18 @@ describe(`allow_client_publish: false against ${h.TARGET}`, {timeout: 120000}, (
     assert.deepEqual(e.messages, []);
     assert.equal(pub.socket.state, 'open');
     assert.equal(sub.socket.state, 'open');
+  }));
+  it('cluster: SIGTERM → clients closed with 1001 (going away), supervisor exits 0, no process left', {skip: h.CLUSTER_ONLY}, tc(async () => {
+    const clients = [await connect(target, {autoReconnect: false}), await connect(target, {autoReconnect: false})];
+    const procs = await target.processes();
+    const t0 = h.stamp();
+    const orphans = await target.stop({grace: 10000});
+    assert.deepEqual(orphans, [], 'no process outlived the supervisor');
+    assert.equal(target.exited && target.exited.code, 0, `supervisor exit: ${JSON.stringify(target.exited)}`);
+    for (const p of procs) assert.equal(isAlive(p.pid), false, `${p.name} (pid ${p.pid}) is gone`);
+    for (const c of clients) {
+      const d = await c.waitEvent('close', {since: t0, timeout: 5000});
+      assert.equal(d.code, 1001, `close code ${d.code} (${d.reason})`);
+    }
   }));
 });
