@@ -21,7 +21,12 @@ import (
 	"github.com/shoalhq/shoal/proto/link"
 )
 
-func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+func TestMain(m *testing.M) {
+	if os.Getenv(helperEnv) != "" {
+		os.Exit(runHelperBroker())
+	}
+	goleak.VerifyTestMain(m)
+}
 
 func shortDir(t testing.TB) string {
 	t.Helper()
