@@ -45,8 +45,8 @@ var (
 	ErrQueueFull = errors.New("brokerclient: publish queue full")
 	// ErrClosed: the client is closed.
 	ErrClosed = errors.New("brokerclient: closed")
-	// ErrTooLarge: the channel name does not fit a link frame.
-	ErrTooLarge = errors.New("brokerclient: channel name too long")
+	// ErrTooLarge: the channel name or the payload does not fit a link frame.
+	ErrTooLarge = errors.New("brokerclient: channel name or payload too large")
 )
 
 // Endpoint is one broker: its unique name and link address ("unix:/path" or
@@ -73,7 +73,12 @@ type Options struct {
 	PublishTimeout time.Duration // ack deadline; default 5 s
 	MaxInflight    int           // unacknowledged publishes per broker; default 65536
 	MaxPending     int           // bytes queued per broker link; default 4 MiB
-	MaxFrame       int           // largest inbound frame; default link.DefaultMaxFrame
+	// MaxFrame is the largest frame either way: set it to the config's
+	// protocol.max_payload + link.Overhead, as the brokers do (default
+	// link.DefaultMaxFrame, which fits the default 1 MiB). A publish that
+	// would exceed it fails with ErrTooLarge instead of making the broker
+	// drop the link.
+	MaxFrame int
 	DialTimeout    time.Duration // default 2 s
 	BackoffMin     time.Duration // first reconnect delay; default 20 ms
 	BackoffMax     time.Duration // default 1 s
@@ -269,7 +274,10 @@ func (c *Client) Publish(channel string, data []byte, done func(offset uint64, e
 		c.fail(done, ErrClosed)
 		return
 	}
-	if channel == "" || len(channel) > link.MaxChannel {
+	if done == nil {
+		done = ignoreDone
+	}
+	if channel == "" || len(channel) > link.MaxChannel || link.PubSize(channel, data)-link.HeaderSize+1 > c.opts.MaxFrame {
 		c.fail(done, ErrTooLarge)
 		return
 	}
@@ -282,6 +290,8 @@ func (c *Client) Publish(channel string, data []byte, done func(offset uint64, e
 		c.fail(done, err)
 	}
 }
+
+func ignoreDone(uint64, error) {}
 
 func (c *Client) fail(done func(uint64, error), err error) {
 	c.failed.Add(1)

@@ -449,6 +449,14 @@ func TestPublishFailures(t *testing.T) {
 			t.Fatalf("got %v", err)
 		}
 	})
+	t.Run("too large", func(t *testing.T) {
+		c, _ := newClient(t, "w", func(o *brokerclient.Options) { o.MaxFrame = 100 + link.Overhead })
+		c.SetBrokers([]brokerclient.Endpoint{{Name: "b", Addr: "unix:/nonexistent"}})
+		if _, err := publishSync(t, c, "c", string(make([]byte, 100+link.Overhead))); !errors.Is(err, brokerclient.ErrTooLarge) {
+			t.Fatalf("got %v", err)
+		}
+		c.Publish("c", nil, nil) // a nil done is allowed
+	})
 	t.Run("after close", func(t *testing.T) {
 		c, _ := newClient(t, "w")
 		c.Close()
