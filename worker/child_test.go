@@ -16,6 +16,7 @@ import (
 	"github.com/gobwas/ws"
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/shoalhq/shoal/brokerclient"
 	"github.com/shoalhq/shoal/configs"
 	"github.com/shoalhq/shoal/handoff"
 	"github.com/shoalhq/shoal/proto/control"
@@ -183,4 +184,25 @@ func TestChildProxySocket(t *testing.T) {
 		st, _ := c.Stats(context.Background())
 		return st.Counters["proxy_refused"] == 1
 	})
+}
+
+// TestChildFollowsRingMembers: once a broker reported the ring's members,
+// the supervisor's topology no longer overrides the broker set.
+func TestChildFollowsRingMembers(t *testing.T) {
+	topo := func(v int64, name string) control.Topology {
+		return control.Topology{Version: v, Peers: []control.Peer{{Name: name, Role: control.RoleBroker,
+			State: control.StateReady, Addrs: map[string]string{control.AddrLink: "unix:" + t.TempDir() + "/none.sock"}}}}
+	}
+	c, _, _ := startNamedChild(t, "worker-1", topo(1, "broker-a"), nil)
+	if o := c.bc.Owner("x"); o != "broker-a" {
+		t.Fatalf("owner %q from the topology", o)
+	}
+	ctx := context.Background()
+	if err := c.SetTopology(ctx, topo(2, "broker-b")); err != nil || c.bc.Owner("x") != "broker-b" {
+		t.Fatalf("topology not followed: %v %q", err, c.bc.Owner("x"))
+	}
+	c.ringMembers(c.bc, []brokerclient.Endpoint{{Name: "broker-ring", Addr: "unix:" + t.TempDir() + "/ring.sock"}})
+	if err := c.SetTopology(ctx, topo(3, "broker-c")); err != nil || c.bc.Owner("x") != "broker-ring" {
+		t.Fatalf("topology overrode the ring: %v %q", err, c.bc.Owner("x"))
+	}
 }

@@ -60,6 +60,12 @@ type Child struct {
 	proxy   *net.UnixListener
 	topoVer int64
 
+	// brokersMu orders the two sources of the broker set: the supervisor's
+	// topology until a broker first reports the ring's members, then the
+	// ring only (docs/brokers.md). Never held while taking mu.
+	brokersMu sync.Mutex
+	ringKnown bool
+
 	loops    sync.WaitGroup // accept loops and PROXY header readers
 	refused  atomic.Int64   // sockets refused at max_connections
 	badProxy atomic.Int64   // proxied streams refused (no/bad header)
@@ -121,10 +127,14 @@ func (c *Child) Start(ctx context.Context, p control.StartParams) (control.Start
 	}
 
 	var eng *Engine
-	bc := brokerclient.New(brokerclient.Options{
+	var bc *brokerclient.Client
+	bc = brokerclient.New(brokerclient.Options{
 		Name: p.Name,
 		// Deliveries start only after a Subscribe, which needs eng.
 		OnMessage: func(channel string, data []byte, offset uint64) { eng.Deliver(channel, data, offset) },
+		// Runs on a link's reader goroutine; SetBrokers does not wait for
+		// readers, so this cannot deadlock.
+		OnMembers: func(eps []brokerclient.Endpoint) { c.ringMembers(bc, eps) },
 		Logger:    log.Named("brokerclient"),
 	})
 	eng, err = NewEngine(EngineConfig{
@@ -295,7 +305,9 @@ func dupFD(conn syscall.Conn) (int, error) {
 	return fd, nil
 }
 
-// setBrokersLocked gives the broker client the ready brokers of t.
+// setBrokersLocked gives the broker client the ready brokers of t, unless
+// the brokers already told us the ring's members (which also knows the
+// brokers of other nodes).
 func (c *Child) setBrokersLocked(t control.Topology) {
 	if c.bc == nil || (t.Version != 0 && t.Version < c.topoVer) {
 		return
@@ -308,10 +320,27 @@ func (c *Child) setBrokersLocked(t control.Topology) {
 		}
 		eps = append(eps, brokerclient.Endpoint{Name: p.Name, Addr: p.Addrs[control.AddrLink]})
 	}
+	c.brokersMu.Lock()
+	defer c.brokersMu.Unlock()
+	if c.ringKnown {
+		return
+	}
 	c.bc.SetBrokers(eps)
 }
 
-// SetTopology moves the worker's broker links to the ready brokers.
+// ringMembers adopts the ring's live brokers as reported by a broker.
+func (c *Child) ringMembers(bc *brokerclient.Client, eps []brokerclient.Endpoint) {
+	c.brokersMu.Lock()
+	defer c.brokersMu.Unlock()
+	if !c.ringKnown {
+		c.log.Info("broker ring reported; following its membership from now on", "brokers", len(eps))
+	}
+	c.ringKnown = true
+	bc.SetBrokers(eps)
+}
+
+// SetTopology moves the worker's broker links to the topology's ready
+// brokers (until the ring reports its members, see setBrokersLocked).
 func (c *Child) SetTopology(ctx context.Context, t control.Topology) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()

@@ -384,6 +384,9 @@ func serveAndUpgrade(srv *Server, sfd, cfd int, remote net.Addr) (int, error) {
 	buf := make([]byte, 512)
 	for !strings.Contains(string(resp), "\r\n\r\n") {
 		n, err := unix.Read(cfd, buf)
+		if err == unix.EINTR { // a profiling signal
+			continue
+		}
 		if err != nil || n == 0 {
 			closeFD(cfd)
 			return -1, fmt.Errorf("read upgrade response: %v", err)

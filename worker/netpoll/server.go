@@ -7,8 +7,10 @@ import (
 	"log"
 	"net"
 	"net/http"
+	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 
 	"github.com/gobwas/ws"
 	"github.com/hashicorp/go-hclog"
@@ -24,7 +26,9 @@ type Server struct {
 	upgrader ws.Upgrader
 
 	epfd   int
-	wakefd int // eventfd that wakes the poller for Shutdown
+	epFile *os.File        // epfd, registered in Go's own netpoller (see poll)
+	epRaw  syscall.RawConn // of epFile
+	wakefd int             // eventfd that wakes the poller for Shutdown
 	pool   pool
 
 	tabMu  sync.RWMutex
@@ -108,6 +112,21 @@ func New(cfg Config) (*Server, error) {
 		_ = unix.Close(s.wakefd)
 		_ = unix.Close(s.epfd)
 		return nil, fmt.Errorf("netpoll: register eventfd: %w", err)
+	}
+	// The poller waits for our epoll fd through Go's runtime netpoller
+	// instead of in a blocking epoll_wait: a goroutine blocked in a system
+	// call keeps its P until sysmon retakes it, which with GOMAXPROCS=1
+	// (the worker's default) stalls the pool for up to 10 ms per wake-up.
+	if err := unix.SetNonblock(s.epfd, true); err != nil {
+		_ = unix.Close(s.wakefd)
+		_ = unix.Close(s.epfd)
+		return nil, fmt.Errorf("netpoll: epoll fd non-blocking: %w", err)
+	}
+	s.epFile = os.NewFile(uintptr(s.epfd), "netpoll-epoll")
+	if s.epRaw, err = s.epFile.SyscallConn(); err != nil {
+		_ = unix.Close(s.wakefd)
+		_ = s.epFile.Close()
+		return nil, fmt.Errorf("netpoll: epoll fd raw conn: %w", err)
 	}
 	// Size the fd table for the process's file limit (20,000 here) so it
 	// rarely grows; tablePut grows it past 64 Ki if a bigger limit is used.
@@ -251,11 +270,21 @@ func (s *Server) poll() {
 	defer close(s.pollDone)
 	events := make([]unix.EpollEvent, 256)
 	for {
-		n, err := unix.EpollWait(s.epfd, events, -1)
-		if err != nil {
-			if err == unix.EINTR {
-				continue
+		var n int
+		var werr error
+		// The callback polls without blocking; returning false parks the
+		// goroutine until the runtime sees the epoll fd readable.
+		err := s.epRaw.Read(func(fd uintptr) bool {
+			n, werr = unix.EpollWait(int(fd), events, 0)
+			if werr == unix.EINTR {
+				n, werr = 0, nil
 			}
+			return n > 0 || werr != nil
+		})
+		if err == nil {
+			err = werr
+		}
+		if err != nil {
 			s.log.Error("epoll wait failed, poller stops", "error", err)
 			return
 		}
@@ -340,6 +369,6 @@ func (s *Server) shutdown(ctx context.Context, code ws.StatusCode, reason string
 	}
 	s.pool.stop()
 	_ = unix.Close(s.wakefd)
-	_ = unix.Close(s.epfd)
+	_ = s.epFile.Close() // closes epfd
 	return err
 }
