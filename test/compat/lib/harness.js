@@ -103,6 +103,34 @@ async function freePort(host = '127.0.0.1', {udpToo = false} = {}) {
   throw new Error('no free port found');
 }
 
+async function portFree(port, host) {
+  const tcp = await new Promise((resolve) => {
+    const srv = net.createServer();
+    srv.unref();
+    srv.once('error', () => resolve(false));
+    srv.listen(port, host, () => srv.close(() => resolve(true)));
+  });
+  if (!tcp) return false;
+  return new Promise((resolve) => {
+    const u = dgram.createSocket('udp4');
+    u.once('error', () => { u.close(); resolve(false); });
+    u.bind(port, host, () => u.close(() => resolve(true)));
+  });
+}
+
+// n consecutive ports free for TCP and UDP (memberlist): brokers bind
+// cluster.gossip's port + index - 1. Drawn below the kernel's ephemeral range
+// so an outgoing connection cannot take one before the cluster binds it.
+async function freePortRange(n, host = '127.0.0.1') {
+  for (let attempt = 0; attempt < 50; attempt++) {
+    const base = 20000 + Math.floor(Math.random() * (32000 - 20000 - n));
+    let ok = true;
+    for (let i = 0; i < n && ok; i++) ok = await portFree(base + i, host);
+    if (ok) return base;
+  }
+  throw new Error(`no ${n} consecutive free ports found`);
+}
+
 // --------------------------------------------------------------- frame tap
 // Every ws.WebSocket in this process (the official client's transports and
 // our raw sockets) records what it sends and receives, so a failing test can
@@ -299,7 +327,7 @@ class Target {
     this.dataDir = path.join(this.dir, 'data');
     this.port = await freePort();
     this.adminPort = await freePort();
-    this.gossipPort = await freePort('127.0.0.1', {udpToo: true});
+    this.gossipPort = await freePortRange(o.brokers);
     if (o.tls) this.tlsPort = await freePort();
     this.outFile = path.join(this.dir, 'stdout-stderr.log');
     const out = fs.openSync(this.outFile, 'a');
