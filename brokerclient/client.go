@@ -78,12 +78,12 @@ type Options struct {
 	// link.DefaultMaxFrame, which fits the default 1 MiB). A publish that
 	// would exceed it fails with ErrTooLarge instead of making the broker
 	// drop the link.
-	MaxFrame int
-	DialTimeout    time.Duration // default 2 s
-	BackoffMin     time.Duration // first reconnect delay; default 20 ms
-	BackoffMax     time.Duration // default 1 s
-	PingInterval   time.Duration // keepalive; the link is dropped after 3 silent intervals; default 5 s
-	WriteTimeout   time.Duration // default 10 s
+	MaxFrame     int
+	DialTimeout  time.Duration // default 2 s
+	BackoffMin   time.Duration // first reconnect delay; default 20 ms
+	BackoffMax   time.Duration // default 1 s
+	PingInterval time.Duration // keepalive; the link is dropped after 3 silent intervals; default 5 s
+	WriteTimeout time.Duration // default 10 s
 }
 
 func (o *Options) defaults() {
