@@ -13,6 +13,7 @@ import (
 	"context"
 	"crypto/tls"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -118,6 +119,7 @@ type agentCmd struct {
 type agent struct {
 	spec    agentSpec
 	dopts   dialOpts
+	targets []*target // s.URLs resolved
 	pollers []*poller
 	pubs    []*publisher
 
@@ -342,6 +344,13 @@ func (a *agent) setup() error {
 	// wss:// targets here are loopback servers with development
 	// certificates (often self-signed), so the bench does not verify them;
 	// it measures TLS cost, not PKI.
+	for _, u := range s.URLs {
+		t, err := resolveTarget(u)
+		if err != nil {
+			return err
+		}
+		a.targets = append(a.targets, t)
+	}
 	a.dopts = dialOpts{urls: s.URLs, timeout: s.Timeout, token: s.Token,
 		tls: &tls.Config{InsecureSkipVerify: true}} // no session cache: every connection pays a full handshake, as new clients do
 	for _, src := range s.Sources {
@@ -389,9 +398,10 @@ func (a *agent) prepare(ctx context.Context) {
 
 // openConns opens n connections at rate per second (0 = as fast as the
 // concurrency allows), each subscribed to channel(i) when that is not "".
+// At most Concurrency openings are in flight; they run in the pollers, so
+// this loop is the only goroutine involved.
 func (a *agent) openConns(ctx context.Context, n int, rate float64, channel func(i int) string) {
-	conc := max(a.spec.Concurrency, 1)
-	sem := make(chan struct{}, conc)
+	sem := make(chan struct{}, max(a.spec.Concurrency, 1))
 	var wg sync.WaitGroup
 	start := time.Now()
 	for i := 0; i < n && ctx.Err() == nil; i++ {
@@ -402,66 +412,83 @@ func (a *agent) openConns(ctx context.Context, n int, rate float64, channel func
 		}
 		sem <- struct{}{}
 		wg.Add(1)
-		go func() {
-			defer func() { <-sem; wg.Done() }()
-			if _, err := a.openConn(ctx, a.spec.Index+i*a.spec.Agents, channel(i), nil); err != nil {
-				a.noteErr(err)
-			}
-		}()
+		a.startConn(ctx, a.spec.Index+i*a.spec.Agents, channel(i), nil, func(_ *conn, err error) {
+			a.count(err)
+			<-sem
+			wg.Done()
+		})
 	}
 	wg.Wait()
 }
 
-// openConn dials global connection number gi, subscribes it if channel is
-// set, and hands it to a poller.
+// count accounts the outcome of one opening.
+func (a *agent) count(err error) {
+	var se errSubscribe
+	switch {
+	case err == nil:
+		a.connected.Add(1)
+	case errors.As(err, &se):
+		a.subscribeFailed.Add(1)
+		a.noteErr(err)
+	default:
+		a.connectFailed.Add(1)
+		a.noteErr(err)
+	}
+}
+
+// startConn opens global connection number gi (target and source address
+// gi mod their counts), subscribed to channel if set, publishing as pub if
+// set, and calls done once with the open connection or the error. ws://
+// opens in a poller (connect.go); wss:// dials on a goroutine.
+func (a *agent) startConn(ctx context.Context, gi int, channel string, pub *publisher, done func(*conn, error)) {
+	t := a.targets[gi%len(a.targets)]
+	if t.tls {
+		go func() {
+			c, err := a.openConn(ctx, gi, channel, pub)
+			done(c, err)
+		}()
+		return
+	}
+	c := &conn{fd: -1, channel: channel}
+	if pub != nil {
+		// Complete before the poller can see the conn: acks read it.
+		pub.c, c.pub = c, pub
+	}
+	var src net.IP
+	if len(a.dopts.sources) > 0 {
+		src = a.dopts.sources[gi%len(a.dopts.sources)]
+	}
+	p := a.pollers[gi%len(a.pollers)]
+	if err := p.open(c, t, src, a.spec.Timeout, a.spec.Token, done); err != nil {
+		done(nil, err)
+	}
+}
+
+// openConn dials global connection number gi synchronously (the wss:// path),
+// subscribes it if channel is set, and hands it to a poller's TLS reader.
 func (a *agent) openConn(ctx context.Context, gi int, channel string, pub *publisher) (*conn, error) {
 	t0 := time.Now()
 	s, err := dial(ctx, &a.dopts, gi)
 	if err != nil {
-		a.connectFailed.Add(1)
 		return nil, err
 	}
 	a.connect.Record(time.Since(t0))
 	if channel != "" {
 		if err := s.subscribe(channel); err != nil {
 			s.nc.Close()
-			a.subscribeFailed.Add(1)
-			return nil, fmt.Errorf("#subscribe %s: %w", channel, err)
+			return nil, errSubscribe{fmt.Errorf("#subscribe %s: %w", channel, err)}
 		}
 	}
-	cid := s.cid
-	if _, isTLS := s.nc.(*tls.Conn); isTLS {
-		c := &conn{fd: -1, tc: s.nc, channel: channel}
-		if pub != nil {
-			pub.c, pub.nextCID = c, cid
-			c.pub = pub
-		}
-		var rest []byte
-		if s.n > 0 {
-			rest = append([]byte(nil), s.buf[:s.n]...)
-		}
-		a.pollers[gi%len(a.pollers)].addTLS(c, rest)
-		a.connected.Add(1)
-		return c, nil
-	}
-	fd, rest, err := s.detach()
-	if err != nil {
-		a.connectFailed.Add(1)
-		return nil, err
-	}
-	c := &conn{fd: fd, channel: channel}
-	p := a.pollers[gi%len(a.pollers)]
+	c := &conn{fd: -1, tc: s.nc, channel: channel}
 	if pub != nil {
-		// Complete before the poller can see the conn: acks read it.
-		pub.c, pub.nextCID = c, cid // cids continue after the handshake's
+		pub.c, pub.nextCID = c, s.cid
 		c.pub = pub
 	}
-	if err := p.add(c, rest); err != nil {
-		unix.Close(fd)
-		a.connectFailed.Add(1)
-		return nil, err
+	var rest []byte
+	if s.n > 0 {
+		rest = append([]byte(nil), s.buf[:s.n]...)
 	}
-	a.connected.Add(1)
+	a.pollers[gi%len(a.pollers)].addTLS(c, rest)
 	return c, nil
 }
 
@@ -470,43 +497,36 @@ func (a *agent) openConn(ctx context.Context, gi int, channel string, pub *publi
 // per-publisher order.
 func (a *agent) openPublishers(ctx context.Context) {
 	s := &a.spec
-	total := s.Publishers
 	var ids []int
-	for g := s.Index; g < total; g += s.Agents {
+	for g := s.Index; g < s.Publishers; g += s.Agents {
 		ids = append(ids, g)
 	}
-	if len(ids) == 0 {
-		return
-	}
 	window := max(s.Window, 1)
-	pubs := make([]*publisher, len(ids))
+	var mu sync.Mutex
 	var wg sync.WaitGroup
 	sem := make(chan struct{}, max(s.Concurrency, 1))
-	for k, g := range ids {
+	for _, g := range ids {
+		p := &publisher{id: uint64(g), a: a, window: window,
+			sent: make([]atomic.Int64, window), slots: make(chan struct{}, window)}
+		for range window {
+			p.slots <- struct{}{}
+		}
 		sem <- struct{}{}
 		wg.Add(1)
-		go func() {
-			defer func() { <-sem; wg.Done() }()
-			// Offset publisher conns past the subscribers so they use other
-			// source addresses and ports.
-			p := &publisher{id: uint64(g), a: a, window: window,
-				sent: make([]atomic.Int64, window), slots: make(chan struct{}, window)}
-			for range window {
-				p.slots <- struct{}{}
+		// Numbered past the subscribers so publishers use their own mix of
+		// source addresses and pollers.
+		a.startConn(ctx, 1_000_003+g, "", p, func(_ *conn, err error) {
+			a.count(err)
+			if err == nil {
+				mu.Lock()
+				a.pubs = append(a.pubs, p)
+				mu.Unlock()
 			}
-			if _, err := a.openConn(ctx, 1_000_003+g, "", p); err != nil {
-				a.noteErr(err)
-				return
-			}
-			pubs[k] = p
-		}()
+			<-sem
+			wg.Done()
+		})
 	}
 	wg.Wait()
-	for _, p := range pubs {
-		if p != nil {
-			a.pubs = append(a.pubs, p)
-		}
-	}
 }
 
 // runPhase runs the measured part of the scenario for the spec's duration.
@@ -540,43 +560,42 @@ func (a *agent) runPhase(ctx context.Context) {
 	}
 }
 
-// churn runs Conns loops of connect, handshake, subscribe, disconnect until
-// the duration ends.
+// churn runs Conns loops of open (connect, upgrade, #handshake,
+// #subscribe) and close until the duration ends. A loop is not a goroutine:
+// each cycle's completion, on a poller, starts the next one. The end of the
+// run stops new cycles but does not cut one short, so the deadline never
+// shows up as a failure.
 func (a *agent) churn(ctx context.Context) {
 	s := &a.spec
-	// The end of the run stops new cycles but does not cut one short: a
-	// cycle under way finishes (within its own timeout), so the deadline
-	// never shows up as a failure.
 	end := time.Now().Add(s.Duration)
 	var next atomic.Int64
 	var wg sync.WaitGroup
+	var cycle func(w int)
+	cycle = func(w int) {
+		if ctx.Err() != nil || !time.Now().Before(end) {
+			wg.Done()
+			return
+		}
+		gi := s.Index + int(next.Add(1))*s.Agents
+		t0 := time.Now()
+		a.startConn(ctx, gi, s.Prefix+"churn/"+strconv.Itoa(w), nil, func(c *conn, err error) {
+			if err != nil {
+				a.cycleFailed.Add(1)
+				a.noteErr(err)
+				// Back off briefly so a refusing server is not hammered in a
+				// tight loop that only measures the tool.
+				time.AfterFunc(10*time.Millisecond, func() { cycle(w) })
+				return
+			}
+			c.p.closeConn(c)
+			a.cycle.Record(time.Since(t0))
+			a.cycles.Add(1)
+			cycle(w)
+		})
+	}
 	for w := range max(s.Conns, 1) {
 		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for ctx.Err() == nil && time.Now().Before(end) {
-				gi := s.Index + int(next.Add(1))*s.Agents
-				t0 := time.Now()
-				ss, err := dial(ctx, &a.dopts, gi)
-				if err == nil {
-					err = ss.subscribe(s.Prefix + "churn/" + strconv.Itoa(w))
-					ss.closeNow()
-				}
-				if err != nil {
-					if ctx.Err() != nil {
-						return // the whole bench is stopping
-					}
-					a.cycleFailed.Add(1)
-					a.noteErr(err)
-					// Back off briefly so a refusing server is not hammered
-					// in a tight loop that only measures the tool.
-					time.Sleep(10 * time.Millisecond)
-					continue
-				}
-				a.cycle.Record(time.Since(t0))
-				a.cycles.Add(1)
-			}
-		}()
+		cycle(w)
 	}
 	wg.Wait()
 }

@@ -1,12 +1,12 @@
 package bench
 
-// Connections of the bench client. A connection is opened synchronously by a
-// dial goroutine (TCP, WebSocket upgrade, #handshake, optional #subscribe,
-// each waited for), then its file descriptor is handed to an epoll poller
-// and the Go net.Conn is dropped. From then on an idle connection costs no
-// goroutine and no buffer: a struct of about 200 bytes in this process plus
-// the kernel's socket buffers. Only a connection that received half a frame
-// keeps a slice for the rest until it arrives.
+// Connections of the bench client. ws:// connections are opened by the
+// pollers themselves (connect.go) and live as bare non-blocking descriptors
+// in an epoll poller: an idle connection costs no goroutine and no buffer,
+// only the conn struct (about 200 bytes) and the kernel's socket buffers. A
+// connection keeps a slice only while it holds half a frame or unsent bytes.
+// wss:// connections are dialled synchronously here (TLS state lives in
+// user space) and then read by one goroutine each.
 
 import (
 	"context"
@@ -39,6 +39,7 @@ type conn struct {
 	fd int
 	p  *poller
 	tc net.Conn // wss:// only: the TLS connection, read by its own goroutine
+	op *opening // non-nil until the connection is open (connect.go)
 
 	// Touched only by the poller goroutine.
 	partial []byte   // bytes of an incomplete inbound frame, nil when none
@@ -304,56 +305,6 @@ func (s *sess) subscribe(channel string) error {
 	return s.invoke("#subscribe", append(d, '}'))
 }
 
-// detach turns the session into a raw non-blocking descriptor for a poller.
-// It returns the descriptor and any bytes already read but not parsed. The
-// descriptor is a dup: closing the net.Conn afterwards drops Go's netpoller
-// registration without closing the socket.
-func (s *sess) detach() (int, []byte, error) {
-	tc, ok := s.nc.(*net.TCPConn)
-	if !ok {
-		s.nc.Close()
-		return -1, nil, errors.New("bench: not a TCP connection")
-	}
-	rc, err := tc.SyscallConn()
-	if err != nil {
-		s.nc.Close()
-		return -1, nil, err
-	}
-	fd := -1
-	var derr error
-	err = rc.Control(func(f uintptr) {
-		fd, derr = unix.FcntlInt(f, unix.F_DUPFD_CLOEXEC, 0)
-	})
-	s.nc.Close()
-	if err == nil {
-		err = derr
-	}
-	if err != nil {
-		return -1, nil, err
-	}
-	if err := unix.SetNonblock(fd, true); err != nil {
-		unix.Close(fd)
-		return -1, nil, err
-	}
-	var rest []byte
-	if s.n > 0 {
-		rest = append([]byte(nil), s.buf[:s.n]...)
-	}
-	return fd, rest, nil
-}
-
-// closeNow ends a churn session: a WebSocket close frame, then a reset
-// (SO_LINGER 0) so the client side keeps no TIME_WAIT socket; without it a
-// churn run at thousands of cycles per second exhausts the ephemeral ports
-// of its source addresses within seconds.
-func (s *sess) closeNow() {
-	_, _ = s.nc.Write(appendClientFrame(nil, opClose, []byte{0x03, 0xE8}))
-	if tc, ok := s.nc.(*net.TCPConn); ok {
-		_ = tc.SetLinger(0)
-	}
-	s.nc.Close()
-}
-
 // poller owns a set of connections and one epoll instance; one goroutine
 // waits on it and does all reading and protocol replies for its conns.
 type poller struct {
@@ -362,10 +313,11 @@ type poller struct {
 	buf  []byte
 	st   pollStats
 
-	mu    sync.Mutex
-	conns map[int]*conn  // fd → conn; only the poller deletes, under mu
-	tls   map[*conn]bool // wss:// conns, each read by its own goroutine
-	tlsWG sync.WaitGroup
+	mu      sync.Mutex
+	conns   map[int]*conn  // fd → conn; only the poller deletes, under mu
+	tls     map[*conn]bool // wss:// conns, each read by its own goroutine
+	pending map[*conn]bool // conns still opening, swept for their deadline
+	tlsWG   sync.WaitGroup
 }
 
 // pollStats are written by one poller goroutine and read by the reporter.
@@ -380,27 +332,7 @@ func newPoller(a *agent) (*poller, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &poller{a: a, epfd: epfd, buf: make([]byte, 256<<10), conns: make(map[int]*conn), tls: make(map[*conn]bool)}, nil
-}
-
-// add registers an established connection (edge-triggered: the poller reads
-// until EAGAIN, and EPOLLOUT fires only when a full socket drains).
-func (p *poller) add(c *conn, rest []byte) error {
-	c.p = p
-	if len(rest) > 0 {
-		c.partial = rest // parsed on the first read event
-	}
-	p.mu.Lock() // publishes c (and partial) to the poller goroutine
-	p.conns[c.fd] = c
-	p.mu.Unlock()
-	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET, Fd: int32(c.fd)}
-	if err := unix.EpollCtl(p.epfd, unix.EPOLL_CTL_ADD, c.fd, &ev); err != nil {
-		p.mu.Lock()
-		delete(p.conns, c.fd)
-		p.mu.Unlock()
-		return err
-	}
-	return nil
+	return &poller{a: a, epfd: epfd, buf: make([]byte, 256<<10), conns: make(map[int]*conn), tls: make(map[*conn]bool), pending: make(map[*conn]bool)}, nil
 }
 
 // addTLS starts the reader of a wss:// connection. TLS state lives in user
@@ -437,6 +369,7 @@ func (p *poller) addTLS(c *conn, rest []byte) {
 // long stopping takes without needing a wake-up descriptor.
 func (p *poller) run(stop <-chan struct{}) {
 	events := make([]unix.EpollEvent, 256)
+	lastSweep := time.Now()
 	for {
 		select {
 		case <-stop:
@@ -447,6 +380,10 @@ func (p *poller) run(stop <-chan struct{}) {
 		if err != nil && err != unix.EINTR {
 			return
 		}
+		if now := time.Now(); now.Sub(lastSweep) >= 100*time.Millisecond {
+			p.sweep(now)
+			lastSweep = now
+		}
 		for i := 0; i < n; i++ {
 			ev := events[i]
 			p.mu.Lock()
@@ -455,7 +392,13 @@ func (p *poller) run(stop <-chan struct{}) {
 			if c == nil {
 				continue
 			}
-			if ev.Events&unix.EPOLLOUT != 0 {
+			if c.op != nil && c.op.state == stConnecting {
+				// Any event ends connect(): success or an error in SO_ERROR.
+				p.onWritable(c)
+				if c.op == nil {
+					continue // failed
+				}
+			} else if ev.Events&unix.EPOLLOUT != 0 {
 				c.flush()
 			}
 			// Bytes left over from the synchronous phase are parsed on the
@@ -497,16 +440,17 @@ func (p *poller) read(c *conn) {
 	}
 }
 
-// drop forgets a connection the server closed.
+// drop forgets a connection the server closed (or that broke the protocol).
 func (p *poller) drop(c *conn) {
-	p.mu.Lock()
-	if c.tc != nil {
-		delete(p.tls, c)
-	} else {
-		_ = unix.EpollCtl(p.epfd, unix.EPOLL_CTL_DEL, c.fd, nil)
-		delete(p.conns, c.fd)
+	if c.op != nil {
+		msg := "connection closed by the server while " + stateName(c.op.state)
+		if c.op.closeMsg != "" {
+			msg += " (" + c.op.closeMsg + ")"
+		}
+		p.fail(c, errors.New(msg))
+		return
 	}
-	p.mu.Unlock()
+	p.forget(c)
 	if c.closeFD() && !p.a.stopping.Load() {
 		p.st.closed.Add(1)
 	}
@@ -516,6 +460,15 @@ func (p *poller) drop(c *conn) {
 // consume parses data (appended to any partial frame) and handles each
 // complete frame; it returns false if the connection was dropped.
 func (p *poller) consume(c *conn, data []byte) bool {
+	if c.op != nil && c.op.state == stUpgrade {
+		var ok bool
+		if data, ok = p.onUpgradeData(c, data); !ok {
+			return false
+		}
+		if c.op != nil && c.op.state == stUpgrade {
+			return true // the response head is not complete yet
+		}
+	}
 	if len(c.partial) > 0 {
 		c.partial = append(c.partial, data...)
 		data = c.partial
@@ -557,6 +510,9 @@ func (p *poller) onFrame(c *conn, f frame) bool {
 	case opPong:
 		return true
 	case opClose:
+		if c.op != nil && len(f.payload) >= 2 {
+			c.op.closeMsg = fmt.Sprintf("close %d %q", int(f.payload[0])<<8|int(f.payload[1]), f.payload[2:])
+		}
 		c.writeControl(opClose, f.payload[:min(2, len(f.payload))])
 		return false
 	case opContinuation:
@@ -611,7 +567,7 @@ func (p *poller) onPacket(c *conn, pkt []byte) {
 		p.deliver(c, payload)
 		return
 	}
-	if c.pub == nil {
+	if c.pub == nil && c.op == nil {
 		return
 	}
 	rid, ok := field(pkt, "rid")
@@ -623,7 +579,17 @@ func (p *poller) onPacket(c *conn, pkt []byte) {
 		return
 	}
 	e, isErr := field(pkt, "error")
-	c.pub.ack(p, n, isErr && string(e) != "null")
+	isErr = isErr && string(e) != "null"
+	if c.op != nil {
+		if n == c.op.cid {
+			if !isErr {
+				e = nil
+			}
+			p.onReply(c, e)
+		}
+		return
+	}
+	c.pub.ack(p, n, isErr)
 }
 
 // deliver accounts one #publish received by a subscriber.
