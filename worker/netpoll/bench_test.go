@@ -2,8 +2,8 @@ package netpoll
 
 import (
 	"context"
-	"io"
 	"errors"
+	"io"
 	"runtime"
 	"sync/atomic"
 	"testing"

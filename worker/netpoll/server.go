@@ -269,18 +269,20 @@ func (s *Server) released() {
 func (s *Server) poll() {
 	defer close(s.pollDone)
 	events := make([]unix.EpollEvent, 256)
+	var n int
+	var werr error
+	// wait polls without blocking; returning false parks the goroutine
+	// until the runtime sees the epoll fd readable. Made once: a closure
+	// per call would allocate per wake-up.
+	wait := func(fd uintptr) bool {
+		n, werr = unix.EpollWait(int(fd), events, 0)
+		if werr == unix.EINTR {
+			n, werr = 0, nil
+		}
+		return n > 0 || werr != nil
+	}
 	for {
-		var n int
-		var werr error
-		// The callback polls without blocking; returning false parks the
-		// goroutine until the runtime sees the epoll fd readable.
-		err := s.epRaw.Read(func(fd uintptr) bool {
-			n, werr = unix.EpollWait(int(fd), events, 0)
-			if werr == unix.EINTR {
-				n, werr = 0, nil
-			}
-			return n > 0 || werr != nil
-		})
+		err := s.epRaw.Read(wait)
 		if err == nil {
 			err = werr
 		}
