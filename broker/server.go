@@ -209,10 +209,10 @@ func (l *blink) serve() {
 	err := link.ReadFrames(l.conn, &dec, buf, s.cfg.IdleTimeout, func(f *link.Frame) error {
 		if !helloDone {
 			if f.Type != link.TypeHello {
-				return fmt.Errorf("broker: first frame is %s, want hello", f.Type)
+				return fmt.Errorf("broker: first frame is %s, want hello: %w", f.Type, errProtocol)
 			}
 			if f.Version != link.Version {
-				return fmt.Errorf("broker: worker speaks link version %d, this broker %d", f.Version, link.Version)
+				return fmt.Errorf("broker: worker speaks link version %d, this broker %d: %w", f.Version, link.Version, errProtocol)
 			}
 			helloDone = true
 			l.worker = string(f.Name)
@@ -242,7 +242,7 @@ func (l *blink) serve() {
 			}
 		case link.TypePong:
 		default:
-			return fmt.Errorf("broker: unexpected %s frame from a worker", f.Type)
+			return fmt.Errorf("broker: unexpected %s frame from a worker: %w", f.Type, errProtocol)
 		}
 		return nil
 	})
@@ -254,17 +254,18 @@ func (l *blink) serve() {
 	case errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) || s.isClosed():
 		s.log.Debug("worker link closed", "worker", l.worker)
 	case err != nil:
-		if !helloDone || isProtocolError(err) {
+		if isProtocolError(err) {
 			s.badFrames.Add(1)
 		}
 		s.log.Warn("worker link failed; closing it", "worker", l.worker, "error", err)
 	}
 }
 
-func isProtocolError(err error) bool {
-	var ne net.Error
-	return !errors.As(err, &ne)
-}
+// errProtocol marks a peer that broke the link protocol (not a network or
+// queue failure), for the bad_frames counter.
+var errProtocol = errors.New("protocol violation")
+
+func isProtocolError(err error) bool { return errors.Is(err, errProtocol) }
 
 // publish assigns the next offset and fans the message out. The fan-out runs
 // under the shard lock so every worker sees a channel's offsets in order even
