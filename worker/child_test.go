@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/gobwas/ws"
+	"github.com/gobwas/ws/wsutil"
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/shoalhq/shoal/brokerclient"
@@ -205,4 +206,56 @@ func TestChildFollowsRingMembers(t *testing.T) {
 	if err := c.SetTopology(ctx, topo(3, "broker-c")); err != nil || c.bc.Owner("x") != "broker-ring" {
 		t.Fatalf("topology overrode the ring: %v %q", err, c.bc.Owner("x"))
 	}
+}
+
+// TestChildProxyOversizedFrame: a frame over max_payload on a proxied
+// stream gets a 1009 close frame back on that stream, while the proxy is
+// still writing the rest of the frame.
+func TestChildProxyOversizedFrame(t *testing.T) {
+	_, res, _ := startChild(t, nil)
+	path := res.Addrs[control.AddrProxy]
+	d := ws.Dialer{NetDial: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		conn, err := net.Dial("unix", path)
+		if err != nil {
+			return nil, err
+		}
+		src := &net.TCPAddr{IP: net.IPv4(192, 0, 2, 1), Port: 1234}
+		if _, err := conn.Write(proxyproto.Encode(src, &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 8443})); err != nil {
+			conn.Close()
+			return nil, err
+		}
+		return conn, nil
+	}}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	conn, _, _, err := d.Dial(ctx, "ws://127.0.0.1/socketcluster/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	(&wsClient{t: t, c: conn}).handshake("")
+	big := `{"event":"huge","data":"` + strings.Repeat("x", 1<<20+1000) + `"}`
+	werr := make(chan error, 1)
+	go func() {
+		_ = conn.SetWriteDeadline(time.Now().Add(5 * time.Second))
+		werr <- wsutil.WriteClientText(conn, []byte(big))
+	}()
+	// Read raw frames: wsutil would answer the close frame and report the
+	// failed write instead (the worker has hung up by then; see the report
+	// on netpoll's lingering close).
+	_ = conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	for range 100 {
+		f, err := ws.ReadFrame(conn)
+		if err != nil {
+			t.Fatalf("no close frame: %v", err)
+		}
+		if f.Header.OpCode == ws.OpClose {
+			if code, _ := ws.ParseCloseFrameData(f.Payload); code != ws.StatusMessageTooBig {
+				t.Fatalf("closed with %d, want 1009", code)
+			}
+			t.Logf("the proxy's write of the rest of the frame: %v", <-werr)
+			return
+		}
+	}
+	t.Fatal("no close frame among 100 frames")
 }
