@@ -31,6 +31,13 @@ func runHelperBroker() int {
 	cfg := configs.Default()
 	cfg.Cluster.Gossip = "127.0.0.1:0"
 	cfg.Cluster.Brokers = 3
+	if g := os.Getenv(helperEnv + "_GOSSIP"); g != "" {
+		cfg.Cluster.Gossip = g // a node of its own (netns test): cross-host mode
+		cfg.Cluster.Brokers = 1
+	}
+	if j := os.Getenv(helperEnv + "_CLUSTER_JOIN"); j != "" {
+		cfg.Cluster.Join = strings.Split(j, ",")
+	}
 	b, _ := json.Marshal(cfg)
 	c := New(nil)
 	res, err := c.Start(context.Background(), control.StartParams{Role: control.RoleBroker, Name: name, Index: 1, RunDir: dir, Config: b})
@@ -57,14 +64,27 @@ type brokerProc struct {
 	addrs map[string]string
 }
 
-func startBrokerProc(t *testing.T, dir, name string, join []string) *brokerProc {
+func startBrokerProc(t *testing.T, dir, name string, join []string, extraEnv ...string) *brokerProc {
+	t.Helper()
+	return startBrokerProcIn(t, "", dir, name, join, extraEnv...)
+}
+
+// startBrokerProcIn runs the helper broker, inside network namespace ns
+// when ns is not empty.
+func startBrokerProcIn(t *testing.T, ns, dir, name string, join []string, extraEnv ...string) *brokerProc {
 	t.Helper()
 	exe, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
 	}
 	cmd := exec.Command(exe, "-test.run=^$")
+	if ns != "" {
+		// ip execs the test binary after entering the namespace: same pid,
+		// so Pdeathsig and Kill still reach the broker.
+		cmd = exec.Command("ip", "netns", "exec", ns, exe, "-test.run=^$")
+	}
 	cmd.Env = append(os.Environ(), helperEnv+"="+name, helperEnv+"_DIR="+dir, helperEnv+"_JOIN="+strings.Join(join, ","))
+	cmd.Env = append(cmd.Env, extraEnv...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	stdin, _ := cmd.StdinPipe()
 	stdout, _ := cmd.StdoutPipe()
