@@ -255,12 +255,21 @@ func TestWSInvokePubSub(t *testing.T) {
 	}
 	a.send(`{"event":"#unsubscribe","data":"room"}`)
 	a.send(`{"event":"#publish","data":{"channel":"other","data":1},"cid":5}`)
-	b.send(`{"event":"#publish","data":{"channel":"room","data":2}}`)
-	if r := b.recvData(); r != `{"event":"#publish","data":{"channel":"room","data":2}}` {
-		t.Fatalf("b got %s", r)
+	// Same socket, in order: once the publish is acked, the unsubscribe ran.
+	for _, want := range []string{`{"event":"#publish","data":{"channel":"other","data":1}}`, `{"rid":5}`} {
+		if r := a.recvData(); r != want {
+			t.Fatalf("a got %s want %s", r, want)
+		}
+	}
+	b.send(`{"event":"#publish","data":{"channel":"room","data":2},"cid":4}`)
+	for _, want := range []string{`{"event":"#publish","data":{"channel":"room","data":2}}`, `{"rid":4}`} {
+		if r := b.recvData(); r != want {
+			t.Fatalf("b got %s want %s", r, want)
+		}
 	}
 	// a no longer gets room: its next frames are other's publish and the ack.
-	for _, want := range []string{`{"event":"#publish","data":{"channel":"other","data":1}}`, `{"rid":5}`} {
+	a.send(`{"event":"#publish","data":{"channel":"other","data":3},"cid":6}`)
+	for _, want := range []string{`{"event":"#publish","data":{"channel":"other","data":3}}`, `{"rid":6}`} {
 		if r := a.recvData(); r != want {
 			t.Fatalf("a got %s want %s", r, want)
 		}
