@@ -1,9 +1,11 @@
 package netpoll
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"io"
+	"net"
 	"runtime"
 	"sync/atomic"
 	"testing"
@@ -245,4 +247,54 @@ func BenchmarkEchoRoundTrip(b *testing.B) {
 	}
 	b.StopTimer()
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "roundtrips/s")
+}
+
+// BenchmarkConnect measures connection set-up one at a time: TCP connect,
+// accept, Serve, HTTP upgrade until the client has the 101, then the client
+// hangs up. The client uses net.Conn (Go's netpoller).
+func BenchmarkConnect(b *testing.B) {
+	h := &recorder{}
+	srv, err := New(Config{Handler: HandlerFuncs{}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	shutdownBench(b, srv)
+	lfd := tcpListener(b)
+	sa, err := unix.Getsockname(lfd)
+	if err != nil {
+		b.Fatal(err)
+	}
+	addr := (&net.TCPAddr{IP: sa.(*unix.SockaddrInet4).Addr[:], Port: sa.(*unix.SockaddrInet4).Port}).String()
+	req := []byte(upgradeRequest("/socketcluster/", ""))
+	buf := make([]byte, 512)
+	_ = h
+	b.ReportAllocs()
+	b.ResetTimer()
+	for range b.N {
+		nc, err := net.Dial("tcp", addr)
+		if err != nil {
+			b.Fatal(err)
+		}
+		sfd, _, err := unix.Accept4(lfd, unix.SOCK_CLOEXEC)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := srv.Serve(sfd, nil, nil); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := nc.Write(req); err != nil {
+			b.Fatal(err)
+		}
+		for got := 0; !bytes.Contains(buf[:got], []byte("\r\n\r\n")); {
+			n, err := nc.Read(buf[got:])
+			if err != nil {
+				b.Fatal(err)
+			}
+			got += n
+		}
+		_ = nc.Close()
+	}
+	b.StopTimer()
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "conns/s")
+	waitFor(b, 10*time.Second, "all released", func() bool { return srv.owned.Load() == 0 })
 }

@@ -45,10 +45,16 @@ type Conn struct {
 	onCloseDone bool
 	closeSet    bool
 	peerClosed  bool // the peer sent its close frame or hung up: no need to wait for it
-	pendFlush   bool // set under mu: unlockAndRun pushes a flush task
-	pendRead    bool // set under mu: unlockAndRun pushes a read task
-	closeCode   ws.StatusCode
-	closeReason string
+	// batching is set while a read task processes a batch of input: a flush
+	// needed meanwhile is left to the read task (flushDeferred), which does
+	// it inline when the batch ends, so replies to a batch of messages leave
+	// in one writev without a hand-off to another pool goroutine.
+	batching      bool
+	flushDeferred bool
+	pendFlush     bool // set under mu: unlockAndRun pushes a flush task
+	pendRead      bool // set under mu: unlockAndRun pushes a read task
+	closeCode     ws.StatusCode
+	closeReason   string
 	// q is the send queue (frames shared read-only with other conns), nil
 	// when empty; outBytes counts its unwritten bytes.
 	q        *queue
@@ -162,13 +168,18 @@ func (c *Conn) queuedLocked() int {
 }
 
 // scheduleFlushLocked reports whether the caller must push a flush task.
-// None is needed while one is queued or running (it writes what we added)
-// or while the socket waits for EPOLLOUT (the poller schedules one then).
+// None is needed while one is queued or running (it writes what we added),
+// while the socket waits for EPOLLOUT (the poller schedules one then), or
+// while a read task is batching (it flushes when the batch ends).
 func (c *Conn) scheduleFlushLocked() bool {
 	if c.flushing || c.waitOut {
 		return false
 	}
 	c.flushing = true
+	if c.batching {
+		c.flushDeferred = true
+		return false
+	}
 	return true
 }
 

@@ -51,9 +51,10 @@
 //
 // # Locks
 //
-// Conn.mu guards a connection's state and send queue; it is never held during
-// a system call that can take time, a Handler call, or while taking another
-// lock except the pool's and the runtime timer's. Server.tabMu (the fd table)
-// and pool.mu are leaves: no other lock is taken while holding them.
+// Conn.mu guards a connection's state and send queue. It is never held
+// during a Handler call or a read or write system call, only around
+// epoll_ctl, shutdown(2) and the runtime timer's Reset/Stop; tasks are pushed
+// to the pool after it is released. Server.tabMu (the fd table) and pool.mu
+// are leaves: no other lock is taken while holding them.
 // Handlers must not call Shutdown (it waits for the pool they run on).
 package netpoll

@@ -17,11 +17,13 @@ const maxReadRounds = 8
 func (c *Conn) readTask(sc *scratch) {
 	s := c.srv
 	for round := 0; round < maxReadRounds; round++ {
+		c.endBatch(sc)
 		if c.deliverOnClose() {
 			continue
 		}
 		c.mu.Lock()
 		ph := c.phase
+		c.batching = ph < phaseDead
 		c.mu.Unlock()
 		if ph >= phaseDead {
 			break
@@ -90,12 +92,26 @@ func (c *Conn) readTask(sc *scratch) {
 			break
 		}
 	}
+	c.endBatch(sc)
 	for c.deliverOnClose() {
 	}
 	c.mu.Lock()
 	c.reading = false
 	c.armLocked()
 	c.unlockAndRun()
+}
+
+// endBatch ends the read task's batch and writes what it queued (and what
+// other goroutines queued meanwhile) with one flush, on this goroutine.
+func (c *Conn) endBatch(sc *scratch) {
+	c.mu.Lock()
+	c.batching = false
+	deferred := c.flushDeferred
+	c.flushDeferred = false
+	c.mu.Unlock()
+	if deferred {
+		c.flush(sc) // c.flushing was set for it
+	}
 }
 
 // deliverOnClose calls OnClose if the connection was opened, is closing and
