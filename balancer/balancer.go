@@ -16,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"runtime"
 	"sync"
 	"syscall"
 	"time"
@@ -48,6 +49,8 @@ type Child struct {
 	stopped    bool
 	draining   bool
 	sharedPort bool // ws:// and wss:// on listen.public (see sniff)
+	loops      []*evLoop
+	nextLoopIx int
 	// proxyLimit caps proxied connections at what the fd limit allows.
 	proxyLimit int64
 	startedAt  time.Time
@@ -122,6 +125,9 @@ func (c *Child) Start(ctx context.Context, p control.StartParams) (control.Start
 			addrs[control.AddrTLS] = tln.Addr().String()
 		}
 	}
+	if c.tlsConf != nil && useEventLoops {
+		c.startLoopsLocked(cfg)
+	}
 	c.public = pub
 	c.state = control.StateReady
 	c.startedAt = time.Now()
@@ -138,6 +144,43 @@ func (c *Child) Start(ctx context.Context, p control.StartParams) (control.Start
 	c.log.Info("balancer listening", "public", addrs[control.AddrPublic], "tls", addrs[control.AddrTLS],
 		"workers", len(c.pool.all()))
 	return control.StartResult{Addrs: addrs}, nil
+}
+
+// useEventLoops selects epoll-driven proxying (evproxy.go) for TLS; tests
+// also run the goroutine-pair fallback with it off.
+var useEventLoops = true
+
+// startLoopsLocked starts one event loop per scheduler thread. If epoll is
+// unavailable the goroutine-pair proxy is used instead (logged once).
+func (c *Child) startLoopsLocked(cfg configs.Config) {
+	wt := cfg.Worker.WriteTimeout.D()
+	if wt <= 0 {
+		wt = 10 * time.Second
+	}
+	for range max(1, runtime.GOMAXPROCS(0)) {
+		l, err := newEvLoop(wt, halfCloseLinger)
+		if err != nil {
+			c.log.Warn("epoll event loop unavailable; proxying with goroutines", "error", err)
+			break
+		}
+		c.loops = append(c.loops, l)
+		c.wg.Add(1)
+		go func() {
+			defer c.wg.Done()
+			l.run()
+		}()
+	}
+}
+
+// nextLoop picks an event loop round robin (nil: none running).
+func (c *Child) nextLoop() *evLoop {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(c.loops) == 0 || c.stopped {
+		return nil
+	}
+	c.nextLoopIx = (c.nextLoopIx + 1) % len(c.loops)
+	return c.loops[c.nextLoopIx]
 }
 
 // startSniff gives a shared-port connection its short-lived sniffing
@@ -237,6 +280,9 @@ func (c *Child) Stop(ctx context.Context) error {
 		c.state = control.StateDead
 		c.closeListenersLocked()
 		c.cancel()
+		for _, l := range c.loops {
+			l.stop()
+		}
 		for conn := range c.conns {
 			_ = conn.Close()
 		}

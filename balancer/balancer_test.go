@@ -107,6 +107,16 @@ func startFakeWorker(t *testing.T, dir, name string) *fakeWorker {
 	}
 	fw.srv = &http.Server{
 		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.URL.Path == "/big" {
+				// 8 MiB of a known pattern, for back-pressure tests.
+				chunk := bytes.Repeat([]byte("0123456789abcdef"), 4096)
+				for range 128 {
+					if _, err := w.Write(chunk); err != nil {
+						return
+					}
+				}
+				return
+			}
 			if r.URL.Path == "/echo" {
 				_, _ = io.Copy(w, r.Body)
 				return
@@ -698,4 +708,75 @@ func TestSharedPortSniffs(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
+}
+
+// The goroutine-pair proxy (used when epoll is unavailable) passes the same
+// tests as the event loops.
+func TestTLSGoroutineFallback(t *testing.T) {
+	useEventLoops = false
+	defer func() { useEventLoops = true }()
+	t.Run("address", TestTLSProxyCarriesClientAddress)
+	t.Run("large", TestTLSProxyLargeTransfers)
+	t.Run("stop", TestStopClosesProxiedConnections)
+	t.Run("slow", TestTLSSlowReaderGetsEverything)
+}
+
+// A client that reads slower than the worker writes (8 MiB through a 512-byte
+// bufio reader, far more than the socket buffers hold) gets every byte: the
+// proxy holds back (EPOLLIN off on the worker side) instead of buffering.
+func TestTLSSlowReaderGetsEverything(t *testing.T) {
+	dir := t.TempDir()
+	w1 := startFakeWorker(t, dir, "worker-1")
+	b := startBalancer(t, testConfig(t, true), topology(1, w1.peer(101, 0)))
+	c, err := tls.Dial("tcp", b.tls, &tls.Config{RootCAs: devCertPool(t, b.storage)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte("GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	_ = c.SetReadDeadline(time.Now().Add(30 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReaderSize(c, 512), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	want := bytes.Repeat([]byte("0123456789abcdef"), 4096)
+	buf := make([]byte, len(want))
+	for i := range 128 {
+		if _, err := io.ReadFull(resp.Body, buf); err != nil {
+			t.Fatalf("chunk %d: %v", i, err)
+		}
+		if !bytes.Equal(buf, want) {
+			t.Fatalf("chunk %d corrupted", i)
+		}
+	}
+	if n, _ := io.Copy(io.Discard, resp.Body); n != 0 {
+		t.Fatalf("%d extra bytes", n)
+	}
+}
+
+// A client that stops reading is cut off after worker.write_timeout, and
+// the proxy lets go of everything it held for it.
+func TestTLSStalledReaderClosed(t *testing.T) {
+	dir := t.TempDir()
+	w1 := startFakeWorker(t, dir, "worker-1")
+	cfg := testConfig(t, true)
+	cfg.Worker.WriteTimeout = configs.Duration(time.Second)
+	b := startBalancer(t, cfg, topology(1, w1.peer(101, 0)))
+	c, err := tls.Dial("tcp", b.tls, &tls.Config{RootCAs: devCertPool(t, b.storage)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte("GET /big HTTP/1.1\r\nHost: x\r\n\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "the proxied connection", func() bool { return b.counter(t, "active_tls") == 1 })
+	start := time.Now()
+	waitFor(t, 15*time.Second, "the stalled connection to be closed", func() bool { return b.counter(t, "active_tls") == 0 })
+	if d := time.Since(start); d < 500*time.Millisecond {
+		t.Errorf("closed after %v, before the write timeout", d)
+	}
 }

@@ -66,7 +66,10 @@ func fdLimitProxies() int64 {
 	return max(n, 1)
 }
 
-// serveTLS terminates one TLS connection and proxies it to a worker.
+// serveTLS terminates one TLS connection and proxies it to a worker. The
+// handshake runs here, on the connection's own goroutine; the established
+// connection then moves to an event loop (evproxy.go) and this goroutine
+// ends. Without event loops it falls back to a goroutine pair (pipe).
 func (c *Child) serveTLS(raw net.Conn) {
 	defer c.wg.Done()
 	if !c.track(raw) {
@@ -74,16 +77,21 @@ func (c *Child) serveTLS(raw net.Conn) {
 		return
 	}
 	defer c.untrack(raw)
-	defer raw.Close()
+	defer raw.Close() // after a hand-over to a loop this is a no-op (already closed)
 
 	c.mu.Lock()
-	conf, hsTimeout := c.tlsConf, c.cfg.Protocol.HandshakeTimeout.D()
+	conf := c.tlsConf
 	c.mu.Unlock()
-	if hsTimeout <= 0 {
-		hsTimeout = 10 * time.Second
+	loop := c.nextLoop()
+	var ec *evConn
+	var tconn *tls.Conn
+	if tcp, ok := raw.(*net.TCPConn); ok && loop != nil {
+		ec = &evConn{tcp: tcp, fd: -1}
+		tconn = tls.Server(ec, conf)
+	} else {
+		tconn = tls.Server(raw, conf)
 	}
-	tconn := tls.Server(raw, conf)
-	hctx, cancel := context.WithTimeout(c.ctx, hsTimeout)
+	hctx, cancel := context.WithTimeout(c.ctx, c.handshakeTimeout())
 	err := tconn.HandshakeContext(hctx)
 	cancel()
 	if err != nil {
@@ -96,18 +104,51 @@ func (c *Child) serveTLS(raw net.Conn) {
 		_ = tconn.Close()
 		return
 	}
+	c.stats.addWorker(ctrProxied, w.name, 1)
+	c.stats.active.Add(1)
+	var once sync.Once
+	done := func() {
+		once.Do(func() {
+			c.stats.active.Add(-1)
+			c.pool.release(w) // a closed proxied connection no longer weighs on w
+		})
+	}
+	if ec != nil {
+		c.handToLoop(loop, tconn, ec, up, done)
+		return
+	}
+	defer done()
 	if !c.track(up) {
 		_ = up.Close()
-		c.pool.release(w)
 		return
 	}
 	defer c.untrack(up)
-	c.stats.addWorker(ctrProxied, w.name, 1)
-	c.stats.active.Add(1)
-	defer c.stats.active.Add(-1)
-	defer c.pool.release(w) // a closed proxied connection no longer weighs on w
-
 	c.pipe(raw, tconn, up)
+}
+
+// handToLoop moves an established proxied connection onto loop. On any
+// failure it closes both sides and calls done.
+func (c *Child) handToLoop(loop *evLoop, tconn *tls.Conn, ec *evConn, up *net.UnixConn, done func()) {
+	wfd, err := dupConn(up)
+	_ = up.Close()
+	if err == nil {
+		err = ec.detach()
+		if err != nil {
+			_ = syscall.Close(wfd)
+		}
+	}
+	if err != nil {
+		c.log.Warn("moving a proxied connection to its event loop failed", "error", err)
+		_ = tconn.Close()
+		done()
+		return
+	}
+	if !loop.add(&evProxy{tc: tconn, ec: ec, wfd: wfd, done: done}) {
+		// Stopping: the loop will not take it.
+		_ = tconn.Close()
+		_ = syscall.Close(wfd)
+		done()
+	}
 }
 
 // dialWorker connects to the least-loaded worker's proxy socket and sends

@@ -1,0 +1,100 @@
+package balancer
+
+import (
+	"crypto/tls"
+	"net"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/shoalhq/shoal/proto/control"
+	"github.com/shoalhq/shoal/proxyproto"
+)
+
+// holdingWorker accepts proxied streams, reads their header and then holds
+// them without reading or closing: the worst case for the proxy's epoll
+// interest handling.
+func holdingWorker(t *testing.T) (proxyPath string, held func() int) {
+	t.Helper()
+	proxyPath = filepath.Join(t.TempDir(), "hold.proxy.sock")
+	ln, err := net.Listen("unix", proxyPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var conns []net.Conn
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if _, err := proxyproto.ReadHeader(c); err != nil {
+				c.Close()
+				continue
+			}
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		wg.Wait()
+		mu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+	})
+	return proxyPath, func() int { mu.Lock(); defer mu.Unlock(); return len(conns) }
+}
+
+func cpuTime(t *testing.T) time.Duration {
+	t.Helper()
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		t.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// A client that half-closes while the worker keeps its side open must not
+// make the event loop spin on the level-triggered hang-up; the connection
+// is closed after the linger time.
+func TestTLSHalfCloseNoSpin(t *testing.T) {
+	proxyPath, held := holdingWorker(t)
+	b := startBalancer(t, testConfig(t, true), topology(1, control.Peer{
+		Name: "hold", Role: control.RoleWorker, State: control.StateReady, Pid: 1,
+		Addrs: map[string]string{control.AddrProxy: proxyPath},
+	}))
+	c, err := tls.Dial("tcp", b.tls, &tls.Config{RootCAs: devCertPool(t, b.storage)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte("hello")); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.CloseWrite(); err != nil { // close_notify
+		t.Fatal(err)
+	}
+	if err := c.NetConn().(*net.TCPConn).CloseWrite(); err != nil { // FIN
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "the worker to hold the stream", func() bool { return held() == 1 })
+	waitFor(t, 5*time.Second, "one active connection", func() bool { return b.counter(t, "active_tls") == 1 })
+	cpu0, t0 := cpuTime(t), time.Now()
+	waitFor(t, 5*time.Second, "a second to pass", func() bool { return time.Since(t0) >= time.Second })
+	if used := cpuTime(t) - cpu0; used > 300*time.Millisecond {
+		t.Fatalf("%v of CPU in 1s with one half-closed idle connection: the loop spins", used)
+	}
+	// halfCloseLinger later, the proxy gives up on the worker.
+	waitFor(t, halfCloseLinger+5*time.Second, "the linger to end the connection", func() bool { return b.counter(t, "active_tls") == 0 })
+}
