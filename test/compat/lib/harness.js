@@ -263,6 +263,7 @@ protocol:
   max_payload: ${o.maxPayload}
   allow_client_publish: ${o.allowClientPublish ? 'true' : 'false'}
   socket_channel_limit: ${o.socketChannelLimit}
+  origins: ${JSON.stringify(o.origins)}
 auth:
   jwt:
     algorithms: [HS256]
@@ -349,7 +350,8 @@ class Target {
         pingTimeout: o.pingTimeout,
         handshakeTimeout: o.handshakeTimeout,
         protocolVersion: o.protocolVersion,
-        socketChannelLimit: o.socketChannelLimit
+        socketChannelLimit: o.socketChannelLimit,
+        origins: o.origins.includes('*') ? '*:*' : o.origins
       });
     } else {
       const bin = process.env.SHOAL_BIN;
@@ -473,6 +475,7 @@ const DEFAULTS = {
   allowClientPublish: true,
   socketChannelLimit: 1000,
   tls: false,
+  origins: ['*'],
   logLevel: 'info',
   startTimeout: 20000
 };

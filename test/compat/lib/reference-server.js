@@ -35,7 +35,8 @@ const agServer = socketClusterServer.attach(httpServer, {
   pingTimeout: cfg.pingTimeout || 30000,
   handshakeTimeout: cfg.handshakeTimeout || 10000,
   protocolVersion: cfg.protocolVersion || 2,
-  socketChannelLimit: cfg.socketChannelLimit || 1000
+  socketChannelLimit: cfg.socketChannelLimit || 1000,
+  origins: cfg.origins || '*:*'
 });
 
 // Unknown procedures: error response naming the procedure (see header).
