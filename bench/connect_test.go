@@ -61,7 +61,10 @@ func TestOpeningFailures(t *testing.T) {
 		if len(r.Notes) == 0 || !strings.Contains(strings.Join(r.Notes, " "), c.want) {
 			t.Errorf("%s: notes %q do not say %q", c.url, r.Notes, c.want)
 		}
-		if d := time.Since(start); d > 3*time.Second {
+		// 300 ms timeouts; the bound is loose because this machine's two
+		// cores are shared and -race slows everything: it catches a hang,
+		// not a slow run.
+		if d := time.Since(start); d > 15*time.Second {
 			t.Errorf("%s: took %v", c.url, d)
 		}
 	}
