@@ -458,6 +458,12 @@ class Target {
     }
     killGroup(this.child.pid, 'SIGKILL');
     liveTargets.delete(this);
+    // The temp dir (config, data, logs) is kept when something failed, for a post-mortem.
+    if (state.failures === 0 && !process.env.SHOAL_COMPAT_KEEP) {
+      try { fs.rmSync(this.dir, {recursive: true, force: true}); } catch (_) {}
+    } else {
+      console.error(`# ${this.kind} target "${this.opts.name}" files kept in ${this.dir}`);
+    }
     return left; // pids that had to be killed by hand (orphans)
   }
 }
