@@ -584,6 +584,14 @@ func TestShutdownClosesAllWith1001(t *testing.T) {
 		}
 		accepted <- nil
 	}()
+	// A connection that came and went earlier leaves the server with no
+	// sockets once: Shutdown must still wait for the ones open later.
+	early, err := rawUpgraded(srv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	closeFD(early)
+	waitFor(t, 5*time.Second, "early conn released", func() bool { return srv.owned.Load() == 0 })
 	clients := make([]*client, n)
 	for i := range clients {
 		clients[i] = ts.dial(t)
@@ -613,10 +621,10 @@ func TestShutdownClosesAllWith1001(t *testing.T) {
 			t.Fatalf("client got close code %d", code)
 		}
 	}
-	if h.closeCount() != n || srv.Len() != 0 {
+	if h.closeCount() != n+1 || srv.Len() != 0 {
 		t.Fatalf("OnClose %d, Len %d", h.closeCount(), srv.Len())
 	}
-	for _, e := range h.closes() {
+	for _, e := range h.closes()[1:] {
 		if e.code != ws.StatusGoingAway {
 			t.Fatalf("OnClose code %d", e.code)
 		}

@@ -190,14 +190,18 @@ func (s *Server) Serve(fd int, prebuf []byte, remote net.Addr) error {
 
 	c := &Conn{srv: s, id: s.nextID.Add(1), remote: remote, fd: int32(fd)}
 	c.seq = uint32(c.id)
+	// c.mu is held until the fd is registered: a Shutdown that finds c in
+	// the table waits for that instead of closing the fd under our feet,
+	// and an event can only arrive once c is in the table.
+	c.mu.Lock()
+	s.owned.Add(1)
 	if !s.tablePut(c) {
+		c.mu.Unlock()
 		_ = unix.Close(fd)
+		s.released() // wakes a Shutdown waiting for this count
 		return ErrServerClosed
 	}
-	s.owned.Add(1)
 	s.stats.accepted.Add(1)
-
-	c.mu.Lock()
 	c.setDeadlineLocked(s.cfg.HandshakeReadTimeout)
 	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT, Fd: int32(fd), Pad: int32(c.seq)}
 	if len(prebuf) > 0 {
@@ -344,7 +348,9 @@ func (s *Server) shutdown(ctx context.Context, code ws.StatusCode, reason string
 		c.Close(code, reason)
 	}
 	var err error
-	if s.owned.Load() > 0 {
+	// idle may hold a token from an earlier moment with no sockets: the
+	// count is checked again after every wake-up.
+	for err == nil && s.owned.Load() > 0 {
 		select {
 		case <-s.idle:
 		case <-ctx.Done():
