@@ -43,9 +43,10 @@ type agentSpec struct {
 	Prefix   string   `json:"prefix"` // channel name prefix, unique per run
 	Token    string   `json:"token,omitempty"`
 
-	Conns           int           `json:"conns"`       // conns: idle conns; rtt: publishing conns; churn: concurrent loops
-	Rate            float64       `json:"rate"`        // conns/s (conns) or publishes/s (fanout, rtt) for this agent; 0 = max
-	Concurrency     int           `json:"concurrency"` // dials in flight
+	Conns           int           `json:"conns"`        // conns: idle conns; rtt: publishing conns; churn: concurrent loops
+	Rate            float64       `json:"rate"`         // conns: new conns/s for this agent; 0 = max
+	PublishRate     float64       `json:"publish_rate"` // fanout, rtt: publishes/s of the whole run; 0 = max
+	Concurrency     int           `json:"concurrency"`  // dials in flight
 	Channels        int           `json:"channels"`
 	Subscribers     int           `json:"subscribers"` // per channel, whole run
 	Publishers      int           `json:"publishers"`  // whole run
@@ -539,8 +540,10 @@ func (a *agent) runPhase(ctx context.Context) {
 		a.measuring.Store(true)
 		var wg sync.WaitGroup
 		rate := 0.0
-		if s.Rate > 0 && len(a.pubs) > 0 {
-			rate = s.Rate / float64(len(a.pubs))
+		if s.PublishRate > 0 && s.Publishers > 0 {
+			// Per publisher, from the run's total: agents may hold
+			// different numbers of publishers (or none).
+			rate = s.PublishRate / float64(s.Publishers)
 		}
 		for _, p := range a.pubs {
 			wg.Add(1)

@@ -252,6 +252,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		spec.Index = i
 		spec.Conns = share(o.Conns, nAgents, i)
 		spec.Rate = o.Rate / float64(nAgents)
+		spec.PublishRate = o.Rate
 		h, out, err := startAgent(ctx, &o, i)
 		if err != nil {
 			for _, h := range handles[:i] {

@@ -122,6 +122,14 @@ func TestAgentProcesses(t *testing.T) {
 	r := run(t, Options{Scenario: "fanout", URLs: []string{s.url()}, Agents: 2, AgentCommand: []string{os.Args[0]},
 		Channels: 2, Subscribers: 6, Publishers: 3, Rate: 300, Duration: 400 * time.Millisecond})
 	checkFanout(t, r)
+	// Publishers sit in fewer agents than there are agents: the rate must
+	// still be the run's total.
+	r2 := run(t, Options{Scenario: "fanout", URLs: []string{s.url()}, Agents: 2, AgentCommand: []string{os.Args[0]},
+		Subscribers: 2, Publishers: 1, Rate: 400, Duration: 400 * time.Millisecond})
+	checkFanout(t, r2)
+	if p := metric(t, r2, "publishes_per_s"); p < 300 || p > 500 {
+		t.Errorf("1 publisher, 2 agents, --rate 400: %v publishes/s", p)
+	}
 	if c := metric(t, r, "tool_cpu_cores"); c <= 0 || math.IsNaN(c) {
 		t.Errorf("agents' CPU not reported: %v", c)
 	}
