@@ -550,6 +550,9 @@ func (a *agent) runPhase(ctx context.Context) {
 			go func() { defer wg.Done(); p.run(ctx, rate) }()
 		}
 		wg.Wait()
+		// The window is the whole duration in every agent, also in one
+		// that holds only subscribers.
+		<-ctx.Done()
 		a.measuring.Store(false)
 		// Give acks still in flight up to the ack timeout to arrive.
 		deadline := time.Now().Add(s.Timeout)

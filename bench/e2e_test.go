@@ -130,6 +130,10 @@ func TestAgentProcesses(t *testing.T) {
 	if p := metric(t, r2, "publishes_per_s"); p < 300 || p > 500 {
 		t.Errorf("1 publisher, 2 agents, --rate 400: %v publishes/s", p)
 	}
+	// Both agents' subscribers count in the window: about 2 × 400/s.
+	if d := metric(t, r2, "deliveries_per_s"); d < 600 {
+		t.Errorf("deliveries/s in the window %v, want about 800", d)
+	}
 	if c := metric(t, r, "tool_cpu_cores"); c <= 0 || math.IsNaN(c) {
 		t.Errorf("agents' CPU not reported: %v", c)
 	}
