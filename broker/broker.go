@@ -92,11 +92,18 @@ func (c *Child) Start(ctx context.Context, p control.StartParams) (control.Start
 	if err != nil {
 		return control.StartResult{}, fmt.Errorf("broker %s: %w", p.Name, err)
 	}
-	srv := NewServer(ServerConfig{
+	sc := ServerConfig{
 		Name:     p.Name,
 		MaxFrame: int(cfg.Protocol.MaxPayload) + link.Overhead,
 		Logger:   c.log.Named("link"),
-	})
+	}
+	if len(cfg.Cluster.Join) > 0 {
+		// Workers of other nodes are not in this node's topology: give
+		// them a reconnect backoff's time before taking publishes.
+		sc.WarmUpMin = 400 * time.Millisecond
+	}
+	srv := NewServer(sc)
+	srv.ExpectWorkers(readyWorkers(p.Topology))
 	if err := srv.Serve(ln); err != nil {
 		ln.Close()
 		srv.Close(ctx)
@@ -288,16 +295,31 @@ func (c *Child) Stats(ctx context.Context) (control.Stats, error) {
 		"deliveries": s.Deliveries,
 		"slow_links": s.SlowLinks,
 		"bad_frames": s.BadFrames,
+		"refused":    s.Refused,
 	}
 	return st, nil
 }
 
-// SetTopology joins the gossip addresses of the node's other brokers that
-// the ring does not know yet (useful when ports are ephemeral). The join
-// runs in the background: SetTopology never blocks the supervisor.
+func readyWorkers(t control.Topology) []string {
+	var out []string
+	for _, p := range t.ByRole(control.RoleWorker) {
+		if p.State == control.StateReady {
+			out = append(out, p.Name)
+		}
+	}
+	return out
+}
+
+// SetTopology updates the workers a starting broker waits for (warm-up),
+// and joins the gossip addresses of the node's other brokers that the ring
+// does not know yet (useful when ports are ephemeral). The join runs in the
+// background: SetTopology never blocks the supervisor.
 func (c *Child) SetTopology(ctx context.Context, t control.Topology) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.srv != nil {
+		c.srv.ExpectWorkers(readyWorkers(t))
+	}
 	if c.ring == nil || c.joining || c.stopped {
 		return nil
 	}

@@ -318,3 +318,74 @@ func TestSlowWorkerIsDropped(t *testing.T) {
 	}
 	waitFor(t, "slow link gone", func() bool { return srv.Interest("c") == 0 })
 }
+
+func TestWarmUpWaitsForTheTopologysWorkers(t *testing.T) {
+	logs := &syncBuffer{}
+	c := New(hclog.New(&hclog.LoggerOptions{Output: logs, Level: hclog.Debug}))
+	topo := control.Topology{Peers: []control.Peer{
+		{Name: "worker-1", Role: control.RoleWorker, State: control.StateReady},
+		{Name: "worker-2", Role: control.RoleWorker, State: control.StateReady},
+		{Name: "worker-3", Role: control.RoleWorker, State: control.StateDead}, // not waited for
+	}}
+	res, err := c.Start(context.Background(), control.StartParams{Name: "broker-1", RunDir: shortDir(t), Config: []byte(`{"cluster":{"gossip":""}}`), Topology: topo})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Stop(context.Background()) })
+	addr := res.Addrs[control.AddrLink]
+	hello := func(name string) *rawLink {
+		w := dialRaw(t, addr)
+		w.send(t, append(link.AppendHello(nil, link.Version, 0, name), link.AppendEmpty(nil, link.TypeReady)...))
+		if f, err := w.next(t); err != nil || f.Type != link.TypeHello {
+			t.Fatalf("hello: %+v %v", f, err)
+		}
+		return w
+	}
+	w1 := hello("worker-1")
+	w1.send(t, link.AppendPub(nil, 1, "c", []byte("x")))
+	if f, err := w1.next(t); err != nil || f.Type != link.TypePubAck || !strings.Contains(string(f.Err), "starting") {
+		t.Fatalf("publish before worker-2 is back: %+v %v", f, err)
+	}
+	hello("worker-2")
+	w1.send(t, link.AppendPub(nil, 2, "c", []byte("x")))
+	if f, err := w1.next(t); err != nil || f.Type != link.TypePubAck || len(f.Err) != 0 || f.Offset != 1 {
+		t.Fatalf("publish once every worker is back: %+v %v", f, err)
+	}
+	if st, _ := c.Stats(context.Background()); st.Counters["refused"] != 1 {
+		t.Fatalf("stats %v", st.Counters)
+	}
+}
+
+func TestWarmUpEndsAtTheLatestAfterWarmUpMax(t *testing.T) {
+	srv := NewServer(ServerConfig{Name: "b", WarmUpMax: 150 * time.Millisecond})
+	defer srv.Close(context.Background())
+	srv.ExpectWorkers([]string{"never-comes"})
+	ln, err := link.Listen("unix:" + shortDir(t) + "/s.sock")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = srv.Serve(ln)
+	w := dialRaw(t, link.ListenerAddr(ln))
+	w.send(t, link.AppendHello(nil, link.Version, 0, "w"))
+	if _, err := w.next(t); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	for id := uint64(1); ; id++ {
+		w.send(t, link.AppendPub(nil, id, "c", nil))
+		f, err := w.next(t)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(f.Err) == 0 {
+			break
+		}
+		if time.Since(start) > 5*time.Second {
+			t.Fatal("warm-up never ended")
+		}
+		time.Sleep(5 * time.Millisecond) // poll interval
+	}
+	if d := time.Since(start); d > 2*time.Second {
+		t.Fatalf("warm-up lasted %v", d)
+	}
+}

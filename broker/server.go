@@ -36,6 +36,12 @@ type ServerConfig struct {
 	IdleTimeout  time.Duration // a worker that sends nothing (not even a ping) this long is dropped; default 30 s
 	ChannelIdle  time.Duration // a channel with no interest and no publish this long is forgotten; default 2 min
 	Logger       hclog.Logger
+
+	// Warm-up (see warmedUp): publishes are refused until every expected
+	// worker has re-registered its interest, or WarmUpMax passes; and for at
+	// least WarmUpMin (remote workers the broker cannot list). Defaults 0
+	// and 1 s.
+	WarmUpMin, WarmUpMax time.Duration
 }
 
 // ServerStats are the broker's counters.
@@ -46,6 +52,7 @@ type ServerStats struct {
 	Deliveries int64 // msg frames queued to worker links
 	SlowLinks  int64 // links dropped because their queue was full
 	BadFrames  int64 // links dropped because of a malformed frame or protocol error
+	Refused    int64 // publishes refused during warm-up
 }
 
 // Server accepts worker links and routes publications: each publish gets the
@@ -66,7 +73,13 @@ type Server struct {
 	wg        sync.WaitGroup
 	stopSweep chan struct{}
 
-	publishes, deliveries, slowLinks, badFrames, nlinks atomic.Int64
+	publishes, deliveries, slowLinks, badFrames, nlinks, refused atomic.Int64
+
+	started  time.Time
+	warm     atomic.Bool
+	warmMu   sync.Mutex
+	expected map[string]bool // workers that should re-register before publishes are taken
+	ready    map[string]bool // workers whose link sent ready
 }
 
 type shard struct {
@@ -119,7 +132,13 @@ func NewServer(cfg ServerConfig) *Server {
 	if cfg.Logger == nil {
 		cfg.Logger = hclog.NewNullLogger()
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger, links: map[*blink]struct{}{}, stopSweep: make(chan struct{})}
+	if cfg.WarmUpMax <= 0 {
+		cfg.WarmUpMax = time.Second
+	}
+	s := &Server{
+		cfg: cfg, log: cfg.Logger, links: map[*blink]struct{}{}, stopSweep: make(chan struct{}),
+		started: time.Now(), expected: map[string]bool{}, ready: map[string]bool{},
+	}
 	for i := range s.shards {
 		s.shards[i].chans = map[string]*chanState{}
 	}
@@ -236,6 +255,8 @@ func (l *blink) serve() {
 			l.subscribe(f.Channel)
 		case link.TypeUnsub:
 			l.unsubscribe(f.Channel)
+		case link.TypeReady:
+			s.workerReady(l.worker)
 		case link.TypePing:
 			if err := l.w.WriteEmpty(link.TypePong); err != nil && !errors.Is(err, link.ErrQueueFull) {
 				return err
@@ -280,6 +301,10 @@ func isProtocolError(err error) bool { return errors.Is(err, errProtocol) }
 // and it cannot deadlock, because a link's writer never takes a shard lock.
 func (l *blink) publish(f *link.Frame) error {
 	s := l.s
+	if !s.warm.Load() && !s.warmedUp() {
+		s.refused.Add(1)
+		return l.w.WritePubAck(f.ReqID, 0, 0, errWarmingUp)
+	}
 	sh := s.shard(f.Channel)
 	var slow []*blink
 	sh.mu.Lock()
@@ -332,6 +357,66 @@ func (l *blink) publish(f *link.Frame) error {
 		}
 	}
 	return fmt.Errorf("broker: queueing puback: %w", link.ErrQueueFull)
+}
+
+// errWarmingUp is the puback error of a publish refused during warm-up.
+const errWarmingUp = "broker starting: worker interest is not registered yet"
+
+// warmedUp decides whether a freshly started broker may take publishes.
+//
+// A broker restarted after a crash has no interest table: the workers
+// re-register on reconnect, each after its own backoff. Taking a publish
+// before the subscribers' workers are back would acknowledge a message that
+// nobody receives. So publishes are refused — the publisher is told — until
+// every worker of the node's topology has sent ready on its link (and at
+// least WarmUpMin has passed, for workers of other nodes), or WarmUpMax
+// passes. A broker started with no workers in the topology (a fresh
+// cluster) is warm at once.
+func (s *Server) warmedUp() bool {
+	s.warmMu.Lock()
+	defer s.warmMu.Unlock()
+	since := time.Since(s.started)
+	done := since >= s.cfg.WarmUpMax
+	if !done && since >= s.cfg.WarmUpMin {
+		done = true
+		for w := range s.expected {
+			if !s.ready[w] {
+				done = false
+				break
+			}
+		}
+	}
+	if done {
+		s.warm.Store(true)
+		s.expected, s.ready = nil, nil
+		s.log.Debug("warm: taking publishes", "after", since)
+	}
+	return done
+}
+
+// ExpectWorkers names the workers that must re-register before a starting
+// broker takes publishes (the topology's ready workers); no effect once warm.
+func (s *Server) ExpectWorkers(names []string) {
+	s.warmMu.Lock()
+	defer s.warmMu.Unlock()
+	if s.warm.Load() {
+		return
+	}
+	s.expected = map[string]bool{}
+	for _, n := range names {
+		s.expected[n] = true
+	}
+}
+
+func (s *Server) workerReady(name string) {
+	if s.warm.Load() {
+		return
+	}
+	s.warmMu.Lock()
+	if s.ready != nil {
+		s.ready[name] = true
+	}
+	s.warmMu.Unlock()
 }
 
 // waitAndWrite is the slow path of a fan-out: wait for space, then queue.
@@ -481,6 +566,7 @@ func (s *Server) Stats() ServerStats {
 		Deliveries: s.deliveries.Load(),
 		SlowLinks:  s.slowLinks.Load(),
 		BadFrames:  s.badFrames.Load(),
+		Refused:    s.refused.Load(),
 	}
 }
 

@@ -81,7 +81,7 @@ type Options struct {
 	MaxFrame     int
 	DialTimeout  time.Duration // default 2 s
 	BackoffMin   time.Duration // first reconnect delay; default 20 ms
-	BackoffMax   time.Duration // default 1 s
+	BackoffMax   time.Duration // default 250 ms: a restarted local broker is back within ~0.3 s, and a redial is cheap
 	PingInterval time.Duration // keepalive; the link is dropped after 3 silent intervals; default 5 s
 	WriteTimeout time.Duration // default 10 s
 }
@@ -112,7 +112,7 @@ func (o *Options) defaults() {
 		o.BackoffMin = 20 * time.Millisecond
 	}
 	if o.BackoffMax <= 0 {
-		o.BackoffMax = time.Second
+		o.BackoffMax = 250 * time.Millisecond
 	}
 	if o.PingInterval <= 0 {
 		o.PingInterval = 5 * time.Second

@@ -182,6 +182,9 @@ func (c *Client) linkUp(b *bconn) {
 			n++
 		}
 	}
+	// Tells a starting broker that this worker's interest is complete (it
+	// refuses publishes until every worker has said so; see broker).
+	_ = b.w.WriteEmpty(link.TypeReady)
 	c.log.Debug("broker link up", "broker", b.ep.Name, "channels", n)
 }
 

@@ -121,7 +121,7 @@ func (d *Decoder) startFrame() error {
 	if n > d.maxFrame() {
 		return d.fail(&FrameError{Type: t, Reason: fmt.Sprintf("length %d exceeds the limit %d", n, d.maxFrame()), Snippet: snip(d.hdr[:], nil)})
 	}
-	if t < TypeHello || t > TypeMembers {
+	if t < TypeHello || t > TypeReady {
 		return d.fail(&FrameError{Reason: fmt.Sprintf("unknown frame type %d", uint8(t)), Snippet: snip(d.hdr[:], nil)})
 	}
 	d.need = n - 1
@@ -210,7 +210,7 @@ func parseBody(f *Frame, b []byte) string {
 		}
 		f.Channel = b[msgFixed : msgFixed+cl]
 		f.Data = b[msgFixed+cl:]
-	case TypePing, TypePong:
+	case TypePing, TypePong, TypeReady:
 		if len(b) != 0 {
 			return fmt.Sprintf("body of %d bytes, must be empty", len(b))
 		}

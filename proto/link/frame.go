@@ -19,6 +19,7 @@
 //	ping    (empty)                                (either way; the peer answers pong)
 //	pong    (empty)
 //	members repeated: u16 name length, name, u16 address length, address (broker → worker)
+//	ready   (empty)                                (worker → broker: every interest of this link is registered)
 //
 // Fixed-width integers keep the encoder and decoder branch-free and let the
 // decoder validate a frame from its header alone; the data of pub and msg is
@@ -58,6 +59,7 @@ const (
 	TypePing    Type = 7
 	TypePong    Type = 8
 	TypeMembers Type = 9
+	TypeReady   Type = 10
 )
 
 func (t Type) String() string {
@@ -80,6 +82,8 @@ func (t Type) String() string {
 		return "pong"
 	case TypeMembers:
 		return "members"
+	case TypeReady:
+		return "ready"
 	}
 	return fmt.Sprintf("type(%d)", uint8(t))
 }

@@ -28,6 +28,7 @@ func sample() []byte {
 	b = AppendEmpty(b, TypePing)
 	b = AppendEmpty(b, TypePong)
 	b = AppendMembers(b, []Member{{"broker-1", "unix:/a"}, {"broker-2", "tcp:10.0.0.2:7000"}})
+	b = AppendEmpty(b, TypeReady)
 	return b
 }
 
@@ -59,8 +60,8 @@ func collect(t *testing.T, chunks [][]byte) []rec {
 func TestRoundTripAnySplit(t *testing.T) {
 	b := sample()
 	want := collect(t, [][]byte{b})
-	if len(want) != 10 {
-		t.Fatalf("decoded %d frames, want 10", len(want))
+	if len(want) != 11 {
+		t.Fatalf("decoded %d frames, want 11", len(want))
 	}
 	if want[3] != (rec{Type: TypePub, ReqID: 7, Channel: "chat/room", Data: `{"text":"hi"}`}) {
 		t.Fatalf("pub decoded as %+v", want[3])

@@ -146,9 +146,11 @@ func (w *Writer) WritePubAck(reqID, offset, epoch uint64, errText string) error 
 	return nil
 }
 
-// WriteEmpty queues a ping or pong.
+// WriteEmpty queues a ping, pong or ready. These 5-byte control frames
+// ignore the queue limit: a ready lost to a full queue would stall a
+// starting broker, and pings are rate-limited by their senders.
 func (w *Writer) WriteEmpty(t Type) error {
-	if err := w.reserve(HeaderSize); err != nil {
+	if err := w.reserve(-1); err != nil {
 		return err
 	}
 	w.buf = AppendEmpty(w.buf, t)
