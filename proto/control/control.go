@@ -112,6 +112,13 @@ type Child interface {
 	Stop(ctx context.Context) error
 }
 
+// Reloader is implemented by roles that can apply a new config in place
+// (SIGHUP). It is optional: the supervisor finds it by type assertion on the
+// client it dispenses, and a child without it answers codes.Unimplemented.
+type Reloader interface {
+	Reload(ctx context.Context, config []byte) error
+}
+
 // Handshake keeps a shoal binary from being started as a child by accident
 // and checks that parent and child speak the same control protocol.
 var Handshake = plugin.HandshakeConfig{

@@ -6,6 +6,8 @@ import (
 
 	"github.com/hashicorp/go-plugin"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	pb "github.com/shoalhq/shoal/proto/control/controlpb"
 )
@@ -19,6 +21,7 @@ type ChildPlugin struct {
 var (
 	_ plugin.GRPCPlugin = (*ChildPlugin)(nil)
 	_ Child             = (*grpcClient)(nil)
+	_ Reloader          = (*grpcClient)(nil)
 	_ pb.ChildServer    = (*grpcServer)(nil)
 )
 
@@ -79,6 +82,11 @@ func (g *grpcClient) Stop(ctx context.Context) error {
 	return err
 }
 
+func (g *grpcClient) Reload(ctx context.Context, config []byte) error {
+	_, err := g.c.Reload(ctx, &pb.ReloadRequest{ConfigJson: config})
+	return err
+}
+
 type grpcServer struct {
 	pb.UnimplementedChildServer
 	impl Child
@@ -125,6 +133,14 @@ func (s *grpcServer) Drain(ctx context.Context, r *pb.DrainRequest) (*pb.Empty, 
 
 func (s *grpcServer) Stop(ctx context.Context, _ *pb.Empty) (*pb.Empty, error) {
 	return &pb.Empty{}, s.impl.Stop(ctx)
+}
+
+func (s *grpcServer) Reload(ctx context.Context, r *pb.ReloadRequest) (*pb.Empty, error) {
+	rl, ok := s.impl.(Reloader)
+	if !ok {
+		return nil, status.Error(codes.Unimplemented, "this role cannot reload its config")
+	}
+	return &pb.Empty{}, rl.Reload(ctx, r.ConfigJson)
 }
 
 func topologyToPB(t Topology) *pb.Topology {

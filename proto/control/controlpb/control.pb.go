@@ -25,6 +25,50 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type ReloadRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	ConfigJson    []byte                 `protobuf:"bytes,1,opt,name=config_json,json=configJson,proto3" json:"config_json,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReloadRequest) Reset() {
+	*x = ReloadRequest{}
+	mi := &file_proto_control_controlpb_control_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReloadRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReloadRequest) ProtoMessage() {}
+
+func (x *ReloadRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_proto_control_controlpb_control_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReloadRequest.ProtoReflect.Descriptor instead.
+func (*ReloadRequest) Descriptor() ([]byte, []int) {
+	return file_proto_control_controlpb_control_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *ReloadRequest) GetConfigJson() []byte {
+	if x != nil {
+		return x.ConfigJson
+	}
+	return nil
+}
+
 type Empty struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -33,7 +77,7 @@ type Empty struct {
 
 func (x *Empty) Reset() {
 	*x = Empty{}
-	mi := &file_proto_control_controlpb_control_proto_msgTypes[0]
+	mi := &file_proto_control_controlpb_control_proto_msgTypes[1]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -45,7 +89,7 @@ func (x *Empty) String() string {
 func (*Empty) ProtoMessage() {}
 
 func (x *Empty) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_control_controlpb_control_proto_msgTypes[0]
+	mi := &file_proto_control_controlpb_control_proto_msgTypes[1]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -58,7 +102,7 @@ func (x *Empty) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Empty.ProtoReflect.Descriptor instead.
 func (*Empty) Descriptor() ([]byte, []int) {
-	return file_proto_control_controlpb_control_proto_rawDescGZIP(), []int{0}
+	return file_proto_control_controlpb_control_proto_rawDescGZIP(), []int{1}
 }
 
 type StartRequest struct {
@@ -75,7 +119,7 @@ type StartRequest struct {
 
 func (x *StartRequest) Reset() {
 	*x = StartRequest{}
-	mi := &file_proto_control_controlpb_control_proto_msgTypes[1]
+	mi := &file_proto_control_controlpb_control_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -87,7 +131,7 @@ func (x *StartRequest) String() string {
 func (*StartRequest) ProtoMessage() {}
 
 func (x *StartRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_control_controlpb_control_proto_msgTypes[1]
+	mi := &file_proto_control_controlpb_control_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -100,7 +144,7 @@ func (x *StartRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartRequest.ProtoReflect.Descriptor instead.
 func (*StartRequest) Descriptor() ([]byte, []int) {
-	return file_proto_control_controlpb_control_proto_rawDescGZIP(), []int{1}
+	return file_proto_control_controlpb_control_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *StartRequest) GetRole() string {
@@ -154,7 +198,7 @@ type StartReply struct {
 
 func (x *StartReply) Reset() {
 	*x = StartReply{}
-	mi := &file_proto_control_controlpb_control_proto_msgTypes[2]
+	mi := &file_proto_control_controlpb_control_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -166,7 +210,7 @@ func (x *StartReply) String() string {
 func (*StartReply) ProtoMessage() {}
 
 func (x *StartReply) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_control_controlpb_control_proto_msgTypes[2]
+	mi := &file_proto_control_controlpb_control_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -179,7 +223,7 @@ func (x *StartReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartReply.ProtoReflect.Descriptor instead.
 func (*StartReply) Descriptor() ([]byte, []int) {
-	return file_proto_control_controlpb_control_proto_rawDescGZIP(), []int{2}
+	return file_proto_control_controlpb_control_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *StartReply) GetAddrs() map[string]string {
@@ -199,7 +243,7 @@ type HealthReply struct {
 
 func (x *HealthReply) Reset() {
 	*x = HealthReply{}
-	mi := &file_proto_control_controlpb_control_proto_msgTypes[3]
+	mi := &file_proto_control_controlpb_control_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -211,7 +255,7 @@ func (x *HealthReply) String() string {
 func (*HealthReply) ProtoMessage() {}
 
 func (x *HealthReply) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_control_controlpb_control_proto_msgTypes[3]
+	mi := &file_proto_control_controlpb_control_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -224,7 +268,7 @@ func (x *HealthReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HealthReply.ProtoReflect.Descriptor instead.
 func (*HealthReply) Descriptor() ([]byte, []int) {
-	return file_proto_control_controlpb_control_proto_rawDescGZIP(), []int{3}
+	return file_proto_control_controlpb_control_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *HealthReply) GetState() string {
@@ -259,7 +303,7 @@ type StatsReply struct {
 
 func (x *StatsReply) Reset() {
 	*x = StatsReply{}
-	mi := &file_proto_control_controlpb_control_proto_msgTypes[4]
+	mi := &file_proto_control_controlpb_control_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -271,7 +315,7 @@ func (x *StatsReply) String() string {
 func (*StatsReply) ProtoMessage() {}
 
 func (x *StatsReply) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_control_controlpb_control_proto_msgTypes[4]
+	mi := &file_proto_control_controlpb_control_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -284,7 +328,7 @@ func (x *StatsReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsReply.ProtoReflect.Descriptor instead.
 func (*StatsReply) Descriptor() ([]byte, []int) {
-	return file_proto_control_controlpb_control_proto_rawDescGZIP(), []int{4}
+	return file_proto_control_controlpb_control_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *StatsReply) GetConnections() int64 {
@@ -371,7 +415,7 @@ type Peer struct {
 
 func (x *Peer) Reset() {
 	*x = Peer{}
-	mi := &file_proto_control_controlpb_control_proto_msgTypes[5]
+	mi := &file_proto_control_controlpb_control_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -383,7 +427,7 @@ func (x *Peer) String() string {
 func (*Peer) ProtoMessage() {}
 
 func (x *Peer) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_control_controlpb_control_proto_msgTypes[5]
+	mi := &file_proto_control_controlpb_control_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -396,7 +440,7 @@ func (x *Peer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Peer.ProtoReflect.Descriptor instead.
 func (*Peer) Descriptor() ([]byte, []int) {
-	return file_proto_control_controlpb_control_proto_rawDescGZIP(), []int{5}
+	return file_proto_control_controlpb_control_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *Peer) GetName() string {
@@ -451,7 +495,7 @@ type Topology struct {
 
 func (x *Topology) Reset() {
 	*x = Topology{}
-	mi := &file_proto_control_controlpb_control_proto_msgTypes[6]
+	mi := &file_proto_control_controlpb_control_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -463,7 +507,7 @@ func (x *Topology) String() string {
 func (*Topology) ProtoMessage() {}
 
 func (x *Topology) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_control_controlpb_control_proto_msgTypes[6]
+	mi := &file_proto_control_controlpb_control_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -476,7 +520,7 @@ func (x *Topology) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Topology.ProtoReflect.Descriptor instead.
 func (*Topology) Descriptor() ([]byte, []int) {
-	return file_proto_control_controlpb_control_proto_rawDescGZIP(), []int{6}
+	return file_proto_control_controlpb_control_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Topology) GetVersion() int64 {
@@ -502,7 +546,7 @@ type DrainRequest struct {
 
 func (x *DrainRequest) Reset() {
 	*x = DrainRequest{}
-	mi := &file_proto_control_controlpb_control_proto_msgTypes[7]
+	mi := &file_proto_control_controlpb_control_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -514,7 +558,7 @@ func (x *DrainRequest) String() string {
 func (*DrainRequest) ProtoMessage() {}
 
 func (x *DrainRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_control_controlpb_control_proto_msgTypes[7]
+	mi := &file_proto_control_controlpb_control_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -527,7 +571,7 @@ func (x *DrainRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainRequest.ProtoReflect.Descriptor instead.
 func (*DrainRequest) Descriptor() ([]byte, []int) {
-	return file_proto_control_controlpb_control_proto_rawDescGZIP(), []int{7}
+	return file_proto_control_controlpb_control_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *DrainRequest) GetTimeoutMs() int64 {
@@ -541,7 +585,10 @@ var File_proto_control_controlpb_control_proto protoreflect.FileDescriptor
 
 const file_proto_control_controlpb_control_proto_rawDesc = "" +
 	"\n" +
-	"%proto/control/controlpb/control.proto\x12\x10shoal.control.v1\"\a\n" +
+	"%proto/control/controlpb/control.proto\x12\x10shoal.control.v1\"0\n" +
+	"\rReloadRequest\x12\x1f\n" +
+	"\vconfig_json\x18\x01 \x01(\fR\n" +
+	"configJson\"\a\n" +
 	"\x05Empty\"\xbe\x01\n" +
 	"\fStartRequest\x12\x12\n" +
 	"\x04role\x18\x01 \x01(\tR\x04role\x12\x12\n" +
@@ -597,14 +644,15 @@ const file_proto_control_controlpb_control_proto_rawDesc = "" +
 	"\x05peers\x18\x02 \x03(\v2\x16.shoal.control.v1.PeerR\x05peers\"-\n" +
 	"\fDrainRequest\x12\x1d\n" +
 	"\n" +
-	"timeout_ms\x18\x01 \x01(\x03R\ttimeoutMs2\x90\x03\n" +
+	"timeout_ms\x18\x01 \x01(\x03R\ttimeoutMs2\xd4\x03\n" +
 	"\x05Child\x12E\n" +
 	"\x05Start\x12\x1e.shoal.control.v1.StartRequest\x1a\x1c.shoal.control.v1.StartReply\x12@\n" +
 	"\x06Health\x12\x17.shoal.control.v1.Empty\x1a\x1d.shoal.control.v1.HealthReply\x12>\n" +
 	"\x05Stats\x12\x17.shoal.control.v1.Empty\x1a\x1c.shoal.control.v1.StatsReply\x12B\n" +
 	"\vSetTopology\x12\x1a.shoal.control.v1.Topology\x1a\x17.shoal.control.v1.Empty\x12@\n" +
 	"\x05Drain\x12\x1e.shoal.control.v1.DrainRequest\x1a\x17.shoal.control.v1.Empty\x128\n" +
-	"\x04Stop\x12\x17.shoal.control.v1.Empty\x1a\x17.shoal.control.v1.EmptyB2Z0github.com/shoalhq/shoal/proto/control/controlpbb\x06proto3"
+	"\x04Stop\x12\x17.shoal.control.v1.Empty\x1a\x17.shoal.control.v1.Empty\x12B\n" +
+	"\x06Reload\x12\x1f.shoal.control.v1.ReloadRequest\x1a\x17.shoal.control.v1.EmptyB2Z0github.com/shoalhq/shoal/proto/control/controlpbb\x06proto3"
 
 var (
 	file_proto_control_controlpb_control_proto_rawDescOnce sync.Once
@@ -618,40 +666,43 @@ func file_proto_control_controlpb_control_proto_rawDescGZIP() []byte {
 	return file_proto_control_controlpb_control_proto_rawDescData
 }
 
-var file_proto_control_controlpb_control_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
+var file_proto_control_controlpb_control_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
 var file_proto_control_controlpb_control_proto_goTypes = []any{
-	(*Empty)(nil),        // 0: shoal.control.v1.Empty
-	(*StartRequest)(nil), // 1: shoal.control.v1.StartRequest
-	(*StartReply)(nil),   // 2: shoal.control.v1.StartReply
-	(*HealthReply)(nil),  // 3: shoal.control.v1.HealthReply
-	(*StatsReply)(nil),   // 4: shoal.control.v1.StatsReply
-	(*Peer)(nil),         // 5: shoal.control.v1.Peer
-	(*Topology)(nil),     // 6: shoal.control.v1.Topology
-	(*DrainRequest)(nil), // 7: shoal.control.v1.DrainRequest
-	nil,                  // 8: shoal.control.v1.StartReply.AddrsEntry
-	nil,                  // 9: shoal.control.v1.StatsReply.CountersEntry
-	nil,                  // 10: shoal.control.v1.Peer.AddrsEntry
+	(*ReloadRequest)(nil), // 0: shoal.control.v1.ReloadRequest
+	(*Empty)(nil),         // 1: shoal.control.v1.Empty
+	(*StartRequest)(nil),  // 2: shoal.control.v1.StartRequest
+	(*StartReply)(nil),    // 3: shoal.control.v1.StartReply
+	(*HealthReply)(nil),   // 4: shoal.control.v1.HealthReply
+	(*StatsReply)(nil),    // 5: shoal.control.v1.StatsReply
+	(*Peer)(nil),          // 6: shoal.control.v1.Peer
+	(*Topology)(nil),      // 7: shoal.control.v1.Topology
+	(*DrainRequest)(nil),  // 8: shoal.control.v1.DrainRequest
+	nil,                   // 9: shoal.control.v1.StartReply.AddrsEntry
+	nil,                   // 10: shoal.control.v1.StatsReply.CountersEntry
+	nil,                   // 11: shoal.control.v1.Peer.AddrsEntry
 }
 var file_proto_control_controlpb_control_proto_depIdxs = []int32{
-	6,  // 0: shoal.control.v1.StartRequest.topology:type_name -> shoal.control.v1.Topology
-	8,  // 1: shoal.control.v1.StartReply.addrs:type_name -> shoal.control.v1.StartReply.AddrsEntry
-	9,  // 2: shoal.control.v1.StatsReply.counters:type_name -> shoal.control.v1.StatsReply.CountersEntry
-	10, // 3: shoal.control.v1.Peer.addrs:type_name -> shoal.control.v1.Peer.AddrsEntry
-	5,  // 4: shoal.control.v1.Topology.peers:type_name -> shoal.control.v1.Peer
-	1,  // 5: shoal.control.v1.Child.Start:input_type -> shoal.control.v1.StartRequest
-	0,  // 6: shoal.control.v1.Child.Health:input_type -> shoal.control.v1.Empty
-	0,  // 7: shoal.control.v1.Child.Stats:input_type -> shoal.control.v1.Empty
-	6,  // 8: shoal.control.v1.Child.SetTopology:input_type -> shoal.control.v1.Topology
-	7,  // 9: shoal.control.v1.Child.Drain:input_type -> shoal.control.v1.DrainRequest
-	0,  // 10: shoal.control.v1.Child.Stop:input_type -> shoal.control.v1.Empty
-	2,  // 11: shoal.control.v1.Child.Start:output_type -> shoal.control.v1.StartReply
-	3,  // 12: shoal.control.v1.Child.Health:output_type -> shoal.control.v1.HealthReply
-	4,  // 13: shoal.control.v1.Child.Stats:output_type -> shoal.control.v1.StatsReply
-	0,  // 14: shoal.control.v1.Child.SetTopology:output_type -> shoal.control.v1.Empty
-	0,  // 15: shoal.control.v1.Child.Drain:output_type -> shoal.control.v1.Empty
-	0,  // 16: shoal.control.v1.Child.Stop:output_type -> shoal.control.v1.Empty
-	11, // [11:17] is the sub-list for method output_type
-	5,  // [5:11] is the sub-list for method input_type
+	7,  // 0: shoal.control.v1.StartRequest.topology:type_name -> shoal.control.v1.Topology
+	9,  // 1: shoal.control.v1.StartReply.addrs:type_name -> shoal.control.v1.StartReply.AddrsEntry
+	10, // 2: shoal.control.v1.StatsReply.counters:type_name -> shoal.control.v1.StatsReply.CountersEntry
+	11, // 3: shoal.control.v1.Peer.addrs:type_name -> shoal.control.v1.Peer.AddrsEntry
+	6,  // 4: shoal.control.v1.Topology.peers:type_name -> shoal.control.v1.Peer
+	2,  // 5: shoal.control.v1.Child.Start:input_type -> shoal.control.v1.StartRequest
+	1,  // 6: shoal.control.v1.Child.Health:input_type -> shoal.control.v1.Empty
+	1,  // 7: shoal.control.v1.Child.Stats:input_type -> shoal.control.v1.Empty
+	7,  // 8: shoal.control.v1.Child.SetTopology:input_type -> shoal.control.v1.Topology
+	8,  // 9: shoal.control.v1.Child.Drain:input_type -> shoal.control.v1.DrainRequest
+	1,  // 10: shoal.control.v1.Child.Stop:input_type -> shoal.control.v1.Empty
+	0,  // 11: shoal.control.v1.Child.Reload:input_type -> shoal.control.v1.ReloadRequest
+	3,  // 12: shoal.control.v1.Child.Start:output_type -> shoal.control.v1.StartReply
+	4,  // 13: shoal.control.v1.Child.Health:output_type -> shoal.control.v1.HealthReply
+	5,  // 14: shoal.control.v1.Child.Stats:output_type -> shoal.control.v1.StatsReply
+	1,  // 15: shoal.control.v1.Child.SetTopology:output_type -> shoal.control.v1.Empty
+	1,  // 16: shoal.control.v1.Child.Drain:output_type -> shoal.control.v1.Empty
+	1,  // 17: shoal.control.v1.Child.Stop:output_type -> shoal.control.v1.Empty
+	1,  // 18: shoal.control.v1.Child.Reload:output_type -> shoal.control.v1.Empty
+	12, // [12:19] is the sub-list for method output_type
+	5,  // [5:12] is the sub-list for method input_type
 	5,  // [5:5] is the sub-list for extension type_name
 	5,  // [5:5] is the sub-list for extension extendee
 	0,  // [0:5] is the sub-list for field type_name
@@ -668,7 +719,7 @@ func file_proto_control_controlpb_control_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_proto_control_controlpb_control_proto_rawDesc), len(file_proto_control_controlpb_control_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   11,
+			NumMessages:   12,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -29,6 +29,7 @@ const (
 	Child_SetTopology_FullMethodName = "/shoal.control.v1.Child/SetTopology"
 	Child_Drain_FullMethodName       = "/shoal.control.v1.Child/Drain"
 	Child_Stop_FullMethodName        = "/shoal.control.v1.Child/Stop"
+	Child_Reload_FullMethodName      = "/shoal.control.v1.Child/Reload"
 )
 
 // ChildClient is the client API for Child service.
@@ -47,6 +48,9 @@ type ChildClient interface {
 	Drain(ctx context.Context, in *DrainRequest, opts ...grpc.CallOption) (*Empty, error)
 	// Stop releases listeners and files; the supervisor then ends the process.
 	Stop(ctx context.Context, in *Empty, opts ...grpc.CallOption) (*Empty, error)
+	// Reload applies a new config without dropping connections (SIGHUP): rules,
+	// keys, limits. Roles that cannot reload answer Unimplemented.
+	Reload(ctx context.Context, in *ReloadRequest, opts ...grpc.CallOption) (*Empty, error)
 }
 
 type childClient struct {
@@ -117,6 +121,16 @@ func (c *childClient) Stop(ctx context.Context, in *Empty, opts ...grpc.CallOpti
 	return out, nil
 }
 
+func (c *childClient) Reload(ctx context.Context, in *ReloadRequest, opts ...grpc.CallOption) (*Empty, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Empty)
+	err := c.cc.Invoke(ctx, Child_Reload_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ChildServer is the server API for Child service.
 // All implementations must embed UnimplementedChildServer
 // for forward compatibility.
@@ -133,6 +147,9 @@ type ChildServer interface {
 	Drain(context.Context, *DrainRequest) (*Empty, error)
 	// Stop releases listeners and files; the supervisor then ends the process.
 	Stop(context.Context, *Empty) (*Empty, error)
+	// Reload applies a new config without dropping connections (SIGHUP): rules,
+	// keys, limits. Roles that cannot reload answer Unimplemented.
+	Reload(context.Context, *ReloadRequest) (*Empty, error)
 	mustEmbedUnimplementedChildServer()
 }
 
@@ -160,6 +177,9 @@ func (UnimplementedChildServer) Drain(context.Context, *DrainRequest) (*Empty, e
 }
 func (UnimplementedChildServer) Stop(context.Context, *Empty) (*Empty, error) {
 	return nil, status.Error(codes.Unimplemented, "method Stop not implemented")
+}
+func (UnimplementedChildServer) Reload(context.Context, *ReloadRequest) (*Empty, error) {
+	return nil, status.Error(codes.Unimplemented, "method Reload not implemented")
 }
 func (UnimplementedChildServer) mustEmbedUnimplementedChildServer() {}
 func (UnimplementedChildServer) testEmbeddedByValue()               {}
@@ -290,6 +310,24 @@ func _Child_Stop_Handler(srv interface{}, ctx context.Context, dec func(interfac
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Child_Reload_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ReloadRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ChildServer).Reload(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Child_Reload_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ChildServer).Reload(ctx, req.(*ReloadRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Child_ServiceDesc is the grpc.ServiceDesc for Child service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -320,6 +358,10 @@ var Child_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Stop",
 			Handler:    _Child_Stop_Handler,
+		},
+		{
+			MethodName: "Reload",
+			Handler:    _Child_Reload_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
