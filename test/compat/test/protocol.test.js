@@ -132,6 +132,33 @@ describe(`socketcluster-client@20 against ${h.TARGET}`, {timeout: 200000}, () =>
     assert.equal(tap.of(ws, {since: t0, dir: '<'}).filter((f) => /"rid"/.test(f.text)).length, 1, 'exactly one response (the #subscribe ack)');
   }));
 
+  // §1: query strings on the WebSocket URL.
+  it('client options query and timestampRequests (query string on the upgrade URL) connect normally', tc(async () => {
+    const c = await connect(target, {query: {app: 'compat', tags: ['a', 'b']}, timestampRequests: true});
+    assert.match(c.ws.url, /\/socketcluster\/\?app=compat&tags=a&tags=b&t=\d+$/, c.ws.url);
+    await c.subscribe(chan('query'));
+  }));
+
+  // §1 batching from the official client's own API.
+  it('client batching (batchOnHandshake, startBatch/flushBatch) sends array frames the server processes in order', tc(async () => {
+    const ch = chan('batching');
+    const sub = await connect(target);
+    const e = await sub.subscribe(ch);
+    const c = new h.Client(target, {batchOnHandshake: true, batchOnHandshakeDuration: 100});
+    const early = await c.subscribe(chan('early'), undefined, {wait: false});
+    for (let i = 0; i < 5; i++) c.socket.transmitPublish(ch, i);
+    await c.connected();
+    await waitFor(() => early.channel.state === 'subscribed', {what: 'subscription made during batchOnHandshake'});
+    c.socket.startBatch();
+    for (let i = 5; i < 10; i++) c.socket.transmitPublish(ch, i);
+    c.socket.flushBatch();
+    await c.socket.invokePublish(ch, 'end');
+    await waitFor(() => e.messages.includes('end'), {what: 'end marker'});
+    assert.deepEqual(e.messages, [...Array.from({length: 10}, (_, i) => i), 'end']);
+    const arrays = tap.of(c.ws, {dir: '>'}).filter((f) => f.text.startsWith('['));
+    assert.ok(arrays.length >= 1, `the client sent array frames (${arrays.length})`);
+  }));
+
   // §5 pub/sub.
   it('subscribe/publish across workers: every subscriber gets every message exactly once, in order', tc(async () => {
     const ch = chan('fanout');
