@@ -106,8 +106,9 @@ type agentMsg struct {
 	Counters Counters                  `json:"counters"`
 	Hists    map[string]map[int]uint64 `json:"hists,omitempty"`
 	Error    string                    `json:"error,omitempty"`
-	FirstErr string                    `json:"first_err,omitempty"` // first failure seen, for the report
-	Elapsed  time.Duration             `json:"elapsed,omitempty"`   // length of the phase just ended
+	FirstErr string                    `json:"first_err,omitempty"`    // first failure seen, for the report
+	Elapsed  time.Duration             `json:"elapsed,omitempty"`      // length of the phase just ended
+	PhaseCPU int64                     `json:"phase_cpu_ns,omitempty"` // agent CPU during that phase (not its start-up)
 }
 
 // agentCmd is one line to an agent.
@@ -270,9 +271,9 @@ func runAgent(ctx context.Context, in io.Reader, out io.Writer, inProcess bool) 
 			}
 		}
 	}
-	t0 := time.Now()
+	t0, cpu0 := time.Now(), selfCPU()
 	a.prepare(ctx)
-	elapsed := time.Since(t0)
+	elapsed, phaseCPU := time.Since(t0), selfCPU()-cpu0
 	if !inProcess {
 		// Return the dial phase's garbage (upgrade buffers, handshake
 		// buffers) to the OS, so the agent's RSS while holding shows what
@@ -280,7 +281,7 @@ func runAgent(ctx context.Context, in io.Reader, out io.Writer, inProcess bool) 
 		// the server it measures.
 		debug.FreeOSMemory()
 	}
-	if err := a.send(agentMsg{Type: "ready", Counters: a.counters(), FirstErr: a.firstError(), Elapsed: elapsed}); err != nil {
+	if err := a.send(agentMsg{Type: "ready", Counters: a.counters(), FirstErr: a.firstError(), Elapsed: elapsed, PhaseCPU: phaseCPU}); err != nil {
 		return err
 	}
 	if !wait("start") {

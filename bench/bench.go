@@ -682,7 +682,15 @@ func (c *coordinator) run(ctx context.Context) (*Result, error) {
 		r.add("failed", "failed", float64(setup.ConnectFailed), "")
 		r.add("conns_per_s", "connections/s (handshake incl.)", perSec(setup.Connected, setupElapsed), "/s")
 		r.addLatency("connect", "connect+handshake", &conn)
-		tool = toolCores(Counters{}, setup, setupElapsed)
+		// The agents' CPU while connecting, without their start-up.
+		var phaseCPU int64
+		for _, m := range ready {
+			phaseCPU += m.PhaseCPU
+		}
+		if o.Agents == 0 {
+			phaseCPU = setup.CPUNanos // in-process: no separate start-up to leave out
+		}
+		tool = toolCores(Counters{}, Counters{CPUNanos: phaseCPU}, setupElapsed)
 		r.add("tool_cpu_cores", "bench CPU while connecting", tool, "cores")
 		r.add("server_cpu_cores", "server CPU while connecting", serverCores(before, afterSetup, setupElapsed), "cores")
 		if len(c.pids) > 0 && setup.Connected > 0 {

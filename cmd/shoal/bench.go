@@ -16,7 +16,7 @@ import (
 const benchUsage = `usage: shoal bench <conns|fanout|rtt|churn> [flags]
 
 Load-tests a Shoal cluster or any SocketCluster v20 server on this machine
-(ws:// on 127.0.0.0/8 only). See docs/bench.md for what each figure means.
+(ws:// or wss:// on 127.0.0.0/8 only). See docs/bench.md for what each figure means.
 
 flags:
 `
@@ -39,15 +39,6 @@ func cmdBench(args []string) int {
 		fmt.Fprint(fs.Output(), benchUsage)
 		fs.PrintDefaults()
 	}
-	if len(args) == 0 || strings.HasPrefix(args[0], "-") {
-		if len(args) > 0 && (args[0] == "-h" || args[0] == "--help" || args[0] == "-help") {
-			fs.Usage()
-			return 0
-		}
-		fs.Usage()
-		return 2
-	}
-	o.Scenario, args = args[0], args[1:]
 	var urls, pids multiFlag
 	var quiet bool
 	fs.Var(&urls, "url", "server URL, repeatable (default ws://127.0.0.1:8000/socketcluster/)")
@@ -73,6 +64,16 @@ func cmdBench(args []string) int {
 	fs.IntVar(&o.PIDsFromPort, "pids-from-port", 0, "server pids = owners of this listening port (default: the URL's port)")
 	fs.BoolVar(&o.JSON, "json", false, "print the result as one JSON line")
 	fs.BoolVar(&quiet, "quiet", false, "no progress line")
+	if len(args) == 0 || strings.HasPrefix(args[0], "-") {
+		if len(args) > 0 && (args[0] == "-h" || args[0] == "--help" || args[0] == "-help") {
+			fs.SetOutput(os.Stdout)
+			fs.Usage()
+			return 0
+		}
+		fs.Usage()
+		return 2
+	}
+	o.Scenario, args = args[0], args[1:]
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -107,7 +108,7 @@ func cmdBench(args []string) int {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if _, err := bench.Run(ctx, o); err != nil {
-		fmt.Fprintln(os.Stderr, "shoal bench:", err)
+		fmt.Fprintln(os.Stderr, "shoal", err) // bench's errors start with "bench:"
 		return 1
 	}
 	return 0
