@@ -60,7 +60,7 @@ func (c *Conn) readTask(sc *scratch) {
 				}
 				c.abortLocked(ws.StatusAbnormalClosure, reason)
 			}
-			c.mu.Unlock()
+			c.unlockAndRun() // nothing to push or finish while reading, but keep the rule
 			continue
 		}
 		s.stats.bytesIn.Add(uint64(n))
