@@ -17,6 +17,16 @@ const tc = (fn) => h.wrap(T, fn);
 let uniq = 0;
 const chan = (p) => `${p}-${process.pid}-${++uniq}`;
 
+// Shoal only: wait until the admin API shows every worker holding ≥ min
+// connections (the clients of a test are spread over both workers).
+async function onBothWorkers(min = 1) {
+  if (IS_REFERENCE) return;
+  await waitFor(async () => {
+    const ws = (await target.processes()).filter((p) => p.role === 'worker');
+    return ws.length === 2 && ws.every((w) => w.connections >= min) && ws;
+  }, {timeout: 5000, interval: 100, what: `admin API: both workers hold ≥ ${min} connection(s)`});
+}
+
 // Does a raw frame carry a server → client #publish for this channel?
 function publishFramesFor(list, channel) {
   return list.filter((f) => f.dir === '<' && f.text.includes('"#publish"') && f.text.includes(JSON.stringify(channel)));
@@ -266,6 +276,7 @@ describe(`socketcluster-client@20 against ${h.TARGET}`, {timeout: 200000}, () =>
     const ch = chan('types');
     const a = await connect(target);
     const b = await connect(target);
+    await onBothWorkers();
     const e = await b.subscribe(ch);
     const values = [{nested: {a: [1, 2, {b: null}]}, s: 'x'}, 'plain string', 42, 3.5, -0.25, null, true, [1, 'two', {three: 3}],
       'quote " backslash \\ newline \n tab \t', 'ünïcødé ✓ 😀 日本語', '', 0, false, {}];
@@ -505,10 +516,11 @@ describe(`socketcluster-client@20 against ${h.TARGET}`, {timeout: 200000}, () =>
   });
 
   // Sizes (§1 maxPayload).
-  it('a 512 KiB message is delivered intact to a subscriber on another socket', tc(async () => {
+  it('a 512 KiB message is delivered intact to a subscriber on the other worker', tc(async () => {
     const ch = chan('big');
     const pub = await connect(target);
     const sub = await connect(target);
+    await onBothWorkers(); // publisher and subscriber on different workers
     const e = await sub.subscribe(ch);
     // 512 KiB of text with characters JSON must escape, multi-byte UTF-8 and random base64.
     const chunk = crypto.randomBytes(3000).toString('base64') + '"\\\n\t/ünï😀';
