@@ -287,9 +287,9 @@ func runAgent(ctx context.Context, in io.Reader, out io.Writer, inProcess bool) 
 	if !wait("start") {
 		return nil
 	}
-	t0 = time.Now()
+	t0, cpu0 = time.Now(), selfCPU()
 	a.runPhase(ctx)
-	if err := a.send(agentMsg{Type: "done", Counters: a.counters(), Elapsed: time.Since(t0)}); err != nil {
+	if err := a.send(agentMsg{Type: "done", Counters: a.counters(), Elapsed: time.Since(t0), PhaseCPU: selfCPU() - cpu0}); err != nil {
 		return err
 	}
 	if !wait("stop") {

@@ -610,6 +610,10 @@ func (c *coordinator) run(ctx context.Context) (*Result, error) {
 		return nil, err
 	}
 	window := maxElapsed(done)
+	var runCPU int64 // the agents' CPU in the run phase, measured by each agent
+	for _, m := range done {
+		runCPU += m.PhaseCPU
+	}
 	sAfter := sampleServer(c.pids)
 	runEnd := c.sum()
 
@@ -665,6 +669,11 @@ func (c *coordinator) run(ctx context.Context) (*Result, error) {
 			return math.NaN()
 		}
 		return float64(b.CPUNanos-a.CPUNanos) / float64(d)
+	}
+	if o.Agents > 0 {
+		// Exact per-phase figures from the agents rather than the parent's
+		// last progress snapshots, which can be 250 ms old.
+		runStart.CPUNanos, runEnd.CPUNanos = 0, runCPU
 	}
 	serverCores := func(a, b serverSample, d time.Duration) float64 {
 		if len(c.pids) == 0 || d <= 0 {
