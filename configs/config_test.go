@@ -135,3 +135,33 @@ func errUnwrapAll(err error) error {
 		err = u.Unwrap()
 	}
 }
+
+func TestEnvOverrides(t *testing.T) {
+	env := map[string]string{
+		"SHOAL_PROTOCOL_PING_INTERVAL":        "2s",
+		"SHOAL_CLUSTER_WORKERS":               "3",
+		"SHOAL_CLUSTER_JOIN":                  "10.0.0.2:7946, 10.0.0.3:7946",
+		"SHOAL_PROTOCOL_MAX_PAYLOAD":          "2MiB",
+		"SHOAL_CLUSTER_BALANCERS":             "0",
+		"SHOAL_AUTH_KEY":                      "not-an-override",
+		"SHOAL_PROTOCOL_ALLOW_CLIENT_PUBLISH": "false",
+	}
+	lookupEnv = func(k string) (string, bool) { v, ok := env[k]; return v, ok }
+	defer func() { lookupEnv = os.LookupEnv }()
+	cfg, err := Load([]byte("protocol:\n  ping_interval: 5s\n"), "x.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Protocol.PingInterval.D() != 2*time.Second || cfg.Cluster.Workers != 3 || len(cfg.Cluster.Join) != 2 ||
+		cfg.Protocol.MaxPayload != 2<<20 || cfg.Cluster.BalancerCount() != 0 || cfg.Protocol.ClientPublishAllowed() {
+		t.Fatalf("env not applied: %+v", cfg)
+	}
+	env = map[string]string{"SHOAL_PROTOCOL_PING_INTERVAL": "soon"}
+	_, err = Load(nil, "x.yaml")
+	if err == nil || !strings.Contains(err.Error(), "env SHOAL_PROTOCOL_PING_INTERVAL: protocol.ping_interval: invalid duration") {
+		t.Fatalf("got %v", err)
+	}
+	if len(EnvOverrides()) < 30 {
+		t.Fatalf("few overrides: %v", EnvOverrides())
+	}
+}

@@ -55,12 +55,24 @@ func LoadFile(path string) (Config, error) {
 	return Load(data, path)
 }
 
-// LoadDefault loads the embedded default config.
+// LoadDefault loads the embedded default config (with env overrides applied).
+// A bad override is reported on stderr and the plain defaults are used; use
+// LoadDefaultErr to handle it yourself.
 func LoadDefault() Config {
-	c, err := Load(DefaultYAML, "<default>")
+	c, err := LoadDefaultErr()
 	if err != nil {
-		panic("embedded default config is invalid: " + err.Error())
+		fmt.Fprintln(os.Stderr, err)
+		return defaultsOnly()
 	}
+	return c
+}
+
+// LoadDefaultErr loads the embedded default config with env overrides.
+func LoadDefaultErr() (Config, error) { return Load(DefaultYAML, "<default>") }
+
+func defaultsOnly() Config {
+	c := Default()
+	c.normalize()
 	return c
 }
 
@@ -95,6 +107,9 @@ func Load(data []byte, file string) (Config, error) {
 }
 
 func finish(cfg *Config, file string, lines map[string]int) error {
+	if errs := applyEnv(cfg, lookupEnv); len(errs) > 0 {
+		return errs
+	}
 	cfg.normalize()
 	errs := cfg.validate()
 	if len(errs) == 0 {
