@@ -43,6 +43,10 @@ var (
 	// ErrQueueFull: too many publishes in flight or too many bytes queued
 	// to the owner.
 	ErrQueueFull = errors.New("brokerclient: publish queue full")
+	// ErrRefused: the broker answered with an error (e.g. it is starting
+	// and its workers have not all re-registered yet); the message was not
+	// published.
+	ErrRefused = errors.New("brokerclient: broker refused the publish")
 	// ErrClosed: the client is closed.
 	ErrClosed = errors.New("brokerclient: closed")
 	// ErrTooLarge: the channel name or the payload does not fit a link frame.

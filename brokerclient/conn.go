@@ -249,7 +249,7 @@ func (b *bconn) ack(f *link.Frame) {
 		return
 	}
 	if len(f.Err) > 0 {
-		b.c.fail(done, fmt.Errorf("brokerclient: broker %s refused the publish: %s", b.ep.Name, f.Err))
+		b.c.fail(done, fmt.Errorf("%w: broker %s: %s", ErrRefused, b.ep.Name, f.Err))
 		return
 	}
 	b.c.published.Add(1)
