@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -249,6 +250,8 @@ type evLoop struct {
 	wt     time.Duration
 	linger time.Duration
 
+	wakeups atomic.Int64 // epoll_wait returns, for the no-spin test
+
 	mu       sync.Mutex // guards incoming and stopping
 	incoming []*evProxy
 	stopping bool
@@ -313,6 +316,7 @@ func (l *evLoop) run() {
 			timeout = 0
 		}
 		n, err := syscall.EpollWait(l.epfd, events, timeout)
+		l.wakeups.Add(1)
 		if err != nil && err != syscall.EINTR {
 			return // the epoll fd is broken; closeAll releases everything
 		}
@@ -408,6 +412,8 @@ func (l *evLoop) handle(p *evProxy, fd int, events uint32) {
 func (l *evLoop) readClient(p *evProxy) {
 	for !p.closed && !p.clientEOF && len(p.wOut) == 0 {
 		n, err := p.tc.Read(l.buf)
+		// Reading can make crypto/tls write (a TLS 1.3 KeyUpdate answer).
+		l.clientQueued(p)
 		if n > 0 {
 			w, werr := writeNB(p.wfd, l.buf[:n])
 			if werr != nil {
@@ -466,13 +472,24 @@ func (l *evLoop) readWorker(p *evProxy) {
 			l.close(p)
 			return
 		}
-		if len(p.ec.out) > 0 {
-			p.stallSince = time.Now()
-			l.setWorker(p, p.wEvents&^evRead)
-			l.setClient(p, p.cEvents|evWrite)
+		if l.clientQueued(p) {
 			return
 		}
 	}
+}
+
+// clientQueued reports whether bytes wait for the client; if so it pauses
+// reading from the worker and waits for the client socket to drain.
+func (l *evLoop) clientQueued(p *evProxy) bool {
+	if p.closed || len(p.ec.out) == 0 {
+		return false
+	}
+	if p.cEvents&evWrite == 0 {
+		p.stallSince = time.Now()
+		l.setWorker(p, p.wEvents&^evRead)
+		l.setClient(p, p.cEvents|evWrite)
+	}
+	return true
 }
 
 func (l *evLoop) flushClient(p *evProxy) {
