@@ -409,11 +409,14 @@ func (s *Supervisor) setStarting(p *proc, inst *instance) {
 	s.changedLocked()
 }
 
-func (s *Supervisor) markReady(p *proc, inst *instance) {
+// markReady puts a started instance in its slot and returns the topology
+// version that announces it.
+func (s *Supervisor) markReady(p *proc, inst *instance) int64 {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	p.state, p.inst, p.pid, p.addrs, p.since = control.StateReady, inst, inst.pid, inst.addrs, inst.started
 	s.changedLocked()
+	return s.version
 }
 
 // setState changes a slot's state and returns the topology version that
@@ -695,8 +698,13 @@ func (s *Supervisor) restart(ctx context.Context, p *proc, crash *crashInfo, pla
 		}
 		inst, err := s.launch(ctx, p)
 		if err == nil {
-			s.markReady(p, inst)
+			v := s.markReady(p, inst)
 			s.childLog(p.name, inst.pid).Info("ready", "restarts", s.restartsOf(p), "addrs", inst.addrs)
+			if planned != nil {
+				// A rolling reload drains the next worker only once the
+				// balancer routes to this one, so capacity never drops by two.
+				s.waitPushed(ctx, v, rpcTimeout+time.Second)
+			}
 			reply(nil)
 			return inst
 		}

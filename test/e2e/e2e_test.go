@@ -55,6 +55,7 @@ func buildAndRun(m *testing.M) int {
 	// goleak after the run: the tests' own goroutines (exec pipes, HTTP)
 	// must be gone too.
 	code := m.Run()
+	httpClient.CloseIdleConnections()
 	if code == 0 {
 		if err := goleak.Find(); err != nil {
 			fmt.Fprintln(os.Stderr, "e2e: goroutine leak:", err)
@@ -105,19 +106,30 @@ func freePort(t *testing.T) string {
 	return ln.Addr().String()
 }
 
-// alive reports whether pid is a running process (a zombie left for a
-// non-reaping init counts as gone).
+// alive reports whether any thread of process pid still runs. A process
+// whose threads are all zombies (left for a non-reaping init after its
+// parent died) has exited; one whose main thread alone is a zombie has not.
 func alive(pid int) bool {
 	if pid <= 0 || syscall.Kill(pid, 0) != nil {
 		return false
 	}
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	dir := "/proc/" + strconv.Itoa(pid) + "/task"
+	tasks, err := os.ReadDir(dir)
 	if err != nil {
-		return false
+		return false // gone meanwhile
 	}
-	s := string(b)
-	i := strings.LastIndexByte(s, ')')
-	return i < 0 || i+2 >= len(s) || s[i+2] != 'Z'
+	for _, tk := range tasks {
+		b, err := os.ReadFile(dir + "/" + tk.Name() + "/stat")
+		if err != nil {
+			continue
+		}
+		s := string(b)
+		i := strings.LastIndexByte(s, ')')
+		if i < 0 || i+2 >= len(s) || (s[i+2] != 'Z' && s[i+2] != 'X') {
+			return true
+		}
+	}
+	return false
 }
 
 // childrenOf lists the pids whose parent is ppid.
@@ -180,10 +192,13 @@ type cluster struct {
 func writeConfig(t *testing.T, public, admin string) string {
 	t.Helper()
 	dir := t.TempDir()
+	// Gossip on port 0: each broker binds an ephemeral port (a fixed one
+	// would be taken by consecutive ports per broker, which a parallel test
+	// run could collide with) and they find each other through the topology.
 	cfg := fmt.Sprintf(`cluster:
   workers: 2
   brokers: 2
-  gossip: %s
+  gossip: 127.0.0.1:0
   restart: {backoff_min: 100ms, backoff_max: 1s}
 listen:
   public: %s
@@ -192,7 +207,7 @@ storage:
   dir: %s
 log:
   level: info
-`, freePort(t), public, admin, filepath.Join(dir, "data"))
+`, public, admin, filepath.Join(dir, "data"))
 	path := filepath.Join(dir, "shoal.yaml")
 	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
@@ -211,12 +226,27 @@ func startCluster(t *testing.T) *cluster {
 	}
 	go func() { c.waited <- c.cmd.Wait() }()
 	t.Cleanup(func() {
+		if t.Failed() && !c.exited {
+			if resp, err := httpClient.Get("http://" + c.admin + "/metrics"); err == nil {
+				var b bytes.Buffer
+				_, _ = b.ReadFrom(resp.Body)
+				resp.Body.Close()
+				var counters []string
+				for _, l := range strings.Split(b.String(), "\n") {
+					if strings.HasPrefix(l, "shoal_counter{") || strings.HasPrefix(l, "shoal_connections{") {
+						counters = append(counters, l)
+					}
+				}
+				t.Logf("counters at the failure:\n%s", strings.Join(counters, "\n"))
+			}
+		}
 		if !c.exited {
 			_ = c.cmd.Process.Kill()
 			c.wait(30 * time.Second)
 		}
 		if t.Failed() {
-			t.Logf("shoal run stdout:\n%s\nstderr:\n%s", c.stdout, c.stderr)
+			logs, _, _ := shoal(t, "logs", "-c", c.cfgPath, "-n", "60")
+			t.Logf("shoal run stdout:\n%s\nlast log lines:\n%s", c.stdout, logs)
 		}
 	})
 	return c
@@ -367,13 +397,33 @@ func TestClusterLifecycle(t *testing.T) {
 		t.Fatalf("worker-1 publishes no handoff address: %+v", ci.Processes[2])
 	}
 	waitFor(t, 10*time.Second, "GET /healthz through the balancer", func() bool {
-		resp, err := httpClient.Get("http://" + c.public + "/healthz")
+		resp, err := publicClient.Get("http://" + c.public + "/healthz")
 		if err != nil {
 			return false
 		}
 		resp.Body.Close()
 		return resp.StatusCode == http.StatusOK
 	})
+	// `shoal reload` replaces the workers one at a time: a connected client
+	// is closed with 1001 by the drain, and traffic goes on to the new ones.
+	before := dialSocketCluster(t, c.public)
+	out, errOut, code = shoal(t, "reload", "-c", c.cfgPath)
+	if code != 0 || strings.TrimSpace(out) != "restarted worker-1, worker-2" {
+		t.Fatalf("shoal reload (%d): %q %q", code, out, errOut)
+	}
+	expectGoingAway(t, before, "reload")
+	for _, name := range []string{"worker-1", "worker-2"} {
+		p := c.proc(name)
+		if p.State != "ready" || p.Restarts != 0 {
+			t.Fatalf("after reload %+v", p)
+		}
+		if _, old := tree[p.Pid]; old {
+			t.Fatalf("%s kept its pid %d through a reload", name, p.Pid)
+		}
+		tree[p.Pid] = name + " (reloaded)"
+	}
+	healthz(t, c.public, "right after the reload")
+
 	// A WebSocket client, to see the drain's close code at shutdown.
 	wsClosed := dialSocketCluster(t, c.public)
 
@@ -396,6 +446,19 @@ func TestClusterLifecycle(t *testing.T) {
 	if err := syscall.Kill(old.Pid, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
+	// The balancer stops routing to the dead worker at once: requests made
+	// while it is down are answered by the other one. A connection handed
+	// over in the very instant of the kill dies with the worker, so this
+	// starts once the process is reaped by the supervisor: only then have all
+	// its threads exited and its sockets closed (a Go process's main thread
+	// shows as a zombie while the others still hold the fd table).
+	waitFor(t, 5*time.Second, "the killed worker to be reaped", func() bool {
+		_, err := os.Stat("/proc/" + strconv.Itoa(old.Pid))
+		return err != nil
+	})
+	for i := 0; i < 20; i++ {
+		healthz(t, c.public, fmt.Sprintf("request %d after SIGKILL of worker-1", i))
+	}
 	waitFor(t, 10*time.Second, "worker-1 restarted", func() bool {
 		ci, err := c.table()
 		if err != nil {
@@ -410,6 +473,7 @@ func TestClusterLifecycle(t *testing.T) {
 	})
 	tree[old.Pid] = "killed worker-1"
 	tree[c.proc("worker-1").Pid] = "worker-1 (restarted)"
+	healthz(t, c.public, "after a worker crash")
 
 	// The crash is in the central log, at error level.
 	out, errOut, code = shoal(t, "logs", "-c", c.cfgPath, "--level", "error")
@@ -456,15 +520,7 @@ func TestClusterLifecycle(t *testing.T) {
 	if err := c.wait(30 * time.Second); err != nil {
 		t.Fatalf("shoal run after SIGTERM: %v (want exit 0)", err)
 	}
-	select {
-	case err := <-wsClosed:
-		var ce wsutil.ClosedError
-		if !errors.As(err, &ce) || ce.Code != ws.StatusGoingAway {
-			t.Errorf("the WebSocket client got %v at shutdown, want a close with 1001", err)
-		}
-	case <-time.After(10 * time.Second):
-		t.Error("the WebSocket client was not closed at shutdown")
-	}
+	expectGoingAway(t, wsClosed, "shutdown")
 	for pid, name := range tree {
 		if alive(pid) {
 			t.Errorf("%s (pid %d) is still running after the supervisor exited", name, pid)
@@ -472,6 +528,38 @@ func TestClusterLifecycle(t *testing.T) {
 	}
 	if out, _, _ := shoal(t, "logs", "-c", c.cfgPath, "--proc", "supervisor", "-n", "1"); !strings.Contains(out, "stopped") {
 		t.Errorf("the log does not end with the supervisor's stop: %q", out)
+	}
+}
+
+// publicClient opens a new connection per request: a kept-alive connection
+// lives in the worker it was handed to and dies with it, which says nothing
+// about where the balancer routes new connections.
+var publicClient = &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+
+// healthz expects GET /healthz through the balancer to answer 200 now.
+func healthz(t *testing.T, public, when string) {
+	t.Helper()
+	resp, err := publicClient.Get("http://" + public + "/healthz")
+	if err != nil {
+		t.Fatalf("GET /healthz through the balancer %s: %v", when, err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET /healthz through the balancer %s: %s", when, resp.Status)
+	}
+}
+
+// expectGoingAway waits for a client connection to be closed with 1001.
+func expectGoingAway(t *testing.T, closed <-chan error, when string) {
+	t.Helper()
+	select {
+	case err := <-closed:
+		var ce wsutil.ClosedError
+		if !errors.As(err, &ce) || ce.Code != ws.StatusGoingAway {
+			t.Errorf("the WebSocket client got %v at %s, want a close with 1001", err, when)
+		}
+	case <-time.After(15 * time.Second):
+		t.Errorf("the WebSocket client was not closed at %s", when)
 	}
 }
 
