@@ -51,6 +51,10 @@ type conn struct {
 	mu     sync.Mutex // guards out, closed and the fd against reuse after close
 	out    []byte     // bytes the socket would not take yet
 	closed bool
+	// gone is closed, readable without the lock by the poller: once a
+	// callback (churn) closes a conn in the middle of a read, the poller must
+	// stop touching its fd number, which a new socket may already reuse.
+	gone atomic.Bool
 }
 
 // write sends b now, or queues what the socket does not take; safe from any
@@ -123,6 +127,7 @@ func (c *conn) closeFD() bool {
 		return false
 	}
 	c.closed = true
+	c.gone.Store(true)
 	c.out = nil
 	if c.tc != nil {
 		c.tc.Close()
@@ -418,10 +423,10 @@ func (p *poller) read(c *conn) {
 			return
 		}
 	}
-	for {
+	for !c.gone.Load() {
 		n, err := unix.Read(c.fd, p.buf)
 		if n > 0 {
-			if !p.consume(c, p.buf[:n]) {
+			if !p.consume(c, p.buf[:n]) || c.gone.Load() {
 				return
 			}
 			if n < len(p.buf) {
@@ -487,6 +492,9 @@ func (p *poller) consume(c *conn, data []byte) bool {
 		if !p.onFrame(c, f) {
 			p.drop(c)
 			return false
+		}
+		if c.gone.Load() {
+			return false // closed by a callback (churn): drop the rest
 		}
 	}
 	rest := data[off:]

@@ -207,6 +207,11 @@ func (p *poller) onWritable(c *conn) {
 		p.fail(c, fmt.Errorf("connect: %w", err))
 		return
 	}
+	if _, err := unix.Getpeername(c.fd); err != nil {
+		// Still connecting: a stale event for an earlier socket with the same
+		// descriptor number. The real one comes with EPOLLOUT.
+		return
+	}
 	c.op.state = stUpgrade
 	c.flush() // the upgrade request queued by open
 }
