@@ -57,6 +57,7 @@ type adminServer struct {
 
 func (s *Supervisor) serveAdmin(ctx context.Context, ln net.Listener) *adminServer {
 	mux := http.NewServeMux()
+	mux.HandleFunc("GET /{$}", s.handleDashboard)
 	mux.HandleFunc("GET /api/cluster", s.handleCluster)
 	mux.HandleFunc("GET /healthz", s.handleHealth)
 	mux.HandleFunc("GET /metrics", s.handleMetrics)

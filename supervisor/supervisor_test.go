@@ -301,6 +301,18 @@ func TestRunRestartTopologyLogShutdown(t *testing.T) {
 		}
 	}
 
+	// The dashboard page is served.
+	resp, err = http.Get(n.admin + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	mb.Reset()
+	_, _ = mb.ReadFrom(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || !strings.Contains(mb.String(), "/api/cluster") {
+		t.Errorf("dashboard: %d", resp.StatusCode)
+	}
+
 	// Shutdown: Run returns nil, no child is left, the run dir is gone.
 	all := n.cluster().Processes
 	if err := n.stop(); err != nil {
