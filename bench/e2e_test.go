@@ -260,3 +260,21 @@ func TestAdminPIDs(t *testing.T) {
 		t.Error("404 accepted")
 	}
 }
+
+func TestAgentsRaisedPastTheFileLimit(t *testing.T) {
+	o := Options{Scenario: "conns", Conns: 40000, Agents: 1, AgentCommand: []string{"x"}}
+	if err := o.defaults(); err != nil {
+		t.Fatal(err)
+	}
+	if o.Agents != 3 {
+		t.Errorf("40,000 conns: %d agents, want 3 (19,000 each at most)", o.Agents)
+	}
+	o = Options{Scenario: "fanout", Channels: 100, Subscribers: 2000, Publishers: 10}
+	if err := o.defaults(); err == nil {
+		t.Error("200,010 conns in-process accepted")
+	}
+	o = Options{Scenario: "conns", Duration: time.Hour}
+	if err := o.defaults(); err == nil {
+		t.Error("an hour-long run accepted")
+	}
+}
