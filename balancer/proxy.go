@@ -192,7 +192,8 @@ func dialProxy(ctx context.Context, path string, hdr []byte) (*net.UnixConn, err
 		return nil, fmt.Errorf("dial proxy socket %s: %w", path, err)
 	}
 	up := conn.(*net.UnixConn)
-	if err := up.SetWriteDeadline(time.Now().Add(proxyDialTimeout)); err == nil {
+	err = up.SetWriteDeadline(time.Now().Add(proxyDialTimeout))
+	if err == nil {
 		_, err = up.Write(hdr)
 	}
 	if err != nil {
