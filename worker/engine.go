@@ -14,6 +14,7 @@ import (
 
 	"github.com/shoalhq/shoal/auth"
 	"github.com/shoalhq/shoal/configs"
+	"github.com/shoalhq/shoal/middleware"
 	"github.com/shoalhq/shoal/proto/sc"
 )
 
@@ -27,6 +28,10 @@ const (
 	// the app-defined 4010–4499 range, so the client reconnects with
 	// back-off (and recovers what it missed, once recovery exists).
 	CodeSlowConsumer ws.StatusCode = 4100
+	// CodeMiddlewareBacklog closes a socket that kept sending while its
+	// earlier actions waited for a backend hook, past maxQueuedActions or
+	// maxQueuedBytes. Reconnect with back-off, like a slow consumer.
+	CodeMiddlewareBacklog ws.StatusCode = 4101
 	// CodeGoingAway is used when the worker drains.
 	CodeGoingAway ws.StatusCode = 1001
 )
@@ -58,7 +63,11 @@ type EngineConfig struct {
 	Name     string // worker name, for logs
 	Protocol configs.Protocol
 	Keys     *auth.Keys // nil: every token is refused
-	Broker   Broker     // nil: channels stay local to the worker (tests)
+	// Middleware is the compiled middleware chain; nil: no rules.
+	Middleware *middleware.Chain
+	// Channels are the per-channel settings; the engine uses SlowConsumer.
+	Channels []configs.ChannelRule
+	Broker   Broker // nil: channels stay local to the worker (tests)
 	// Frame builds a WebSocket text frame around payload (netpoll.AppendTextFrame).
 	Frame func(dst, payload []byte) []byte
 	// ErrQueueFull is the Conn.WriteFrame error that means the socket's send
@@ -85,6 +94,12 @@ type Engine struct {
 
 	bufs sync.Pool // *[]byte scratch for building payloads
 
+	// Swapped as a whole on reload (SetChain, SetKeys, SetChannels), so a
+	// session reads one consistent generation per action.
+	chain atomic.Pointer[middleware.Chain]
+	keys  atomic.Pointer[auth.Keys]
+	slow  atomic.Pointer[slowPolicies]
+
 	stop chan struct{}
 	done chan struct{}
 	once sync.Once
@@ -106,6 +121,8 @@ type engineStats struct {
 	authFailures, deauthExpired               atomic.Int64
 	slowConsumers, pingTimeouts, hsTimeouts   atomic.Int64
 	strictViolations, fanouts, rawPackets     atomic.Int64
+	mwDenied, mwDropped, mwPending, mwBacklog atomic.Int64
+	slowDropped, slowConflated                atomic.Int64
 }
 
 // NewEngine validates cfg and starts the heartbeat sweeper (stop it with Close).
@@ -147,6 +164,18 @@ func NewEngine(cfg EngineConfig) (*Engine, error) {
 		seed:  maphash.MakeSeed(),
 		stop:  make(chan struct{}),
 		done:  make(chan struct{}),
+	}
+	chain := cfg.Middleware
+	if chain == nil {
+		var err error
+		if chain, err = middleware.Compile(configs.Config{}); err != nil {
+			return nil, fmt.Errorf("worker engine: empty middleware chain: %w", err)
+		}
+	}
+	e.chain.Store(chain)
+	e.keys.Store(cfg.Keys)
+	if err := e.SetChannels(cfg.Channels); err != nil {
+		return nil, err
 	}
 	e.pingFrame = cfg.Frame(nil, sc.PingPayload(p.Version))
 	for i := range e.sessions {
@@ -196,6 +225,7 @@ func (e *Engine) Len() int { return int(e.stats.connections.Load()) }
 // Open starts a session for a new connection.
 func (e *Engine) Open(c Conn) *Session {
 	s := &Session{e: e, c: c, id: newSessionID(), opened: e.now()}
+	s.initMiddleware(c.RemoteAddr())
 	sh := e.shard(s.id)
 	sh.mu.Lock()
 	sh.m[s.id] = s
@@ -214,7 +244,10 @@ func (e *Engine) Closed(s *Session, code ws.StatusCode, reason string) {
 	s.state = stateClosed
 	chans := s.channels
 	s.channels = nil
+	// Under mu: the identity snapshot is replaced under mu too.
+	e.chain.Load().Close(s.ident.Load())
 	s.mu.Unlock()
+	s.dropQueued()
 	for ch := range chans {
 		if e.hub.remove(ch, s) {
 			e.stats.subscriptions.Add(-1)
@@ -241,7 +274,13 @@ func (e *Engine) Deliver(channel string, data []byte, offset uint64) {
 	frame := e.cfg.Frame(make([]byte, 0, len(payload)+14), payload)
 	*bp = payload[:0]
 	e.bufs.Put(bp)
-	n := e.hub.fanout(channel, frame, e.slowConsumer)
+	pol := e.policyFor(channel)
+	var n int
+	if e.chain.Load().HasRules(middleware.PublishOut) {
+		n = e.fanoutFiltered(channel, data, frame, pol)
+	} else {
+		n = e.hub.fanout(channel, frame, pol, e.overflow)
+	}
 	e.stats.fanouts.Add(1)
 	e.stats.msgsOut.Add(int64(n))
 	e.stats.bytesOut.Add(int64(n * len(frame)))
@@ -272,7 +311,8 @@ func (e *Engine) Publish(channel string, data []byte, done func(error)) {
 	})
 }
 
-// slowConsumer applies the slow-consumer policy: disconnect.
+// slowConsumer closes a socket whose send queue is full (policy disconnect,
+// and any frame that is not a publish).
 func (e *Engine) slowConsumer(s *Session) {
 	e.stats.slowConsumers.Add(1)
 	e.log.Warn("slow consumer: send queue full, disconnecting", "id", s.id, "remote", addrString(s.c.RemoteAddr()))
@@ -328,29 +368,60 @@ type Stats struct {
 // Stats returns the engine's counters.
 func (e *Engine) Stats() Stats {
 	s := &e.stats
-	return Stats{
+	st := Stats{
 		Connections: s.connections.Load(),
 		MessagesIn:  s.msgsIn.Load(),
 		MessagesOut: s.msgsOut.Load(),
 		BytesIn:     s.bytesIn.Load(),
 		BytesOut:    s.bytesOut.Load(),
 		Counters: map[string]int64{
-			"handshakes":           s.handshakes.Load(),
-			"subscriptions":        s.subscriptions.Load(),
-			"channels":             int64(e.hub.Channels()),
-			"invalid_frames":       s.invalidFrames.Load(),
-			"raw_packets":          s.rawPackets.Load(),
-			"transmits_dropped":    s.transmitsDropped.Load(),
-			"unknown_procedures":   s.unknownProcedures.Load(),
-			"publishes_in":         s.publishesIn.Load(),
-			"publish_errors":       s.pubErrors.Load(),
-			"auth_failures":        s.authFailures.Load(),
-			"auth_expired":         s.deauthExpired.Load(),
-			"slow_consumer_closes": s.slowConsumers.Load(),
-			"pong_timeouts":        s.pingTimeouts.Load(),
-			"handshake_timeouts":   s.hsTimeouts.Load(),
-			"strict_handshake":     s.strictViolations.Load(),
-			"fanouts":              s.fanouts.Load(),
+			"handshakes":              s.handshakes.Load(),
+			"subscriptions":           s.subscriptions.Load(),
+			"channels":                int64(e.hub.Channels()),
+			"invalid_frames":          s.invalidFrames.Load(),
+			"raw_packets":             s.rawPackets.Load(),
+			"transmits_dropped":       s.transmitsDropped.Load(),
+			"unknown_procedures":      s.unknownProcedures.Load(),
+			"publishes_in":            s.publishesIn.Load(),
+			"publish_errors":          s.pubErrors.Load(),
+			"auth_failures":           s.authFailures.Load(),
+			"auth_expired":            s.deauthExpired.Load(),
+			"slow_consumer_closes":    s.slowConsumers.Load(),
+			"pong_timeouts":           s.pingTimeouts.Load(),
+			"handshake_timeouts":      s.hsTimeouts.Load(),
+			"strict_handshake":        s.strictViolations.Load(),
+			"fanouts":                 s.fanouts.Load(),
+			"middleware_denied":       s.mwDenied.Load(),
+			"middleware_dropped":      s.mwDropped.Load(),
+			"middleware_pending":      s.mwPending.Load(),
+			"middleware_backlog":      s.mwBacklog.Load(),
+			"slow_consumer_drops":     s.slowDropped.Load(),
+			"slow_consumer_conflated": s.slowConflated.Load(),
 		},
 	}
+	e.addRuleStats(st.Counters)
+	return st
 }
+
+// addRuleStats adds the chain's per-rule counts to counters.
+func (e *Engine) addRuleStats(counters map[string]int64) {
+	for _, r := range e.chain.Load().Stats() {
+		counters["middleware."+r.Rule+".allowed"] = int64(r.Allowed)
+		counters["middleware."+r.Rule+".denied"] = int64(r.Denied)
+	}
+}
+
+// Chain is the current middleware chain.
+func (e *Engine) Chain() *middleware.Chain { return e.chain.Load() }
+
+// SetChain swaps the middleware chain (reload). Sessions pick it up at their
+// next action; connection counts live in the chain's shared state.
+func (e *Engine) SetChain(c *middleware.Chain) {
+	if c != nil {
+		e.chain.Store(c)
+	}
+}
+
+// SetKeys swaps the auth keys (reload). Tokens already verified stay valid
+// until they expire.
+func (e *Engine) SetKeys(k *auth.Keys) { e.keys.Store(k) }

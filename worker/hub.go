@@ -115,14 +115,19 @@ func (h *Hub) Subscribers(channel string) int {
 }
 
 // fanout writes one pre-built frame to every local subscriber of channel and
-// returns how many took it. Sessions whose send queue is full are handed to
-// slow after the shard lock is released.
-func (h *Hub) fanout(channel string, frame []byte, slow func(*Session)) int {
+// returns how many took it. Sessions whose send queue is full, or that still
+// hold publishes back under a drop_oldest/latest policy (so this one must
+// queue behind them), are handed to over after the shard lock is released.
+func (h *Hub) fanout(channel string, frame []byte, pol slowPolicy, over func(*Session, string, []byte, slowPolicy) bool) int {
 	sh := h.shard(channel)
 	var full []*Session
 	n := 0
 	sh.mu.RLock()
 	for s := range sh.subs[channel] {
+		if s.backlogged.Load() {
+			full = append(full, s)
+			continue
+		}
 		switch err := s.c.WriteFrame(frame); {
 		case err == nil:
 			n++
@@ -132,7 +137,20 @@ func (h *Hub) fanout(channel string, frame []byte, slow func(*Session)) int {
 	}
 	sh.mu.RUnlock()
 	for _, s := range full {
-		slow(s)
+		if over(s, channel, frame, pol) {
+			n++
+		}
 	}
 	return n
+}
+
+// subscribers appends channel's local subscribers to dst.
+func (h *Hub) subscribers(dst []*Session, channel string) []*Session {
+	sh := h.shard(channel)
+	sh.mu.RLock()
+	for s := range sh.subs[channel] {
+		dst = append(dst, s)
+	}
+	sh.mu.RUnlock()
+	return dst
 }

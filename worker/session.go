@@ -6,11 +6,13 @@ import (
 	"errors"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/gobwas/ws"
 
 	"github.com/shoalhq/shoal/auth"
+	"github.com/shoalhq/shoal/middleware"
 	"github.com/shoalhq/shoal/proto/sc"
 )
 
@@ -39,6 +41,29 @@ type Session struct {
 	nextPing time.Time
 	token    *auth.Token
 	channels map[string]struct{} // nil until the first subscribe
+
+	// Middleware (mw.go). ident is the socket as the chain sees it: an
+	// immutable snapshot replaced (under mu) when the auth state changes,
+	// so the fan-out goroutines may read it while the session changes it.
+	ident    atomic.Pointer[middleware.Socket]
+	identTok *auth.Token // under mu: the token ident reflects
+	hookID   bool        // under mu: ident came from a hook, not a token
+	mwOpened bool        // under mu: chain.Open was called
+	in       middleware.Input
+	done     func(middleware.Decision) // s.decided, bound once
+
+	// Ordering behind a pending (hook) decision; see dispatch.
+	qmu     sync.Mutex
+	busy    bool // an action is being processed or waits for a decision
+	queue   []queuedPacket
+	queuedB int
+	pendMu  sync.Mutex // held while a pending action's context is saved
+	pend    pendingAction
+
+	// Slow-consumer backlog (slow.go).
+	backlogged atomic.Bool
+	blMu       sync.Mutex
+	backlog    []heldPublish
 }
 
 // ID is the session id sent in the handshake response.
@@ -143,6 +168,9 @@ func (s *Session) heartbeat(now time.Time) {
 	case ping:
 		s.sendFrame(s.e.pingFrame)
 	}
+	if s.backlogged.Load() {
+		s.flushBacklog()
+	}
 }
 
 // Message handles one client frame (text or binary: both are read as UTF-8
@@ -154,7 +182,7 @@ func (e *Engine) Message(s *Session, payload []byte) {
 	r.Reset(payload)
 	var p sc.Packet
 	for r.Next(&p) {
-		if !s.packet(&p) {
+		if !s.dispatch(&p) {
 			return
 		}
 	}
@@ -166,9 +194,10 @@ func (e *Engine) Message(s *Session, payload []byte) {
 	}
 }
 
-// packet handles one packet; false stops processing the frame (the session
-// is closing).
-func (s *Session) packet(p *sc.Packet) bool {
+// packet handles one packet. ok=false stops processing the frame (the
+// session is closing); pending=true means the packet's decision waits for a
+// backend hook, whose callback continues the session's actions (dispatch).
+func (s *Session) packet(p *sc.Packet) (ok, pending bool) {
 	e := s.e
 	now := e.now()
 	s.mu.Lock()
@@ -182,30 +211,29 @@ func (s *Session) packet(p *sc.Packet) bool {
 
 	switch state {
 	case stateClosing, stateClosed:
-		return false
+		return false, false
 	case stateAwaitHandshake:
 		switch {
 		case p.Kind == sc.Pong:
 			// Lenient: a client may answer a ping before its handshake;
 			// we never ping that early, so just ignore it.
-			return true
+			return true, false
 		case (p.Kind == sc.Invoke || p.Kind == sc.Transmit) && string(p.Event) == "#handshake":
 			if p.Kind != sc.Invoke {
 				s.close(CodeBadHandshake, "Handshake request was malformatted")
-				return false
+				return false, false
 			}
-			s.handshake(p)
-			return true
+			return true, s.handshake(p)
 		}
 		e.stats.strictViolations.Add(1)
 		s.close(CodeNotHandshaken, "Message received before handshake")
-		return false
+		return false, false
 	}
 
 	switch p.Kind {
 	case sc.Pong:
 		s.checkExpiry(now)
-		return true
+		return true, false
 	case sc.Transmit, sc.Invoke:
 	default:
 		// Responses to server invokes (none yet) and raw values (the
@@ -213,46 +241,82 @@ func (s *Session) packet(p *sc.Packet) bool {
 		if p.Kind == sc.Raw {
 			e.stats.rawPackets.Add(1)
 		}
-		return true
+		return true, false
 	}
 	s.checkExpiry(now)
 	switch string(p.Event) {
 	case "#handshake":
 		if p.Kind != sc.Invoke {
 			s.close(CodeBadHandshake, "Handshake request was malformatted")
-			return false
+			return false, false
 		}
-		s.handshake(p)
+		return true, s.handshake(p)
 	case "#subscribe":
-		s.subscribe(p)
+		return true, s.subscribe(p)
 	case "#unsubscribe":
 		s.unsubscribe(p)
 	case "#publish":
-		s.publish(p)
+		return true, s.publish(p)
 	case "#authenticate":
 		if p.Kind != sc.Invoke {
 			s.close(CodeBadHandshake, "Authenticate request was malformatted")
-			return false
+			return false, false
 		}
-		s.authenticate(p)
+		return true, s.authenticate(p)
 	case "#removeAuthToken":
 		s.mu.Lock()
 		s.token = nil
+		if s.hookID {
+			s.identTok = staleIdent // a hook's identity goes too
+		}
 		s.mu.Unlock()
+		s.syncIdentity()
 		if p.Kind == sc.Invoke {
 			s.replyOK(p.CID)
 		}
 	default:
-		if p.Kind == sc.Transmit {
-			// No transmit handlers yet (middleware/hook issue).
+		return true, s.event(p)
+	}
+	return true, false
+}
+
+// event handles a non-# transmit or invoke: the transmit/invoke middleware
+// decides; an invoke allowed by an rpc rule is answered with the backend's
+// reply, any other allowed invoke has no handler.
+func (s *Session) event(p *sc.Packet) bool {
+	act := middleware.Transmit
+	if p.Kind == sc.Invoke {
+		act = middleware.Invoke
+	}
+	chain := s.e.chain.Load()
+	if !chain.HasRules(act) {
+		s.finishEvent(p, middleware.Decision{})
+		return false
+	}
+	s.syncIdentity()
+	s.in = middleware.Input{Action: act, Socket: s.ident.Load(), Event: string(p.Event), Data: p.Data}
+	return s.run(chain, p, pendingAction{step: stepEvent})
+}
+
+func (s *Session) finishEvent(p *sc.Packet, d middleware.Decision) {
+	e := s.e
+	if p.Kind == sc.Transmit {
+		// No transmit handlers (a hook sees them; nothing answers).
+		if d.Verdict == middleware.Allow {
 			e.stats.transmitsDropped.Add(1)
-			return true
 		}
+		return
+	}
+	switch {
+	case d.Verdict == middleware.Allow && d.Reply != nil:
+		s.reply(func(b []byte) []byte { return sc.AppendResponse(b, p.CID, d.Reply) })
+	case d.Verdict == middleware.Allow:
 		// Never leave an invoke unanswered: the client would time out.
 		e.stats.unknownProcedures.Add(1)
 		s.replyError(p.CID, sc.NewError("UnknownProcedureError", "No handler for procedure "+string(p.Event)))
+	case d.Verdict == middleware.Deny:
+		s.replyError(p.CID, blockError(d, "inbound"))
 	}
-	return true
 }
 
 func (s *Session) markClosing() {
@@ -270,10 +334,11 @@ func (s *Session) verify(raw []byte) (*auth.Token, *auth.Error) {
 	if !ok {
 		return nil, auth.InvalidFormat()
 	}
-	if s.e.cfg.Keys == nil {
+	keys := s.e.keys.Load()
+	if keys == nil {
 		return nil, &auth.Error{Name: "AuthTokenInvalidError", Message: "Server has no auth key configured", IsBadToken: true}
 	}
-	tok, err := s.e.cfg.Keys.Verify(string(str))
+	tok, err := keys.Verify(string(str))
 	if err != nil {
 		var ae *auth.Error
 		if errors.As(err, &ae) {
@@ -286,8 +351,10 @@ func (s *Session) verify(raw []byte) (*auth.Token, *auth.Error) {
 
 // handshake answers #handshake: id, pingTimeout, isAuthenticated and, for a
 // token that failed, authError (then #removeAuthToken when the client
-// should drop it).
-func (s *Session) handshake(p *sc.Packet) {
+// should drop it). With middleware: a verified token first goes through the
+// authenticate rules (a deny makes it an authError, the handshake goes on),
+// then the handshakeSC rules decide whether the socket may stay at all.
+func (s *Session) handshake(p *sc.Packet) bool {
 	e := s.e
 	var tok *auth.Token
 	var authErr *auth.Error
@@ -296,6 +363,67 @@ func (s *Session) handshake(p *sc.Packet) {
 		if authErr != nil {
 			e.stats.authFailures.Add(1)
 		}
+	}
+	chain := e.chain.Load()
+	if tok != nil && chain.HasRules(middleware.Authenticate) {
+		s.in = middleware.Input{Action: middleware.Authenticate, Socket: s.wouldBe(tok), Token: tok.Raw}
+		return s.run(chain, p, pendingAction{step: stepHandshakeAuth, tok: tok})
+	}
+	var scErr *sc.Error
+	if authErr != nil {
+		scErr = authErr.SC()
+	}
+	return s.handshakeSC(p, tok, scErr, authErr != nil && authErr.IsBadToken)
+}
+
+// handshakeAuthDecided continues a handshake after the authenticate rules.
+func (s *Session) handshakeAuthDecided(p *sc.Packet, tok *auth.Token, d middleware.Decision) bool {
+	if d.Verdict != middleware.Allow {
+		// The block error becomes the handshake's authError; the socket
+		// stays, unauthenticated, and the client keeps its token (no
+		// #removeAuthToken), as socketcluster-server does.
+		s.e.stats.authFailures.Add(1)
+		return s.handshakeSC(p, nil, blockError(d, "authenticate"), false)
+	}
+	return s.handshakeSC(p, tok, nil, false)
+}
+
+// handshakeSC runs the handshakeSC rules with the identity the token gives.
+func (s *Session) handshakeSC(p *sc.Packet, tok *auth.Token, authErr *sc.Error, badToken bool) bool {
+	chain := s.e.chain.Load()
+	if !chain.HasRules(middleware.HandshakeSC) {
+		s.finishHandshake(p, tok, authErr, badToken, middleware.Decision{})
+		return false
+	}
+	s.in = middleware.Input{Action: middleware.HandshakeSC, Socket: s.wouldBe(tok)}
+	if tok != nil {
+		s.in.Token = tok.Raw
+	}
+	return s.run(chain, p, pendingAction{step: stepHandshakeSC, tok: tok, authErr: authErr, badToken: badToken})
+}
+
+func (s *Session) finishHandshake(p *sc.Packet, tok *auth.Token, authErr *sc.Error, badToken bool, d middleware.Decision) {
+	e := s.e
+	if d.Verdict != middleware.Allow {
+		code := ws.StatusCode(d.CloseCode)
+		if code == 0 {
+			code = CodeBadHandshake
+		}
+		reason := "Handshake denied"
+		if d.Error != nil {
+			reason = d.Error.Message
+		}
+		if d.Verdict == middleware.Deny {
+			s.replyError(p.CID, blockError(d, "handshake"))
+		}
+		s.close(code, reason)
+		return
+	}
+	var pushToken string
+	var override bool
+	if d.Identity != nil {
+		pushToken = d.Identity.Token
+		tok, override = s.adoptIdentity(tok, d.Identity)
 	}
 	now := e.now()
 	s.mu.Lock()
@@ -308,24 +436,52 @@ func (s *Session) handshake(p *sc.Packet) {
 	s.lastPong = now
 	s.nextPing = now.Add(e.proto.PingInterval.D())
 	s.mu.Unlock()
+	s.syncIdentity()
+	if override {
+		s.setHookIdentity(d.Identity)
+	}
+	s.mu.Lock()
+	if s.state == stateOpen {
+		// Counted for conn_limit once the handshake is accepted; Closed
+		// (under mu too) undoes it.
+		e.chain.Load().Open(s.ident.Load())
+		s.mwOpened = true
+	}
+	s.mu.Unlock()
 	e.stats.handshakes.Add(1)
 	h := sc.Handshake{ID: s.id, PingTimeoutMs: e.proto.PingTimeout.D().Milliseconds(), IsAuthenticated: tok != nil}
-	if authErr != nil {
-		h.AuthError = authErr.SC()
-	}
+	h.AuthError = authErr
 	s.reply(func(b []byte) []byte { return sc.AppendHandshakeResponse(b, p.CID, h) })
-	if authErr != nil && authErr.IsBadToken {
+	if badToken {
 		s.send([]byte(sc.RemoveAuthToken))
+	}
+	if pushToken != "" {
+		s.send(sc.AppendSetAuthToken(nil, pushToken))
 	}
 }
 
 // authenticate answers #authenticate <token>.
-func (s *Session) authenticate(p *sc.Packet) {
+func (s *Session) authenticate(p *sc.Packet) bool {
 	tok, authErr := s.verify(p.Data)
-	s.mu.Lock()
-	s.token = tok
-	s.mu.Unlock()
 	if authErr != nil {
+		s.finishAuthenticate(p, nil, authErr, middleware.Decision{})
+		return false
+	}
+	chain := s.e.chain.Load()
+	if !chain.HasRules(middleware.Authenticate) {
+		s.finishAuthenticate(p, tok, nil, middleware.Decision{})
+		return false
+	}
+	s.in = middleware.Input{Action: middleware.Authenticate, Socket: s.wouldBe(tok), Token: tok.Raw}
+	return s.run(chain, p, pendingAction{step: stepAuthenticate, tok: tok})
+}
+
+func (s *Session) finishAuthenticate(p *sc.Packet, tok *auth.Token, authErr *auth.Error, d middleware.Decision) {
+	if authErr != nil {
+		s.mu.Lock()
+		s.token = nil
+		s.mu.Unlock()
+		s.syncIdentity()
 		s.e.stats.authFailures.Add(1)
 		s.replyError(p.CID, authErr.SC())
 		if authErr.IsBadToken {
@@ -333,7 +489,33 @@ func (s *Session) authenticate(p *sc.Packet) {
 		}
 		return
 	}
+	if d.Verdict != middleware.Allow {
+		// A valid token the middleware refused: the official server's
+		// {"isAuthenticated":false,"authError":..} (no #removeAuthToken).
+		s.mu.Lock()
+		s.token = nil
+		s.mu.Unlock()
+		s.syncIdentity()
+		s.e.stats.authFailures.Add(1)
+		ae := blockError(d, "authenticate")
+		s.reply(func(b []byte) []byte { return sc.AppendAuthenticateResponse(b, p.CID, false, ae) })
+		return
+	}
+	var override bool
+	if d.Identity != nil {
+		tok, override = s.adoptIdentity(tok, d.Identity)
+	}
+	s.mu.Lock()
+	s.token = tok
+	s.mu.Unlock()
+	s.syncIdentity()
+	if override {
+		s.setHookIdentity(d.Identity)
+	}
 	s.reply(func(b []byte) []byte { return sc.AppendAuthenticateResponse(b, p.CID, true, nil) })
+	if d.Identity != nil && d.Identity.Token != "" {
+		s.send(sc.AppendSetAuthToken(nil, d.Identity.Token))
+	}
 }
 
 // checkExpiry deauthenticates a session whose token expired while it was
@@ -354,15 +536,16 @@ func (s *Session) checkExpiry(now time.Time) {
 // SetAuthToken signs claims and sends the token with #setAuthToken; the
 // session becomes authenticated with it. (Used by the HTTP API and hooks.)
 func (s *Session) SetAuthToken(claims map[string]any) error {
-	if s.e.cfg.Keys == nil {
+	keys := s.e.keys.Load()
+	if keys == nil {
 		return errors.New("setting auth token: no auth keys configured")
 	}
-	signed, err := s.e.cfg.Keys.Sign(claims)
+	signed, err := keys.Sign(claims)
 	if err != nil {
 		s.close(4002, "Server failed to sign auth token")
 		return err
 	}
-	tok, err := s.e.cfg.Keys.Verify(signed)
+	tok, err := keys.Verify(signed)
 	if err != nil {
 		return err
 	}
@@ -393,29 +576,46 @@ var (
 	errChannelTooLong       = sc.NewError("InvalidActionError", "Channel name is longer than "+strconv.Itoa(MaxChannelLen)+" bytes")
 )
 
-func (s *Session) subscribe(p *sc.Packet) {
+func (s *Session) subscribe(p *sc.Packet) bool {
 	if p.Kind != sc.Invoke {
-		return // the official server subscribes only on the invoke form
+		return false // the official server subscribes only on the invoke form
 	}
 	ch, ok := sc.StringField(p.Data, "channel")
 	if !ok || len(ch) == 0 { // "" cannot be routed to a broker
 		s.replyError(p.CID, errSubscribeMalformed)
-		return
+		return false
 	}
 	if len(ch) > MaxChannelLen {
 		s.replyError(p.CID, errChannelTooLong)
+		return false
+	}
+	chain := s.e.chain.Load()
+	if !chain.HasRules(middleware.Subscribe) {
+		s.finishSubscribe(p, string(ch), middleware.Decision{})
+		return false
+	}
+	s.syncIdentity()
+	name := string(ch)
+	sd, _ := sc.Field(p.Data, "data")
+	s.in = middleware.Input{Action: middleware.Subscribe, Socket: s.ident.Load(), Channel: name, Data: sd}
+	return s.run(chain, p, pendingAction{step: stepSubscribe, channel: name})
+}
+
+func (s *Session) finishSubscribe(p *sc.Packet, name string, d middleware.Decision) {
+	if d.Verdict != middleware.Allow {
+		// Drop is answered too: #subscribe has no client timeout.
+		s.replyError(p.CID, blockError(d, "inbound"))
 		return
 	}
 	limit := s.e.proto.SocketChannelLimit
 	s.mu.Lock()
-	if _, dup := s.channels[string(ch)]; dup {
+	if _, dup := s.channels[name]; dup {
 		s.mu.Unlock()
 		s.replyOK(p.CID)
 		return
 	}
 	if limit > 0 && len(s.channels) >= limit {
 		s.mu.Unlock()
-		name := string(ch)
 		s.replyError(p.CID, sc.NewError("BrokerError", "Failed to subscribe socket to the "+name+
 			" channel - InvalidActionError: Socket "+s.id+" tried to exceed the channel subscription limit of "+strconv.Itoa(limit)))
 		return
@@ -424,7 +624,6 @@ func (s *Session) subscribe(p *sc.Packet) {
 		s.mu.Unlock()
 		return
 	}
-	name := string(ch)
 	if s.channels == nil {
 		s.channels = make(map[string]struct{}, 1)
 	}
@@ -480,30 +679,57 @@ func (s *Session) KickOut(channel, message string) bool {
 	return true
 }
 
-func (s *Session) publish(p *sc.Packet) {
+func (s *Session) publish(p *sc.Packet) bool {
 	e := s.e
 	invoke := p.Kind == sc.Invoke
 	if !e.proto.ClientPublishAllowed() {
 		if invoke {
 			s.replyError(p.CID, errPublishDisabled)
 		}
-		return
+		return false
 	}
 	ch, ok := sc.StringField(p.Data, "channel")
 	if !ok || len(ch) == 0 || len(ch) > MaxChannelLen {
 		if invoke {
 			s.replyError(p.CID, errPublishMalformed)
 		}
-		return
+		return false
 	}
 	data, ok := sc.Field(p.Data, "data")
 	if !ok {
 		data = []byte("null")
 	}
+	name := string(ch) // the one allocation of a publish: the broker keeps it
+	chain := e.chain.Load()
+	if !chain.HasRules(middleware.PublishIn) {
+		s.finishPublish(p, name, data, middleware.Decision{})
+		return false
+	}
+	s.syncIdentity()
+	// s.in is reused: an allowed publish allocates nothing more here.
+	s.in = middleware.Input{Action: middleware.PublishIn, Socket: s.ident.Load(), Channel: name, Data: data}
+	return s.run(chain, p, pendingAction{step: stepPublish, channel: name})
+}
+
+func (s *Session) finishPublish(p *sc.Packet, name string, data []byte, d middleware.Decision) {
+	e := s.e
+	invoke := p.Kind == sc.Invoke
+	switch d.Verdict {
+	case middleware.Deny:
+		if invoke {
+			s.replyError(p.CID, blockError(d, "inbound"))
+		}
+		return
+	case middleware.Drop:
+		return
+	}
+	if d.Data != nil {
+		data = d.Data
+	}
 	if e.cfg.Broker == nil {
 		// No broker tier (tests, single process): deliver locally.
 		e.stats.publishesIn.Add(1)
-		e.Deliver(string(ch), data, 0)
+		e.Deliver(name, data, 0)
 		if invoke {
 			s.replyOK(p.CID)
 		}
@@ -518,7 +744,7 @@ func (s *Session) publish(p *sc.Packet) {
 		cidCopy = append([]byte(nil), p.CID...)
 	}
 	e.stats.publishesIn.Add(1)
-	e.cfg.Broker.Publish(string(ch), data, func(_ uint64, err error) {
+	e.cfg.Broker.Publish(name, data, func(_ uint64, err error) {
 		if err != nil {
 			e.stats.pubErrors.Add(1)
 			if invoke {
