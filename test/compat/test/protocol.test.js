@@ -447,6 +447,18 @@ describe(`socketcluster-client@20 against ${h.TARGET}`, {timeout: 200000}, () =>
       assert.equal(JSON.parse(resp.text).data.isAuthenticated, true, resp.text);
     }));
 
+    it('a token minted by `shoal token -c <config> --sub alice` authenticates the official client', {skip: IS_REFERENCE ? 'needs the shoal binary and the cluster config' : false}, tc(async () => {
+      const {execFileSync} = require('node:child_process');
+      const token = execFileSync(process.env.SHOAL_BIN, ['token', '-c', target.configFile, '--sub', 'alice', '--ttl', '10m', '--claim', 'role=admin'],
+        {env: {...process.env, [h.AUTH_KEY_ENV]: h.AUTH_KEY}, timeout: 10000}).toString().trim();
+      const c = await connect(target);
+      const r = await c.socket.authenticate(token);
+      assert.equal(r.isAuthenticated, true, short(r));
+      assert.equal(c.socket.authToken.sub, 'alice');
+      assert.equal(c.socket.authToken.role, 'admin');
+      assert.ok(c.socket.authToken.exp - nowSec() <= 600 && c.socket.authToken.exp - nowSec() > 500, `exp ≈ now + 10 min: ${c.socket.authToken.exp}`);
+    }));
+
     it('socket.authenticate(bad token) rejects with AuthTokenInvalidError, stays unauthenticated', tc(async () => {
       const c = await connect(target);
       const bad = signToken({sub: 'eve', exp: nowSec() + 3600}, {key: 'wrong'});
