@@ -459,6 +459,19 @@ describe(`socketcluster-client@20 against ${h.TARGET}`, {timeout: 200000}, () =>
       assert.ok(c.socket.authToken.exp - nowSec() <= 600 && c.socket.authToken.exp - nowSec() > 500, `exp ≈ now + 10 min: ${c.socket.authToken.exp}`);
     }));
 
+    it('an authenticated client that reconnects sends its stored token and is authenticated again', tc(async () => {
+      const token = signToken({sub: 'judy', exp: nowSec() + 3600});
+      const c = await connect(target);
+      await c.socket.authenticate(token);
+      const t0 = h.stamp();
+      c.socket.transport.close(4000, 'compat test: reconnect');
+      const status = await c.waitEvent('connect', {since: t0, timeout: 8000});
+      const hs = tap.of(c.ws, {since: t0, dir: '>'}).find((f) => f.text.includes('#handshake'));
+      assert.equal(JSON.parse(hs.text).data.authToken, token, 'the new handshake carries the stored token');
+      assert.equal(status.isAuthenticated, true, short(status));
+      assert.equal(c.socket.authState, 'authenticated');
+    }));
+
     it('socket.authenticate(bad token) rejects with AuthTokenInvalidError, stays unauthenticated', tc(async () => {
       const c = await connect(target);
       const bad = signToken({sub: 'eve', exp: nowSec() + 3600}, {key: 'wrong'});
