@@ -53,7 +53,6 @@ type Child struct {
 	nextLoopIx int
 	// proxyLimit caps proxied connections at what the fd limit allows.
 	proxyLimit int64
-	startedAt  time.Time
 }
 
 var _ control.Child = (*Child)(nil)
@@ -130,7 +129,6 @@ func (c *Child) Start(ctx context.Context, p control.StartParams) (control.Start
 	}
 	c.public = pub
 	c.state = control.StateReady
-	c.startedAt = time.Now()
 	c.wg.Add(1)
 	if c.sharedPort {
 		go c.acceptLoop(pub, c.startSniff)

@@ -780,3 +780,53 @@ func TestTLSStalledReaderClosed(t *testing.T) {
 		t.Errorf("closed after %v, before the write timeout", d)
 	}
 }
+
+// The balancer keeps nothing per plain connection: with N connections held
+// open by the worker, this process (client + worker + balancer) holds 2N
+// more fds, not 3N.
+func TestPlainKeepsNoFD(t *testing.T) {
+	dir := t.TempDir()
+	w1 := startFakeWorker(t, dir, "worker-1")
+	b := startBalancer(t, testConfig(t, false), topology(1, w1.peer(101, 0)))
+	// Warm up: the handoff socket to the worker is dialled once, and stays.
+	if _, _, err := get(t, "http://"+b.public+"/", "127.0.0.1", nil); err != nil {
+		t.Fatal(err)
+	}
+	countFDs := func() int {
+		ents, err := os.ReadDir("/proc/self/fd")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(ents)
+	}
+	// Let the warm-up connection's fds go before the baseline.
+	base := countFDs()
+	waitFor(t, 5*time.Second, "a stable baseline", func() bool {
+		n := countFDs()
+		stable := n == base
+		base = n
+		return stable
+	})
+	const n = 30
+	var conns []net.Conn
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	for range n {
+		c, err := net.Dial("tcp", b.public)
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, c)
+		// Half a request: the worker holds the connection, waiting.
+		if _, err := c.Write([]byte("GET / HTTP/1.1\r\n")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, 5*time.Second, "all handed over", func() bool { return w1.handed.Load() == n+1 })
+	if got := countFDs() - base; got > 2*n+2 {
+		t.Fatalf("%d more fds for %d connections; the balancer keeps some (want about %d)", got, n, 2*n)
+	}
+}
