@@ -134,6 +134,12 @@ func (o *Options) defaults() error {
 			return err
 		}
 	}
+	if o.AdminURL != "" {
+		// Only one GET, but this tool talks to nothing off this machine.
+		if u, err := url.Parse(o.AdminURL); err != nil || !isLoopbackHost(u.Hostname()) {
+			return fmt.Errorf("bench: --admin %q: only loopback addresses", o.AdminURL)
+		}
+	}
 	if o.Agents < 0 {
 		return errors.New("bench: --agents must be ≥ 0")
 	}
@@ -171,15 +177,18 @@ func checkLoopbackURL(s string) error {
 	if u.Scheme != "ws" && u.Scheme != "wss" {
 		return fmt.Errorf("bench: URL %q: only ws:// and wss:// are supported", s)
 	}
-	h := u.Hostname()
-	if h == "localhost" {
-		return nil
-	}
-	ip := net.ParseIP(h)
-	if ip == nil || !ip.IsLoopback() {
+	if !isLoopbackHost(u.Hostname()) {
 		return fmt.Errorf("bench: URL %q: the bench only targets loopback addresses (127.0.0.0/8, ::1)", s)
 	}
 	return nil
+}
+
+func isLoopbackHost(h string) bool {
+	if h == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(h)
+	return ip != nil && ip.IsLoopback()
 }
 
 // sourceAddrs returns n consecutive addresses from base, all in 127.0.0.0/8,

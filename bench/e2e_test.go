@@ -145,6 +145,9 @@ func TestRejectsNonLoopbackTargets(t *testing.T) {
 			t.Errorf("%s accepted", u)
 		}
 	}
+	if _, err := Run(context.Background(), Options{Scenario: "conns", AdminURL: "http://192.168.1.1:8001"}); err == nil {
+		t.Error("non-loopback admin URL accepted")
+	}
 	if _, err := sourceAddrs("10.0.0.1", 2); err == nil {
 		t.Error("source base outside 127.0.0.0/8 accepted")
 	}
