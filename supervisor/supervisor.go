@@ -137,9 +137,13 @@ func Run(ctx context.Context, cfg configs.Config, opts Options) error {
 		return err
 	}
 
+	// Warnings echoed to stderr are held back until the node is up: if it
+	// fails to start, the user reads one line (the error), not every
+	// child's complaint on the way down; the log has them all.
+	echo := &gatedWriter{dst: opts.Stderr}
 	sink, err := logfile.Open(logfile.Options{
 		Path: cfg.Log.File, MaxSize: int64(cfg.Log.Rotate.Size), Keep: cfg.Log.Rotate.Keep,
-		Echo: opts.Stderr, EchoLevel: logfile.LevelWarn,
+		Echo: echo, EchoLevel: logfile.LevelWarn,
 	})
 	if err != nil {
 		return fmt.Errorf("log.file %s: %w", cfg.Log.File, err)
@@ -203,12 +207,14 @@ func Run(ctx context.Context, cfg configs.Config, opts Options) error {
 		s.bg.Wait()
 		s.shutdown()
 		admin.close()
+		echo.discard()
 		if interrupted {
 			return nil // the user asked for it: a clean stop, not a failure
 		}
 		return err
 	}
 	s.printReady()
+	echo.open()
 
 	s.mu.Lock()
 	procs := append([]*proc(nil), s.procs...)
@@ -229,6 +235,46 @@ func Run(ctx context.Context, cfg configs.Config, opts Options) error {
 	admin.close()
 	s.log.Info("stopped", "uptime", time.Since(s.started).Round(time.Millisecond))
 	return nil
+}
+
+// gatedWriter holds writes back (up to a bound) until open passes them on,
+// or discard drops them.
+type gatedWriter struct {
+	mu      sync.Mutex
+	dst     io.Writer
+	opened  bool
+	dropped bool
+	held    []byte
+}
+
+const maxHeldEcho = 64 << 10
+
+func (g *gatedWriter) Write(p []byte) (int, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	switch {
+	case g.opened:
+		return g.dst.Write(p)
+	case g.dropped || len(g.held)+len(p) > maxHeldEcho:
+		return len(p), nil
+	}
+	g.held = append(g.held, p...)
+	return len(p), nil
+}
+
+func (g *gatedWriter) open() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if len(g.held) > 0 {
+		_, _ = g.dst.Write(g.held)
+	}
+	g.held, g.opened = nil, true
+}
+
+func (g *gatedWriter) discard() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.held, g.dropped = nil, true
 }
 
 func (s *Supervisor) goBG(f func()) {

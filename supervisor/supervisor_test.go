@@ -424,6 +424,9 @@ func TestStartErrorIsFatal(t *testing.T) {
 	if err == nil || err.Error() != "balancer-1: listen tcp 127.0.0.1:8000: bind: address already in use" {
 		t.Fatalf("want one clear line naming the process, got %q", err)
 	}
+	if e := n.stderr.String(); e != "" {
+		t.Errorf("a failed start must leave the error as the only thing to read; stderr had:\n%s", e)
+	}
 	// Whatever had started was stopped again.
 	for _, e := range n.logEntries(logfile.Filter{}) {
 		if e.Msg == "ready" && alive(e.Pid) {

@@ -189,16 +189,13 @@ type cluster struct {
 	exited  bool
 }
 
-func writeConfig(t *testing.T, public, admin string) string {
+func writeConfig(t *testing.T, public, admin, gossip string) string {
 	t.Helper()
 	dir := t.TempDir()
-	// Gossip on port 0: each broker binds an ephemeral port (a fixed one
-	// would be taken by consecutive ports per broker, which a parallel test
-	// run could collide with) and they find each other through the topology.
 	cfg := fmt.Sprintf(`cluster:
   workers: 2
   brokers: 2
-  gossip: 127.0.0.1:0
+  gossip: %s
   restart: {backoff_min: 100ms, backoff_max: 1s}
 listen:
   public: %s
@@ -207,7 +204,7 @@ storage:
   dir: %s
 log:
   level: info
-`, public, admin, filepath.Join(dir, "data"))
+`, gossip, public, admin, filepath.Join(dir, "data"))
 	path := filepath.Join(dir, "shoal.yaml")
 	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
@@ -218,7 +215,10 @@ log:
 func startCluster(t *testing.T) *cluster {
 	t.Helper()
 	c := &cluster{t: t, public: freePort(t), admin: freePort(t), stdout: &syncBuffer{}, stderr: &syncBuffer{}, waited: make(chan error, 1)}
-	c.cfgPath = writeConfig(t, c.public, c.admin)
+	// Gossip on port 0: each broker binds an ephemeral port (a fixed one
+	// would be taken by consecutive ports per broker, which a parallel test
+	// run could collide with) and they find each other through the topology.
+	c.cfgPath = writeConfig(t, c.public, c.admin, "127.0.0.1:0")
 	c.cmd = exec.Command(shoalBin, "run", "-c", c.cfgPath)
 	c.cmd.Stdout, c.cmd.Stderr = c.stdout, c.stderr
 	if err := c.cmd.Start(); err != nil {
@@ -683,12 +683,18 @@ func TestBadInputIsOneLine(t *testing.T) {
 	defer busy.Close()
 	addr := busy.Addr().String()
 	t.Run("admin port in use", func(t *testing.T) {
-		stderr, code := run(t, "run", "-c", writeConfig(t, freePort(t), addr))
+		stderr, code := run(t, "run", "-c", writeConfig(t, freePort(t), addr, "127.0.0.1:0"))
 		oneLine(t, stderr, code, "listen.admin", addr, "address already in use")
 	})
 	t.Run("public port in use", func(t *testing.T) {
-		stderr, code := run(t, "run", "-c", writeConfig(t, addr, freePort(t)))
+		stderr, code := run(t, "run", "-c", writeConfig(t, addr, freePort(t), "127.0.0.1:0"))
 		oneLine(t, stderr, code, "listen.public", addr, "address already in use")
+	})
+	t.Run("gossip port in use", func(t *testing.T) {
+		// A child's Start fails (broker-1 cannot bind its gossip port): the
+		// node does not start, and the user reads that one error.
+		stderr, code := run(t, "run", "-c", writeConfig(t, freePort(t), freePort(t), addr))
+		oneLine(t, stderr, code, "broker-1", addr, "address already in use")
 	})
 	t.Run("status without a cluster", func(t *testing.T) {
 		stderr, code := run(t, "status", "--admin", freePort(t)) // nobody listens there
