@@ -103,12 +103,10 @@ func (s *Sender) Send(f *os.File, prebuf []byte) error {
 // dup(2) that TCPConn.File makes, so the balancer can hand a connection over
 // and close it with one syscall less. Like Send, it does not close c.
 func (s *Sender) SendConn(c syscall.Conn, prebuf []byte) error {
-	if len(prebuf) > MaxPrebuf {
-		return fmt.Errorf("handoff: send %d bytes to %s: %w", len(prebuf), s.path, ErrPrebufTooLarge)
+	msg, err := s.frame(prebuf)
+	if err != nil {
+		return err
 	}
-	msg := make([]byte, 1+len(prebuf))
-	msg[0] = version
-	copy(msg[1:], prebuf)
 
 	// SyscallConn (unlike File.Fd) leaves the descriptor's blocking mode
 	// alone and keeps it open for the duration of the call.
@@ -124,6 +122,31 @@ func (s *Sender) SendConn(c syscall.Conn, prebuf []byte) error {
 		return fmt.Errorf("handoff: send to %s: %w", s.path, ctlErr)
 	}
 	return sendErr
+}
+
+// SendFD is Send for a raw descriptor the caller owns (and still closes):
+// the balancer's accept loop takes connections with accept4(2) and never
+// wraps them in a net.Conn.
+func (s *Sender) SendFD(fd int, prebuf []byte) error {
+	if fd < 0 {
+		return fmt.Errorf("handoff: send to %s: bad fd %d", s.path, fd)
+	}
+	msg, err := s.frame(prebuf)
+	if err != nil {
+		return err
+	}
+	return s.sendFD(fd, msg)
+}
+
+// frame builds one message: the version byte, then prebuf.
+func (s *Sender) frame(prebuf []byte) ([]byte, error) {
+	if len(prebuf) > MaxPrebuf {
+		return nil, fmt.Errorf("handoff: send %d bytes to %s: %w", len(prebuf), s.path, ErrPrebufTooLarge)
+	}
+	msg := make([]byte, 1+len(prebuf))
+	msg[0] = version
+	copy(msg[1:], prebuf)
+	return msg, nil
 }
 
 func (s *Sender) sendFD(fd int, msg []byte) error {

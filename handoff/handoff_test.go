@@ -481,3 +481,30 @@ func TestListenStaleAndLive(t *testing.T) {
 		t.Fatal("Dial to a removed socket succeeded")
 	}
 }
+
+func TestSendFD(t *testing.T) {
+	l, s := newPair(t)
+	client, server := tcpPair(t)
+	defer client.Close()
+	defer server.Close()
+	f, err := server.File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := s.SendFD(-1, nil); err == nil {
+		t.Fatal("SendFD(-1) succeeded")
+	}
+	if err := s.SendFD(int(f.Fd()), []byte("pre")); err != nil {
+		t.Fatal(err)
+	}
+	fd, pre, err := l.Accept()
+	if err != nil || string(pre) != "pre" {
+		t.Fatalf("%q, %v", pre, err)
+	}
+	wc := connFromFD(t, fd)
+	defer wc.Close()
+	if got, want := wc.RemoteAddr().String(), client.LocalAddr().String(); got != want {
+		t.Errorf("remote %s, want %s", got, want)
+	}
+}
