@@ -605,7 +605,7 @@ func (s *Supervisor) statsLoop(ctx context.Context) {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				cctx, cancel := context.WithTimeout(ctx, min(rpcTimeout, every))
+				cctx, cancel := context.WithTimeout(ctx, statsTimeout(every))
 				defer cancel()
 				st, err := tg.inst.child.Stats(cctx)
 				if err != nil {
@@ -651,9 +651,16 @@ func (s *Supervisor) statsLoop(ctx context.Context) {
 	}
 }
 
-// hungPolls failed Stats polls in a row (statsInterval apart, each with a
-// timeout of at most statsInterval) mark a child as hung.
-const hungPolls = 3
+// hungPolls failed Stats polls in a row mark a child as hung: with the
+// default interval that is ten seconds or more without an answer, far beyond
+// what a busy but healthy child needs (killing it drops its connections).
+const hungPolls = 5
+
+// statsTimeout bounds one Stats call: rpcTimeout, or the poll interval when
+// a test makes that shorter.
+func statsTimeout(every time.Duration) time.Duration {
+	return min(rpcTimeout, max(every, 100*time.Millisecond))
+}
 
 // statsInterval is how often children's Stats are polled (a variable so
 // that a test can shorten it).
