@@ -89,6 +89,9 @@ func TestUpgradeRejections(t *testing.T) {
 		{"plain GET without handler", "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", "HTTP/1.1 404 Not Found"},
 		{"missing key", "GET /socketcluster/ HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n", "HTTP/1.1 400 Bad Request"},
 		{"garbage", "\x00\x01\x02 nonsense\r\n\r\n", "HTTP/1.1 400 Bad Request"},
+		{"lower-case headers", "GET /socketcluster/ HTTP/1.1\r\nhost: x\r\nupgrade: WebSocket\r\nconnection: keep-alive, Upgrade\r\n" +
+			"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n", "HTTP/1.1 101 Switching Protocols"},
+		{"head too long", "GET /socketcluster/ HTTP/1.1\r\nX-Pad: " + strings.Repeat("p", 9000) + "\r\n\r\n", "HTTP/1.1 431 Request Header Fields Too Large"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if got := rawRequest(t, ts.addr, tc.req); got != tc.want {
@@ -806,5 +809,67 @@ func TestCloseRaces(t *testing.T) {
 	}
 	if srv.Len() != 0 || srv.owned.Load() != 0 {
 		t.Fatalf("Len %d, owned %d", srv.Len(), srv.owned.Load())
+	}
+}
+
+// TestIdleConnHoldsNoBuffers checks the memory promise: once a frame that
+// arrived in pieces, a fragmented message and a burst of writes are done,
+// the connection keeps no stash, no reassembly buffer, no send queue and no
+// timer.
+func TestIdleConnHoldsNoBuffers(t *testing.T) {
+	h := &recorder{echo: true}
+	ts := startServer(t, Config{Handler: h})
+	c := ts.dial(t)
+	var buf bytes.Buffer
+	_ = ws.WriteFrame(&buf, ws.MaskFrame(ws.NewFrame(ws.OpText, false, bytes.Repeat([]byte("a"), 1000))))
+	_ = ws.WriteFrame(&buf, ws.MaskFrame(ws.NewFrame(ws.OpContinuation, true, bytes.Repeat([]byte("b"), 100000))))
+	raw := buf.Bytes()
+	// Split mid-header and mid-payload, with pauses, so partial frames are
+	// stashed between reads.
+	want := ts.Stats().BytesIn
+	for _, part := range [][]byte{raw[:1], raw[1:500], raw[500:1100], raw[1100:50000], raw[50000:]} {
+		if _, err := c.Write(part); err != nil {
+			t.Fatal(err)
+		}
+		want += uint64(len(part))
+		waitFor(t, 5*time.Second, "part read", func() bool { return ts.Stats().BytesIn >= want })
+	}
+	if got := c.read(t); len(got) != 101000 {
+		t.Fatalf("echo %d bytes", len(got))
+	}
+	sc := h.conn(0)
+	for range 50 {
+		_ = sc.WriteText([]byte("burst"))
+	}
+	for range 50 {
+		c.read(t)
+	}
+	waitFor(t, 5*time.Second, "conn idle with nothing held", func() bool {
+		sc.mu.Lock()
+		defer sc.mu.Unlock()
+		return sc.q == nil && !sc.flushing && !sc.reading && sc.timer == nil
+	})
+	// The input state belongs to the read task; none is running now.
+	sc.mu.Lock()
+	defer sc.mu.Unlock()
+	if sc.stash != nil || sc.frag != nil || sc.need != 0 {
+		t.Fatalf("idle conn holds stash %d bytes, frag %d bytes", cap(sc.stash), cap(sc.frag))
+	}
+}
+
+func TestOversizedFrameIntoEmptyQueue(t *testing.T) {
+	h := &recorder{}
+	ts := startServer(t, Config{Handler: h, SendQueueBytes: 1000, SendQueueMsgs: 2})
+	c := ts.dial(t)
+	waitFor(t, 5*time.Second, "OnOpen", func() bool { return h.openCount() == 1 })
+	sc := h.conn(0)
+	// The 101 may still be queued; wait until the queue is empty.
+	waitFor(t, 5*time.Second, "queue empty", func() bool { sc.mu.Lock(); defer sc.mu.Unlock(); return sc.q == nil })
+	big := AppendTextFrame(nil, bytes.Repeat([]byte("x"), 5000))
+	if err := sc.WriteFrame(big); err != nil {
+		t.Fatalf("a frame over SendQueueBytes into an empty queue: %v", err)
+	}
+	if got := c.read(t); len(got) != 5000 {
+		t.Fatal(len(got))
 	}
 }
