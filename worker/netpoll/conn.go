@@ -136,12 +136,19 @@ func (c *Conn) WriteText(payload []byte) error {
 // Close sends a close frame with code and reason after the data already
 // queued, then shuts the connection down; OnClose reports code. The whole
 // sequence is bounded by WriteTimeout. Closing a closed conn does nothing.
+// A code that must not appear on the wire is not sent: 1006 cuts the
+// connection without a close frame, others (0, 1005, 1015, out of range)
+// send a close frame without a status.
 func (c *Conn) Close(code ws.StatusCode, reason string) {
 	c.mu.Lock()
-	switch c.phase {
-	case phaseOpen:
+	switch {
+	case c.phase == phaseOpen && code == ws.StatusAbnormalClosure:
+		c.abortLocked(code, reason)
+	case c.phase == phaseOpen && !validCloseCode(code):
+		c.beginCloseLocked(code, reason, closeFrame(0, ""))
+	case c.phase == phaseOpen:
 		c.beginCloseLocked(code, reason, closeFrame(code, reason))
-	case phaseHandshake:
+	case c.phase == phaseHandshake:
 		c.abortLocked(ws.StatusAbnormalClosure, reason)
 	}
 	c.unlockAndRun()

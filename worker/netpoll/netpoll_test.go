@@ -873,3 +873,28 @@ func TestOversizedFrameIntoEmptyQueue(t *testing.T) {
 		t.Fatal(len(got))
 	}
 }
+
+func TestCloseWithReservedCodes(t *testing.T) {
+	h := &recorder{}
+	ts := startServer(t, Config{Handler: h})
+	for _, tc := range []struct {
+		code  ws.StatusCode
+		frame bool // a close frame is sent
+	}{{ws.StatusAbnormalClosure, false}, {ws.StatusNoStatusRcvd, true}, {0, true}} {
+		c := ts.dial(t)
+		waitFor(t, 5*time.Second, "OnOpen", func() bool { return ts.Len() == 1 })
+		sc := h.conn(h.openCount() - 1)
+		sc.Close(tc.code, "x")
+		_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		f, err := ws.ReadFrame(c.rw)
+		switch {
+		case tc.frame && (err != nil || f.Header.OpCode != ws.OpClose || len(f.Payload) != 0):
+			t.Fatalf("code %d: want an empty close frame, got %+v %v", tc.code, f.Header, err)
+		case !tc.frame && err == nil:
+			t.Fatalf("code %d: want no frame, got %+v", tc.code, f.Header)
+		}
+		_ = c.Close()
+		waitFor(t, 5*time.Second, "OnClose", func() bool { e, ok := h.closeOf(sc.ID()); return ok && e.code == tc.code })
+		waitFor(t, 5*time.Second, "released", func() bool { return ts.Len() == 0 })
+	}
+}

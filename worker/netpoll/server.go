@@ -11,11 +11,15 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 
 	"github.com/gobwas/ws"
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
 )
+
+// httpIdleTimeout closes keep-alive HTTP connections idle this long.
+const httpIdleTimeout = 30 * time.Second
 
 // Server serves WebSocket connections from sockets handed to Serve, with one
 // epoll poller goroutine and a fixed pool of goroutines for reads, flushes
@@ -142,8 +146,11 @@ func New(cfg Config) (*Server, error) {
 		s.httpSrv = &http.Server{
 			Handler:           cfg.HTTP,
 			ReadHeaderTimeout: cfg.HandshakeReadTimeout,
-			MaxHeaderBytes:    cfg.MaxHeaderBytes,
-			ErrorLog:          log.New(s.log.StandardWriter(&hclog.StandardLoggerOptions{InferLevels: true}), "", 0),
+			// Keep-alive HTTP conns hold a goroutine each: do not keep
+			// idle ones for ever.
+			IdleTimeout:    httpIdleTimeout,
+			MaxHeaderBytes: cfg.MaxHeaderBytes,
+			ErrorLog:       log.New(s.log.StandardWriter(&hclog.StandardLoggerOptions{InferLevels: true}), "", 0),
 		}
 		s.httpDone = make(chan struct{})
 		go func() {
