@@ -313,3 +313,10 @@ func (s *Session) dropQueued() {
 	s.backlogged.Store(false)
 	s.blMu.Unlock()
 }
+
+// isClosed reports whether the session ended (or is ending).
+func (s *Session) isClosed() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.state >= stateClosing
+}

@@ -3,6 +3,7 @@ package worker
 import (
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/shoalhq/shoal/configs"
 	"github.com/shoalhq/shoal/middleware"
@@ -27,7 +28,8 @@ import (
 //
 // While a socket has a backlog every new publish for it joins the backlog
 // (so order is kept); the backlog is retried on each new publish for the
-// socket and on every heartbeat tick. Responses and other private frames
+// socket, by a goroutine that lives only while the socket is backed up
+// (pumpBacklog), and on every heartbeat tick. Responses and other private frames
 // never wait in the backlog: a full queue for those closes the socket (4100).
 
 // maxBacklog bounds the publishes held per socket. Frames are shared with the
@@ -139,8 +141,43 @@ func (e *Engine) overflow(s *Session, channel string, frame []byte, pol slowPoli
 		e.stats.slowDropped.Add(1)
 	}
 	s.backlog = append(s.backlog, heldPublish{channel: channel, frame: frame})
-	s.backlogged.Store(true)
+	if !s.backlogged.Swap(true) {
+		go s.pumpBacklog()
+	}
 	return true
+}
+
+// pumpBacklog retries a socket's backlog until it is empty, the session
+// closes or the engine stops. netpoll has no "queue drained" callback, so
+// this polls: 1 ms after progress, backing off to 50 ms while the client
+// reads nothing. It exists only while the socket is backed up, so idle and
+// healthy sockets still cost no goroutine.
+func (s *Session) pumpBacklog() {
+	const minWait, maxWait = time.Millisecond, 50 * time.Millisecond
+	wait := minWait
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.e.stop:
+			return
+		case <-t.C:
+		}
+		s.blMu.Lock()
+		before := len(s.backlog)
+		empty := s.flushBacklogLocked()
+		progress := len(s.backlog) < before
+		s.blMu.Unlock()
+		if empty || s.isClosed() {
+			return
+		}
+		if progress {
+			wait = minWait
+		} else {
+			wait = min(wait*2, maxWait)
+		}
+		t.Reset(wait)
+	}
 }
 
 // flushBacklogLocked hands held publishes to netpoll until its queue is full

@@ -19,6 +19,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"reflect"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -34,6 +35,7 @@ import (
 	"github.com/shoalhq/shoal/configs"
 	"github.com/shoalhq/shoal/handoff"
 	"github.com/shoalhq/shoal/internal/procstat"
+	"github.com/shoalhq/shoal/middleware"
 	"github.com/shoalhq/shoal/proto/control"
 	"github.com/shoalhq/shoal/proxyproto"
 	"github.com/shoalhq/shoal/worker/netpoll"
@@ -71,7 +73,10 @@ type Child struct {
 	badProxy atomic.Int64   // proxied streams refused (no/bad header)
 }
 
-var _ control.Child = (*Child)(nil)
+var (
+	_ control.Child    = (*Child)(nil)
+	_ control.Reloader = (*Child)(nil)
+)
 
 // New returns the worker role, ready to be served by control.Serve.
 func New(log hclog.Logger) *Child {
@@ -126,6 +131,11 @@ func (c *Child) Start(ctx context.Context, p control.StartParams) (control.Start
 		log.Warn("auth: no key configured, every client token will be refused", "reason", keys.Missing())
 	}
 
+	chain, err := middleware.CompileWith(cfg, middleware.Options{Logger: log.Named("middleware")})
+	if err != nil {
+		return control.StartResult{}, fmt.Errorf("worker %s: compiling middleware: %w", p.Name, err)
+	}
+
 	var eng *Engine
 	var bc *brokerclient.Client
 	bc = brokerclient.New(brokerclient.Options{
@@ -141,6 +151,8 @@ func (c *Child) Start(ctx context.Context, p control.StartParams) (control.Start
 		Name:         p.Name,
 		Protocol:     cfg.Protocol,
 		Keys:         keys,
+		Middleware:   chain,
+		Channels:     cfg.Channels,
 		Broker:       bc,
 		Frame:        netpoll.AppendTextFrame,
 		ErrQueueFull: netpoll.ErrQueueFull,
@@ -444,9 +456,57 @@ func (c *Child) teardownLocked(ctx context.Context) error {
 	}
 	if c.eng != nil {
 		c.eng.Close()
+		// Hook calls still under way answer sockets that are gone now.
+		chain := c.eng.Chain()
+		chain.Wait()
+		chain.CloseIdleConnections()
 	}
 	if c.bc != nil {
 		c.bc.Close()
 	}
 	return err
+}
+
+// Reload applies a new config without dropping connections: the middleware
+// chain is recompiled with the old one as Previous (connection counts and
+// unchanged rate buckets carry over) and swapped, the auth keys are reloaded
+// and the per-channel slow-consumer policies replaced. A config that does
+// not compile or whose keys do not load changes nothing and is returned as
+// the error. Settings fixed at Start (listen addresses, protocol timers,
+// send-queue sizes, pool sizes) keep their old values; the change is logged.
+func (c *Child) Reload(ctx context.Context, config []byte) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.started || c.stopped {
+		return errors.New("worker: Reload before Start or after Stop")
+	}
+	cfg := configs.Default()
+	if len(config) > 0 {
+		if err := json.Unmarshal(config, &cfg); err != nil {
+			return fmt.Errorf("worker %s: reload: decoding config: %w", c.name, err)
+		}
+	}
+	keys, err := auth.New(cfg.Auth.JWT, os.Getenv)
+	if err != nil {
+		return fmt.Errorf("worker %s: reload: loading auth keys: %w", c.name, err)
+	}
+	old := c.eng.Chain()
+	chain, err := middleware.CompileWith(cfg, middleware.Options{Logger: c.log.Named("middleware"), Previous: old})
+	if err != nil {
+		return fmt.Errorf("worker %s: reload: compiling middleware: %w", c.name, err)
+	}
+	// Validate the channel policies before swapping anything.
+	probe := &Engine{}
+	if err := probe.SetChannels(cfg.Channels); err != nil {
+		return fmt.Errorf("worker %s: reload: %w", c.name, err)
+	}
+	if !reflect.DeepEqual(cfg.Protocol, c.cfg.Protocol) || !reflect.DeepEqual(cfg.Listen, c.cfg.Listen) || !reflect.DeepEqual(cfg.Worker, c.cfg.Worker) {
+		c.log.Warn("reload: listen, protocol and worker settings apply at the next restart only")
+	}
+	c.eng.SetChain(chain)
+	c.eng.SetKeys(keys)
+	_ = c.eng.SetChannels(cfg.Channels)
+	c.cfg.Middleware, c.cfg.Auth, c.cfg.Channels = cfg.Middleware, cfg.Auth, cfg.Channels
+	c.log.Info("config reloaded", "middleware_rules", len(chain.Stats()), "auth", keys.Enabled())
+	return nil
 }

@@ -1,0 +1,494 @@
+package worker
+
+import (
+	"context"
+	"encoding/json"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/gobwas/ws/wsutil"
+	"github.com/golang-jwt/jwt/v5"
+
+	"github.com/shoalhq/shoal/configs"
+	"github.com/shoalhq/shoal/middleware"
+	"github.com/shoalhq/shoal/proto/control"
+	"github.com/shoalhq/shoal/worker/netpoll"
+)
+
+// newMWEnv is newWSEnv with a config's middleware and channel policies
+// (yaml, with %URL% replaced by url).
+func newMWEnv(t *testing.T, yaml, url string, mod func(*configs.Protocol)) *wsEnv {
+	t.Helper()
+	cfg, err := configs.Load([]byte(strings.ReplaceAll(yaml, "%URL%", url)), "test.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	chain, err := middleware.Compile(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	env := newEnvWith(t, mod, netpoll.AppendTextFrame, netpoll.ErrQueueFull)
+	env.e.SetChain(chain)
+	if err := env.e.SetChannels(cfg.Channels); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { chain.Wait(); chain.CloseIdleConnections() })
+	return serveWS(t, env)
+}
+
+// serveWS puts env's engine behind a real netpoll server on 127.0.0.1.
+func serveWS(t *testing.T, env *testEnv) *wsEnv {
+	t.Helper()
+	srv, err := netpoll.New(netpoll.Config{Handler: wsHandler{env.e}, MaxPayload: 1 << 20,
+		SendQueueBytes: 256 << 10, SendQueueMsgs: 64})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			fd, err := dupFD(conn.(*net.TCPConn))
+			conn.Close()
+			if err != nil {
+				t.Errorf("dup: %v", err)
+				return
+			}
+			if err := srv.Serve(fd, nil, nil); err != nil {
+				t.Errorf("serve: %v", err)
+			}
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		wg.Wait()
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := srv.Shutdown(ctx, 1001, "test over"); err != nil {
+			t.Errorf("shutdown: %v", err)
+		}
+	})
+	return &wsEnv{testEnv: env, srv: srv, addr: ln.Addr().String()}
+}
+
+// hookRequest is what a backend hook receives (docs/middleware.md).
+type hookRequest struct {
+	Action  string          `json:"action"`
+	Client  string          `json:"client"`
+	User    string          `json:"user"`
+	Channel string          `json:"channel"`
+	Method  string          `json:"method"`
+	Data    json.RawMessage `json:"data"`
+}
+
+// backend is an httptest server answering hook calls with reply.
+func backend(t *testing.T, reply func(r hookRequest) string) *httptest.Server {
+	t.Helper()
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		var r hookRequest
+		body, _ := io.ReadAll(req.Body)
+		if err := json.Unmarshal(body, &r); err != nil {
+			t.Errorf("hook body %s: %v", body, err)
+		}
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = io.WriteString(w, reply(r))
+	}))
+	t.Cleanup(srv.Close)
+	return srv
+}
+
+func (c *wsClient) expect(want string) {
+	c.t.Helper()
+	if r := c.recvData(); r != want {
+		c.t.Fatalf("got %s\nwant %s", r, want)
+	}
+}
+
+func TestMWSubscribeAndPublishDenied(t *testing.T) {
+	env := newMWEnv(t, `
+middleware:
+  inbound:
+    - channels:
+        - match: "private/**"
+          subscribe: {require: authenticated}
+          error: {name: AuthError, message: "Cannot subscribe to {channel} without authentication"}
+        - match: "readonly/**"
+          publish: deny
+          error: {name: InvalidActionError, message: "Clients cannot publish to {channel}"}
+`, "", nil)
+	c := dialWS(t, env.addr)
+	c.handshake("")
+	c.send(`{"event":"#subscribe","data":{"channel":"private/x"},"cid":2}`)
+	c.expect(`{"rid":2,"error":{"message":"Cannot subscribe to private/x without authentication","name":"AuthError"}}`)
+	c.send(`{"event":"#subscribe","data":{"channel":"readonly/news"},"cid":3}`)
+	c.expect(`{"rid":3}`)
+	c.send(`{"event":"#publish","data":{"channel":"readonly/news","data":1},"cid":4}`)
+	c.expect(`{"rid":4,"error":{"message":"Clients cannot publish to readonly/news","name":"InvalidActionError"}}`)
+	// A transmit publish that is denied gets nothing; the next invoke shows
+	// nothing was delivered in between.
+	c.send(`{"event":"#publish","data":{"channel":"readonly/news","data":2}}`)
+	c.send(`{"event":"#publish","data":{"channel":"open","data":3},"cid":5}`)
+	c.expect(`{"rid":5}`)
+
+	// Authenticated, private/ is fine.
+	a := dialWS(t, env.addr)
+	a.handshake(env.token(jwt.MapClaims{"sub": "alice", "exp": time.Now().Add(time.Hour).Unix()}))
+	a.send(`{"event":"#subscribe","data":{"channel":"private/x"},"cid":2}`)
+	a.expect(`{"rid":2}`)
+	if n := env.e.Stats().Counters["middleware.inbound[0].channels.denied"]; n != 3 {
+		t.Fatalf("denied count %d, want 3 (%v)", n, env.e.Stats().Counters)
+	}
+}
+
+func TestMWRPCBackend(t *testing.T) {
+	release := make(chan struct{})
+	be := backend(t, func(r hookRequest) string {
+		if r.Action != "rpc" {
+			t.Errorf("action %q", r.Action)
+		}
+		switch r.Method {
+		case "user.get":
+			return `{"result":{"data":{"user":` + string(r.Data) + `,"by":"` + r.User + `"}}}`
+		case "user.slow":
+			<-release
+			return `{"result":{"data":"slow"}}`
+		case "user.secret":
+			return `{"error":{"name":"NotAllowedError","message":"no secrets"}}`
+		}
+		return `{}`
+	})
+	env := newMWEnv(t, `
+middleware:
+  inbound:
+    - rpc: {url: "%URL%", timeout: 5s, procedures: ["user.*"]}
+`, be.URL, nil)
+	c := dialWS(t, env.addr)
+	c.handshake(env.token(jwt.MapClaims{"sub": "alice", "exp": time.Now().Add(time.Hour).Unix()}))
+	c.send(`{"event":"user.get","data":5,"cid":2}`)
+	c.expect(`{"rid":2,"data":{"user":5,"by":"alice"}}`)
+	c.send(`{"event":"user.secret","data":null,"cid":3}`)
+	c.expect(`{"rid":3,"error":{"message":"no secrets","name":"NotAllowedError"}}`)
+	// Not an rpc procedure: no handler, as without middleware.
+	c.send(`{"event":"other","cid":4}`)
+	c.expect(`{"rid":4,"error":{"message":"No handler for procedure other","name":"UnknownProcedureError"}}`)
+
+	// Order: actions behind a pending decision wait for it.
+	c.send(`[{"event":"user.slow","cid":5},{"event":"#subscribe","data":{"channel":"room"},"cid":6},{"event":"other","cid":7}]`)
+	waitFor(t, 2*time.Second, "the slow call to be pending", func() bool { return env.e.Stats().Counters["middleware_pending"] >= 3 })
+	close(release)
+	c.expect(`{"rid":5,"data":"slow"}`)
+	c.expect(`{"rid":6}`)
+	c.expect(`{"rid":7,"error":{"message":"No handler for procedure other","name":"UnknownProcedureError"}}`)
+}
+
+func TestMWBacklogFloodCloses(t *testing.T) {
+	release := make(chan struct{})
+	be := backend(t, func(r hookRequest) string { <-release; return `{}` })
+	env := newMWEnv(t, `
+middleware:
+  inbound:
+    - hook: {url: "%URL%", timeout: 5s, actions: [subscribe]}
+`, be.URL, nil)
+	defer close(release)
+	c := dialWS(t, env.addr)
+	c.handshake("")
+	c.send(`{"event":"#subscribe","data":{"channel":"a"},"cid":2}`)
+	var b strings.Builder
+	b.WriteByte('[')
+	for i := range maxQueuedActions + 1 {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		b.WriteString(`{"event":"x"}`)
+	}
+	b.WriteByte(']')
+	c.send(b.String())
+	c.expectClose(CodeMiddlewareBacklog)
+}
+
+func TestMWHandshakeSCDenied(t *testing.T) {
+	be := backend(t, func(r hookRequest) string {
+		if r.Action != "connect" {
+			t.Errorf("action %q", r.Action)
+		}
+		if r.User == "mallory" {
+			return `{"error":{"name":"BannedError","message":"go away","code":4500}}`
+		}
+		return `{}`
+	})
+	env := newMWEnv(t, `
+middleware:
+  handshake:
+    - hook: {url: "%URL%", timeout: 2s}
+`, be.URL, nil)
+	exp := time.Now().Add(time.Hour).Unix()
+	ok := dialWS(t, env.addr)
+	ok.handshake(env.token(jwt.MapClaims{"sub": "alice", "exp": exp}))
+
+	c := dialWS(t, env.addr)
+	c.send(`{"event":"#handshake","data":{"authToken":"` + env.token(jwt.MapClaims{"sub": "mallory", "exp": exp}) + `"},"cid":1}`)
+	c.expect(`{"rid":1,"error":{"message":"go away","name":"BannedError","statusCode":4500}}`)
+	c.expectClose(4500)
+}
+
+func TestMWHandshakeWSCheck(t *testing.T) {
+	be := backend(t, func(r hookRequest) string {
+		if r.Action != "handshake_ws" {
+			t.Errorf("action %q", r.Action)
+		}
+		return `{"error":{"message":"not today","status":401}}`
+	})
+	env := newMWEnv(t, `
+middleware:
+  handshake:
+    - cidr: {deny: ["203.0.113.0/24"], error: {status: 401}}
+    - origins: ["https://app.example.com"]
+    - hook: {url: "%URL%", timeout: 2s, actions: [handshakeWS]}
+`, be.URL, nil)
+	bad := &net.TCPAddr{IP: net.ParseIP("203.0.113.9"), Port: 1}
+	if st, reason := env.e.CheckUpgrade(bad, "", nil, "/socketcluster/", time.Second); st != 401 || !strings.Contains(reason, "203.0.113.9") {
+		t.Fatalf("cidr: %d %q", st, reason)
+	}
+	good := &net.TCPAddr{IP: net.ParseIP("127.0.0.1"), Port: 1}
+	if st, _ := env.e.CheckUpgrade(good, "https://evil.example", nil, "/socketcluster/", time.Second); st != 403 {
+		t.Fatalf("origin: %d", st)
+	}
+	if st, reason := env.e.CheckUpgrade(good, "https://app.example.com", nil, "/socketcluster/?a=1", time.Second); st != 401 || reason != "not today" {
+		t.Fatalf("hook: %d %q", st, reason)
+	}
+}
+
+func TestMWPublishOutFilteredForOneSocket(t *testing.T) {
+	be := backend(t, func(r hookRequest) string {
+		if r.Action != "publish_out" {
+			t.Errorf("action %q", r.Action)
+		}
+		if r.User == "bob" {
+			return `{"error":{"message":"not for bob"}}`
+		}
+		return `{}`
+	})
+	env := newMWEnv(t, `
+middleware:
+  outbound:
+    - hook: {url: "%URL%", timeout: 2s, channels: ["secret/*"]}
+`, be.URL, nil)
+	exp := time.Now().Add(time.Hour).Unix()
+	alice, bob := dialWS(t, env.addr), dialWS(t, env.addr)
+	alice.handshake(env.token(jwt.MapClaims{"sub": "alice", "exp": exp}))
+	bob.handshake(env.token(jwt.MapClaims{"sub": "bob", "exp": exp}))
+	for _, c := range []*wsClient{alice, bob} {
+		c.send(`[{"event":"#subscribe","data":{"channel":"secret/1"},"cid":2},{"event":"#subscribe","data":{"channel":"open"},"cid":3}]`)
+		c.expect(`{"rid":2}`)
+		c.expect(`{"rid":3}`)
+	}
+	env.e.Deliver("secret/1", []byte(`"s"`), 1)
+	alice.expect(`{"event":"#publish","data":{"channel":"secret/1","data":"s"}}`)
+	waitFor(t, 2*time.Second, "bob's publishOut denied", func() bool { return env.e.Stats().Counters["middleware_denied"] == 1 })
+	// Channels the hook does not cover take the frame-once path for both.
+	env.e.Deliver("open", []byte(`"o"`), 2)
+	alice.expect(`{"event":"#publish","data":{"channel":"open","data":"o"}}`)
+	bob.expect(`{"event":"#publish","data":{"channel":"open","data":"o"}}`)
+}
+
+// TestMWRateFloodKeepsCalmSocketFast: a socket flooding publishes is
+// throttled by a per-socket rate while a calm socket on the same worker keeps
+// answering quickly.
+func TestMWRateFloodKeepsCalmSocketFast(t *testing.T) {
+	env := newMWEnv(t, `
+middleware:
+  inbound:
+    - rate: {per_socket: 50/s, burst: 50, actions: [publishIn]}
+`, "", nil)
+	flood, calm := dialWS(t, env.addr), dialWS(t, env.addr)
+	flood.handshake("")
+	calm.handshake("")
+	const n = 2000
+	// Transmit publishes: a denied one gets no answer, so the flooder's
+	// own receive queue is not what is being measured.
+	flooded := make(chan error, 1)
+	go func() {
+		frame := []byte(`{"event":"#publish","data":{"channel":"flood","data":1}}`)
+		for range n {
+			if err := wsutil.WriteClientText(flood.c, frame); err != nil {
+				flooded <- err
+				return
+			}
+		}
+		flooded <- nil
+	}()
+	var worst time.Duration
+	for i := range 20 {
+		start := time.Now()
+		calm.send(`{"event":"#publish","data":{"channel":"calm","data":1},"cid":` + itoa(i+2) + `}`)
+		calm.expect(`{"rid":` + itoa(i+2) + `}`)
+		worst = max(worst, time.Since(start))
+	}
+	if err := <-flooded; err != nil {
+		t.Fatalf("flooding socket: %v", err)
+	}
+	denied := func() int64 { return env.e.Stats().Counters["middleware.inbound[0].rate.denied"] }
+	waitFor(t, 10*time.Second, "the flood to be processed", func() bool {
+		return denied()+env.e.Stats().Counters["middleware.inbound[0].rate.allowed"] >= n+20
+	})
+	if d := denied(); d < n/2 {
+		t.Fatalf("only %d of %d flood publishes were limited", d, n)
+	}
+	if worst > 500*time.Millisecond {
+		t.Fatalf("calm socket's worst publish round trip %v", worst)
+	}
+	t.Logf("calm worst round trip %v; %d of %d flood publishes limited", worst, denied(), n)
+}
+
+func itoa(i int) string { return strconv.Itoa(i) }
+
+// slowSetup subscribes a reading and a non-reading socket to channel.
+func slowSetup(t *testing.T, env *wsEnv, channel string) (slow, fast *wsClient) {
+	slow, fast = dialWS(t, env.addr), dialWS(t, env.addr)
+	for _, c := range []*wsClient{slow, fast} {
+		c.handshake("")
+		c.send(`{"event":"#subscribe","data":{"channel":"` + channel + `"},"cid":2}`)
+		c.expect(`{"rid":2}`)
+	}
+	return slow, fast
+}
+
+// floodUntil delivers numbered 64 KiB messages to channel, paced on fast,
+// until cond holds; it returns how many were sent.
+func floodUntil(t *testing.T, env *wsEnv, fast *wsClient, channel string, cond func() bool) int {
+	t.Helper()
+	pad := strings.Repeat("x", 64<<10)
+	sent := 0
+	for ; sent < 3000 && !cond(); sent++ {
+		env.e.Deliver(channel, []byte(`{"n":`+itoa(sent)+`,"pad":"`+pad+`"}`), uint64(sent))
+		if _, err := fast.recvWithin(10 * time.Second); err != nil {
+			t.Fatalf("fast subscriber: %v", err)
+		}
+	}
+	if !cond() {
+		t.Fatalf("condition not reached after %d messages", sent)
+	}
+	return sent
+}
+
+// drainNumbers reads slow's publishes until it sees message last, and
+// returns the message numbers it got.
+func drainNumbers(t *testing.T, c *wsClient, last int) []int {
+	t.Helper()
+	var got []int
+	for range 10000 {
+		r := c.recvData()
+		var m struct {
+			Data struct {
+				Data struct{ N int } `json:"data"`
+			} `json:"data"`
+		}
+		if err := json.Unmarshal([]byte(r), &m); err != nil {
+			t.Fatalf("frame %.80s: %v", r, err)
+		}
+		got = append(got, m.Data.Data.N)
+		if m.Data.Data.N == last {
+			return got
+		}
+	}
+	t.Fatal("last message never came")
+	return nil
+}
+
+func TestMWSlowConsumerDropOldest(t *testing.T) {
+	env := newMWEnv(t, `
+channels:
+  - match: "feed/**"
+    slow_consumer: drop_oldest
+`, "", func(p *configs.Protocol) { p.PingInterval = configs.Duration(time.Hour); p.PingTimeout = configs.Duration(2 * time.Hour) })
+	slow, fast := slowSetup(t, env, "feed/a")
+	sent := floodUntil(t, env, fast, "feed/a", func() bool { return env.e.Stats().Counters["slow_consumer_drops"] >= 10 })
+	if n := env.e.Stats().Counters["slow_consumer_closes"]; n != 0 {
+		t.Fatalf("slow consumer closed under drop_oldest (%d)", n)
+	}
+	got := drainNumbers(t, slow, sent-1)
+	// In order, nothing duplicated, the newest kept, some dropped.
+	for i := 1; i < len(got); i++ {
+		if got[i] <= got[i-1] {
+			t.Fatalf("out of order: %v", got)
+		}
+	}
+	if len(got) >= sent {
+		t.Fatalf("got %d of %d: nothing dropped", len(got), sent)
+	}
+}
+
+func TestMWSlowConsumerLatest(t *testing.T) {
+	env := newMWEnv(t, `
+channels:
+  - match: "ticker/*"
+    slow_consumer: latest
+`, "", func(p *configs.Protocol) { p.PingInterval = configs.Duration(time.Hour); p.PingTimeout = configs.Duration(2 * time.Hour) })
+	slow, fast := slowSetup(t, env, "ticker/x")
+	sent := floodUntil(t, env, fast, "ticker/x", func() bool { return env.e.Stats().Counters["slow_consumer_conflated"] >= 10 })
+	if n := env.e.Stats().Counters["slow_consumer_closes"]; n != 0 {
+		t.Fatalf("slow consumer closed under latest (%d)", n)
+	}
+	got := drainNumbers(t, slow, sent-1)
+	if len(got) >= sent {
+		t.Fatalf("got %d of %d: nothing conflated", len(got), sent)
+	}
+}
+
+func TestMWReloadSwapsRulesKeepsConnection(t *testing.T) {
+	child, _, addr := startChild(t, func(c *configs.Config) {
+		c.Middleware.Inbound = []map[string]any{{"channels": []any{map[string]any{"match": "a/*", "subscribe": "deny"}}}}
+	})
+	c := dialWS(t, addr)
+	c.handshake("")
+	c.send(`{"event":"#subscribe","data":{"channel":"a/1"},"cid":2}`)
+	c.expect(`{"rid":2,"error":{"message":"Cannot subscribe to a/1","name":"ForbiddenError"}}`)
+
+	cfg := configs.Default()
+	cfg.Worker.GoMaxProcs = 0
+	cfg.Middleware.Inbound = []map[string]any{{"channels": []any{map[string]any{"match": "b/*", "subscribe": "deny"}}}}
+	js, _ := json.Marshal(cfg)
+	if err := child.Reload(context.Background(), js); err != nil {
+		t.Fatal(err)
+	}
+	c.send(`{"event":"#subscribe","data":{"channel":"a/1"},"cid":3}`)
+	c.expect(`{"rid":3}`)
+	c.send(`{"event":"#subscribe","data":{"channel":"b/1"},"cid":4}`)
+	c.expect(`{"rid":4,"error":{"message":"Cannot subscribe to b/1","name":"ForbiddenError"}}`)
+
+	// A config the middleware cannot compile changes nothing.
+	cfg.Middleware.Inbound = []map[string]any{{"nonsense": 1}}
+	js, _ = json.Marshal(cfg)
+	if err := child.Reload(context.Background(), js); err == nil {
+		t.Fatal("a bad config reloaded")
+	}
+	c.send(`{"event":"#subscribe","data":{"channel":"b/2"},"cid":5}`)
+	c.expect(`{"rid":5,"error":{"message":"Cannot subscribe to b/2","name":"ForbiddenError"}}`)
+}
+
+func TestMWStartFailsOnBadMiddleware(t *testing.T) {
+	cfg := configs.Default()
+	cfg.Middleware.Inbound = []map[string]any{{"rate": map[string]any{"per_socket": "lots"}}}
+	js, _ := json.Marshal(cfg)
+	c := New(nil)
+	_, err := c.Start(context.Background(), control.StartParams{Role: control.RoleWorker, Name: "w", Index: 1, Config: js, RunDir: t.TempDir()})
+	if err == nil || !strings.Contains(err.Error(), "middleware.inbound[0].rate") {
+		t.Fatalf("Start: %v", err)
+	}
+}

@@ -1,0 +1,53 @@
+package worker
+
+import (
+	"context"
+	"net"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/shoalhq/shoal/middleware"
+)
+
+// CheckUpgrade runs the handshakeWS rules (cidr, origins, conn_limit per_ip,
+// rate handshakes_per_ip, a hook with actions: [handshakeWS]) for an HTTP
+// upgrade request. status 0 accepts; any other status refuses the upgrade
+// with that HTTP status and reason (the rule's error message).
+//
+// It is meant for netpoll's upgrade hook, which runs synchronously on a pool
+// goroutine: a hook rule blocks that goroutine for at most its own
+// `timeout`, and the whole check is cut off after limit (the handshake
+// timeout) in any case, so a slow backend costs one pool goroutine for a
+// bounded time and answers 503 (BackendError) rather than hanging. Put a
+// `rate: {handshakes_per_ip: ...}` rule before a hook so a flood cannot keep
+// every pool goroutine waiting.
+func (e *Engine) CheckUpgrade(remote net.Addr, origin string, header http.Header, requestURI string, limit time.Duration) (status int, reason string) {
+	chain := e.chain.Load()
+	if !chain.HasRules(middleware.HandshakeWS) {
+		return 0, ""
+	}
+	in := middleware.Input{Action: middleware.HandshakeWS, RemoteIP: addrIP(remote), Origin: origin, Header: header}
+	if i := strings.IndexByte(requestURI, '?'); i >= 0 {
+		in.Query = requestURI[i+1:]
+	}
+	ctx := context.Background()
+	if limit > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, limit)
+		defer cancel()
+	}
+	d := chain.Decide(ctx, &in)
+	if d.Verdict == middleware.Allow {
+		return 0, ""
+	}
+	e.stats.mwDenied.Add(1)
+	status = d.HTTPStatus
+	if status == 0 {
+		status = http.StatusForbidden
+	}
+	if d.Error != nil {
+		reason = d.Error.Message
+	}
+	return status, reason
+}
