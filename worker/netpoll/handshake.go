@@ -67,7 +67,9 @@ func (c *Conn) upgrade(head, rest []byte) {
 	}
 	if err != nil {
 		s.stats.rejected.Add(1)
-		s.log.Debug("upgrade rejected", "remote", c.remote, "error", err)
+		if s.log.IsDebug() { // a flood of bad handshakes must not cost log work
+			s.log.Debug("upgrade rejected", "remote", c.remote, "error", err)
+		}
 		c.stash = nil
 		c.beginCloseLocked(0, "", resp.Bytes())
 		c.unlockAndRun()
