@@ -16,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"runtime"
 	"sync"
 	"syscall"
@@ -39,10 +40,13 @@ type Child struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup // accept loops and proxied connections
 
-	mu         sync.Mutex // guards the fields below
-	state      string
-	cfg        configs.Config
-	public     net.Listener
+	mu     sync.Mutex // guards the fields below
+	state  string
+	cfg    configs.Config
+	public net.Listener
+	// publicFile is the public socket when it carries only plain traffic:
+	// accepted with accept4 directly (acceptPlain); public is then closed.
+	publicFile *os.File
 	tlsLn      net.Listener
 	tlsConf    *tls.Config
 	conns      map[net.Conn]struct{} // proxied connections (both ends), closed by Stop
@@ -124,6 +128,17 @@ func (c *Child) Start(ctx context.Context, p control.StartParams) (control.Start
 			addrs[control.AddrTLS] = tln.Addr().String()
 		}
 	}
+	if !c.sharedPort {
+		f, err := rawListener(pub)
+		if err != nil {
+			_ = pub.Close()
+			if c.tlsLn != nil {
+				_ = c.tlsLn.Close()
+			}
+			return control.StartResult{}, fmt.Errorf("listen.public: %w", err)
+		}
+		c.publicFile = f
+	}
 	if c.tlsConf != nil && useEventLoops {
 		c.startLoopsLocked(cfg)
 	}
@@ -133,7 +148,7 @@ func (c *Child) Start(ctx context.Context, p control.StartParams) (control.Start
 	if c.sharedPort {
 		go c.acceptLoop(pub, c.startSniff)
 	} else {
-		go c.acceptLoop(pub, c.routePlain)
+		go c.acceptPlain(c.publicFile, addrs[control.AddrPublic])
 	}
 	if c.tlsLn != nil {
 		c.wg.Add(1)
@@ -261,6 +276,9 @@ func (c *Child) Drain(ctx context.Context, timeout time.Duration) error {
 }
 
 func (c *Child) closeListenersLocked() {
+	if c.publicFile != nil {
+		_ = c.publicFile.Close()
+	}
 	if c.public != nil {
 		_ = c.public.Close()
 	}

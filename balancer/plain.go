@@ -2,7 +2,9 @@ package balancer
 
 import (
 	"errors"
+	"fmt"
 	"net"
+	"os"
 	"syscall"
 	"time"
 )
@@ -46,15 +48,91 @@ func (c *Child) acceptLoop(ln net.Listener, handle func(net.Conn)) {
 	}
 }
 
-// routePlain hands a plain connection to the least-loaded live worker and
-// closes the balancer's copy. It reads nothing (no prebuf): the worker sees
-// the stream from its first byte and the client's address from the socket.
+// acceptPlain is the public port's accept loop when it carries only plain
+// traffic. It takes connections with accept4(2) straight from the listening
+// socket and hands the raw fd over: no net.Conn, no netpoll registration,
+// no per-connection allocation beyond the kernel's; three syscalls per
+// connection (accept4, sendmsg, close). lf is the listening socket as a
+// pollable *os.File (see rawListener); closing it ends the loop.
+func (c *Child) acceptPlain(lf *os.File, name string) {
+	defer c.wg.Done()
+	rc, err := lf.SyscallConn()
+	if err != nil {
+		c.log.Error("public listener unusable; not accepting", "error", err)
+		return
+	}
+	var pause time.Duration
+	for {
+		nfd := -1
+		var aerr error
+		err := rc.Read(func(fd uintptr) bool {
+			nfd, _, aerr = syscall.Accept4(int(fd), syscall.SOCK_CLOEXEC|syscall.SOCK_NONBLOCK)
+			// Wait (in the netpoller) only while there is nothing to take.
+			return aerr != syscall.EAGAIN
+		})
+		if err != nil {
+			return // listener closed (Drain or Stop)
+		}
+		if aerr != nil {
+			if aerr == syscall.ECONNABORTED || aerr == syscall.EINTR {
+				continue // that client gave up; nothing to pause for
+			}
+			c.stats.add(ctrAcceptErrors, 1)
+			if pause == 0 {
+				c.log.Warn("accept failed; pausing before retrying", "listener", name, "error", aerr)
+			}
+			pause = min(max(2*pause, acceptPauseMin), acceptPauseMax)
+			t := time.NewTimer(pause)
+			select {
+			case <-c.ctx.Done():
+				t.Stop()
+				return
+			case <-t.C:
+			}
+			continue
+		}
+		pause = 0
+		c.routeFD(nfd)
+		_ = syscall.Close(nfd) // the balancer's copy; the worker holds its own
+	}
+}
+
+// rawListener turns a TCP listener into its socket as a pollable *os.File
+// (net.TCPListener's RawConn cannot wait for readability; an *os.File on a
+// non-blocking fd can). The listener's own fd is closed; the file is now
+// the only handle on the socket.
+func rawListener(ln net.Listener) (*os.File, error) {
+	tl, ok := ln.(*net.TCPListener)
+	if !ok {
+		return nil, fmt.Errorf("listener is %T, not TCP", ln)
+	}
+	f, err := tl.File() // a dup sharing the non-blocking open file
+	if err != nil {
+		return nil, fmt.Errorf("dup public listener: %w", err)
+	}
+	_ = tl.Close()
+	return f, nil
+}
+
+// routePlain hands a plain net.Conn (from the shared-port sniffer) to a
+// worker and closes the balancer's copy.
 func (c *Child) routePlain(conn net.Conn) {
-	defer conn.Close() // the balancer's copy; the worker holds its own
+	defer conn.Close()
 	sc, ok := conn.(syscall.Conn)
 	if !ok {
 		return // cannot happen for TCP; nothing to hand over
 	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return
+	}
+	_ = rc.Control(func(fd uintptr) { c.routeFD(int(fd)) })
+}
+
+// routeFD hands a plain connection to the least-loaded live worker. It reads
+// nothing (no prebuf): the worker sees the stream from its first byte and
+// the client's address from the socket. The caller closes fd afterwards.
+func (c *Child) routeFD(fd int) {
 	var tried []*worker
 	for range maxAttempts {
 		w := c.pool.pick(kindPlain, tried)
@@ -62,7 +140,7 @@ func (c *Child) routePlain(conn net.Conn) {
 			break
 		}
 		tried = append(tried, w)
-		err := w.send(sc, nil)
+		err := w.send(fd, nil)
 		if err == nil {
 			c.pool.markAlive(w)
 			c.stats.addWorker(ctrHanded, w.name, 1)

@@ -3,7 +3,6 @@ package balancer
 import (
 	"fmt"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/shoalhq/shoal/handoff"
@@ -198,9 +197,9 @@ func (p *pool) all() []*worker {
 	return append([]*worker(nil), p.workers...)
 }
 
-// send hands c to w's handoff socket, dialling it first if needed. On any
+// send hands fd to w's handoff socket, dialling it first if needed. On any
 // error the sender is dropped, so the next attempt re-dials.
-func (w *worker) send(c syscall.Conn, prebuf []byte) error {
+func (w *worker) send(fd int, prebuf []byte) error {
 	w.smu.Lock()
 	defer w.smu.Unlock()
 	if w.sender == nil {
@@ -211,7 +210,7 @@ func (w *worker) send(c syscall.Conn, prebuf []byte) error {
 		s.SetTimeout(handoffTimeout)
 		w.sender = s
 	}
-	if err := w.sender.SendConn(c, prebuf); err != nil {
+	if err := w.sender.SendFD(fd, prebuf); err != nil {
 		_ = w.sender.Close()
 		w.sender = nil
 		return fmt.Errorf("hand a connection to %s: %w", w.name, err)
