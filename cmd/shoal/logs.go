@@ -68,7 +68,7 @@ func cmdLogs(args []string) int {
 	out := bufio.NewWriterSize(os.Stdout, 64<<10)
 	defer out.Flush()
 	var buf []byte
-	print := func(e logfile.Entry) error {
+	emit := func(e logfile.Entry) error {
 		if *asJSON {
 			buf = logfile.AppendJSON(buf[:0], e)
 		} else {
@@ -90,12 +90,12 @@ func cmdLogs(args []string) int {
 			if *n > 0 {
 				for _, e := range last.Entries() {
 					if err == nil {
-						err = print(e)
+						err = emit(e)
 					}
 				}
 			}
 		} else {
-			err = logfile.Read(path, f, print)
+			err = logfile.Read(path, f, emit)
 		}
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "shoal logs: "+err.Error())
@@ -111,7 +111,7 @@ func cmdLogs(args []string) int {
 		tail = 10
 	}
 	err := logfile.Follow(ctx, path, f, logfile.FollowOptions{History: tail > 0, Tail: tail}, func(e logfile.Entry) error {
-		if err := print(e); err != nil {
+		if err := emit(e); err != nil {
 			return err
 		}
 		// A follower is read by a person or a pipe: show each line now.
