@@ -125,6 +125,7 @@ func init() {
 		"conn_limit":  buildConnLimit,
 		"hook":        buildHook,
 		"rpc":         buildRPC,
+		"plugin":      buildPlugin,
 	}
 }
 
@@ -134,7 +135,6 @@ func init() {
 var notBuilt = map[string]string{
 	"jwt":                  "token verification is configured under auth.jwt",
 	"ban":                  "bans (persisted, cluster-wide) are not built yet",
-	"plugin":               "go-plugin middleware is not built yet",
 	"socket_channel_limit": "use protocol.socket_channel_limit",
 }
 

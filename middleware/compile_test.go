@@ -17,7 +17,9 @@ func TestCompileErrorsNameTheKey(t *testing.T) {
 		msg  string
 	}{
 		{"unknown rule", "middleware:\n  inbound:\n    - rates: {per_socket: 1/s}\n", "middleware.inbound[0].rates", `did you mean "rate"`},
-		{"not built rule", "middleware:\n  inbound:\n    - plugin: {path: ./x}\n", "middleware.inbound[0].plugin", "not available"},
+		{"not built rule", "middleware:\n  inbound:\n    - ban: {users: [x]}\n", "middleware.inbound[0].ban", "not available"},
+		{"plugin binary missing", "middleware:\n  inbound:\n    - plugin: {path: ./no-such-plugin}\n", "middleware.inbound[0].plugin.path", "no such file"},
+		{"plugin bad stage", "middleware:\n  inbound:\n    - plugin: {path: ./no-such-plugin, stages: [publishOut]}\n", "middleware.inbound[0].plugin.stages[0]", "not an action"},
 		{"two keys", "middleware:\n  inbound:\n    - {rate: {per_socket: 1/s}, cidr: {deny: [1.2.3.4]}}\n", "middleware.inbound[0]", "exactly one key"},
 		{"unknown option", "middleware:\n  inbound:\n    - rate: {per_sockt: 1/s, per_ip: 2/s}\n", "middleware.inbound[0].rate.per_sockt", `did you mean "per_socket"`},
 		{"bad rate", "middleware:\n  inbound:\n    - rate: {per_socket: fast}\n", "middleware.inbound[0].rate.per_socket", "invalid rate"},
@@ -64,7 +66,9 @@ func TestCompileErrorsNameTheKey(t *testing.T) {
 }
 
 func TestCompileAcceptsTheVocabulary(t *testing.T) {
-	// The example config minus the go-plugin rule, which is not built.
+	// The example config minus the go-plugin rule, whose binary
+	// (./plugins/audit) does not exist here: config check refuses a missing
+	// plugin binary.
 	data, err := os.ReadFile("../configs/testdata/example.yaml")
 	if err != nil {
 		t.Skip("example config not found:", err)

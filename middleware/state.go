@@ -127,13 +127,16 @@ type shared struct {
 	conns  *connCounts    // the same counts for every generation
 	stores map[string]any // this chain's per-IP / per-user stores by fingerprint
 	client *http.Client   // hook client, handed on so reloads reuse connections
+	// plugins are the go-plugin processes, handed on so a reload keeps them.
+	plugins *pluginSet
 }
 
 func newShared(prev *shared, now time.Time) *shared {
 	if prev == nil {
-		return &shared{base: now, conns: &connCounts{ip: map[netip.Addr]int{}, user: map[string]int{}}, stores: map[string]any{}}
+		return &shared{base: now, conns: &connCounts{ip: map[netip.Addr]int{}, user: map[string]int{}}, stores: map[string]any{},
+			plugins: &pluginSet{m: map[string]*pluginHost{}}}
 	}
-	return &shared{base: prev.base, conns: prev.conns, stores: map[string]any{}}
+	return &shared{base: prev.base, conns: prev.conns, stores: map[string]any{}, plugins: prev.plugins}
 }
 
 // connCounts counts open sockets per IP and per user on this worker.

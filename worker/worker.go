@@ -460,6 +460,7 @@ func (c *Child) teardownLocked(ctx context.Context) error {
 		chain := c.eng.Chain()
 		chain.Wait()
 		chain.CloseIdleConnections()
+		chain.Shutdown() // kill go-plugin middleware processes
 	}
 	if c.bc != nil {
 		c.bc.Close()
