@@ -7,6 +7,8 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -39,7 +41,7 @@ func newMWEnv(t *testing.T, yaml, url string, mod func(*configs.Protocol)) *wsEn
 	if err := env.e.SetChannels(cfg.Channels); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { chain.Wait(); chain.CloseIdleConnections() })
+	t.Cleanup(func() { chain.Wait(); chain.CloseIdleConnections(); chain.Shutdown() })
 	return serveWS(t, env)
 }
 
@@ -416,7 +418,10 @@ func TestMWSlowConsumerDropOldest(t *testing.T) {
 channels:
   - match: "feed/**"
     slow_consumer: drop_oldest
-`, "", func(p *configs.Protocol) { p.PingInterval = configs.Duration(time.Hour); p.PingTimeout = configs.Duration(2 * time.Hour) })
+`, "", func(p *configs.Protocol) {
+		p.PingInterval = configs.Duration(time.Hour)
+		p.PingTimeout = configs.Duration(2 * time.Hour)
+	})
 	slow, fast := slowSetup(t, env, "feed/a")
 	sent := floodUntil(t, env, fast, "feed/a", func() bool { return env.e.Stats().Counters["slow_consumer_drops"] >= 10 })
 	if n := env.e.Stats().Counters["slow_consumer_closes"]; n != 0 {
@@ -439,7 +444,10 @@ func TestMWSlowConsumerLatest(t *testing.T) {
 channels:
   - match: "ticker/*"
     slow_consumer: latest
-`, "", func(p *configs.Protocol) { p.PingInterval = configs.Duration(time.Hour); p.PingTimeout = configs.Duration(2 * time.Hour) })
+`, "", func(p *configs.Protocol) {
+		p.PingInterval = configs.Duration(time.Hour)
+		p.PingTimeout = configs.Duration(2 * time.Hour)
+	})
 	slow, fast := slowSetup(t, env, "ticker/x")
 	sent := floodUntil(t, env, fast, "ticker/x", func() bool { return env.e.Stats().Counters["slow_consumer_conflated"] >= 10 })
 	if n := env.e.Stats().Counters["slow_consumer_closes"]; n != 0 {
@@ -491,4 +499,28 @@ func TestMWStartFailsOnBadMiddleware(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "middleware.inbound[0].rate") {
 		t.Fatalf("Start: %v", err)
 	}
+}
+
+// TestMWPluginStage runs client publishes through the example go-plugin
+// middleware (examples/audit-plugin), built by the test.
+func TestMWPluginStage(t *testing.T) {
+	bin := filepath.Join(t.TempDir(), "audit")
+	if out, err := exec.Command("go", "build", "-o", bin, "../examples/audit-plugin").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	env := newMWEnv(t, `
+middleware:
+  inbound:
+    - plugin: {path: %URL%, stages: [publishIn], timeout: 5s}
+`, bin, nil)
+	c := dialWS(t, env.addr)
+	c.handshake("")
+	c.send(`[{"event":"#subscribe","data":{"channel":"chat/1"},"cid":2},{"event":"#publish","data":{"channel":"chat/1","data":{"text":"hello"}},"cid":3},{"event":"#publish","data":{"channel":"chat/1","data":{"text":"badword!"}},"cid":4},{"event":"#publish","data":{"channel":"chat/1","data":2},"cid":5}]`)
+	c.expect(`{"rid":2}`)
+	// In order, though each publish waits for the plugin.
+	c.expect(`{"event":"#publish","data":{"channel":"chat/1","data":{"text":"hello"}}}`)
+	c.expect(`{"rid":3}`)
+	c.expect(`{"rid":4,"error":{"message":"Publishing to chat/1 was refused: the message contains a banned word","name":"BannedWordError"}}`)
+	c.expect(`{"event":"#publish","data":{"channel":"chat/1","data":2}}`)
+	c.expect(`{"rid":5}`)
 }
