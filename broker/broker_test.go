@@ -346,7 +346,12 @@ func TestWarmUpWaitsForTheTopologysWorkers(t *testing.T) {
 	if f, err := w1.next(t); err != nil || f.Type != link.TypePubAck || !strings.Contains(string(f.Err), "starting") {
 		t.Fatalf("publish before worker-2 is back: %+v %v", f, err)
 	}
-	hello("worker-2")
+	w2 := hello("worker-2")
+	// A pong proves the broker has handled worker-2's ready (same link, in order).
+	w2.send(t, link.AppendEmpty(nil, link.TypePing))
+	if f, err := w2.next(t); err != nil || f.Type != link.TypePong {
+		t.Fatalf("ping: %+v %v", f, err)
+	}
 	w1.send(t, link.AppendPub(nil, 2, "c", []byte("x")))
 	if f, err := w1.next(t); err != nil || f.Type != link.TypePubAck || len(f.Err) != 0 || f.Offset != 1 {
 		t.Fatalf("publish once every worker is back: %+v %v", f, err)
