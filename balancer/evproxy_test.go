@@ -100,3 +100,35 @@ func TestTLSHalfCloseNoSpin(t *testing.T) {
 	// halfCloseLinger later, the proxy gives up on the worker.
 	waitFor(t, halfCloseLinger+5*time.Second, "the linger to end the connection", func() bool { return b.counter(t, "active_tls") == 0 })
 }
+
+// Past the fd-derived cap the balancer refuses new TLS connections at once
+// instead of running out of descriptors.
+func TestTLSOverLimitRefused(t *testing.T) {
+	proxyPath, held := holdingWorker(t)
+	b := startBalancer(t, testConfig(t, true), topology(1, control.Peer{
+		Name: "hold", Role: control.RoleWorker, State: control.StateReady, Pid: 1,
+		Addrs: map[string]string{control.AddrProxy: proxyPath},
+	}))
+	b.mu.Lock()
+	b.proxyLimit = 1
+	b.mu.Unlock()
+	conf := &tls.Config{RootCAs: devCertPool(t, b.storage)}
+	c1, err := tls.Dial("tcp", b.tls, conf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c1.Close()
+	waitFor(t, 5*time.Second, "the first connection proxied", func() bool { return held() == 1 })
+	d := &net.Dialer{Timeout: 5 * time.Second}
+	if c2, err := tls.DialWithDialer(d, "tcp", b.tls, conf); err == nil {
+		c2.Close()
+		t.Fatal("second connection accepted past the cap")
+	}
+	if n := b.counter(t, ctrOverLimit); n != 1 {
+		t.Errorf("over_limit = %d", n)
+	}
+	// The cap frees up when the first one closes (the holding worker never
+	// answers, so after the half-close linger).
+	c1.Close()
+	waitFor(t, halfCloseLinger+5*time.Second, "the slot to free", func() bool { return b.counter(t, "active_tls") == 0 })
+}

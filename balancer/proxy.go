@@ -31,6 +31,8 @@ var copyBufs = sync.Pool{New: func() any { b := make([]byte, copyBufSize); retur
 
 // startTLS runs on the TLS accept loop: it starts the connection's own
 // goroutine at once, so a slow handshake never holds up the next accept.
+// The connection counts as held (Stats.Connections, the fd cap) from here,
+// handshake included, until it is closed.
 func (c *Child) startTLS(conn net.Conn) {
 	if limit := c.maxProxied(); c.stats.active.Load() >= limit {
 		// Two fds per proxied connection: past this point the process
@@ -39,6 +41,7 @@ func (c *Child) startTLS(conn net.Conn) {
 		_ = conn.Close()
 		return
 	}
+	c.stats.active.Add(1)
 	c.wg.Add(1)
 	go c.serveTLS(conn)
 }
@@ -72,6 +75,24 @@ func fdLimitProxies() int64 {
 // ends. Without event loops it falls back to a goroutine pair (pipe).
 func (c *Child) serveTLS(raw net.Conn) {
 	defer c.wg.Done()
+	// done ends the connection's accounting, exactly once: here, or on the
+	// event loop that took the connection over.
+	var once sync.Once
+	var picked *worker // set before done can run elsewhere (loop.add synchronises)
+	done := func() {
+		once.Do(func() {
+			c.stats.active.Add(-1)
+			if picked != nil {
+				c.pool.release(picked) // a closed proxied connection no longer weighs on it
+			}
+		})
+	}
+	handedOver := false
+	defer func() {
+		if !handedOver {
+			done()
+		}
+	}()
 	if !c.track(raw) {
 		_ = raw.Close()
 		return
@@ -104,20 +125,13 @@ func (c *Child) serveTLS(raw net.Conn) {
 		_ = tconn.Close()
 		return
 	}
+	picked = w
 	c.stats.addWorker(ctrProxied, w.name, 1)
-	c.stats.active.Add(1)
-	var once sync.Once
-	done := func() {
-		once.Do(func() {
-			c.stats.active.Add(-1)
-			c.pool.release(w) // a closed proxied connection no longer weighs on w
-		})
-	}
 	if ec != nil {
+		handedOver = true
 		c.handToLoop(loop, tconn, ec, up, done)
 		return
 	}
-	defer done()
 	if !c.track(up) {
 		_ = up.Close()
 		return

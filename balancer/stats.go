@@ -9,7 +9,7 @@ import (
 // Per-worker counts are keyed by worker name and survive the worker's
 // restarts (the name is the slot, not the process).
 type stats struct {
-	active atomic.Int64 // proxied (TLS) connections open now
+	active atomic.Int64 // TLS connections held now (handshaking or proxied)
 
 	mu        sync.Mutex
 	perWorker map[string]int64 // "handed.<w>", "proxied.<w>", "failures.<w>"
