@@ -9,6 +9,8 @@ import (
 
 	"github.com/gobwas/ws"
 
+	"github.com/shoalhq/shoal/configs"
+	"github.com/shoalhq/shoal/middleware"
 	"github.com/shoalhq/shoal/worker/netpoll"
 )
 
@@ -80,5 +82,42 @@ func BenchmarkSessionMemory(b *testing.B) {
 		for _, s := range sessions {
 			env.e.Closed(s, ws.StatusNormalClosure, "")
 		}
+	}
+}
+
+// BenchmarkInboundPublishWithRules is BenchmarkInboundPublish with a
+// per-socket rate, a max_payload and a channels rule that all allow: the
+// middleware must not add allocations to an allowed publish.
+func BenchmarkInboundPublishWithRules(b *testing.B) {
+	env := newEnvWith(b, nil, netpoll.AppendTextFrame, netpoll.ErrQueueFull)
+	cfg, err := configs.Load([]byte(`
+middleware:
+  inbound:
+    - rate: {per_socket: 1000000000/s}
+    - max_payload: 64KiB
+    - channels:
+        - match: "readonly/**"
+          publish: deny
+`), "bench.yaml")
+	if err != nil {
+		b.Fatal(err)
+	}
+	chain, err := middleware.Compile(cfg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	env.e.SetChain(chain)
+	c := &nullConn{}
+	s := env.e.Open(c)
+	env.e.Message(s, []byte(`{"event":"#handshake","data":{},"cid":1}`))
+	frames := make([][]byte, 64)
+	for i := range frames {
+		frames[i] = []byte(fmt.Sprintf(`{"event":"#publish","data":{"channel":"chat/room-1","data":{"text":"hello","n":%d}},"cid":%d}`, i, i+2))
+	}
+	b.ReportAllocs()
+	i := 0
+	for b.Loop() {
+		env.e.Message(s, frames[i%len(frames)])
+		i++
 	}
 }
