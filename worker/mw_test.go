@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
@@ -523,4 +524,84 @@ middleware:
 	c.expect(`{"rid":4,"error":{"message":"Publishing to chat/1 was refused: the message contains a banned word","name":"BannedWordError"}}`)
 	c.expect(`{"event":"#publish","data":{"channel":"chat/1","data":2}}`)
 	c.expect(`{"rid":5}`)
+}
+
+func TestMWConnLimitPerUser(t *testing.T) {
+	env := newMWEnv(t, `
+middleware:
+  handshake:
+    - conn_limit: {per_user: 1}
+`, "", nil)
+	tok := env.token(jwt.MapClaims{"sub": "alice", "exp": time.Now().Add(time.Hour).Unix()})
+	a := dialWS(t, env.addr)
+	a.handshake(tok)
+	b := dialWS(t, env.addr)
+	b.send(`{"event":"#handshake","data":{"authToken":"` + tok + `"},"cid":1}`)
+	b.expect(`{"rid":1,"error":{"message":"Too many connections","name":"ConnectionLimitError","statusCode":4008}}`)
+	b.expectClose(4008)
+	// Once alice's first socket is gone, she may connect again.
+	a.c.Close()
+	waitFor(t, 5*time.Second, "the first socket to close", func() bool { return env.e.Len() == 0 })
+	c := dialWS(t, env.addr)
+	c.handshake(tok)
+}
+
+// TestMWConnectHookIdentity: a connect hook that returns a token makes the
+// socket authenticated with it and pushes it with #setAuthToken.
+func TestMWConnectHookIdentity(t *testing.T) {
+	var tok string
+	be := backend(t, func(r hookRequest) string {
+		return `{"result":{"user":"carol","token":"` + tok + `"}}`
+	})
+	env := newMWEnv(t, `
+middleware:
+  handshake:
+    - hook: {url: "%URL%", timeout: 2s}
+  inbound:
+    - channels:
+        - match: "user/{sub}/**"
+          subscribe: {require: claim}
+`, be.URL, nil)
+	tok = env.token(jwt.MapClaims{"sub": "carol", "exp": time.Now().Add(time.Hour).Unix()})
+	c := dialWS(t, env.addr)
+	if r := c.handshake(""); !strings.HasSuffix(r, `"isAuthenticated":true}}`) {
+		t.Fatalf("handshake %s", r)
+	}
+	c.expect(`{"event":"#setAuthToken","data":{"token":"` + tok + `"}}`)
+	c.send(`[{"event":"#subscribe","data":{"channel":"user/carol/inbox"},"cid":2},{"event":"#subscribe","data":{"channel":"user/dave/inbox"},"cid":3}]`)
+	c.expect(`{"rid":2}`)
+	c.expect(`{"rid":3,"error":{"message":"Cannot subscribe to user/dave/inbox","name":"ForbiddenError"}}`)
+}
+
+func TestMWReloadAuthKeys(t *testing.T) {
+	dir := t.TempDir()
+	k1, k2 := filepath.Join(dir, "k1"), filepath.Join(dir, "k2")
+	for f, key := range map[string]string{k1: "first-secret-0123456789abcdef0123", k2: "second-secret-0123456789abcdef012"} {
+		if err := os.WriteFile(f, []byte(key+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	child, _, addr := startChild(t, func(c *configs.Config) { c.Auth.JWT.KeyFile = k1 })
+	claims := jwt.MapClaims{"sub": "alice", "exp": time.Now().Add(time.Hour).Unix()}
+	tok2, err := jwt.NewWithClaims(jwt.SigningMethodHS256, claims).SignedString([]byte("second-secret-0123456789abcdef012"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := dialWS(t, addr)
+	c.handshake("")
+	c.send(`{"event":"#authenticate","data":"` + tok2 + `","cid":2}`)
+	if r := c.recvData(); !strings.Contains(r, `"AuthTokenInvalidError"`) {
+		t.Fatalf("old key accepted the new token: %s", r)
+	}
+	c.expect(`{"event":"#removeAuthToken"}`)
+	cfg := configs.Default()
+	cfg.Worker.GoMaxProcs = 0
+	cfg.Auth.JWT.KeyFile = k2
+	js, _ := json.Marshal(cfg)
+	if err := child.Reload(context.Background(), js); err != nil {
+		t.Fatal(err)
+	}
+	// Same connection, new key.
+	c.send(`{"event":"#authenticate","data":"` + tok2 + `","cid":3}`)
+	c.expect(`{"rid":3,"data":{"isAuthenticated":true,"authError":null}}`)
 }

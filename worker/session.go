@@ -528,6 +528,7 @@ func (s *Session) checkExpiry(now time.Time) {
 	}
 	s.mu.Unlock()
 	if expired {
+		s.syncIdentity()
 		s.e.stats.deauthExpired.Add(1)
 		s.send([]byte(sc.RemoveAuthToken))
 	}
@@ -556,6 +557,7 @@ func (s *Session) SetAuthToken(claims map[string]any) error {
 	}
 	s.token = tok
 	s.mu.Unlock()
+	s.syncIdentity() // the fan-out (publishOut) sees the new identity at once
 	s.send(sc.AppendSetAuthToken(nil, signed))
 	return nil
 }
@@ -565,6 +567,7 @@ func (s *Session) Deauthenticate() {
 	s.mu.Lock()
 	s.token = nil
 	s.mu.Unlock()
+	s.syncIdentity()
 	s.send([]byte(sc.RemoveAuthToken))
 }
 
