@@ -59,7 +59,10 @@ type Child struct {
 	proxyLimit int64
 }
 
-var _ control.Child = (*Child)(nil)
+var (
+	_ control.Child    = (*Child)(nil)
+	_ control.Reloader = (*Child)(nil)
+)
 
 // New returns the balancer role, ready to be served by control.Serve.
 func New(log hclog.Logger) *Child {
@@ -256,6 +259,39 @@ func (c *Child) SetTopology(ctx context.Context, t control.Topology) error {
 	for _, w := range c.pool.setTopology(t) {
 		w.closeSender()
 	}
+	return nil
+}
+
+// Reload applies a new config in place (SIGHUP): the TLS certificate (new
+// files, or the same files re-read), the handshake and write timeouts. New
+// connections use it; open ones are not touched. Moving a port needs a
+// restart, and a config that asks for one is refused with the old one kept.
+func (c *Child) Reload(ctx context.Context, config []byte) error {
+	cfg := configs.Default()
+	if err := json.Unmarshal(config, &cfg); err != nil {
+		return fmt.Errorf("balancer: reload: read config: %w", err)
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.public == nil || c.stopped {
+		return errors.New("balancer: reload: not running")
+	}
+	old := c.cfg.Listen
+	if cfg.Listen.Public != old.Public || cfg.Listen.TLS.Listen != old.TLS.Listen {
+		return errors.New("balancer: reload: listen.public or listen.tls.listen changed; restart the balancer to move ports")
+	}
+	if cfg.Listen.TLS.Listen != "" {
+		tconf, err := c.tlsConfig(cfg)
+		if err != nil {
+			return fmt.Errorf("balancer: reload: %w", err)
+		}
+		c.tlsConf = tconf
+	}
+	c.cfg = cfg
+	for _, l := range c.loops {
+		l.setWriteTimeout(cfg.Worker.WriteTimeout.D())
+	}
+	c.log.Info("balancer config reloaded")
 	return nil
 }
 

@@ -3,8 +3,10 @@ package balancer
 import (
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -118,3 +120,46 @@ func TestTLSConfigErrors(t *testing.T) {
 }
 
 type testConfigTLS struct{ cert, key string }
+
+// Reload (SIGHUP) switches to new certificate files for new connections,
+// and refuses a config that moves a port.
+func TestReloadCertificateAndPorts(t *testing.T) {
+	dir := t.TempDir()
+	certA, keyA := filepath.Join(dir, "a-cert.pem"), filepath.Join(dir, "a-key.pem")
+	certB, keyB := filepath.Join(dir, "b-cert.pem"), filepath.Join(dir, "b-key.pem")
+	writePair(t, certA, keyA, time.Now())
+	writePair(t, certB, keyB, time.Now())
+	cfg := testConfig(t, false)
+	cfg.Listen.TLS.Listen = "127.0.0.1:0"
+	cfg.Listen.TLS.Cert, cfg.Listen.TLS.Key = certA, keyA
+	b := startBalancer(t, cfg, control.Topology{})
+	if got := servedFingerprint(t, b.tls); got != fileFingerprint(t, certA) {
+		t.Fatal("not serving A")
+	}
+
+	cfg.Listen.TLS.Cert, cfg.Listen.TLS.Key = certB, keyB
+	raw, _ := json.Marshal(cfg)
+	if err := b.Reload(t.Context(), raw); err != nil {
+		t.Fatal(err)
+	}
+	if got := servedFingerprint(t, b.tls); got != fileFingerprint(t, certB) {
+		t.Fatal("not serving B after Reload")
+	}
+
+	// A bad pair is refused; B stays.
+	cfg.Listen.TLS.Cert = certA
+	raw, _ = json.Marshal(cfg)
+	if err := b.Reload(t.Context(), raw); err == nil {
+		t.Fatal("Reload with a mismatched pair succeeded")
+	}
+	if got := servedFingerprint(t, b.tls); got != fileFingerprint(t, certB) {
+		t.Fatal("a failed Reload changed the certificate")
+	}
+
+	cfg.Listen.TLS.Cert = certB
+	cfg.Listen.Public = "127.0.0.1:1"
+	raw, _ = json.Marshal(cfg)
+	if err := b.Reload(t.Context(), raw); err == nil || !strings.Contains(err.Error(), "restart the balancer") {
+		t.Fatalf("Reload moving a port: %v", err)
+	}
+}

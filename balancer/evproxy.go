@@ -246,8 +246,8 @@ type evLoop struct {
 	wakeW  int
 	buf    []byte
 	byFD   map[int]*evProxy
-	runq   []*evProxy // client sides to read without waiting for epoll
-	wt     time.Duration
+	runq   []*evProxy   // client sides to read without waiting for epoll
+	wt     atomic.Int64 // worker.write_timeout (ns); Reload may change it
 	linger time.Duration
 
 	wakeups atomic.Int64 // epoll_wait returns, for the no-spin test
@@ -274,8 +274,18 @@ func newEvLoop(wt, linger time.Duration) (*evLoop, error) {
 		_ = syscall.Close(p[1])
 		return nil, fmt.Errorf("epoll_ctl wake pipe: %w", err)
 	}
-	return &evLoop{epfd: epfd, wakeR: p[0], wakeW: p[1], buf: make([]byte, evBufSize),
-		byFD: map[int]*evProxy{}, wt: wt, linger: linger}, nil
+	l := &evLoop{epfd: epfd, wakeR: p[0], wakeW: p[1], buf: make([]byte, evBufSize),
+		byFD: map[int]*evProxy{}, linger: linger}
+	l.setWriteTimeout(wt)
+	return l, nil
+}
+
+// setWriteTimeout changes how long queued bytes may wait without progress.
+func (l *evLoop) setWriteTimeout(d time.Duration) {
+	if d <= 0 {
+		d = 10 * time.Second
+	}
+	l.wt.Store(int64(d))
 }
 
 func (l *evLoop) wake() {
@@ -590,13 +600,14 @@ func (l *evLoop) setInterest(p *evProxy, fd int, old, ev uint32) {
 // (worker.write_timeout) or a worker that did not finish after the client's
 // EOF.
 func (l *evLoop) tick(now time.Time) {
+	wt := time.Duration(l.wt.Load())
 	seen := make(map[*evProxy]bool)
 	for _, p := range l.byFD {
 		if seen[p] || p.closed {
 			continue
 		}
 		seen[p] = true
-		if (!p.stallSince.IsZero() && now.Sub(p.stallSince) > l.wt) ||
+		if (!p.stallSince.IsZero() && now.Sub(p.stallSince) > wt) ||
 			(!p.lingerTill.IsZero() && now.After(p.lingerTill)) {
 			l.close(p)
 		}
