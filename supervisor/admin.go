@@ -41,6 +41,7 @@ type ClusterInfo struct {
 	Node            string        `json:"node"`
 	Config          string        `json:"config"`
 	Public          string        `json:"public"`
+	TLS             string        `json:"tls,omitempty"`
 	Admin           string        `json:"admin"`
 	Log             string        `json:"log"`
 	SupervisorPid   int           `json:"supervisor_pid"`
@@ -100,7 +101,7 @@ func (s *Supervisor) Cluster() ClusterInfo {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	ci := ClusterInfo{
-		Node: host, Config: s.opts.ConfigName, Public: s.publicURL, Admin: s.adminURL, Log: cfg.Log.File,
+		Node: host, Config: s.opts.ConfigName, Public: s.publicURL, TLS: s.tlsURL, Admin: s.adminURL, Log: cfg.Log.File,
 		SupervisorPid: os.Getpid(), SupervisorRSS: procstat.RSS(os.Getpid()),
 		Uptime: now.Sub(s.started).Seconds(), TopologyVersion: s.version,
 	}

@@ -99,6 +99,7 @@ type Supervisor struct {
 	version   int64
 	adminURL  string
 	publicURL string
+	tlsURL    string
 
 	kick     chan struct{} // coalesced "topology changed"
 	pushed   int64         // guarded by mu: version of the last finished push round
@@ -368,28 +369,38 @@ func (s *Supervisor) startAll(ctx context.Context) error {
 func (s *Supervisor) printReady() {
 	cfg := s.cfg()
 	s.mu.Lock()
-	public := ""
-	for _, role := range []control.Role{control.RoleBalancer, control.RoleWorker} {
-		for _, p := range s.procs {
-			if p.role == role && public == "" && p.addrs[control.AddrPublic] != "" {
-				public = p.addrs[control.AddrPublic]
+	// The balancer's bound addresses (or, with balancers: 0, a worker's).
+	find := func(key string) string {
+		for _, role := range []control.Role{control.RoleBalancer, control.RoleWorker} {
+			for _, p := range s.procs {
+				if p.role == role && p.addrs[key] != "" {
+					return p.addrs[key]
+				}
 			}
 		}
+		return ""
 	}
+	public, tls := find(control.AddrPublic), find(control.AddrTLS)
 	if public == "" {
 		public = cfg.Listen.Public
 	}
 	s.publicURL = "ws://" + displayAddr(public) + cfg.Listen.Path
-	publicURL, adminURL := s.publicURL, s.adminURL
+	if tls != "" {
+		s.tlsURL = "wss://" + displayAddr(tls) + cfg.Listen.Path
+	}
+	publicURL, tlsURL, adminURL := s.publicURL, s.tlsURL, s.adminURL
 	s.mu.Unlock()
 	w := s.opts.Stdout
 	fmt.Fprintf(w, "shoal is running (%d processes)\n", len(s.procs))
 	fmt.Fprintf(w, "  public  %s\n", publicURL)
+	if tlsURL != "" {
+		fmt.Fprintf(w, "  tls     %s\n", tlsURL)
+	}
 	if adminURL != "" {
 		fmt.Fprintf(w, "  admin   %s\n", adminURL)
 	}
 	fmt.Fprintf(w, "  log     %s\n", cfg.Log.File)
-	s.log.Info("node ready", "public", publicURL, "admin", adminURL)
+	s.log.Info("node ready", "public", publicURL, "tls", tlsURL, "admin", adminURL)
 }
 
 // displayAddr shows an unspecified host as 127.0.0.1, so that the printed

@@ -10,6 +10,7 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/shoalhq/shoal/configs"
 	"github.com/shoalhq/shoal/supervisor"
@@ -72,7 +73,7 @@ func cmdRun(args []string) int {
 	done := make(chan struct{})
 	defer close(done)
 	go func() {
-		stopping := false
+		var stopping time.Time
 		for {
 			select {
 			case <-done:
@@ -84,10 +85,15 @@ func cmdRun(args []string) int {
 					case reloads <- struct{}{}:
 					default: // one is pending already
 					}
-				case !stopping:
-					stopping = true
+				case stopping.IsZero():
+					stopping = time.Now()
 					fmt.Fprintf(os.Stderr, "shoal: %s: draining and stopping (again to exit at once)\n", sig)
 					cancel()
+				case time.Since(stopping) < time.Second:
+					// The same stop delivered twice (timeout(1) signals the
+					// process and then its group; a terminal's Ctrl-C and a
+					// service manager's SIGTERM can coincide): not a second
+					// request from a person.
 				default:
 					// The children die with us (Pdeathsig, parent watch).
 					fmt.Fprintln(os.Stderr, "shoal: exiting at once")
