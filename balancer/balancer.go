@@ -57,6 +57,8 @@ type Child struct {
 	nextLoopIx int
 	// proxyLimit caps proxied connections at what the fd limit allows.
 	proxyLimit int64
+	// linger is halfCloseLinger; tests shorten it before Start.
+	linger time.Duration
 }
 
 var (
@@ -81,6 +83,7 @@ func New(log hclog.Logger) *Child {
 		conns:  map[net.Conn]struct{}{},
 
 		proxyLimit: fdLimitProxies(),
+		linger:     halfCloseLinger,
 	}
 }
 
@@ -174,7 +177,7 @@ func (c *Child) startLoopsLocked(cfg configs.Config) {
 		wt = 10 * time.Second
 	}
 	for range max(1, runtime.GOMAXPROCS(0)) {
-		l, err := newEvLoop(wt, halfCloseLinger)
+		l, err := newEvLoop(wt, c.linger)
 		if err != nil {
 			c.log.Warn("epoll event loop unavailable; proxying with goroutines", "error", err)
 			break

@@ -226,11 +226,20 @@ func testConfig(t *testing.T, withTLS bool) configs.Config {
 
 func startBalancer(t *testing.T, cfg configs.Config, topo control.Topology) *testBalancer {
 	t.Helper()
+	return startBalancerWith(t, cfg, topo, nil)
+}
+
+// startBalancerWith lets a test adjust the Child before Start.
+func startBalancerWith(t *testing.T, cfg configs.Config, topo control.Topology, tweak func(*Child)) *testBalancer {
+	t.Helper()
 	raw, err := json.Marshal(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	c := New(nil)
+	if tweak != nil {
+		tweak(c)
+	}
 	res, err := c.Start(context.Background(), control.StartParams{
 		Role: control.RoleBalancer, Name: "balancer-1", Index: 1, Config: raw, RunDir: t.TempDir(), Topology: topo,
 	})

@@ -12,6 +12,10 @@ import (
 	"github.com/shoalhq/shoal/proxyproto"
 )
 
+// testLinger replaces halfCloseLinger where a test waits it out; longer
+// than the 1 s no-spin window below.
+const testLinger = 1500 * time.Millisecond
+
 // holdingWorker accepts proxied streams, reads their header and then holds
 // them without reading or closing: the worst case for the proxy's epoll
 // interest handling.
@@ -70,10 +74,10 @@ func loopWakeups(c *Child) int64 {
 // is closed after the linger time.
 func TestTLSHalfCloseNoSpin(t *testing.T) {
 	proxyPath, held := holdingWorker(t)
-	b := startBalancer(t, testConfig(t, true), topology(1, control.Peer{
+	b := startBalancerWith(t, testConfig(t, true), topology(1, control.Peer{
 		Name: "hold", Role: control.RoleWorker, State: control.StateReady, Pid: 1,
 		Addrs: map[string]string{control.AddrProxy: proxyPath},
-	}))
+	}), func(c *Child) { c.linger = testLinger })
 	c, err := tls.Dial("tcp", b.tls, &tls.Config{RootCAs: devCertPool(t, b.storage)})
 	if err != nil {
 		t.Fatal(err)
@@ -97,18 +101,18 @@ func TestTLSHalfCloseNoSpin(t *testing.T) {
 	if n := loopWakeups(b.Child) - w0; n > 50 {
 		t.Fatalf("the event loops woke %d times in 1s with one half-closed idle connection: they spin", n)
 	}
-	// halfCloseLinger later, the proxy gives up on the worker.
-	waitFor(t, halfCloseLinger+5*time.Second, "the linger to end the connection", func() bool { return b.counter(t, "active_tls") == 0 })
+	// The linger later, the proxy gives up on the worker.
+	waitFor(t, testLinger+5*time.Second, "the linger to end the connection", func() bool { return b.counter(t, "active_tls") == 0 })
 }
 
 // Past the fd-derived cap the balancer refuses new TLS connections at once
 // instead of running out of descriptors.
 func TestTLSOverLimitRefused(t *testing.T) {
 	proxyPath, held := holdingWorker(t)
-	b := startBalancer(t, testConfig(t, true), topology(1, control.Peer{
+	b := startBalancerWith(t, testConfig(t, true), topology(1, control.Peer{
 		Name: "hold", Role: control.RoleWorker, State: control.StateReady, Pid: 1,
 		Addrs: map[string]string{control.AddrProxy: proxyPath},
-	}))
+	}), func(c *Child) { c.linger = testLinger })
 	b.mu.Lock()
 	b.proxyLimit = 1
 	b.mu.Unlock()
@@ -130,5 +134,5 @@ func TestTLSOverLimitRefused(t *testing.T) {
 	// The cap frees up when the first one closes (the holding worker never
 	// answers, so after the half-close linger).
 	c1.Close()
-	waitFor(t, halfCloseLinger+5*time.Second, "the slot to free", func() bool { return b.counter(t, "active_tls") == 0 })
+	waitFor(t, testLinger+5*time.Second, "the slot to free", func() bool { return b.counter(t, "active_tls") == 0 })
 }

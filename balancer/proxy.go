@@ -223,7 +223,7 @@ func dialProxy(ctx context.Context, path string, hdr []byte) (*net.UnixConn, err
 // neither direction holds a copy buffer (see copyIdleFree).
 func (c *Child) pipe(raw net.Conn, client *tls.Conn, up *net.UnixConn) {
 	c.mu.Lock()
-	wt := c.cfg.Worker.WriteTimeout.D()
+	wt, linger := c.cfg.Worker.WriteTimeout.D(), c.linger
 	c.mu.Unlock()
 	if wt <= 0 {
 		wt = 10 * time.Second
@@ -244,7 +244,7 @@ func (c *Child) pipe(raw net.Conn, client *tls.Conn, up *net.UnixConn) {
 		// boundary): pass the EOF on and give the worker a bounded time to
 		// finish its answer.
 		_ = up.CloseWrite()
-		t := time.AfterFunc(halfCloseLinger, closeBoth)
+		t := time.AfterFunc(linger, closeBoth)
 		defer t.Stop()
 	} else {
 		closeBoth()
