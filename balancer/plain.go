@@ -58,7 +58,9 @@ func (c *Child) acceptPlain(lf *os.File, name string) {
 	defer c.wg.Done()
 	rc, err := lf.SyscallConn()
 	if err != nil {
-		c.log.Error("public listener unusable; not accepting", "error", err)
+		if !errors.Is(err, os.ErrClosed) { // closed already: a Drain right after Start
+			c.log.Error("public listener unusable; not accepting", "error", err)
+		}
 		return
 	}
 	var pause time.Duration
@@ -133,7 +135,8 @@ func (c *Child) routePlain(conn net.Conn) {
 // nothing (no prebuf): the worker sees the stream from its first byte and
 // the client's address from the socket. The caller closes fd afterwards.
 func (c *Child) routeFD(fd int) {
-	var tried []*worker
+	var triedBuf [4]*worker // no allocation on the common path
+	tried := triedBuf[:0]
 	for range maxAttempts {
 		w := c.pool.pick(kindPlain, tried)
 		if w == nil {

@@ -170,7 +170,8 @@ func (c *Child) handToLoop(loop *evLoop, tconn *tls.Conn, ec *evConn, up *net.Un
 // next is tried. It returns nil if no worker could take the connection.
 func (c *Child) dialWorker(src, dst net.Addr) (*net.UnixConn, *worker) {
 	hdr := proxyproto.Encode(src, dst)
-	var tried []*worker
+	var triedBuf [4]*worker
+	tried := triedBuf[:0]
 	for range maxAttempts {
 		w := c.pool.pick(kindTLS, tried)
 		if w == nil {
