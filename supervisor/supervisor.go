@@ -703,6 +703,11 @@ func (s *Supervisor) supervise(ctx context.Context, p *proc) {
 		case <-inst.exited:
 		case planned = <-p.restartCh:
 		}
+		if ctx.Err() != nil && planned == nil {
+			// Shutting down: a child that exits now (say, SIGTERMed with the
+			// whole service) is not a crash; shutdown reaps it.
+			return
+		}
 		var crash *crashInfo
 		if planned != nil {
 			v := s.setState(p, control.StateDraining)
