@@ -508,3 +508,36 @@ func TestSendFD(t *testing.T) {
 		t.Errorf("remote %s, want %s", got, want)
 	}
 }
+
+// BenchmarkSendAccept: one handoff round (sendmsg with an fd, recvmsg, close
+// of the received fd), the per-connection cost of the plain path.
+func BenchmarkSendAccept(b *testing.B) {
+	p := filepath.Join(b.TempDir(), "h.sock")
+	l, err := Listen(p)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer l.Close()
+	s, err := Dial(p)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Close()
+	f, err := os.Open(os.DevNull)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	fd := int(f.Fd())
+	b.ReportAllocs()
+	for b.Loop() {
+		if err := s.SendFD(fd, nil); err != nil {
+			b.Fatal(err)
+		}
+		rfd, _, err := l.Accept()
+		if err != nil {
+			b.Fatal(err)
+		}
+		syscall.Close(rfd)
+	}
+}
