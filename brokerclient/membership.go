@@ -21,6 +21,12 @@ import (
 // topology knows as not ready (dead, restarting, draining), so a local
 // broker's channels move as soon as the supervisor sees it go, and the
 // ring's slower verdict only matters for other nodes.
+//
+// Trade-off (docs/brokers.md): the shortest publish gap, but a restarted
+// broker's channels move away and back, and a move has a short window in
+// which a publisher's worker has moved and a subscriber's has not. Following
+// the ring alone keeps channels in place across a quick restart (publishes
+// fail instead, and the broker's warm-up loses nothing).
 type Membership struct {
 	c *Client
 
