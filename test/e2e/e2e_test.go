@@ -392,6 +392,27 @@ func TestClusterLifecycle(t *testing.T) {
 		t.Fatalf("shoal status (%d): %s %s", code, out, errOut)
 	}
 
+	// The children's own log lines are in the central log under their
+	// names and pids (not only what the supervisor says about them).
+	out, _, _ = shoal(t, "logs", "-c", c.cfgPath, "--proc", "worker-2", "--json")
+	own := false
+	for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
+		var e struct {
+			Proc     string `json:"proc"`
+			Pid      int    `json:"pid"`
+			Reporter string `json:"reporter"`
+		}
+		if json.Unmarshal([]byte(line), &e) != nil || e.Proc != "worker-2" {
+			t.Fatalf("--proc worker-2 --json printed %q", line)
+		}
+		if e.Reporter == "" && e.Pid == ci.Processes[3].Pid {
+			own = true
+		}
+	}
+	if !own {
+		t.Errorf("no line logged by worker-2 itself in the central log:\n%s", out)
+	}
+
 	// Traffic reaches a worker through the balancer.
 	if ci.Processes[2].Addrs["handoff"] == "" {
 		t.Fatalf("worker-1 publishes no handoff address: %+v", ci.Processes[2])
