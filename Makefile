@@ -7,7 +7,7 @@ PKGS    := ./...
 # Node packages for the compatibility tests live here, never globally.
 COMPAT  := test/compat
 
-.PHONY: all build run test lint fmt vet staticcheck unit compat compat-deps proto bench tidy clean
+.PHONY: all build run test lint fmt vet staticcheck unit compat compat-deps reference-deps proto bench tidy clean
 
 all: build
 
@@ -34,8 +34,13 @@ staticcheck:
 	@if [ -x $(GOBIN)/staticcheck ]; then $(GOBIN)/staticcheck $(PKGS); else echo "staticcheck: not installable, skipped"; fi
 
 # Race detector on everything; end-to-end tests build the binary themselves.
-unit:
-	$(GO) test -race -count=1 -timeout 15m $(PKGS)
+# SHOAL_REFERENCE=1 makes the bench client's test against the official
+# socketcluster-server (installed locally by reference-deps) mandatory.
+unit: reference-deps
+	SHOAL_REFERENCE=1 $(GO) test -race -count=1 -timeout 15m $(PKGS)
+
+reference-deps:
+	@cd test/reference && (npm ci --no-audit --no-fund --loglevel=error || npm install --no-audit --no-fund --loglevel=error)
 
 compat-deps:
 	@if [ -f $(COMPAT)/package.json ]; then \
