@@ -101,7 +101,7 @@ type blink struct {
 	s      *Server
 	conn   net.Conn
 	w      *link.Writer
-	worker string              // from hello
+	worker atomic.Pointer[string] // from hello; read by other goroutines' logs
 	chans  map[string]struct{} // interests; reader goroutine only
 	once   sync.Once
 }
@@ -234,7 +234,8 @@ func (l *blink) serve() {
 				return fmt.Errorf("broker: worker speaks link version %d, this broker %d: %w", f.Version, link.Version, errProtocol)
 			}
 			helloDone = true
-			l.worker = string(f.Name)
+			name := string(f.Name)
+			l.worker.Store(&name)
 			if err := l.w.WriteHello(s.cfg.Epoch, s.cfg.Name); err != nil {
 				return fmt.Errorf("broker: answering hello: %w", err)
 			}
@@ -256,7 +257,7 @@ func (l *blink) serve() {
 		case link.TypeUnsub:
 			l.unsubscribe(f.Channel)
 		case link.TypeReady:
-			s.workerReady(l.worker)
+			s.workerReady(l.name())
 		case link.TypePing:
 			if err := l.w.WriteEmpty(link.TypePong); err != nil && !errors.Is(err, link.ErrQueueFull) {
 				return err
@@ -271,14 +272,14 @@ func (l *blink) serve() {
 	switch {
 	case errors.As(err, &fe):
 		s.badFrames.Add(1)
-		s.log.Error("malformed frame on worker link; closing it", "worker", l.worker, "error", err)
+		s.log.Error("malformed frame on worker link; closing it", "worker", l.name(), "error", err)
 	case errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) || s.isClosed():
-		s.log.Debug("worker link closed", "worker", l.worker)
+		s.log.Debug("worker link closed", "worker", l.name())
 	case err != nil:
 		if isProtocolError(err) {
 			s.badFrames.Add(1)
 		}
-		s.log.Warn("worker link failed; closing it", "worker", l.worker, "error", err)
+		s.log.Warn("worker link failed; closing it", "worker", l.name(), "error", err)
 	}
 }
 
@@ -501,11 +502,19 @@ func (l *blink) cleanup() {
 	s.nlinks.Add(-1)
 }
 
+// name is the worker's name from its hello ("" before).
+func (l *blink) name() string {
+	if p := l.worker.Load(); p != nil {
+		return *p
+	}
+	return ""
+}
+
 // fail closes the link once; safe from any goroutine.
 func (l *blink) fail(why string, err error) {
 	l.once.Do(func() {
 		if why != "" {
-			l.s.log.Warn("closing worker link", "worker", l.worker, "reason", why, "error", err)
+			l.s.log.Warn("closing worker link", "worker", l.name(), "reason", why, "error", err)
 		}
 		l.w.Close()
 		l.conn.Close()
