@@ -670,7 +670,10 @@ const hungPolls = 5
 // statsTimeout bounds one Stats call: rpcTimeout, or the poll interval when
 // a test makes that shorter.
 func statsTimeout(every time.Duration) time.Duration {
-	return min(rpcTimeout, max(every, 100*time.Millisecond))
+	if every < time.Second {
+		return every
+	}
+	return rpcTimeout
 }
 
 // statsInterval is how often children's Stats are polled (a variable so
