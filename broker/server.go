@@ -102,7 +102,7 @@ type blink struct {
 	conn   net.Conn
 	w      *link.Writer
 	worker atomic.Pointer[string] // from hello; read by other goroutines' logs
-	chans  map[string]struct{} // interests; reader goroutine only
+	chans  map[string]struct{}    // interests; reader goroutine only
 	once   sync.Once
 }
 
