@@ -177,7 +177,7 @@ func (c *Child) startLoopsLocked(cfg configs.Config) {
 		wt = 10 * time.Second
 	}
 	for range max(1, runtime.GOMAXPROCS(0)) {
-		l, err := newEvLoop(wt, c.linger)
+		l, err := newEvLoop(wt, c.linger, c.stats)
 		if err != nil {
 			c.log.Warn("epoll event loop unavailable; proxying with goroutines", "error", err)
 			break
@@ -252,6 +252,8 @@ func (c *Child) Health(ctx context.Context) (control.Health, error) {
 func (c *Child) Stats(ctx context.Context) (control.Stats, error) {
 	st := control.Stats{
 		Connections: c.stats.active.Load(),
+		BytesIn:     c.stats.bytesIn.Load(),
+		BytesOut:    c.stats.bytesOut.Load(),
 		Counters:    c.stats.snapshot(),
 	}
 	procstat.Fill(&st)

@@ -686,6 +686,13 @@ func TestTLSProxyLargeTransfers(t *testing.T) {
 	}
 	tr.CloseIdleConnections()
 	waitFor(t, 5*time.Second, "proxied connections closed", func() bool { return b.counter(t, "active_tls") == 0 })
+	st, err := b.Stats(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if min := int64(conns * size); st.BytesIn < min || st.BytesOut < min {
+		t.Errorf("bytes in %d, out %d; want at least %d each way", st.BytesIn, st.BytesOut, min)
+	}
 }
 
 // listen.tls.listen equal to listen.public: one port serves ws:// (handed

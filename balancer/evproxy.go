@@ -248,6 +248,7 @@ type evLoop struct {
 	byFD   map[int]*evProxy
 	runq   []*evProxy   // client sides to read without waiting for epoll
 	wt     atomic.Int64 // worker.write_timeout (ns); Reload may change it
+	stats  *stats       // byte counters (shared with the Child)
 	linger time.Duration
 
 	wakeups atomic.Int64 // epoll_wait returns, for the no-spin test
@@ -257,7 +258,7 @@ type evLoop struct {
 	stopping bool
 }
 
-func newEvLoop(wt, linger time.Duration) (*evLoop, error) {
+func newEvLoop(wt, linger time.Duration, st *stats) (*evLoop, error) {
 	epfd, err := syscall.EpollCreate1(syscall.EPOLL_CLOEXEC)
 	if err != nil {
 		return nil, fmt.Errorf("epoll_create1: %w", err)
@@ -275,7 +276,7 @@ func newEvLoop(wt, linger time.Duration) (*evLoop, error) {
 		return nil, fmt.Errorf("epoll_ctl wake pipe: %w", err)
 	}
 	l := &evLoop{epfd: epfd, wakeR: p[0], wakeW: p[1], buf: make([]byte, evBufSize),
-		byFD: map[int]*evProxy{}, linger: linger}
+		byFD: map[int]*evProxy{}, linger: linger, stats: st}
 	l.setWriteTimeout(wt)
 	return l, nil
 }
@@ -425,6 +426,7 @@ func (l *evLoop) readClient(p *evProxy) {
 		// Reading can make crypto/tls write (a TLS 1.3 KeyUpdate answer).
 		l.clientQueued(p)
 		if n > 0 {
+			l.stats.bytesIn.Add(int64(n))
 			w, werr := writeNB(p.wfd, l.buf[:n])
 			if werr != nil {
 				l.close(p)
@@ -478,6 +480,7 @@ func (l *evLoop) readWorker(p *evProxy) {
 			l.finish(p)
 			return
 		}
+		l.stats.bytesOut.Add(int64(n))
 		if _, err := p.tc.Write(l.buf[:n]); err != nil {
 			l.close(p)
 			return

@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -236,11 +237,11 @@ func (c *Child) pipe(raw net.Conn, client *tls.Conn, up *net.UnixConn) {
 	done := make(chan struct{})
 	go func() { // worker → client
 		defer close(done)
-		_ = copyIdleFree(client, up, up, wt)
+		_ = copyIdleFree(client, up, up, wt, &c.stats.bytesOut)
 		closeBoth()
 	}()
 	// client → worker
-	if err := copyIdleFree(up, client, raw, wt); err == nil {
+	if err := copyIdleFree(up, client, raw, wt, &c.stats.bytesIn); err == nil {
 		// The client finished sending (close_notify or FIN at a record
 		// boundary): pass the EOF on and give the worker a bounded time to
 		// finish its answer.
@@ -262,14 +263,14 @@ func (c *Child) pipe(raw net.Conn, client *tls.Conn, up *net.UnixConn) {
 // returns what src holds without touching the socket, and a timeout once it
 // holds nothing (crypto/tls keeps timeouts non-fatal, partial records
 // included).
-func copyIdleFree(dst net.Conn, src net.Conn, sock net.Conn, wt time.Duration) error {
+func copyIdleFree(dst net.Conn, src net.Conn, sock net.Conn, wt time.Duration, moved *atomic.Int64) error {
 	sc, ok := sock.(syscall.Conn)
 	if !ok {
-		return copyWithDeadline(dst, src, wt)
+		return copyWithDeadline(dst, src, wt, moved)
 	}
 	rc, err := sc.SyscallConn()
 	if err != nil {
-		return copyWithDeadline(dst, src, wt)
+		return copyWithDeadline(dst, src, wt, moved)
 	}
 	var peek [1]byte
 	ready := func(fd uintptr) bool {
@@ -288,7 +289,7 @@ func copyIdleFree(dst net.Conn, src net.Conn, sock net.Conn, wt time.Duration) e
 			}
 		}
 		bp := copyBufs.Get().(*[]byte)
-		err := burst(dst, src, *bp, wt, blocking)
+		err := burst(dst, src, *bp, wt, blocking, moved)
 		copyBufs.Put(bp)
 		if err != nil {
 			if errors.Is(err, io.EOF) {
@@ -307,7 +308,7 @@ var expired = time.Unix(1, 0)
 // burst moves what is there: one blocking read if block (the socket is
 // known to be readable), then a drain of src's own buffer with an expired
 // deadline. nil means "nothing more for now, wait again".
-func burst(dst, src net.Conn, buf []byte, wt time.Duration, block bool) error {
+func burst(dst, src net.Conn, buf []byte, wt time.Duration, block bool, moved *atomic.Int64) error {
 	if !block {
 		if err := src.SetReadDeadline(expired); err != nil {
 			return err
@@ -316,6 +317,7 @@ func burst(dst, src net.Conn, buf []byte, wt time.Duration, block bool) error {
 	for i := 0; ; i++ {
 		n, rerr := src.Read(buf)
 		if n > 0 {
+			moved.Add(int64(n))
 			if err := dst.SetWriteDeadline(time.Now().Add(wt)); err != nil {
 				return err
 			}
@@ -339,13 +341,14 @@ func burst(dst, src net.Conn, buf []byte, wt time.Duration, block bool) error {
 
 // copyWithDeadline copies src to dst until EOF (nil) or an error, with a
 // write deadline on each write. Fallback for conns without a raw socket.
-func copyWithDeadline(dst net.Conn, src io.Reader, wt time.Duration) error {
+func copyWithDeadline(dst net.Conn, src io.Reader, wt time.Duration, moved *atomic.Int64) error {
 	bp := copyBufs.Get().(*[]byte)
 	defer copyBufs.Put(bp)
 	buf := *bp
 	for {
 		n, rerr := src.Read(buf)
 		if n > 0 {
+			moved.Add(int64(n))
 			if err := dst.SetWriteDeadline(time.Now().Add(wt)); err != nil {
 				return err
 			}
