@@ -785,7 +785,7 @@ func (s *Supervisor) restart(ctx context.Context, p *proc, crash *crashInfo, pla
 			return nil
 		}
 		s.setDead(p, "failed to start")
-		crash = &crashInfo{status: "failed to start: " + err.Error()}
+		crash = &crashInfo{status: err.Error()}
 	}
 }
 
@@ -803,13 +803,17 @@ func (s *Supervisor) reportCrash(p *proc, c *crashInfo, d Decision) {
 	if c.stderr != "" {
 		args = append(args, "stderr", c.stderr)
 	}
+	what := "crashed"
+	if c.pid == 0 {
+		what = "failed to start"
+	}
 	if d.GiveUp {
-		l.Error(fmt.Sprintf("%s crashed; CRASH LOOP: %d crashes within %s, not restarting it again (the rest of the node keeps running)",
-			p.name, d.Recent, s.policy.Window), args...)
+		l.Error(fmt.Sprintf("%s %s; CRASH LOOP: %d crashes within %s, not restarting it again (the rest of the node keeps running)",
+			p.name, what, d.Recent, s.policy.Window), args...)
 		return
 	}
 	args = append(args, "restart_in", d.Delay)
-	l.Error(fmt.Sprintf("%s crashed; restarting in %s", p.name, d.Delay), args...)
+	l.Error(fmt.Sprintf("%s %s; restarting in %s", p.name, what, d.Delay), args...)
 }
 
 // childLog writes lines about a child (its lifecycle, as the supervisor sees
