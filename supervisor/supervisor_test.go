@@ -411,6 +411,38 @@ func TestHungChildIsKilledAndRestarted(t *testing.T) {
 	}
 }
 
+func TestFailedRestartsCountAsCrashes(t *testing.T) {
+	cfg := testConfig(t, 1)
+	n := startNode(t, cfg, nil)
+	n.waitReady()
+	// From now on worker-1 cannot start; then it dies.
+	if err := os.WriteFile(filepath.Join(n.dir, "worker-1.do"), []byte("start-error no port for you"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Kill(n.proc("worker-1").Pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 20*time.Second, "worker-1 given up", func() bool { return n.proc("worker-1").State == stateFailed })
+	var failed, loop int
+	for _, e := range n.logEntries(logfile.Filter{MinLevel: logfile.LevelError, Procs: []string{"worker-1"}}) {
+		if strings.Contains(e.Msg, "failed to start") && strings.Contains(e.GetString("exit"), "no port for you") {
+			failed++
+		}
+		if strings.Contains(e.Msg, "CRASH LOOP") {
+			loop++
+		}
+	}
+	if failed != 2 || loop != 1 {
+		t.Fatalf("want the kill, then 2 failed starts (the second one is the crash loop): failed=%d loop=%d", failed, loop)
+	}
+	if p := n.proc("broker-1"); p.State != control.StateReady {
+		t.Fatalf("the rest keeps running: %+v", p)
+	}
+	if err := n.stop(); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func TestStartErrorIsFatal(t *testing.T) {
 	cfg := testConfig(t, 1)
 	n := startNode(t, cfg, map[string]string{"balancer-1": "start-error listen tcp 127.0.0.1:8000: bind: address already in use"})
