@@ -4,6 +4,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -162,4 +163,53 @@ func TestReloadCertificateAndPorts(t *testing.T) {
 	if err := b.Reload(t.Context(), raw); err == nil || !strings.Contains(err.Error(), "restart the balancer") {
 		t.Fatalf("Reload moving a port: %v", err)
 	}
+}
+
+// Two balancers of one node (cluster.balancers: 2) share the public and TLS
+// ports with SO_REUSEPORT and serve the same development certificate; a
+// single balancer does not share its port.
+func TestTwoBalancersShareThePorts(t *testing.T) {
+	freePort := func() string {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		return ln.Addr().String()
+	}
+	dir := t.TempDir()
+	w1 := startFakeWorker(t, dir, "worker-1")
+	cfg := testConfig(t, true)
+	two := 2
+	cfg.Cluster.Balancers = &two
+	cfg.Listen.Public, cfg.Listen.TLS.Listen = freePort(), freePort()
+	topo := topology(1, w1.peer(101, 0))
+	a := startBalancer(t, cfg, topo)
+	b := startBalancer(t, cfg, topo)
+	if a.public != b.public || a.tls != b.tls {
+		t.Fatalf("ports differ: %s/%s vs %s/%s", a.public, a.tls, b.public, b.tls)
+	}
+	// Both serve; the kernel picks which one takes each connection.
+	pool := devCertPool(t, cfg.Storage.Dir)
+	for range 6 {
+		if _, _, err := get(t, "https://"+a.tls+"/", "127.0.0.1", &tls.Config{RootCAs: pool}); err != nil {
+			t.Fatal(err)
+		}
+		if _, _, err := get(t, "http://"+a.public+"/", "127.0.0.1", nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if fa, fb := servedFingerprint(t, a.tls), fileFingerprint(t, filepath.Join(cfg.Storage.Dir, "tls", devCertFile)); fa != fb {
+		t.Fatal("the balancers serve different certificates")
+	}
+
+	// One balancer configured: the port is not shared.
+	one := 1
+	cfg.Cluster.Balancers = &one
+	raw, _ := json.Marshal(cfg)
+	c := New(nil)
+	if _, err := c.Start(t.Context(), control.StartParams{Config: raw}); err == nil || !strings.Contains(err.Error(), "already in use") {
+		t.Fatalf("third balancer without SO_REUSEPORT: %v", err)
+	}
+	_ = c.Stop(t.Context())
 }
