@@ -101,6 +101,11 @@ func (c *Child) Start(ctx context.Context, p control.StartParams) (control.Start
 	if c.public != nil || c.stopped {
 		return control.StartResult{}, errors.New("balancer: Start called twice or after Stop")
 	}
+	if cfg.Listen.Public == "" {
+		// configs.Validate requires it; an empty address would mean a
+		// random port nobody is told about.
+		return control.StartResult{}, errors.New("listen.public: must be set (host:port)")
+	}
 	c.cfg = cfg
 	c.pool.setTopology(p.Topology)
 
