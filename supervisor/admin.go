@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
@@ -43,7 +44,7 @@ type ClusterInfo struct {
 	Public          string        `json:"public"`
 	TLS             string        `json:"tls,omitempty"`
 	Admin           string        `json:"admin"`
-	Log             string        `json:"log"`
+	Log             string        `json:"log"` // absolute path of the central log
 	SupervisorPid   int           `json:"supervisor_pid"`
 	SupervisorRSS   uint64        `json:"supervisor_rss_bytes"`
 	Uptime          float64       `json:"uptime"`
@@ -100,8 +101,12 @@ func (s *Supervisor) Cluster() ClusterInfo {
 	now := time.Now()
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	logPath := cfg.Log.File
+	if abs, err := filepath.Abs(logPath); err == nil {
+		logPath = abs // readers (shoal logs --admin) may run elsewhere
+	}
 	ci := ClusterInfo{
-		Node: host, Config: s.opts.ConfigName, Public: s.publicURL, TLS: s.tlsURL, Admin: s.adminURL, Log: cfg.Log.File,
+		Node: host, Config: s.opts.ConfigName, Public: s.publicURL, TLS: s.tlsURL, Admin: s.adminURL, Log: logPath,
 		SupervisorPid: os.Getpid(), SupervisorRSS: procstat.RSS(os.Getpid()),
 		Uptime: now.Sub(s.started).Seconds(), TopologyVersion: s.version,
 	}

@@ -3,8 +3,12 @@ package main
 import (
 	"bufio"
 	"context"
+	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"os/signal"
 	"strings"
@@ -12,14 +16,16 @@ import (
 	"time"
 
 	"github.com/shoalhq/shoal/logfile"
+	"github.com/shoalhq/shoal/supervisor"
 )
 
-// cmdLogs: `shoal logs [-c FILE | --file PATH] [-f] [-n N] [--level L]
+// cmdLogs: `shoal logs [-c FILE | --file PATH | --admin ADDR] [-f] [-n N] [--level L]
 // [--proc NAME] [--since DURATION|TIME] [--json]`.
 func cmdLogs(args []string) int {
 	fs := flag.NewFlagSet("shoal logs", flag.ContinueOnError)
 	cfgPath := fs.String("c", "", "config `file` of the node (for log.file)")
 	file := fs.String("file", "", "log `path` (default: log.file of the config)")
+	admin := fs.String("admin", "", "ask the supervisor at this admin `address` where its log is")
 	follow := fs.Bool("f", false, "follow: keep printing new lines, across rotation, until Ctrl-C")
 	n := fs.Int("n", -1, "print only the last `N` matching lines (default: all; 10 with -f)")
 	level := fs.String("level", "", "minimum `level`: trace, debug, info, warn or error")
@@ -34,6 +40,14 @@ func cmdLogs(args []string) int {
 		return 2
 	}
 	path := *file
+	if path == "" && *admin != "" {
+		p, err := logPathFromAdmin(*admin)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "shoal logs: "+err.Error())
+			return 1
+		}
+		path = p
+	}
 	if path == "" {
 		cfg, err := loadConfig(*cfgPath)
 		if err != nil {
@@ -122,4 +136,24 @@ func cmdLogs(args []string) int {
 		return 1
 	}
 	return 0
+}
+
+// logPathFromAdmin asks a running supervisor for its log's absolute path.
+func logPathFromAdmin(addr string) (string, error) {
+	af := adminFlags{cfgPath: new(string), addr: &addr}
+	base, err := af.base()
+	if err != nil {
+		return "", err
+	}
+	client := &http.Client{Timeout: 10 * time.Second}
+	resp, err := client.Get(base + "/api/cluster")
+	if err != nil {
+		return "", errors.New(adminErr(base, err))
+	}
+	defer resp.Body.Close()
+	var ci supervisor.ClusterInfo
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 16<<20)).Decode(&ci); err != nil || ci.Log == "" {
+		return "", fmt.Errorf("%s/api/cluster did not say where the log is (%s)", base, resp.Status)
+	}
+	return ci.Log, nil
 }

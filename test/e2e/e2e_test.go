@@ -504,6 +504,9 @@ func TestClusterLifecycle(t *testing.T) {
 	if strings.Contains(out, " INFO ") {
 		t.Errorf("--level error printed info lines:\n%s", out)
 	}
+	if viaAdmin, _, _ := shoal(t, "logs", "--admin", c.admin, "--level", "error"); viaAdmin != out {
+		t.Errorf("shoal logs --admin finds another log:\n%s", viaAdmin)
+	}
 	out, _, _ = shoal(t, "logs", "-c", c.cfgPath, "--proc", "broker")
 	for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
 		if !strings.Contains(line, " broker-") && !strings.HasPrefix(line, "    ") {
