@@ -232,8 +232,8 @@ type evProxy struct {
 	closed    bool
 
 	// Deadlines (zero = none), checked by the loop's tick.
-	stallSince time.Time // since when queued bytes wait with no progress (worker.write_timeout)
-	lingerTill time.Time // half-closed: how long the worker may take to finish
+	cStall, wStall time.Time // since when bytes queued for the client / worker made no progress (worker.write_timeout)
+	lingerTill     time.Time // half-closed: how long the worker may take to finish
 
 	// Interest currently registered, per fd.
 	cEvents, wEvents uint32
@@ -434,7 +434,7 @@ func (l *evLoop) readClient(p *evProxy) {
 			}
 			if w < n {
 				p.wOut = append([]byte(nil), l.buf[w:n]...)
-				p.stallSince = time.Now()
+				p.wStall = time.Now()
 				l.setClient(p, p.cEvents&^evRead)
 				l.setWorker(p, p.wEvents|evWrite)
 				return
@@ -498,7 +498,7 @@ func (l *evLoop) clientQueued(p *evProxy) bool {
 		return false
 	}
 	if p.cEvents&evWrite == 0 {
-		p.stallSince = time.Now()
+		p.cStall = time.Now()
 		l.setWorker(p, p.wEvents&^evRead)
 		l.setClient(p, p.cEvents|evWrite)
 	}
@@ -514,11 +514,11 @@ func (l *evLoop) flushClient(p *evProxy) {
 	}
 	if !empty {
 		if len(p.ec.out) < before {
-			p.stallSince = time.Now() // progress: the timeout counts from here
+			p.cStall = time.Now() // progress: the timeout counts from here
 		}
 		return
 	}
-	p.stallSince = time.Time{}
+	p.cStall = time.Time{}
 	l.setClient(p, p.cEvents&^evWrite)
 	if p.closing {
 		l.finish(p)
@@ -536,12 +536,12 @@ func (l *evLoop) flushWorker(p *evProxy) {
 	p.wOut = p.wOut[n:]
 	if len(p.wOut) > 0 {
 		if n > 0 {
-			p.stallSince = time.Now() // progress: the timeout counts from here
+			p.wStall = time.Now() // progress: the timeout counts from here
 		}
 		return
 	}
 	p.wOut = nil
-	p.stallSince = time.Time{}
+	p.wStall = time.Time{}
 	l.setWorker(p, p.wEvents&^evWrite)
 	if !p.clientEOF {
 		l.setClient(p, p.cEvents|evRead)
@@ -610,11 +610,15 @@ func (l *evLoop) tick(now time.Time) {
 			continue
 		}
 		seen[p] = true
-		if (!p.stallSince.IsZero() && now.Sub(p.stallSince) > wt) ||
+		if stalled(p.cStall, now, wt) || stalled(p.wStall, now, wt) ||
 			(!p.lingerTill.IsZero() && now.After(p.lingerTill)) {
 			l.close(p)
 		}
 	}
+}
+
+func stalled(since, now time.Time, wt time.Duration) bool {
+	return !since.IsZero() && now.Sub(since) > wt
 }
 
 // close ends a proxied connection: close_notify to the client (best
