@@ -68,11 +68,11 @@ type Conn struct {
 	// Input state. Only the read task touches it (Conn.reading serialises
 	// read tasks); finish clears it once no read task can run.
 	stash    []byte // incomplete input: HTTP head, or a frame still arriving
-	discard  bool   // closing: frames are parsed only to find the peer's close frame
 	need     int    // total size of the frame in stash, 0 while its header is incomplete
 	frag     []byte // data message being reassembled from fragments
 	fragOp   ws.OpCode
 	fragging bool
+	discard  bool // closing: frames are parsed only to find the peer's close frame
 }
 
 // ID is unique among the connections of one Server.
