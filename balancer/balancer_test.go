@@ -735,6 +735,8 @@ func TestTLSGoroutineFallback(t *testing.T) {
 	t.Run("large", TestTLSProxyLargeTransfers)
 	t.Run("stop", TestStopClosesProxiedConnections)
 	t.Run("slow", TestTLSSlowReaderGetsEverything)
+	t.Run("stalled-reader", TestTLSStalledReaderClosed)
+	t.Run("stalled-worker", TestTLSStalledWorkerClosed)
 }
 
 // A client that reads slower than the worker writes (8 MiB through a 512-byte

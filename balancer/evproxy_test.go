@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/shoalhq/shoal/configs"
 	"github.com/shoalhq/shoal/proto/control"
 	"github.com/shoalhq/shoal/proxyproto"
 )
@@ -135,4 +136,37 @@ func TestTLSOverLimitRefused(t *testing.T) {
 	// answers, so after the half-close linger).
 	c1.Close()
 	waitFor(t, testLinger+5*time.Second, "the slot to free", func() bool { return b.counter(t, "active_tls") == 0 })
+}
+
+// A worker that stops reading is cut off after worker.write_timeout too,
+// even while the client keeps sending.
+func TestTLSStalledWorkerClosed(t *testing.T) {
+	proxyPath, held := holdingWorker(t)
+	cfg := testConfig(t, true)
+	cfg.Worker.WriteTimeout = configs.Duration(time.Second)
+	b := startBalancer(t, cfg, topology(1, control.Peer{
+		Name: "hold", Role: control.RoleWorker, State: control.StateReady, Pid: 1,
+		Addrs: map[string]string{control.AddrProxy: proxyPath},
+	}))
+	c, err := tls.Dial("tcp", b.tls, &tls.Config{RootCAs: devCertPool(t, b.storage)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	waitFor(t, 5*time.Second, "the worker to hold the stream", func() bool { return held() == 1 })
+	writeErr := make(chan error, 1)
+	go func() {
+		// Far more than the socket buffers: the proxy must queue, then give up.
+		chunk := make([]byte, 64<<10)
+		for range 512 {
+			if _, err := c.Write(chunk); err != nil {
+				writeErr <- err
+				return
+			}
+		}
+		writeErr <- nil
+	}()
+	waitFor(t, 15*time.Second, "the stalled connection to be closed", func() bool { return b.counter(t, "active_tls") == 0 })
+	c.Close() // unblocks the writer if it is still blocked
+	<-writeErr
 }
