@@ -56,5 +56,7 @@
 // epoll_ctl, shutdown(2) and the runtime timer's Reset/Stop; tasks are pushed
 // to the pool after it is released. Server.tabMu (the fd table) and pool.mu
 // are leaves: no other lock is taken while holding them.
-// Handlers must not call Shutdown (it waits for the pool they run on).
+// Handlers must not call Shutdown (it waits for the pool they run on). A
+// Handler panic is recovered, logged with its stack and counted; that
+// connection is closed with 1011.
 package netpoll

@@ -85,7 +85,7 @@ func (c *Conn) upgrade(head, rest []byte) {
 	s.open.Add(1)
 	s.stats.upgraded.Add(1)
 	c.unlockAndRun()
-	s.cfg.Handler.OnOpen(c)
+	c.callOpen()
 	if len(rest) > 0 && c.isOpen() {
 		c.input(rest)
 	}

@@ -898,3 +898,25 @@ func TestCloseWithReservedCodes(t *testing.T) {
 		waitFor(t, 5*time.Second, "released", func() bool { return ts.Len() == 0 })
 	}
 }
+
+func TestHandlerPanicClosesOnlyThatConn(t *testing.T) {
+	h := &recorder{echo: true}
+	h.onMsg = func(c *Conn, p []byte) {
+		if string(p) == "boom" {
+			panic("handler bug")
+		}
+	}
+	ts := startServer(t, Config{Handler: h})
+	bad, good := ts.dial(t), ts.dial(t)
+	bad.send(t, "boom")
+	if code, _ := bad.readClose(t); code != ws.StatusInternalServerError {
+		t.Fatalf("close code %d, want 1011", code)
+	}
+	good.send(t, "still here")
+	if got := good.read(t); got != "still here" {
+		t.Fatal(got)
+	}
+	if ts.Stats().Panics != 1 {
+		t.Fatalf("stats %+v", ts.Stats())
+	}
+}

@@ -1,6 +1,7 @@
 package netpoll
 
 import (
+	"runtime/debug"
 	"unicode/utf8"
 
 	"github.com/gobwas/ws"
@@ -128,7 +129,7 @@ func (c *Conn) deliverOnClose() bool {
 	// Nothing more will be delivered: free a partly received message now.
 	c.frag, c.fragging = nil, false
 	c.mu.Unlock()
-	c.srv.cfg.Handler.OnClose(c, code, reason)
+	c.callClose(code, reason)
 	return true
 }
 
@@ -306,7 +307,7 @@ func (c *Conn) frame(h frameHeader, payload []byte) bool {
 // connection, the frames after it are only parsed, not delivered.
 func (c *Conn) deliver(msg []byte) bool {
 	c.srv.stats.msgsIn.Add(1)
-	c.srv.cfg.Handler.OnMessage(c, msg)
+	c.callMessage(msg)
 	if !c.isOpen() {
 		c.discard = true
 	}
@@ -369,4 +370,31 @@ func (c *Conn) fail(err error) {
 	c.mu.Lock()
 	c.beginCloseLocked(code, reason, closeFrame(code, reason))
 	c.unlockAndRun()
+}
+
+// Handler calls recover a panic: it is logged with its stack and the
+// connection is closed with 1011, so a bug hit by one client's input does
+// not take the worker's other connections down.
+func (c *Conn) callOpen() {
+	defer c.recoverHandler("OnOpen")
+	c.srv.cfg.Handler.OnOpen(c)
+}
+
+func (c *Conn) callMessage(msg []byte) {
+	defer c.recoverHandler("OnMessage")
+	c.srv.cfg.Handler.OnMessage(c, msg)
+}
+
+func (c *Conn) callClose(code ws.StatusCode, reason string) {
+	defer c.recoverHandler("OnClose")
+	c.srv.cfg.Handler.OnClose(c, code, reason)
+}
+
+func (c *Conn) recoverHandler(callback string) {
+	if r := recover(); r != nil {
+		c.srv.stats.panics.Add(1)
+		c.srv.log.Error("handler panicked; closing the connection", "callback", callback, "conn", c.id,
+			"panic", r, "stack", string(debug.Stack()))
+		c.Close(ws.StatusInternalServerError, "internal error")
+	}
 }

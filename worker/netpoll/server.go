@@ -59,6 +59,7 @@ type counters struct {
 	accepted, upgraded, rejected, http         atomic.Uint64
 	msgsIn, bytesIn, msgsOut, bytesOut         atomic.Uint64
 	queueFull, timeouts, protoErrors, released atomic.Uint64
+	panics                                     atomic.Uint64
 }
 
 // Stats is a snapshot of a Server's counters.
@@ -75,6 +76,7 @@ type Stats struct {
 	QueueFull   uint64 // writes refused with ErrQueueFull
 	Timeouts    uint64 // handshake, write and close timeouts
 	ProtoErrors uint64 // connections closed for a protocol violation
+	Panics      uint64 // Handler panics recovered (the connection was closed with 1011)
 }
 
 // Stats returns the current counters.
@@ -85,6 +87,7 @@ func (s *Server) Stats() Stats {
 		Rejected: c.rejected.Load(), HTTP: c.http.Load(),
 		MsgsIn: c.msgsIn.Load(), BytesIn: c.bytesIn.Load(), MsgsOut: c.msgsOut.Load(), BytesOut: c.bytesOut.Load(),
 		QueueFull: c.queueFull.Load(), Timeouts: c.timeouts.Load(), ProtoErrors: c.protoErrors.Load(),
+		Panics: c.panics.Load(),
 	}
 }
 
