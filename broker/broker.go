@@ -360,8 +360,11 @@ func (c *Child) Drain(ctx context.Context, timeout time.Duration) error {
 	srv, r := c.srv, c.ring
 	c.mu.Unlock()
 	if r != nil {
-		if err := r.Leave(timeout); err != nil {
-			c.log.Warn("leaving the ring", "error", err)
+		// The leave broadcast needs no answer to help the others, and the
+		// last broker of a node has nobody to wait for; don't let it hold a
+		// whole node's shutdown for the drain timeout.
+		if err := r.Leave(min(timeout, leaveTimeout)); err != nil {
+			c.log.Debug("leaving the ring", "error", err)
 		}
 	}
 	if srv != nil {
@@ -371,6 +374,9 @@ func (c *Child) Drain(ctx context.Context, timeout time.Duration) error {
 	}
 	return nil
 }
+
+// leaveTimeout bounds the ring's leave broadcast on drain.
+const leaveTimeout = 500 * time.Millisecond
 
 // Stop closes everything; idempotent.
 func (c *Child) Stop(ctx context.Context) error {

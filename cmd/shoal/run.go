@@ -120,7 +120,7 @@ func cmdRun(args []string) int {
 // loadConfig reads a config file, or the embedded default for "".
 func loadConfig(path string) (configs.Config, error) {
 	if path == "" {
-		return configs.LoadDefault(), nil
+		return configs.LoadDefaultErr()
 	}
 	return configs.LoadFile(path)
 }

@@ -6,6 +6,8 @@ package control
 import (
 	"context"
 	"os"
+	"os/signal"
+	"syscall"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -139,6 +141,11 @@ func PluginMap(impl Child) plugin.PluginSet {
 // also exits the process when the parent dies, so no child outlives a
 // SIGKILLed supervisor (belt and braces with the parent's Pdeathsig).
 func Serve(impl Child, logger hclog.Logger) {
+	// Only the supervisor decides when a child stops: a SIGTERM sent to the
+	// whole process group (systemd's KillMode=control-group, `kill -- -pgid`)
+	// must not kill children before the supervisor has drained them. go-plugin
+	// already ignores SIGINT for the same reason.
+	signal.Ignore(syscall.SIGTERM)
 	go watchParent(os.Getppid(), logger)
 	plugin.Serve(&plugin.ServeConfig{
 		HandshakeConfig: Handshake,
