@@ -920,3 +920,66 @@ func TestHandlerPanicClosesOnlyThatConn(t *testing.T) {
 		t.Fatalf("stats %+v", ts.Stats())
 	}
 }
+
+// TestManyConnsConcurrently runs many clients at once, each pipelining
+// messages of mixed sizes and checking its echoes, while the server also
+// pushes a shared frame to everyone: reads, writes and fan-out interleave.
+func TestManyConnsConcurrently(t *testing.T) {
+	h := &recorder{echo: true}
+	ts := startServer(t, Config{Handler: h, SendQueueMsgs: 1 << 14, SendQueueBytes: 64 << 20})
+	const clients, msgs = 50, 40
+	cs := make([]*client, clients)
+	for i := range cs {
+		cs[i] = ts.dial(t)
+	}
+	waitFor(t, 5*time.Second, "all open", func() bool { return h.openCount() == clients })
+	h.mu.Lock()
+	conns := append([]*Conn(nil), h.opened...)
+	h.mu.Unlock()
+	errs := make(chan error, clients)
+	for i, c := range cs {
+		go func() {
+			var buf bytes.Buffer
+			for j := range msgs {
+				_ = wsutil.WriteClientText(&buf, []byte(fmt.Sprintf("%d/%d/%s", i, j, strings.Repeat("p", (j*131)%5000))))
+			}
+			if _, err := c.Write(buf.Bytes()); err != nil {
+				errs <- err
+				return
+			}
+			_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+			next, shared := 0, 0
+			for next < msgs || shared < 5 {
+				p, _, err := wsutil.ReadServerData(c.rw)
+				if err != nil {
+					errs <- fmt.Errorf("client %d: %w", i, err)
+					return
+				}
+				if string(p) == "shared" {
+					shared++
+					continue
+				}
+				var ci, cj int
+				if _, err := fmt.Sscanf(string(p), "%d/%d/", &ci, &cj); err != nil || ci != i || cj != next {
+					errs <- fmt.Errorf("client %d: got %.20q, want message %d", i, p, next)
+					return
+				}
+				next++
+			}
+			errs <- nil
+		}()
+	}
+	frame := AppendTextFrame(nil, []byte("shared"))
+	for range 5 {
+		for _, sc := range conns {
+			if err := sc.WriteFrame(frame); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	for range clients {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+}
