@@ -100,20 +100,19 @@ type protoError struct {
 func (e *protoError) Error() string { return e.reason }
 
 var (
-	errReserved      = &protoError{ws.StatusProtocolError, "reserved bits set"}
-	errOpcode        = &protoError{ws.StatusProtocolError, "reserved opcode"}
-	errUnmasked      = &protoError{ws.StatusProtocolError, "client frame not masked"}
-	errControlLen    = &protoError{ws.StatusProtocolError, "control frame too long"}
-	errControlFrag   = &protoError{ws.StatusProtocolError, "fragmented control frame"}
-	errLength        = &protoError{ws.StatusProtocolError, "invalid payload length"}
-	errContinuation  = &protoError{ws.StatusProtocolError, "continuation without a started message"}
-	errInterleaved   = &protoError{ws.StatusProtocolError, "new message before the previous one ended"}
-	errCloseBody     = &protoError{ws.StatusProtocolError, "invalid close frame body"}
-	errCloseCode     = &protoError{ws.StatusProtocolError, "invalid close code"}
-	errTooBig        = &protoError{ws.StatusMessageTooBig, "message too big"}
-	errInvalidUTF8   = &protoError{ws.StatusInvalidFramePayloadData, "invalid UTF-8 in text message"}
-	errCloseUTF8     = &protoError{ws.StatusInvalidFramePayloadData, "invalid UTF-8 in close reason"}
-	errHeaderTooLong = &protoError{ws.StatusProtocolError, "handshake request too long"}
+	errReserved     = &protoError{ws.StatusProtocolError, "reserved bits set"}
+	errOpcode       = &protoError{ws.StatusProtocolError, "reserved opcode"}
+	errUnmasked     = &protoError{ws.StatusProtocolError, "client frame not masked"}
+	errControlLen   = &protoError{ws.StatusProtocolError, "control frame too long"}
+	errControlFrag  = &protoError{ws.StatusProtocolError, "fragmented control frame"}
+	errLength       = &protoError{ws.StatusProtocolError, "invalid payload length"}
+	errContinuation = &protoError{ws.StatusProtocolError, "continuation without a started message"}
+	errInterleaved  = &protoError{ws.StatusProtocolError, "new message before the previous one ended"}
+	errCloseBody    = &protoError{ws.StatusProtocolError, "invalid close frame body"}
+	errCloseCode    = &protoError{ws.StatusProtocolError, "invalid close code"}
+	errTooBig       = &protoError{ws.StatusMessageTooBig, "message too big"}
+	errInvalidUTF8  = &protoError{ws.StatusInvalidFramePayloadData, "invalid UTF-8 in text message"}
+	errCloseUTF8    = &protoError{ws.StatusInvalidFramePayloadData, "invalid UTF-8 in close reason"}
 )
 
 // parseHeader parses a client frame header from the start of b. It returns

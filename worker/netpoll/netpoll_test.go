@@ -230,7 +230,7 @@ func TestPingPong(t *testing.T) {
 		t.Fatal(err)
 	}
 	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
-	f, err := ws.ReadFrame(c.rw)
+	f, err := readFrame(c.rw)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -251,7 +251,7 @@ func TestClientCloseCodeReachesOnClose(t *testing.T) {
 	}
 	// The server echoes the code, then hangs up.
 	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
-	f, err := ws.ReadFrame(c.rw)
+	f, err := readFrame(c.rw)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -886,7 +886,7 @@ func TestCloseWithReservedCodes(t *testing.T) {
 		sc := h.conn(h.openCount() - 1)
 		sc.Close(tc.code, "x")
 		_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
-		f, err := ws.ReadFrame(c.rw)
+		f, err := readFrame(c.rw)
 		switch {
 		case tc.frame && (err != nil || f.Header.OpCode != ws.OpClose || len(f.Payload) != 0):
 			t.Fatalf("code %d: want an empty close frame, got %+v %v", tc.code, f.Header, err)
