@@ -19,6 +19,11 @@
 //     into the same writev. At most one flush task exists per connection
 //     (Conn.flushing).
 //
+// While a read task processes a batch of input it also owns the flush: what
+// its Handler calls (and anyone else) queue meanwhile is written inline when
+// the batch ends, in one writev, without a hand-off. A Handler call that
+// blocks therefore delays its own connection's writes too.
+//
 // After every event and task the one-shot registration is re-armed with what
 // the connection still waits for (input unless a read task owns it, output
 // while a write is stalled).
