@@ -7,7 +7,7 @@ PKGS    := ./...
 # Node packages for the compatibility tests live here, never globally.
 COMPAT  := test/compat
 
-.PHONY: all build run test lint fmt vet staticcheck unit compat compat-deps reference-deps proto bench tidy clean
+.PHONY: all build run test lint fmt vet staticcheck unit compat compat-deps reference-deps proto bench gobench tidy clean
 
 all: build
 
@@ -56,8 +56,13 @@ proto:
 	PATH=$(GOBIN):$$PATH protoc --go_out=. --go_opt=paths=source_relative \
 		--go-grpc_out=. --go-grpc_opt=paths=source_relative proto/control/controlpb/control.proto
 
-bench: build
-	$(GO) test -run '^$$' -bench . -benchmem $(PKGS)
+# Go benchmarks (smoke: one iteration each) — the measured figures come from bench-compare.
+gobench:
+	$(GO) test -run '^$$' -bench . -benchtime=1x -benchmem $(PKGS)
+
+# Shoal against the official socketcluster-server in the same run; writes docs/benchmarks.md.
+bench: build reference-deps
+	scripts/bench.sh $(BIN)
 
 tidy:
 	$(GO) mod tidy
