@@ -477,7 +477,8 @@ func TestTLSProxyCarriesClientAddress(t *testing.T) {
 
 	// The client trusts the generated certificate explicitly, nothing else.
 	conf := &tls.Config{RootCAs: devCertPool(t, b.storage), MinVersion: tls.VersionTLS12}
-	for range 4 {
+	const n = 8
+	for range n {
 		body, local, err := get(t, "https://"+b.tls+"/x", "127.0.0.2", conf)
 		if err != nil {
 			t.Fatal(err)
@@ -487,8 +488,10 @@ func TestTLSProxyCarriesClientAddress(t *testing.T) {
 			t.Fatalf("worker saw %q, want the client's address %s", body, local)
 		}
 	}
-	if w1.proxied.Load() != 2 || w2.proxied.Load() != 2 {
-		t.Errorf("proxied: worker-1 %d, worker-2 %d; want 2 each", w1.proxied.Load(), w2.proxied.Load())
+	// Each connection closes before the next: every pick is a tie, broken
+	// at random, so both workers get some.
+	if p1, p2 := w1.proxied.Load(), w2.proxied.Load(); p1+p2 != n || p1 == 0 || p2 == 0 {
+		t.Errorf("proxied: worker-1 %d, worker-2 %d; want %d spread over both", p1, p2, n)
 	}
 	for _, fw := range []*fakeWorker{w1, w2} {
 		fw.mu.Lock()
@@ -504,8 +507,8 @@ func TestTLSProxyCarriesClientAddress(t *testing.T) {
 		fw.mu.Unlock()
 	}
 	waitFor(t, 5*time.Second, "proxied connections closed", func() bool { return b.counter(t, "active_tls") == 0 })
-	if n := b.counter(t, ctrProxied); n != 4 {
-		t.Errorf("proxied = %d", n)
+	if got := b.counter(t, ctrProxied); got != n {
+		t.Errorf("proxied = %d", got)
 	}
 }
 

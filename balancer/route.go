@@ -2,6 +2,7 @@ package balancer
 
 import (
 	"fmt"
+	"math/rand/v2"
 	"sync"
 	"time"
 
@@ -19,8 +20,8 @@ import (
 // knows happened since: +1 for every connection it handed or proxied to the
 // worker, -1 for every proxied (TLS) connection that closed. Plain
 // connections are handed over and forgotten, so their closes are only seen
-// through the next base. Each topology resets delta to 0. Ties go round
-// robin, so equal workers alternate instead of the first one taking a burst.
+// through the next base. Each topology resets delta to 0. Ties are broken at
+// random (see pool.rng); since a pick counts at once, a burst still spreads.
 //
 // A worker whose socket fails (send or dial error) is marked dead at once and
 // skipped; it is tried again after deadRetry (a dial to a vanished socket
@@ -69,8 +70,12 @@ func (w *worker) addr(k kind) string {
 // pool is the set of workers and the least-connections choice among them.
 type pool struct {
 	mu      sync.Mutex
-	workers []*worker // topology order, stable for round robin
-	rr      int
+	workers []*worker // topology order
+	// rng breaks ties. Random, not round robin: a round-robin index shared
+	// by the plain and TLS paths phase-locks with a periodic mix (plain and
+	// TLS connections alternating sent every TLS one to the same worker).
+	// Seeded with a constant, so tests are repeatable.
+	rng     *rand.Rand
 	version int64
 	stats   *stats
 }
@@ -125,23 +130,32 @@ func (p *pool) pick(k kind, tried []*worker) *worker {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	now := time.Now()
-	n := len(p.workers)
+	if p.rng == nil {
+		p.rng = rand.New(rand.NewPCG(0x5eed, 0xba1a))
+	}
 	var best *worker
 	var bestLoad int64
-	for i := range n {
-		w := p.workers[(p.rr+i)%n]
+	ties := 0
+	for _, w := range p.workers {
 		if w.addr(k) == "" || (w.dead && now.Before(w.retryAt)) || contains(tried, w) {
 			continue
 		}
 		load := max(w.base+w.delta, 0)
-		if best == nil || load < bestLoad {
-			best, bestLoad = w, load
+		switch {
+		case best == nil || load < bestLoad:
+			best, bestLoad, ties = w, load, 1
+		case load == bestLoad:
+			// Reservoir sampling: each of the tied workers ends up
+			// chosen with equal probability.
+			ties++
+			if p.rng.IntN(ties) == 0 {
+				best = w
+			}
 		}
 	}
 	if best == nil {
 		return nil
 	}
-	p.rr = (p.rr + 1) % n
 	best.delta++
 	return best
 }
