@@ -265,14 +265,14 @@ middleware:
     - hook: {url: "%URL%", timeout: 2s, actions: [handshakeWS]}
 `, be.URL, nil)
 	bad := &net.TCPAddr{IP: net.ParseIP("203.0.113.9"), Port: 1}
-	if st, reason := env.e.CheckUpgrade(bad, "", nil, "/socketcluster/", time.Second); st != 401 || !strings.Contains(reason, "203.0.113.9") {
+	if _, st, reason := env.e.CheckUpgrade(bad, "", nil, "/socketcluster/", time.Second); st != 401 || !strings.Contains(reason, "203.0.113.9") {
 		t.Fatalf("cidr: %d %q", st, reason)
 	}
 	good := &net.TCPAddr{IP: net.ParseIP("127.0.0.1"), Port: 1}
-	if st, _ := env.e.CheckUpgrade(good, "https://evil.example", nil, "/socketcluster/", time.Second); st != 403 {
+	if _, st, _ := env.e.CheckUpgrade(good, "https://evil.example", nil, "/socketcluster/", time.Second); st != 403 {
 		t.Fatalf("origin: %d", st)
 	}
-	if st, reason := env.e.CheckUpgrade(good, "https://app.example.com", nil, "/socketcluster/?a=1", time.Second); st != 401 || reason != "not today" {
+	if _, st, reason := env.e.CheckUpgrade(good, "https://app.example.com", nil, "/socketcluster/?a=1", time.Second); st != 401 || reason != "not today" {
 		t.Fatalf("hook: %d %q", st, reason)
 	}
 }

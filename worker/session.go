@@ -59,6 +59,7 @@ type Session struct {
 	queuedB int
 	pendMu  sync.Mutex // held while a pending action's context is saved
 	pend    pendingAction
+	upgrade *UpgradeInfo // the upgrade request, until the handshake is decided
 
 	// Slow-consumer backlog (slow.go).
 	backlogged atomic.Bool
@@ -399,11 +400,19 @@ func (s *Session) handshakeSC(p *sc.Packet, tok *auth.Token, authErr *sc.Error, 
 	if tok != nil {
 		s.in.Token = tok.Raw
 	}
+	s.pendMu.Lock()
+	if u := s.upgrade; u != nil {
+		s.in.Origin, s.in.Query, s.in.Header = u.Origin, u.Query, u.Header
+	}
+	s.pendMu.Unlock()
 	return s.run(chain, p, pendingAction{step: stepHandshakeSC, tok: tok, authErr: authErr, badToken: badToken})
 }
 
 func (s *Session) finishHandshake(p *sc.Packet, tok *auth.Token, authErr *sc.Error, badToken bool, d middleware.Decision) {
 	e := s.e
+	s.pendMu.Lock()
+	s.upgrade = nil // decided: the request's headers are not needed any more
+	s.pendMu.Unlock()
 	if d.Verdict != middleware.Allow {
 		code := ws.StatusCode(d.CloseCode)
 		if code == 0 {

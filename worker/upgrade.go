@@ -22,15 +22,23 @@ import (
 // bounded time and answers 503 (BackendError) rather than hanging. Put a
 // `rate: {handshakes_per_ip: ...}` rule before a hook so a flood cannot keep
 // every pool goroutine waiting.
-func (e *Engine) CheckUpgrade(remote net.Addr, origin string, header http.Header, requestURI string, limit time.Duration) (status int, reason string) {
+//
+// info is what the session keeps of the request for the handshakeSC rules
+// (origin, query, headers for a hook's forward_headers); it is nil when no
+// handshakeSC rule exists, so an idle connection keeps no request headers.
+func (e *Engine) CheckUpgrade(remote net.Addr, origin string, header http.Header, requestURI string, limit time.Duration) (info *UpgradeInfo, status int, reason string) {
 	chain := e.chain.Load()
-	if !chain.HasRules(middleware.HandshakeWS) {
-		return 0, ""
-	}
-	in := middleware.Input{Action: middleware.HandshakeWS, RemoteIP: addrIP(remote), Origin: origin, Header: header}
+	var query string
 	if i := strings.IndexByte(requestURI, '?'); i >= 0 {
-		in.Query = requestURI[i+1:]
+		query = requestURI[i+1:]
 	}
+	if chain.HasRules(middleware.HandshakeSC) {
+		info = &UpgradeInfo{Origin: origin, Query: query, Header: header}
+	}
+	if !chain.HasRules(middleware.HandshakeWS) {
+		return info, 0, ""
+	}
+	in := middleware.Input{Action: middleware.HandshakeWS, RemoteIP: addrIP(remote), Origin: origin, Header: header, Query: query}
 	ctx := context.Background()
 	if limit > 0 {
 		var cancel context.CancelFunc
@@ -39,7 +47,7 @@ func (e *Engine) CheckUpgrade(remote net.Addr, origin string, header http.Header
 	}
 	d := chain.Decide(ctx, &in)
 	if d.Verdict == middleware.Allow {
-		return 0, ""
+		return info, 0, ""
 	}
 	e.stats.mwDenied.Add(1)
 	status = d.HTTPStatus
@@ -49,5 +57,20 @@ func (e *Engine) CheckUpgrade(remote net.Addr, origin string, header http.Header
 	if d.Error != nil {
 		reason = d.Error.Message
 	}
-	return status, reason
+	return nil, status, reason
+}
+
+// UpgradeInfo is the part of the upgrade request the handshakeSC rules see.
+type UpgradeInfo struct {
+	Origin string
+	Query  string
+	Header http.Header
+}
+
+// SetUpgrade gives the session its upgrade request (call before the first
+// message); it is dropped once the handshake was decided.
+func (s *Session) SetUpgrade(info *UpgradeInfo) {
+	s.pendMu.Lock()
+	s.upgrade = info
+	s.pendMu.Unlock()
 }
