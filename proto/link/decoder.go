@@ -121,7 +121,7 @@ func (d *Decoder) startFrame() error {
 	if n > d.maxFrame() {
 		return d.fail(&FrameError{Type: t, Reason: fmt.Sprintf("length %d exceeds the limit %d", n, d.maxFrame()), Snippet: snip(d.hdr[:], nil)})
 	}
-	if t < TypeHello || t > TypeReady {
+	if t < TypeHello || t > TypeEvent {
 		return d.fail(&FrameError{Reason: fmt.Sprintf("unknown frame type %d", uint8(t)), Snippet: snip(d.hdr[:], nil)})
 	}
 	d.need = n - 1
@@ -210,6 +210,80 @@ func parseBody(f *Frame, b []byte) string {
 		}
 		f.Channel = b[msgFixed : msgFixed+cl]
 		f.Data = b[msgFixed+cl:]
+	case TypeSubRec, TypeHistReq:
+		if len(b) < subRecFixed+1 {
+			return fmt.Sprintf("body %d bytes, need at least %d", len(b), subRecFixed+1)
+		}
+		f.ReqID = be.Uint64(b)
+		f.Since = be.Uint64(b[8:])
+		if f.Type == TypeSubRec {
+			f.Epoch = be.Uint64(b[16:])
+		} else {
+			f.Limit = be.Uint64(b[16:])
+		}
+		f.Channel = b[subRecFixed:]
+		if len(f.Channel) > MaxChannel {
+			return fmt.Sprintf("channel name of %d bytes exceeds %d", len(f.Channel), MaxChannel)
+		}
+	case TypeRepl:
+		if len(b) < replFixed {
+			return fmt.Sprintf("body %d bytes, need at least %d", len(b), replFixed)
+		}
+		f.ReqID = be.Uint64(b)
+		f.Offset = be.Uint64(b[8:])
+		f.Epoch = be.Uint64(b[16:])
+		cl := int(be.Uint16(b[24:]))
+		if cl == 0 {
+			return "empty channel name"
+		}
+		if replFixed+cl > len(b) {
+			return fmt.Sprintf("channel length %d runs past the body (%d bytes)", cl, len(b))
+		}
+		f.Channel = b[replFixed : replFixed+cl]
+		f.Data = b[replFixed+cl:]
+	case TypePres:
+		if len(b) < presFixed {
+			return fmt.Sprintf("body %d bytes, need at least %d", len(b), presFixed)
+		}
+		f.ReqID = be.Uint64(b)
+		f.Op = b[8]
+		cl := int(be.Uint16(b[9:]))
+		if presFixed+cl > len(b) {
+			return fmt.Sprintf("channel length %d runs past the body (%d bytes)", cl, len(b))
+		}
+		f.Channel = b[presFixed : presFixed+cl]
+		f.Data = b[presFixed+cl:]
+	case TypeHist:
+		if len(b) < histFixed {
+			return fmt.Sprintf("body %d bytes, need at least %d", len(b), histFixed)
+		}
+		f.ReqID = be.Uint64(b)
+		f.Offset = be.Uint64(b[8:])
+		f.Time = int64(be.Uint64(b[16:]))
+		f.Data = b[histFixed:]
+	case TypeReply:
+		if len(b) < replyFixed {
+			return fmt.Sprintf("body %d bytes, need at least %d", len(b), replyFixed)
+		}
+		f.ReqID = be.Uint64(b)
+		f.Offset = be.Uint64(b[8:])
+		f.Epoch = be.Uint64(b[16:])
+		f.Flags = b[24]
+		f.Data = b[replyFixed:]
+	case TypeEvent:
+		if len(b) < eventFixed {
+			return fmt.Sprintf("body %d bytes, need at least %d", len(b), eventFixed)
+		}
+		f.Op = b[0]
+		cl := int(be.Uint16(b[1:]))
+		if cl == 0 {
+			return "empty channel name"
+		}
+		if eventFixed+cl > len(b) {
+			return fmt.Sprintf("channel length %d runs past the body (%d bytes)", cl, len(b))
+		}
+		f.Channel = b[eventFixed : eventFixed+cl]
+		f.Data = b[eventFixed+cl:]
 	case TypePing, TypePong, TypeReady:
 		if len(b) != 0 {
 			return fmt.Sprintf("body of %d bytes, must be empty", len(b))

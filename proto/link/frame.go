@@ -20,6 +20,18 @@
 //	pong    (empty)
 //	members repeated: u16 name length, name, u16 address length, address (broker → worker)
 //	ready   (empty)                                (worker → broker: every interest of this link is registered)
+//	subrec  u64 request id, u64 since, u64 epoch, channel rest            (worker → broker: sub + recovery)
+//	histreq u64 request id, u64 since, u64 limit, channel rest            (worker → broker: paged history read)
+//	repl    u64 request id, u64 offset, u64 epoch, u16 channel length, channel, data rest (worker → replica broker)
+//	pres    u64 request id, u8 op, u16 channel length, channel, data rest (worker → broker: presence, channel list)
+//	hist    u64 request id, u64 offset, u64 unix ns, data rest            (broker → worker: one stored message of a reply)
+//	reply   u64 request id, u64 offset, u64 epoch, u8 flags, data rest    (broker → worker: ends a request)
+//	event   u8 kind, u16 channel length, channel, data rest               (broker → worker: presence join/leave)
+//
+// A request (subrec, histreq, repl, pres) is answered by zero or more hist
+// frames with its id and then exactly one reply; replies may come in any
+// order relative to pubacks (a durable publish is acknowledged after its
+// group commit).
 //
 // Fixed-width integers keep the encoder and decoder branch-free and let the
 // decoder validate a frame from its header alone; the data of pub and msg is
@@ -60,6 +72,37 @@ const (
 	TypePong    Type = 8
 	TypeMembers Type = 9
 	TypeReady   Type = 10
+	TypeSubRec  Type = 11
+	TypeHistReq Type = 12
+	TypeRepl    Type = 13
+	TypePres    Type = 14
+	TypeHist    Type = 15
+	TypeReply   Type = 16
+	TypeEvent   Type = 17
+)
+
+// Reply flags.
+const (
+	FlagRecovered uint8 = 1 << 0 // subrec: the gap was filled
+	FlagError     uint8 = 1 << 1 // the request failed; data is the error text
+	FlagMore      uint8 = 1 << 2 // histreq: more messages follow the page
+)
+
+// Presence ops (pres frames). Values are on the wire.
+const (
+	PresJoin     uint8 = 1 // data: JSON entry
+	PresLeave    uint8 = 2 // data: conn id
+	PresUpdate   uint8 = 3 // data: JSON entry
+	PresList     uint8 = 4 // reply data: JSON array of entries
+	PresCount    uint8 = 5 // reply offset: the count
+	PresUser     uint8 = 6 // channel field carries the user id; reply data: JSON array of channels
+	PresChannels uint8 = 7 // channel field "-"; reply data: JSON array of channel infos
+)
+
+// Event kinds.
+const (
+	EventJoin  uint8 = 1
+	EventLeave uint8 = 2
 )
 
 func (t Type) String() string {
@@ -84,6 +127,20 @@ func (t Type) String() string {
 		return "members"
 	case TypeReady:
 		return "ready"
+	case TypeSubRec:
+		return "subrec"
+	case TypeHistReq:
+		return "histreq"
+	case TypeRepl:
+		return "repl"
+	case TypePres:
+		return "pres"
+	case TypeHist:
+		return "hist"
+	case TypeReply:
+		return "reply"
+	case TypeEvent:
+		return "event"
 	}
 	return fmt.Sprintf("type(%d)", uint8(t))
 }
@@ -101,6 +158,11 @@ type Frame struct {
 	Channel []byte // sub, unsub, pub, msg
 	Data    []byte // pub, msg: the payload; members: the raw member list
 	Err     []byte // puback: non-empty when the publish failed
+	Since   uint64 // subrec, histreq
+	Limit   uint64 // histreq
+	Time    int64  // hist: unix ns the message was stored
+	Op      uint8  // pres: the op; event: the kind
+	Flags   uint8  // reply
 }
 
 // Sizes of the fixed parts of each body.
@@ -109,6 +171,12 @@ const (
 	pubFixed    = 8 + 2
 	pubAckFixed = 8 + 8 + 8
 	msgFixed    = 8 + 8 + 2
+	subRecFixed = 8 + 8 + 8
+	replFixed   = 8 + 8 + 8 + 2
+	presFixed   = 8 + 1 + 2
+	histFixed   = 8 + 8 + 8
+	replyFixed  = 8 + 8 + 8 + 1
+	eventFixed  = 1 + 2
 )
 
 func appendHeader(dst []byte, t Type, body int) []byte {
@@ -235,4 +303,63 @@ func cutString(b []byte) (s, rest []byte, ok bool) {
 		return nil, b, false
 	}
 	return b[2 : 2+n], b[2+n:], true
+}
+
+// AppendSubRec appends a subrec frame (TypeSubRec) or, with t TypeHistReq, a
+// histreq frame (the third field is then the page limit).
+func AppendSubRec(dst []byte, t Type, reqID, since, epochOrLimit uint64, channel string) []byte {
+	dst = appendHeader(dst, t, subRecFixed+len(channel))
+	dst = binary.BigEndian.AppendUint64(dst, reqID)
+	dst = binary.BigEndian.AppendUint64(dst, since)
+	dst = binary.BigEndian.AppendUint64(dst, epochOrLimit)
+	return append(dst, channel...)
+}
+
+// AppendRepl appends a repl frame: a history append for the replica.
+func AppendRepl(dst []byte, reqID, offset, epoch uint64, channel string, data []byte) []byte {
+	dst = appendHeader(dst, TypeRepl, replFixed+len(channel)+len(data))
+	dst = binary.BigEndian.AppendUint64(dst, reqID)
+	dst = binary.BigEndian.AppendUint64(dst, offset)
+	dst = binary.BigEndian.AppendUint64(dst, epoch)
+	dst = binary.BigEndian.AppendUint16(dst, uint16(len(channel)))
+	dst = append(dst, channel...)
+	return append(dst, data...)
+}
+
+// AppendPres appends a pres frame.
+func AppendPres(dst []byte, reqID uint64, op uint8, channel string, data []byte) []byte {
+	dst = appendHeader(dst, TypePres, presFixed+len(channel)+len(data))
+	dst = binary.BigEndian.AppendUint64(dst, reqID)
+	dst = append(dst, op)
+	dst = binary.BigEndian.AppendUint16(dst, uint16(len(channel)))
+	dst = append(dst, channel...)
+	return append(dst, data...)
+}
+
+// AppendHist appends a hist frame.
+func AppendHist(dst []byte, reqID, offset uint64, unixNano int64, data []byte) []byte {
+	dst = appendHeader(dst, TypeHist, histFixed+len(data))
+	dst = binary.BigEndian.AppendUint64(dst, reqID)
+	dst = binary.BigEndian.AppendUint64(dst, offset)
+	dst = binary.BigEndian.AppendUint64(dst, uint64(unixNano))
+	return append(dst, data...)
+}
+
+// AppendReply appends a reply frame.
+func AppendReply(dst []byte, reqID, offset, epoch uint64, flags uint8, data []byte) []byte {
+	dst = appendHeader(dst, TypeReply, replyFixed+len(data))
+	dst = binary.BigEndian.AppendUint64(dst, reqID)
+	dst = binary.BigEndian.AppendUint64(dst, offset)
+	dst = binary.BigEndian.AppendUint64(dst, epoch)
+	dst = append(dst, flags)
+	return append(dst, data...)
+}
+
+// AppendEvent appends an event frame.
+func AppendEvent(dst []byte, kind uint8, channel string, data []byte) []byte {
+	dst = appendHeader(dst, TypeEvent, eventFixed+len(channel)+len(data))
+	dst = append(dst, kind)
+	dst = binary.BigEndian.AppendUint16(dst, uint16(len(channel)))
+	dst = append(dst, channel...)
+	return append(dst, data...)
 }

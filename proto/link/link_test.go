@@ -29,6 +29,13 @@ func sample() []byte {
 	b = AppendEmpty(b, TypePong)
 	b = AppendMembers(b, []Member{{"broker-1", "unix:/a"}, {"broker-2", "tcp:10.0.0.2:7000"}})
 	b = AppendEmpty(b, TypeReady)
+	b = AppendSubRec(b, TypeSubRec, 9, 5, 42, "chat/room")
+	b = AppendSubRec(b, TypeHistReq, 10, 0, 100, "chat/room")
+	b = AppendRepl(b, 11, 3, 42, "chat/room", []byte(`"x"`))
+	b = AppendPres(b, 12, PresJoin, "chat/room", []byte(`{"conn":"c1"}`))
+	b = AppendHist(b, 9, 4, 1700000000, []byte(`"y"`))
+	b = AppendReply(b, 9, 5, 42, FlagRecovered, nil)
+	b = AppendEvent(b, EventJoin, "chat/room", []byte(`{"conn":"c1"}`))
 	return b
 }
 
@@ -38,6 +45,9 @@ type rec struct {
 	ReqID, Offset, Epoch uint64
 	Name, Channel, Data  string
 	Err                  string
+	Since, Limit         uint64
+	Time                 int64
+	Op, Flags            uint8
 }
 
 func collect(t *testing.T, chunks [][]byte) []rec {
@@ -47,7 +57,8 @@ func collect(t *testing.T, chunks [][]byte) []rec {
 	for _, c := range chunks {
 		err := d.Feed(c, func(f *Frame) error {
 			out = append(out, rec{f.Type, f.Version, f.ReqID, f.Offset, f.Epoch,
-				string(f.Name), string(f.Channel), string(f.Data), string(f.Err)})
+				string(f.Name), string(f.Channel), string(f.Data), string(f.Err),
+				f.Since, f.Limit, f.Time, f.Op, f.Flags})
 			return nil
 		})
 		if err != nil {
@@ -60,8 +71,22 @@ func collect(t *testing.T, chunks [][]byte) []rec {
 func TestRoundTripAnySplit(t *testing.T) {
 	b := sample()
 	want := collect(t, [][]byte{b})
-	if len(want) != 11 {
-		t.Fatalf("decoded %d frames, want 11", len(want))
+	if len(want) != 18 {
+		t.Fatalf("decoded %d frames, want 18", len(want))
+	}
+	wantNew := []rec{
+		{Type: TypeSubRec, ReqID: 9, Since: 5, Epoch: 42, Channel: "chat/room"},
+		{Type: TypeHistReq, ReqID: 10, Limit: 100, Channel: "chat/room"},
+		{Type: TypeRepl, ReqID: 11, Offset: 3, Epoch: 42, Channel: "chat/room", Data: `"x"`},
+		{Type: TypePres, ReqID: 12, Op: PresJoin, Channel: "chat/room", Data: `{"conn":"c1"}`},
+		{Type: TypeHist, ReqID: 9, Offset: 4, Time: 1700000000, Data: `"y"`},
+		{Type: TypeReply, ReqID: 9, Offset: 5, Epoch: 42, Flags: FlagRecovered},
+		{Type: TypeEvent, Op: EventJoin, Channel: "chat/room", Data: `{"conn":"c1"}`},
+	}
+	for i, w := range wantNew {
+		if want[11+i] != w {
+			t.Fatalf("frame %d decoded as %+v, want %+v", 11+i, want[11+i], w)
+		}
 	}
 	if want[3] != (rec{Type: TypePub, ReqID: 7, Channel: "chat/room", Data: `{"text":"hi"}`}) {
 		t.Fatalf("pub decoded as %+v", want[3])

@@ -103,6 +103,18 @@ func (w *Writer) WriteRaw(frame []byte) error {
 	return nil
 }
 
+// WriteRawAlways queues encoded frames ignoring the queue limit: for a
+// reply whose size the broker bounds itself (a recovery is at most the
+// channel's history size) and which must not fail halfway.
+func (w *Writer) WriteRawAlways(frame []byte) error {
+	if err := w.reserve(-1); err != nil {
+		return err
+	}
+	w.buf = append(w.buf, frame...)
+	w.commit()
+	return nil
+}
+
 // WriteHello queues a hello frame.
 func (w *Writer) WriteHello(epoch uint64, name string) error {
 	if err := w.reserve(HelloSize(name)); err != nil {
