@@ -1,0 +1,698 @@
+package multihost
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/shoalhq/shoal/brokerclient"
+	"github.com/shoalhq/shoal/client"
+)
+
+// lab is a set of "hosts": network namespaces whose eth0 is one end of a
+// veth pair; the other ends sit on a bridge in the root namespace, which
+// has an address on the same subnet, so the test's clients (in the root
+// namespace) reach every host's public port directly.
+type lab struct {
+	bridge string
+	hosts  []host
+}
+
+type host struct {
+	ns string // namespace name (unique per test process)
+	ip string // address of its eth0
+}
+
+func sh(args ...string) error {
+	out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("%s: %v: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+func newLab(t *testing.T, n int) *lab {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("SKIPPED, NOT PASSED: network namespaces need root (CAP_NET_ADMIN); this test binary is not root")
+	}
+	if _, err := exec.LookPath("ip"); err != nil {
+		t.Skip("SKIPPED, NOT PASSED: the ip command (iproute2) is missing")
+	}
+	pid := os.Getpid()
+	l := &lab{bridge: fmt.Sprintf("shmh%d", pid)}
+	subnet := fmt.Sprintf("10.231.%d", pid%250)
+	// Registered before anything exists, so it runs (last) even when a
+	// step below fails: first every process still inside a namespace is
+	// killed (deleting a namespace's name does not end its processes),
+	// then the namespaces and the bridge are deleted; the root ends of
+	// the veths go with their peers.
+	t.Cleanup(func() {
+		for _, h := range l.hosts {
+			if left := killNamespace(h.ns, 5*time.Second); len(left) > 0 {
+				t.Errorf("processes still in namespace %s after SIGKILL: %v", h.ns, left)
+			}
+			if err := sh("ip", "netns", "del", h.ns); err != nil {
+				t.Errorf("cleanup: %v", err)
+			}
+		}
+		if err := sh("ip", "link", "del", l.bridge); err != nil && !strings.Contains(err.Error(), "Cannot find device") {
+			t.Errorf("cleanup: %v", err)
+		}
+	})
+	if err := sh("ip", "link", "add", l.bridge, "type", "bridge"); err != nil {
+		t.Skipf("SKIPPED, NOT PASSED: the kernel refused a bridge: %v", err)
+	}
+	steps := [][]string{
+		{"ip", "addr", "add", subnet + ".1/24", "dev", l.bridge},
+		{"ip", "link", "set", l.bridge, "up"},
+	}
+	for i := range n {
+		h := host{ns: fmt.Sprintf("shoal-mh-%d-%c", pid, 'a'+i), ip: fmt.Sprintf("%s.%d", subnet, i+2)}
+		veth := fmt.Sprintf("shmh%d-%d", pid, i)
+		if err := sh("ip", "netns", "add", h.ns); err != nil {
+			t.Skipf("SKIPPED, NOT PASSED: the kernel refused a network namespace: %v", err)
+		}
+		l.hosts = append(l.hosts, h)
+		steps = append(steps,
+			[]string{"ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", h.ns},
+			[]string{"ip", "link", "set", veth, "master", l.bridge},
+			[]string{"ip", "link", "set", veth, "up"},
+			[]string{"ip", "-n", h.ns, "addr", "add", h.ip + "/24", "dev", "eth0"},
+			[]string{"ip", "-n", h.ns, "link", "set", "eth0", "up"},
+			[]string{"ip", "-n", h.ns, "link", "set", "lo", "up"},
+		)
+	}
+	for _, s := range steps {
+		if err := sh(s...); err != nil {
+			t.Skipf("SKIPPED, NOT PASSED: the kernel refused the namespace network setup: %v", err)
+		}
+	}
+	return l
+}
+
+// nsIno identifies a network namespace (device and inode of its nsfs file).
+type nsIno struct{ dev, ino uint64 }
+
+func inoOf(path string) (nsIno, bool) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return nsIno{}, false
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return nsIno{}, false
+	}
+	return nsIno{uint64(st.Dev), st.Ino}, true
+}
+
+// pidsIn lists the processes whose network namespace is ns.
+func pidsIn(ns string) []int {
+	want, ok := inoOf("/var/run/netns/" + ns)
+	if !ok {
+		return nil
+	}
+	var out []int
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		if got, ok := inoOf("/proc/" + e.Name() + "/ns/net"); ok && got == want && alive(pid) {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
+// alive reports whether any thread of pid still runs (a zombie whose
+// parent has not reaped it yet has exited).
+func alive(pid int) bool {
+	if syscall.Kill(pid, 0) != nil {
+		return false
+	}
+	dir := "/proc/" + strconv.Itoa(pid) + "/task"
+	tasks, err := os.ReadDir(dir)
+	if err != nil {
+		return false
+	}
+	for _, tk := range tasks {
+		b, err := os.ReadFile(dir + "/" + tk.Name() + "/stat")
+		if err != nil {
+			continue
+		}
+		s := string(b)
+		i := strings.LastIndexByte(s, ')')
+		if i < 0 || i+2 >= len(s) || (s[i+2] != 'Z' && s[i+2] != 'X') {
+			return true
+		}
+	}
+	return false
+}
+
+// killNamespace SIGKILLs every process in ns until none is left or the
+// timeout passes, and returns those still there.
+func killNamespace(ns string, timeout time.Duration) []int {
+	deadline := time.Now().Add(timeout)
+	for {
+		left := pidsIn(ns)
+		if len(left) == 0 || time.Now().After(deadline) {
+			return left
+		}
+		for _, p := range left {
+			_ = syscall.Kill(p, syscall.SIGKILL)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// dialIn dials from inside network namespace ns: a goroutine locks itself
+// to an OS thread, moves that thread into ns and dials; the socket stays in
+// ns for its whole life, whichever thread later uses it. The thread is
+// never unlocked, so the runtime throws it away when the goroutine ends
+// instead of reusing a thread that sits in another namespace.
+func dialIn(ctx context.Context, ns, network, addr string) (net.Conn, error) {
+	type result struct {
+		c   net.Conn
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread()
+		f, err := os.Open("/var/run/netns/" + ns)
+		if err != nil {
+			ch <- result{nil, err}
+			return
+		}
+		err = unix.Setns(int(f.Fd()), unix.CLONE_NEWNET)
+		f.Close()
+		if err != nil {
+			ch <- result{nil, fmt.Errorf("setns %s: %w", ns, err)}
+			return
+		}
+		var d net.Dialer
+		c, err := d.DialContext(ctx, network, addr)
+		ch <- result{c, err}
+	}()
+	r := <-ch
+	return r.c, r.err
+}
+
+// node is one `shoal run` inside a namespace.
+type node struct {
+	t      *testing.T
+	label  string // "A", "B", "C"
+	host   host
+	dir    string
+	cfg    string
+	logf   string
+	cmd    *exec.Cmd
+	out    *syncBuffer
+	waited chan error
+	admin  *http.Client // reaches 127.0.0.1:8001 inside the namespace
+}
+
+const (
+	gossipPort = 7946
+	publicPort = 8000
+	adminAddr  = "127.0.0.1:8001" // loopback of the node's own namespace
+)
+
+func (n *node) gossip() string { return net.JoinHostPort(n.host.ip, strconv.Itoa(gossipPort)) }
+func (n *node) public() string { return net.JoinHostPort(n.host.ip, strconv.Itoa(publicPort)) }
+func (n *node) url() string    { return "ws://" + n.public() + "/socketcluster/" }
+
+// ringName is the name this node's broker-1 has in the ring
+// (docs/brokers.md: broker-1@<gossip host:port> with cluster.join set).
+func (n *node) ringName(join []string) string {
+	if len(join) == 0 {
+		return "broker-1"
+	}
+	return "broker-1@" + n.gossip()
+}
+
+func writeNodeConfig(t *testing.T, dir string, n *node, join []string) {
+	t.Helper()
+	js := make([]string, len(join))
+	for i, j := range join {
+		js[i] = strconv.Quote(j)
+	}
+	cfg := fmt.Sprintf(`cluster:
+  workers: 1
+  brokers: 1
+  balancers: 1
+  gossip: %s
+  join: [%s]
+  restart: {backoff_min: 100ms, backoff_max: 1s}
+listen:
+  public: %s
+  admin: %s
+storage:
+  dir: %s
+log:
+  level: info
+`, n.gossip(), strings.Join(js, ", "), n.public(), adminAddr, filepath.Join(dir, "data"))
+	n.cfg = filepath.Join(dir, "shoal.yaml")
+	n.logf = filepath.Join(dir, "data", "log", "shoal.log")
+	if err := os.WriteFile(n.cfg, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func startNode(t *testing.T, label string, h host, join []string) *node {
+	t.Helper()
+	n := &node{t: t, label: label, host: h, dir: t.TempDir(), out: &syncBuffer{}, waited: make(chan error, 1)}
+	writeNodeConfig(t, n.dir, n, join)
+	ns := h.ns
+	n.admin = &http.Client{
+		Timeout: 3 * time.Second,
+		Transport: &http.Transport{
+			DisableKeepAlives: true,
+			DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+				return dialIn(ctx, ns, network, addr)
+			},
+		},
+	}
+	// `ip netns exec` enters the namespace and execs shoal, so the pid we
+	// get is the supervisor's.
+	n.cmd = exec.Command("ip", "netns", "exec", ns, shoalBin, "run", "-c", n.cfg)
+	n.cmd.Stdout, n.cmd.Stderr = n.out, n.out
+	if err := n.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { n.waited <- n.cmd.Wait() }()
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("node %s (%s) output:\n%s\nlast log lines:\n%s", n.label, n.host.ip, n.out, tailLog(n.logf, 40))
+		}
+		n.kill()
+		select {
+		case <-n.waited:
+		case <-time.After(10 * time.Second):
+			t.Errorf("node %s: shoal run not reaped 10 s after SIGKILL", n.label)
+		}
+	})
+	return n
+}
+
+// kill SIGKILLs the node's whole process tree (the supervisor first, so it
+// restarts nothing, then every descendant) and waits until no process is
+// left in its namespace. It returns the pids it killed.
+func (n *node) kill() []int {
+	pid := n.cmd.Process.Pid
+	tree := append([]int{pid}, descendants(pid)...)
+	for _, p := range tree {
+		_ = syscall.Kill(p, syscall.SIGKILL)
+	}
+	if left := killNamespace(n.host.ns, 5*time.Second); len(left) > 0 {
+		n.t.Errorf("node %s: processes %v still alive 5 s after SIGKILL", n.label, left)
+	}
+	return tree
+}
+
+func (n *node) exited() bool {
+	select {
+	case err := <-n.waited:
+		n.waited <- err
+		return true
+	default:
+		return false
+	}
+}
+
+func (n *node) table() (clusterInfo, error) {
+	var ci clusterInfo
+	resp, err := n.admin.Get("http://" + adminAddr + "/api/cluster")
+	if err != nil {
+		return ci, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return ci, fmt.Errorf("GET /api/cluster: %s", resp.Status)
+	}
+	return ci, json.NewDecoder(resp.Body).Decode(&ci)
+}
+
+// ringFormedAt returns when this node's broker first reported a ring of
+// want brokers after since (from its "ring changed" log line).
+func (n *node) ringAt(want int, since time.Time) (time.Time, bool) {
+	for _, l := range readLog(n.logf) {
+		if l.Msg == "ring changed" && l.Brokers == want && strings.HasPrefix(l.Proc, "broker-") && !l.Time.Before(since) {
+			return l.Time, true
+		}
+	}
+	return time.Time{}, false
+}
+
+// pickChannels finds one channel owned by each ring member, by the
+// workers' rendezvous rule (brokerclient.Owner).
+func pickChannels(t *testing.T, names []string) []string {
+	t.Helper()
+	out := make([]string, len(names))
+	found := 0
+	for i := 0; found < len(names) && i < 10000; i++ {
+		ch := "mh/room-" + strconv.Itoa(i)
+		owner := brokerclient.Owner(names, ch)
+		for j, nm := range names {
+			if nm == owner && out[j] == "" {
+				out[j] = ch
+				found++
+			}
+		}
+	}
+	if found < len(names) {
+		t.Fatalf("no channel found for every broker of %v", names)
+	}
+	return out
+}
+
+type stamp struct {
+	N int64 `json:"n"`
+	T int64 `json:"t"` // publish time, unix ns
+}
+
+// TestThreeHosts runs three nodes, each in its own network namespace (its
+// own interface, address, loopback and ports), joined by cluster.join to
+// the first node. A publish on node A reaches subscribers on B and C; then
+// node B's whole process tree is SIGKILLed and A→C keeps delivering on
+// every channel, including the channel B's broker owned.
+func TestThreeHosts(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds network namespaces and runs three nodes")
+	}
+	l := newLab(t, 3)
+	labels := []string{"A", "B", "C"}
+	nodes := make([]*node, 3)
+	joins := make([][]string, 3)
+	var names []string
+	first := &node{host: l.hosts[0]}
+	for i := range nodes {
+		if i > 0 {
+			joins[i] = []string{first.gossip()}
+		}
+	}
+	start := time.Now()
+	for i := range nodes {
+		nodes[i] = startNode(t, labels[i], l.hosts[i], joins[i])
+		names = append(names, nodes[i].ringName(joins[i]))
+	}
+	a, b, c := nodes[0], nodes[1], nodes[2]
+
+	// Every node's processes ready, asked through its own admin API
+	// (loopback inside its namespace).
+	for _, n := range nodes {
+		waitFor(t, 30*time.Second, "node "+n.label+": every process ready in /api/cluster", func() bool {
+			if n.exited() {
+				t.Fatalf("node %s: shoal run exited during startup:\n%s", n.label, n.out)
+			}
+			ci, err := n.table()
+			return err == nil && ci.allReady()
+		})
+	}
+	// The ring: every broker has reported all three (its log line), and
+	// every broker has a link from every node's worker (the admin API's
+	// connections, refreshed by the 2 s stats poll).
+	var ringFormed time.Time
+	for _, n := range nodes {
+		waitFor(t, 30*time.Second, "node "+n.label+": broker reports a ring of 3", func() bool {
+			at, ok := n.ringAt(3, start)
+			if ok && at.After(ringFormed) {
+				ringFormed = at
+			}
+			return ok
+		})
+	}
+	for _, n := range nodes {
+		waitFor(t, 30*time.Second, "node "+n.label+": broker-1 linked to the workers of all 3 nodes", func() bool {
+			ci, err := n.table()
+			if err != nil {
+				return false
+			}
+			for _, p := range ci.Processes {
+				if p.Name == "broker-1" {
+					return p.Connections == 3
+				}
+			}
+			return false
+		})
+	}
+	linked := time.Now()
+
+	ctx, cancel := context.WithTimeout(context.Background(), 80*time.Second)
+	defer cancel()
+	dial := func(n *node) *client.Client {
+		cl, err := client.Dial(ctx, n.url(), client.Options{AckTimeout: 3 * time.Second})
+		if err != nil {
+			t.Fatalf("node %s: dial %s: %v", n.label, n.url(), err)
+		}
+		t.Cleanup(func() { cl.Close() })
+		return cl
+	}
+	pub := dial(a)
+	subB, subC := dial(b), dial(c)
+
+	// One channel owned by each node's broker, so the publish path crosses
+	// every host.
+	chans := pickChannels(t, names)
+	t.Logf("ring names %v; channels %v (owned by A, B, C)", names, chans)
+	subsB := map[string]*client.Subscription{}
+	subsC := map[string]*client.Subscription{}
+	for _, ch := range chans {
+		var err error
+		if subsB[ch], err = subB.Subscribe(ctx, ch, 4096); err != nil {
+			t.Fatalf("subscribe on B %s: %v", ch, err)
+		}
+		if subsC[ch], err = subC.Subscribe(ctx, ch, 4096); err != nil {
+			t.Fatalf("subscribe on C %s: %v", ch, err)
+		}
+	}
+
+	// Interest registration with a remote broker is asynchronous: probe
+	// until a publish on A reaches both B and C, per channel.
+	for _, ch := range chans {
+		got := map[string]bool{}
+		deadline := time.Now().Add(20 * time.Second)
+		for k := 0; !got["B"] || !got["C"]; k++ {
+			if time.Now().After(deadline) {
+				t.Fatalf("channel %s: a publish on A never reached B=%v C=%v", ch, got["B"], got["C"])
+			}
+			if err := pub.Publish(ctx, ch, map[string]any{"probe": k}); err != nil {
+				t.Logf("probe publish on %s: %v (retrying)", ch, err)
+			}
+			until := time.After(300 * time.Millisecond)
+		wait:
+			for !got["B"] || !got["C"] {
+				select {
+				case <-subsB[ch].C:
+					got["B"] = true
+				case <-subsC[ch].C:
+					got["C"] = true
+				case <-until:
+					break wait
+				}
+			}
+		}
+	}
+	delivered := time.Now()
+	for _, s := range []map[string]*client.Subscription{subsB, subsC} {
+		for _, sub := range s {
+			drain(sub.C)
+		}
+	}
+	// Then exactly what was published, in order, on both B and C.
+	const burst = 20
+	for _, ch := range chans {
+		for i := range burst {
+			if err := pub.Publish(ctx, ch, stamp{N: int64(i), T: time.Now().UnixNano()}); err != nil {
+				t.Fatalf("publish %s #%d on A: %v", ch, i, err)
+			}
+		}
+	}
+	for _, ch := range chans {
+		for side, sub := range map[string]*client.Subscription{"B": subsB[ch], "C": subsC[ch]} {
+			for i := 0; i < burst; {
+				m, err := next(sub.C, 5*time.Second)
+				if err != nil {
+					t.Fatalf("node %s, channel %s: message %d of %d: %v", side, ch, i, burst, err)
+				}
+				var s stamp
+				if json.Unmarshal(m.Data, &s) != nil || s.T == 0 {
+					continue // a late probe
+				}
+				if s.N != int64(i) {
+					t.Fatalf("node %s, channel %s: got %s, want n=%d", side, ch, m.Data, i)
+				}
+				i++
+			}
+		}
+	}
+	t.Logf("MEASURED ring formed (last broker to report 3 members) %.2fs after the 3 nodes were started; "+
+		"every broker linked to 3 workers after %.2fs (admin API, 2 s stats poll); "+
+		"first A→B,C delivery on all 3 channels after %.2fs",
+		ringFormed.Sub(start).Seconds(), linked.Sub(start).Seconds(), delivered.Sub(start).Seconds())
+
+	// Kill B while A publishes to every channel every 10 ms and C listens.
+	killAt, resume, failed, after := killDuringTraffic(t, ctx, b, pub, chans, subsC)
+	for i, ch := range chans {
+		t.Logf("MEASURED channel %s (owned by %s): first A→C delivery of a message published after B's SIGKILL %.0f ms after the kill; "+
+			"%d publishes failed meanwhile; %d delivered after the kill",
+			ch, labels[i], float64(resume[ch].Microseconds())/1000, failed[ch], after[ch])
+	}
+	for _, n := range []*node{a, c} {
+		if at, ok := n.ringAt(2, killAt); ok {
+			t.Logf("MEASURED node %s's broker reported a ring of 2 %.0f ms after the kill", n.label, float64(at.Sub(killAt).Microseconds())/1000)
+		} else {
+			t.Errorf("node %s's broker never logged a ring of 2 after B died", n.label)
+		}
+	}
+	// A and C are whole and still serving: every process ready.
+	for _, n := range []*node{a, c} {
+		ci, err := n.table()
+		if err != nil || !ci.allReady() {
+			t.Errorf("node %s after B's death: %+v %v", n.label, ci, err)
+		}
+	}
+}
+
+// killDuringTraffic publishes on every channel from A every 10 ms, waits
+// until C receives on all of them, SIGKILLs node b's process tree and
+// measures, per channel, how long after the kill C first receives a
+// message that was published after it. It then requires steady delivery
+// (≥ 20 more messages per channel) before it stops the publishers.
+func killDuringTraffic(t *testing.T, ctx context.Context, b *node, pub *client.Client, chans []string, subs map[string]*client.Subscription) (killAt time.Time, resume map[string]time.Duration, failed, after map[string]int) {
+	t.Helper()
+	var mu sync.Mutex
+	var killed time.Time
+	resume, failed, after = map[string]time.Duration{}, map[string]int{}, map[string]int{}
+	before := map[string]int{}
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for _, ch := range chans {
+		// Publisher.
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			tick := time.NewTicker(10 * time.Millisecond)
+			defer tick.Stop()
+			for n := int64(0); ; n++ {
+				select {
+				case <-stop:
+					return
+				case <-tick.C:
+				}
+				pctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+				err := pub.Publish(pctx, ch, stamp{N: n, T: time.Now().UnixNano()})
+				cancel()
+				mu.Lock()
+				if err != nil && !killed.IsZero() {
+					failed[ch]++
+				}
+				mu.Unlock()
+			}
+		}()
+		// Subscriber on C.
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				case m := <-subs[ch].C:
+					now := time.Now()
+					var s stamp
+					if json.Unmarshal(m.Data, &s) != nil {
+						continue
+					}
+					mu.Lock()
+					switch {
+					case killed.IsZero():
+						before[ch]++
+					case s.T > killed.UnixNano():
+						if after[ch] == 0 {
+							resume[ch] = now.Sub(killed)
+						}
+						after[ch]++
+					}
+					mu.Unlock()
+				}
+			}
+		}()
+	}
+	defer func() { close(stop); wg.Wait() }()
+	count := func(m map[string]int, min int) bool {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, ch := range chans {
+			if m[ch] < min {
+				return false
+			}
+		}
+		return true
+	}
+	waitFor(t, 10*time.Second, "A→C traffic on every channel before the kill", func() bool { return count(before, 10) })
+
+	mu.Lock()
+	killed = time.Now()
+	killAt = killed
+	mu.Unlock()
+	tree := b.kill()
+	t.Logf("SIGKILLed node B's process tree %v; %d ms to see no process left in its namespace", tree, time.Since(killAt).Milliseconds())
+	waitFor(t, 15*time.Second, "A→C delivery of post-kill publishes on every channel", func() bool { return count(after, 1) })
+	waitFor(t, 10*time.Second, "steady A→C delivery after B's death (20 messages per channel)", func() bool { return count(after, 20) })
+	mu.Lock()
+	defer mu.Unlock()
+	return killAt, cloneD(resume), cloneI(failed), cloneI(after)
+}
+
+func cloneD(m map[string]time.Duration) map[string]time.Duration {
+	o := map[string]time.Duration{}
+	for k, v := range m {
+		o[k] = v
+	}
+	return o
+}
+
+func cloneI(m map[string]int) map[string]int {
+	o := map[string]int{}
+	for k, v := range m {
+		o[k] = v
+	}
+	return o
+}
+
+func drain(c chan client.Message) {
+	for {
+		select {
+		case <-c:
+		default:
+			return
+		}
+	}
+}
+
+func next(c chan client.Message, timeout time.Duration) (client.Message, error) {
+	select {
+	case m := <-c:
+		return m, nil
+	case <-time.After(timeout):
+		return client.Message{}, errors.New("timed out")
+	}
+}
+
