@@ -14,6 +14,9 @@ import (
 	"strings"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
 	"github.com/shoalhq/shoal/internal/procstat"
 	"github.com/shoalhq/shoal/proto/control"
 )
@@ -256,6 +259,72 @@ func (s *Supervisor) reloadLoop(ctx context.Context, reqs <-chan struct{}) {
 			s.log.Error("reload failed", "error", err)
 		}
 	}
+}
+
+func (s *Supervisor) configReloadLoop(ctx context.Context, reqs <-chan struct{}) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-reqs:
+		}
+		if n, err := s.ReloadConfig(ctx); err != nil && ctx.Err() == nil {
+			s.log.Error("config reload failed", "error", err)
+		} else if err == nil {
+			s.log.Info("config reloaded in place", "processes", n)
+		}
+	}
+}
+
+// ReloadConfig re-reads the config source and hands the new config to every
+// live child that can apply it in place (control.Reloader: rules, keys,
+// limits, certificates); children that cannot answer Unimplemented and keep
+// running on the old one. A config that fails to load changes nothing. It
+// returns how many children applied the new config.
+func (s *Supervisor) ReloadConfig(ctx context.Context) (int, error) {
+	if s.opts.Reload == nil {
+		return 0, errors.New("no config source to re-read")
+	}
+	cfg, err := s.opts.Reload()
+	if err != nil {
+		return 0, fmt.Errorf("reloading the config: %w", err)
+	}
+	old := s.cfg()
+	if !sameJSON(old.Listen.Public, cfg.Listen.Public) || !sameJSON(old.Cluster, cfg.Cluster) || !sameJSON(old.Log, cfg.Log) || !sameJSON(old.Storage, cfg.Storage) {
+		s.log.Warn("config reload: changes to listen addresses, cluster, log or storage take effect only after restarting shoal run")
+	}
+	if err := s.setCfg(cfg); err != nil {
+		return 0, err
+	}
+	data := s.cfgJSON()
+	s.mu.Lock()
+	var insts []*instance
+	for _, p := range s.procs {
+		if p.inst != nil {
+			insts = append(insts, p.inst)
+		}
+	}
+	s.mu.Unlock()
+	applied := 0
+	var errs []error
+	for _, inst := range insts {
+		rl, ok := inst.child.(control.Reloader)
+		if !ok {
+			continue
+		}
+		rctx, cancel := context.WithTimeout(ctx, rpcTimeout)
+		err := rl.Reload(rctx, data)
+		cancel()
+		switch {
+		case err == nil:
+			applied++
+		case status.Code(err) == codes.Unimplemented:
+			s.log.Debug("config reload: role keeps its config", "proc", inst.name)
+		default:
+			errs = append(errs, fmt.Errorf("%s: %s", inst.name, rpcErrText(err)))
+		}
+	}
+	return applied, errors.Join(errs...)
 }
 
 // Reload re-reads the config source (if any) and replaces the workers one at

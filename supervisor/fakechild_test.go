@@ -93,3 +93,8 @@ func (c *fakeChild) Drain(context.Context, time.Duration) error {
 }
 
 func (c *fakeChild) Stop(context.Context) error { return nil }
+
+// Reload writes the config it got to <name>.reload (control.Reloader).
+func (c *fakeChild) Reload(_ context.Context, config []byte) error {
+	return os.WriteFile(filepath.Join(c.dir, c.name+".reload"), config, 0o644)
+}

@@ -38,11 +38,17 @@ type Options struct {
 	Stderr io.Writer
 	// ConfigName says where the config came from ("<default>" or a file).
 	ConfigName string
-	// Reload re-reads the config source for a rolling reload (POST
-	// /api/reload, SIGHUP). Nil: a reload restarts workers on the running config.
+	// Reload re-reads the config source, for a rolling restart (POST
+	// /api/reload, SIGUSR2) and for a config reload (SIGHUP). Nil: a rolling
+	// restart uses the running config and a config reload does nothing.
 	Reload func() (configs.Config, error)
-	// ReloadRequests triggers a rolling reload per receive (SIGHUP).
+	// ReloadRequests triggers a rolling restart of the workers per receive
+	// (SIGUSR2, `shoal reload`).
 	ReloadRequests <-chan struct{}
+	// ConfigReloadRequests triggers a config reload in place per receive
+	// (SIGHUP): every child that implements control.Reloader gets the new
+	// config; no process restarts and no connection drops.
+	ConfigReloadRequests <-chan struct{}
 	// Executable is the shoal binary to re-execute for children; default
 	// os.Executable().
 	Executable string
@@ -226,6 +232,9 @@ func Run(ctx context.Context, cfg configs.Config, opts Options) error {
 	s.goBG(func() { s.statsLoop(rctx) })
 	if opts.ReloadRequests != nil {
 		s.goBG(func() { s.reloadLoop(rctx, opts.ReloadRequests) })
+	}
+	if opts.ConfigReloadRequests != nil {
+		s.goBG(func() { s.configReloadLoop(rctx, opts.ConfigReloadRequests) })
 	}
 
 	<-ctx.Done()
@@ -715,7 +724,7 @@ func (s *Supervisor) supervise(ctx context.Context, p *proc) {
 		if planned != nil {
 			v := s.setState(p, control.StateDraining)
 			s.waitPushed(ctx, v, rpcTimeout+time.Second) // out of the balancer's rotation first
-			s.drainAndStop(inst)
+			s.drainAndStop(inst, true, true)
 			inst.kill()
 			s.setDead(p, "replaced by reload")
 		} else {
@@ -825,12 +834,17 @@ func (s *Supervisor) childLog(name string, pid int) hclog.Logger {
 
 // drainAndStop asks a child to finish its work (a worker closes its sockets
 // with 1001) and stop. Bounded by the drain and RPC timeouts.
-func (s *Supervisor) drainAndStop(inst *instance) {
-	dctx, cancel := context.WithTimeout(context.Background(), drainTimeout+2*time.Second)
-	if err := inst.child.Drain(dctx, drainTimeout); err != nil {
-		s.log.Warn("drain failed", "proc", inst.name, "error", rpcErrText(err))
+func (s *Supervisor) drainAndStop(inst *instance, drain, stop bool) {
+	if drain {
+		dctx, cancel := context.WithTimeout(context.Background(), drainTimeout+2*time.Second)
+		if err := inst.child.Drain(dctx, drainTimeout); err != nil {
+			s.log.Warn("drain failed", "proc", inst.name, "error", rpcErrText(err))
+		}
+		cancel()
 	}
-	cancel()
+	if !stop {
+		return
+	}
 	sctx, cancel := context.WithTimeout(context.Background(), rpcTimeout)
 	if err := inst.child.Stop(sctx); err != nil {
 		s.log.Debug("stop failed", "proc", inst.name, "error", rpcErrText(err))
@@ -845,16 +859,28 @@ func (s *Supervisor) shutdown() {
 	s.mu.Lock()
 	procs := append([]*proc(nil), s.procs...)
 	s.mu.Unlock()
-	for _, role := range []control.Role{control.RoleBalancer, control.RoleWorker, control.RoleBroker} {
+	// Balancers first stop accepting but keep their proxied (TLS) streams
+	// open, so the workers' 1001 closes reach TLS clients too; only after the
+	// workers have drained are the balancers stopped.
+	phases := []struct {
+		role        control.Role
+		drain, stop bool
+	}{
+		{control.RoleBalancer, true, false},
+		{control.RoleWorker, true, true},
+		{control.RoleBalancer, false, true},
+		{control.RoleBroker, true, true},
+	}
+	for _, ph := range phases {
 		var wg sync.WaitGroup
 		for _, p := range procs {
 			s.mu.Lock()
 			inst := p.inst
-			if p.role == role && inst != nil {
+			if p.role == ph.role && inst != nil {
 				p.state = control.StateDraining
 			}
 			s.mu.Unlock()
-			if p.role != role || inst == nil {
+			if p.role != ph.role || inst == nil {
 				continue
 			}
 			wg.Add(1)
@@ -865,7 +891,7 @@ func (s *Supervisor) shutdown() {
 					return
 				default:
 				}
-				s.drainAndStop(inst)
+				s.drainAndStop(inst, ph.drain, ph.stop)
 			}()
 		}
 		wg.Wait()

@@ -103,7 +103,7 @@ log:
 
 // startNode runs the supervisor with this test binary as the child binary.
 // do maps a process name to its fake behaviour (see fakechild_test.go).
-func startNode(t *testing.T, cfg configs.Config, do map[string]string) *node {
+func startNode(t *testing.T, cfg configs.Config, do map[string]string, opts ...func(*Options)) *node {
 	t.Helper()
 	dir := t.TempDir()
 	for name, what := range do {
@@ -118,8 +118,12 @@ func startNode(t *testing.T, cfg configs.Config, do map[string]string) *node {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	n := &node{t: t, cfg: cfg, dir: dir, stdout: &syncBuffer{}, stderr: &syncBuffer{}, cancel: cancel, done: make(chan error, 1)}
+	o := Options{Stdout: n.stdout, Stderr: n.stderr, ConfigName: "test.yaml", Executable: exe}
+	for _, f := range opts {
+		f(&o)
+	}
 	go func() {
-		n.done <- Run(ctx, cfg, Options{Stdout: n.stdout, Stderr: n.stderr, ConfigName: "test.yaml", Executable: exe})
+		n.done <- Run(ctx, cfg, o)
 	}()
 	t.Cleanup(func() { n.stop() })
 	return n
@@ -545,4 +549,56 @@ func TestDisplayAddrAndPortError(t *testing.T) {
 	if err.Error() != "listen.admin x:1: boom" {
 		t.Errorf("portError = %q", err)
 	}
+}
+
+func TestSIGHUPReloadsConfigInPlace(t *testing.T) {
+	cfg := testConfig(t, 2)
+	reloads := make(chan struct{}, 1)
+	next := cfg
+	next.Protocol.PingInterval = configs.Duration(3 * time.Second)
+	n := startNode(t, cfg, nil, func(o *Options) {
+		o.Reload = func() (configs.Config, error) { return next, nil }
+		o.ConfigReloadRequests = reloads
+	})
+	admin := n.waitReady()
+	before := pidsByName(t, admin)
+	reloads <- struct{}{}
+	for name := range before {
+		waitFor(t, 10*time.Second, name+" to get the new config", func() bool {
+			b, err := os.ReadFile(filepath.Join(n.dir, name+".reload"))
+			return err == nil && strings.Contains(string(b), `"ping_interval":"3s"`)
+		})
+	}
+	after := pidsByName(t, admin)
+	for name, pid := range before {
+		if after[name] != pid {
+			t.Errorf("%s restarted on a config reload (pid %d → %d)", name, pid, after[name])
+		}
+	}
+}
+
+func pidsByName(t *testing.T, admin string) map[string]int {
+	t.Helper()
+	resp, err := http.Get(admin + "/api/cluster")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var body struct {
+		Processes []struct {
+			Name string `json:"name"`
+			Pid  int    `json:"pid"`
+		} `json:"processes"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&body); err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]int{}
+	for _, p := range body.Processes {
+		out[p.Name] = p.Pid
+	}
+	if len(out) == 0 {
+		t.Fatal("no processes in /api/cluster")
+	}
+	return out
 }

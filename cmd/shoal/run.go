@@ -66,9 +66,10 @@ func cmdRun(args []string) int {
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	reloads := make(chan struct{}, 1)
+	reloads := make(chan struct{}, 1)       // SIGUSR2: rolling restart of the workers
+	configReloads := make(chan struct{}, 1) // SIGHUP: new config applied in place
 	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGUSR2)
 	defer signal.Stop(sigs)
 	done := make(chan struct{})
 	defer close(done)
@@ -81,6 +82,11 @@ func cmdRun(args []string) int {
 			case sig := <-sigs:
 				switch {
 				case sig == syscall.SIGHUP:
+					select {
+					case configReloads <- struct{}{}:
+					default: // one is pending already
+					}
+				case sig == syscall.SIGUSR2:
 					select {
 					case reloads <- struct{}{}:
 					default: // one is pending already
@@ -109,6 +115,8 @@ func cmdRun(args []string) int {
 		ConfigName:     name,
 		Reload:         load,
 		ReloadRequests: reloads,
+
+		ConfigReloadRequests: configReloads,
 	})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "shoal run: "+oneLine(err))
