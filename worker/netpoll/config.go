@@ -96,8 +96,9 @@ type Config struct {
 	// HandshakeReadTimeout closes a socket whose HTTP request head is not
 	// complete within it. Default 10 s.
 	HandshakeReadTimeout time.Duration
-	// Pool is the number of goroutines that run reads, flushes and Handler
-	// calls. Default 4 × GOMAXPROCS, at least 4.
+	// Pool is the number of goroutines that run reads and Handler calls.
+	// Default 4 × GOMAXPROCS, at least 4. Flushes run on max(2, GOMAXPROCS)
+	// goroutines of their own, so blocked Handler calls do not stall writes.
 	Pool int
 	// HTTP serves requests that are not WebSocket upgrades on Path. Each such
 	// socket leaves epoll and becomes an ordinary net.Conn served by an

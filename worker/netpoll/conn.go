@@ -123,7 +123,7 @@ func (c *Conn) WriteFrame(frame []byte) error {
 	c.mu.Unlock()
 	s.stats.msgsOut.Add(1)
 	if flush {
-		s.pool.push(c, taskFlush)
+		s.flushers.push(c, taskFlush)
 	}
 	return nil
 }
@@ -250,10 +250,10 @@ func (c *Conn) unlockAndRun() {
 	}
 	c.mu.Unlock()
 	if flush {
-		c.srv.pool.push(c, taskFlush)
+		c.srv.flushers.push(c, taskFlush)
 	}
 	if read {
-		c.srv.pool.push(c, taskRead)
+		c.srv.readers.push(c, taskRead)
 	}
 	if finish {
 		c.finish()
@@ -416,7 +416,7 @@ func (c *Conn) flush(sc *scratch) {
 	}
 	if requeue {
 		c.mu.Unlock()
-		s.pool.push(c, taskFlush)
+		s.flushers.push(c, taskFlush)
 		return
 	}
 	c.flushing = false

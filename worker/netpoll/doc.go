@@ -6,7 +6,9 @@
 // Serve takes an accepted socket fd (from the balancer's SCM_RIGHTS hand-off,
 // a PROXY-protocol stream, or an accept) and registers it in the Server's
 // epoll instance with EPOLLONESHOT. One poller goroutine waits for readiness
-// and only schedules work; a fixed pool of goroutines (Config.Pool) does it:
+// and only schedules work; fixed pools of goroutines do it (Config.Pool for
+// reads, a few more for flushes, so blocked Handler calls cannot stall the
+// writes to every other connection):
 //
 //   - a read task reads into the pool goroutine's own buffer, parses the HTTP
 //     request or the client frames, and calls the Handler. At most one read

@@ -983,3 +983,33 @@ func TestManyConnsConcurrently(t *testing.T) {
 		}
 	}
 }
+
+// TestBlockedHandlerDoesNotStallWrites: with every read goroutine stuck in
+// a Handler call, writes to other connections still go out.
+func TestBlockedHandlerDoesNotStallWrites(t *testing.T) {
+	release := make(chan struct{})
+	blocked := make(chan struct{}, 1)
+	h := &recorder{}
+	h.onMsg = func(c *Conn, p []byte) {
+		if string(p) == "block" {
+			blocked <- struct{}{}
+			<-release
+		}
+	}
+	ts := startServer(t, Config{Handler: h, Pool: 1})
+	a, b := ts.dial(t), ts.dial(t)
+	waitFor(t, 5*time.Second, "both open", func() bool { return h.openCount() == 2 })
+	a.send(t, "block")
+	<-blocked
+	defer close(release)
+	for _, sc := range []*Conn{h.conn(0), h.conn(1)} {
+		if err := sc.WriteText([]byte("pushed")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// b's conn is not the blocked one; its write must arrive now. (a's
+	// may wait for its own handler: its read task owns its flush.)
+	if got := b.read(t); got != "pushed" {
+		t.Fatal(got)
+	}
+}

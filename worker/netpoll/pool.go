@@ -46,14 +46,16 @@ type scratch struct {
 	iovs []unix.Iovec
 }
 
-func (p *pool) start(size int, run func(*scratch, task)) {
+// start runs size goroutines, each with a read buffer of bufSize bytes (0
+// for goroutines that only flush) and its own iovec batch.
+func (p *pool) start(size, bufSize int, run func(*scratch, task)) {
 	p.cond.L = &p.mu
 	p.ring = make([]task, 64)
 	for range size {
 		p.wg.Add(1)
 		go func() {
 			defer p.wg.Done()
-			s := &scratch{buf: make([]byte, readBufSize), iovs: make([]unix.Iovec, maxIovecs)}
+			s := &scratch{buf: make([]byte, bufSize), iovs: make([]unix.Iovec, maxIovecs)}
 			for {
 				t, ok := p.pop()
 				if !ok {
@@ -106,4 +108,18 @@ func (p *pool) stop() {
 	p.mu.Unlock()
 	p.cond.Broadcast()
 	p.wg.Wait()
+}
+
+// take pops a task without waiting.
+func (p *pool) take() (task, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.n == 0 {
+		return task{}, false
+	}
+	t := p.ring[p.head]
+	p.ring[p.head] = task{}
+	p.head = (p.head + 1) % len(p.ring)
+	p.n--
+	return t, true
 }

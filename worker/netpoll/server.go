@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -33,7 +34,11 @@ type Server struct {
 	epFile *os.File        // epfd, registered in Go's own netpoller (see poll)
 	epRaw  syscall.RawConn // of epFile
 	wakefd int             // eventfd that wakes the poller for Shutdown
-	pool   pool
+	// readers run read tasks (and Handler calls); flushers run flush tasks.
+	// Separate, so that Handler calls that block cannot stall writes to
+	// every other connection.
+	readers  pool
+	flushers pool
 
 	tabMu  sync.RWMutex
 	table  []*Conn // indexed by fd
@@ -163,7 +168,8 @@ func New(cfg Config) (*Server, error) {
 			}
 		}()
 	}
-	s.pool.start(cfg.Pool, s.runTask)
+	s.readers.start(cfg.Pool, readBufSize, s.runTask)
+	s.flushers.start(max(2, runtime.GOMAXPROCS(0)), 0, s.runTask)
 	go s.poll()
 	return s, nil
 }
@@ -385,7 +391,20 @@ func (s *Server) shutdown(ctx context.Context, code ws.StatusCode, reason string
 	} else {
 		<-s.pollDone
 	}
-	s.pool.stop()
+	s.readers.stop()
+	s.flushers.stop()
+	// After a Shutdown deadline, tasks can still be pushed by connections
+	// that were cut (a read task owes OnClose): run them here.
+	sc := &scratch{buf: make([]byte, readBufSize), iovs: make([]unix.Iovec, maxIovecs)}
+	for range 1 << 16 {
+		t, ok := s.readers.take()
+		if !ok {
+			if t, ok = s.flushers.take(); !ok {
+				break
+			}
+		}
+		s.runTask(sc, t)
+	}
 	_ = unix.Close(s.wakefd)
 	_ = s.epFile.Close() // closes epfd
 	return err
