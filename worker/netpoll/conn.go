@@ -3,6 +3,7 @@ package netpoll
 import (
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/gobwas/ws"
@@ -32,6 +33,9 @@ type Conn struct {
 	id     uint64
 	remote net.Addr
 	fd     int32
+	// data is the user value: read on every message by the worker, so it
+	// is an atomic pointer rather than a field under mu.
+	data atomic.Pointer[any]
 	// seq tells this connection's epoll events from those of an earlier
 	// connection that had the same fd number.
 	seq uint32
@@ -63,7 +67,6 @@ type Conn struct {
 	// the close sequence times out; timer fires at or before it.
 	deadline int64
 	timer    *time.Timer
-	data     any
 
 	// Input state. Only the read task touches it (Conn.reading serialises
 	// read tasks); finish clears it once no read task can run.
@@ -84,16 +87,15 @@ func (c *Conn) RemoteAddr() net.Addr { return c.remote }
 
 // Data returns the value stored with SetData.
 func (c *Conn) Data() any {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.data
+	if p := c.data.Load(); p != nil {
+		return *p
+	}
+	return nil
 }
 
 // SetData stores a per-connection user value.
 func (c *Conn) SetData(v any) {
-	c.mu.Lock()
-	c.data = v
-	c.mu.Unlock()
+	c.data.Store(&v)
 }
 
 // WriteFrame queues a complete, pre-built frame (see AppendTextFrame). The

@@ -1013,3 +1013,18 @@ func TestBlockedHandlerDoesNotStallWrites(t *testing.T) {
 		t.Fatal(got)
 	}
 }
+
+func TestData(t *testing.T) {
+	var c Conn
+	if c.Data() != nil {
+		t.Fatal("zero Conn has data")
+	}
+	c.SetData("session")
+	if c.Data() != "session" {
+		t.Fatal(c.Data())
+	}
+	c.SetData(nil)
+	if c.Data() != nil {
+		t.Fatal(c.Data())
+	}
+}
