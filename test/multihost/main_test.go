@@ -25,33 +25,46 @@ import (
 	"time"
 )
 
-// shoalBin is the binary built once by TestMain.
-var shoalBin string
+var (
+	buildDir  string    // removed by TestMain
+	buildOnce sync.Once // the binary is built by the first test that needs it
+	shoalBin  string
+	buildErr  error
+)
 
 func TestMain(m *testing.M) {
-	os.Exit(buildAndRun(m))
+	code := m.Run()
+	if buildDir != "" {
+		os.RemoveAll(buildDir)
+	}
+	os.Exit(code)
 }
 
-func buildAndRun(m *testing.M) int {
-	root, err := moduleRoot()
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "multihost:", err)
-		return 1
+// binary builds ./cmd/shoal once, lazily: a run that skips every test
+// (not root, no namespaces) needs no toolchain.
+func binary(t *testing.T) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		root, err := moduleRoot()
+		if err != nil {
+			buildErr = err
+			return
+		}
+		if buildDir, err = os.MkdirTemp("", "shoal-multihost-"); err != nil {
+			buildErr = err
+			return
+		}
+		shoalBin = filepath.Join(buildDir, "shoal")
+		build := exec.Command("go", "build", "-o", shoalBin, "./cmd/shoal")
+		build.Dir = root
+		if out, err := build.CombinedOutput(); err != nil {
+			buildErr = fmt.Errorf("building shoal: %v\n%s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
 	}
-	dir, err := os.MkdirTemp("", "shoal-multihost-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "multihost:", err)
-		return 1
-	}
-	defer os.RemoveAll(dir)
-	shoalBin = filepath.Join(dir, "shoal")
-	build := exec.Command("go", "build", "-o", shoalBin, "./cmd/shoal")
-	build.Dir = root
-	if out, err := build.CombinedOutput(); err != nil {
-		fmt.Fprintf(os.Stderr, "multihost: building shoal: %v\n%s", err, out)
-		return 1
-	}
-	return m.Run()
+	return shoalBin
 }
 
 // moduleRoot walks up from the test's directory to the go.mod.

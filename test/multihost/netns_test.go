@@ -291,7 +291,7 @@ func startNode(t *testing.T, label string, h host, join []string) *node {
 	}
 	// `ip netns exec` enters the namespace and execs shoal, so the pid we
 	// get is the supervisor's.
-	n.cmd = exec.Command("ip", "netns", "exec", ns, shoalBin, "run", "-c", n.cfg)
+	n.cmd = exec.Command("ip", "netns", "exec", ns, binary(t), "run", "-c", n.cfg)
 	n.cmd.Stdout, n.cmd.Stderr = n.out, n.out
 	if err := n.cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -397,6 +397,7 @@ func TestThreeHosts(t *testing.T) {
 		t.Skip("builds network namespaces and runs three nodes")
 	}
 	l := newLab(t, 3)
+	binary(t) // built before the clock starts
 	labels := []string{"A", "B", "C"}
 	nodes := make([]*node, 3)
 	joins := make([][]string, 3)
