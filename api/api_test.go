@@ -31,7 +31,7 @@ func newTestServer(t *testing.T, key string, mod func(*Config)) *testServer {
 	fake := &fakeBackend{}
 	bans := NewMemoryBans(nil)
 	cfg := Config{
-		API:    configs.API{KeyEnv: "TEST_SHOAL_API_KEY"},
+		API: configs.API{KeyEnv: "TEST_SHOAL_API_KEY"},
 		Getenv: func(name string) string {
 			if name == "TEST_SHOAL_API_KEY" {
 				return key
