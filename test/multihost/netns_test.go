@@ -696,4 +696,3 @@ func next(c chan client.Message, timeout time.Duration) (client.Message, error) 
 		return client.Message{}, errors.New("timed out")
 	}
 }
-
