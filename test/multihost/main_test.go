@@ -41,10 +41,19 @@ func TestMain(m *testing.M) {
 }
 
 // binary builds ./cmd/shoal once, lazily: a run that skips every test
-// (not root, no namespaces) needs no toolchain.
+// (not root, no namespaces) needs no toolchain. SHOAL_BIN names a prebuilt
+// binary instead (e.g. one built from a clean commit while the shared
+// working tree has half-done edits).
 func binary(t *testing.T) string {
 	t.Helper()
 	buildOnce.Do(func() {
+		if b := os.Getenv("SHOAL_BIN"); b != "" {
+			if _, err := os.Stat(b); err != nil {
+				buildErr = fmt.Errorf("SHOAL_BIN: %w", err)
+			}
+			shoalBin = b
+			return
+		}
 		root, err := moduleRoot()
 		if err != nil {
 			buildErr = err
@@ -58,7 +67,7 @@ func binary(t *testing.T) string {
 		build := exec.Command("go", "build", "-o", shoalBin, "./cmd/shoal")
 		build.Dir = root
 		if out, err := build.CombinedOutput(); err != nil {
-			buildErr = fmt.Errorf("building shoal: %v\n%s", err, out)
+			buildErr = fmt.Errorf("building ./cmd/shoal from the working tree (SHOAL_BIN=<binary> skips the build): %v\n%s", err, out)
 		}
 	})
 	if buildErr != nil {
