@@ -1,0 +1,305 @@
+#!/usr/bin/env bash
+# Shoal against the official socketcluster-server v20, in the same run, on
+# this machine; writes docs/benchmarks.md. `make bench` runs it as
+#
+#   scripts/bench.sh bin/shoal
+#
+# 1. starts the reference (test/reference/server.js, one Node process) on a
+#    free port, runs the `shoal bench` scenarios against it, stops it;
+# 2. starts `BIN run -c <temp config>` (workers auto, brokers 2, one
+#    balancer, a TLS listener with a generated certificate, free ports,
+#    storage in a temp dir), runs the same scenarios with --admin (server
+#    memory = summed RSS of the supervisor's whole process tree) plus wss://
+#    through the balancer, stops it; optionally a bigger cluster for the
+#    most connections (MAX_CONNS) and the full 100 × 2,000 fan-out (BIG_SUBS2);
+# 3. writes the report with scripts/benchreport. Everything after the marker
+#    line of an existing docs/benchmarks.md (hand-written notes) is kept.
+#
+# Sizes come from the environment; the defaults take about 5 minutes.
+# Every process this script starts is stopped on exit, also on failure.
+# Only loopback addresses are used; every port is picked free at run time.
+set -euo pipefail
+
+usage() { echo "usage: scripts/bench.sh BIN   (BIN = a built shoal binary, e.g. bin/shoal)" >&2; exit 2; }
+[ $# -eq 1 ] || usage
+[ -x "$1" ] || { echo "bench.sh: $1 is not an executable (run make build)" >&2; exit 2; }
+bin=$(cd "$(dirname "$1")" && pwd)/$(basename "$1")
+root=$(cd "$(dirname "$0")/.." && pwd)
+out=${OUT:-$root/docs/benchmarks.md}
+
+# ---- sizes ------------------------------------------------------------------
+CONNS1=${CONNS1:-10000}          # idle-memory run 1 (ws://)
+CONNS2=${CONNS2:-20000}          # idle-memory run 2 (ws://); the reference runs REF_CONNS2
+REF_CONNS2=${REF_CONNS2:-19000}  # one Node process holds at most ~19,900 here
+CONN_AGENTS=${CONN_AGENTS:-2}    # load processes for the conns runs
+SOURCES=${SOURCES:-64}           # client source addresses, from SOURCE_BASE on
+SOURCE_BASE=${SOURCE_BASE:-127.0.1.1}
+HOLD=${HOLD:-3s}                 # idle time before memory is read
+WSS_CONNS=${WSS_CONNS:-5000}     # wss:// through the balancer (0 = skip); one balancer holds < 9,900
+MAX_CONNS=${MAX_CONNS:-0}        # Shoal only, a cluster with enough workers (0 = skip)
+SUBS=${SUBS:-1000}               # fan-out 1 channel × SUBS
+CHANNELS2=${CHANNELS2:-100}      # fan-out CHANNELS2 × SUBS2 × PUBS2, sized for the reference
+SUBS2=${SUBS2:-190}
+PUBS2=${PUBS2:-10}
+BIG_SUBS2=${BIG_SUBS2:-0}        # Shoal only: CHANNELS2 × BIG_SUBS2 (the issue's 2000; 0 = skip)
+AGENTS=${AGENTS:-2}              # load processes for fan-out
+DURATION=${DURATION:-10s}        # fan-out windows
+SHORT=${SHORT:-5s}               # rtt and churn windows
+RTT_CONNS=${RTT_CONNS:-10}
+CHURN_CONNS=${CHURN_CONNS:-32}
+REFERENCE=${REFERENCE:-1}        # 0 = skip the reference (Shoal only)
+PROFILE=${PROFILE:-0}            # 1 = perf-record the Shoal cluster during an extra 1-channel fan-out
+GOBENCH=${GOBENCH:-0}            # 1 = also run the packages' Go benchmarks (about 2 minutes)
+RUN_TIMEOUT=${RUN_TIMEOUT:-300}  # seconds, per bench command
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/shoal-bench.XXXXXX")
+mkdir -p "$work/ref" "$work/shoal"
+report=$work/benchreport
+started=$(date +%s)
+ref_pid="" shoal_pid="" perf_pid=""
+
+log() { echo "[$(date -u +%T)] $*" >&2; }
+
+# stop PID: SIGTERM to its process group (each server is started with
+# setsid, so the group is exactly its tree), up to 20 s, then SIGKILL.
+stop() {
+  local pid=$1
+  [ -n "$pid" ] || return 0
+  kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 200); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -KILL -- "-$pid" 2>/dev/null || true
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+  local rc=$?
+  [ -n "$perf_pid" ] && { kill -INT "$perf_pid" 2>/dev/null || true; wait "$perf_pid" 2>/dev/null || true; }
+  stop "$ref_pid"
+  stop "$shoal_pid"
+  if [ "${KEEP:-0}" = 1 ] || [ $rc -ne 0 ]; then
+    log "results kept in $work"
+  else
+    rm -rf "$work"
+  fi
+  exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+(cd "$root" && go build -o "$report" ./scripts/benchreport)
+freeport() { "$report" freeport "${1:-1}"; }
+get() { "$report" get "$1" "$2" 2>/dev/null || echo 0; }
+
+# run SIDE LABEL ARGS...: one `shoal bench` scenario, JSON to SIDE/LABEL.json,
+# the exact command to SIDE/LABEL.cmd. A failed run leaves no .json (the
+# report shows "not run") and does not stop the others.
+run() {
+  local side=$1 label=$2; shift 2
+  local args=("$@" --json --quiet)
+  echo "$bin bench ${args[*]}" | sed "s#^$root/##" >"$work/$side/$label.cmd"
+  log "$side $label: shoal bench ${args[*]}"
+  if timeout -k 10 "$RUN_TIMEOUT" "$bin" bench "${args[@]}" >"$work/$side/$label.out" 2>"$work/$side/$label.err"; then
+    mv "$work/$side/$label.out" "$work/$side/$label.json"
+    log "  $(summary "$work/$side/$label.json")"
+  else
+    log "  FAILED: $(tail -n 3 "$work/$side/$label.err" | tr '\n' ' ')"
+  fi
+}
+
+summary() {
+  local f=$1
+  case $(basename "$f") in
+    conns*) echo "connected $(get "$f" connected), $(get "$f" conns_per_s) conns/s, $(get "$f" server_rss_per_conn_kib) KiB/conn";;
+    *fanout*|latency*) echo "$(get "$f" deliveries_per_s) deliveries/s, lost $(get "$f" lost), order $(get "$f" order_violations), p99 $(get "$f" latency_p99_ms) ms";;
+    rtt*) echo "$(get "$f" round_trips_per_s) round trips/s";;
+    churn*) echo "$(get "$f" cycles_per_s) cycles/s, failed $(get "$f" failed)";;
+  esac
+}
+
+half() { awk -v r="$1" 'BEGIN { h = int(r / 2); if (h < 1) h = 1; print h }'; }
+ceil_div() { echo $(( ($1 + $2 - 1) / $2 )); }
+
+# The scenarios shared by both servers. URL, and the way the server's
+# processes are found (--pid or --admin), come as arguments.
+scenarios() {
+  local side=$1 conns2=$2; shift 2
+  local src=(--sources "$SOURCES" --source-base "$SOURCE_BASE")
+  run "$side" conns-10k conns "$@" --conns "$CONNS1" --agents "$CONN_AGENTS" --hold "$HOLD" "${src[@]}"
+  run "$side" conns-20k conns "$@" --conns "$conns2" --agents "$CONN_AGENTS" --hold "$HOLD" "${src[@]}"
+  run "$side" fanout-1x fanout "$@" --channels 1 --subs "$SUBS" --publishers 1 --payload 100 --duration "$DURATION" --agents "$AGENTS" "${src[@]}"
+  run "$side" fanout-100x fanout "$@" --channels "$CHANNELS2" --subs "$SUBS2" --publishers "$PUBS2" --payload 100 --duration "$DURATION" --agents "$AGENTS" "${src[@]}"
+  local max; max=$(get "$work/$side/fanout-1x.json" publishes_per_s)
+  if [ "${max%.*}" -gt 1 ]; then
+    run "$side" latency-half fanout "$@" --channels 1 --subs "$SUBS" --publishers 1 --payload 100 --duration "$DURATION" --agents "$AGENTS" --rate "$(half "$max")" "${src[@]}"
+  fi
+  run "$side" rtt rtt "$@" --conns "$RTT_CONNS" --window 1 --duration "$SHORT"
+  run "$side" churn churn "$@" --conns "$CHURN_CONNS" --duration "$SHORT" "${src[@]}"
+}
+
+# ---- the reference ---------------------------------------------------------
+if [ "$REFERENCE" = 1 ]; then
+  command -v node >/dev/null || { echo "bench.sh: node is needed for the reference (REFERENCE=0 skips it)" >&2; exit 1; }
+  if [ ! -d "$root/test/reference/node_modules/socketcluster-server" ]; then
+    log "installing socketcluster-server into test/reference"
+    npm ci --prefix "$root/test/reference" --no-audit --no-fund --loglevel=error
+  fi
+  port=$(freeport)
+  setsid node "$root/test/reference/server.js" --port "$port" --host 127.0.0.1 >"$work/ref.log" 2>&1 </dev/null &
+  ref_pid=$!
+  for _ in $(seq 150); do
+    grep -q '^listening' "$work/ref.log" && break
+    kill -0 "$ref_pid" 2>/dev/null || { cat "$work/ref.log" >&2; exit 1; }
+    sleep 0.1
+  done
+  grep -q '^listening' "$work/ref.log" || { echo "bench.sh: the reference server did not start" >&2; exit 1; }
+  ref_node_pid=$(awk '/^listening/ { print $4 }' "$work/ref.log")
+  log "reference: node pid $ref_node_pid on port $port"
+  scenarios ref "$REF_CONNS2" --url "ws://127.0.0.1:$port/socketcluster/" --pid "$ref_node_pid"
+  stop "$ref_pid"; ref_pid=""
+fi
+
+# ---- Shoal -------------------------------------------------------------------
+# start_shoal NAME WORKERS TLS(0/1): a cluster in its own session, storage in
+# the work dir; sets shoal_pid, url, wss, admin.
+start_shoal() {
+  local name=$1 workers=$2 tls=$3
+  local dir=$work/$name
+  mkdir -p "$dir"
+  local public admin_port gossip
+  public=$(freeport); admin_port=$(freeport); gossip=$(freeport 3)
+  {
+    echo "cluster: {workers: $workers, brokers: 2, balancers: 1, gossip: \"127.0.0.1:$gossip\"}"
+    echo "listen:"
+    echo "  public: \"127.0.0.1:$public\""
+    echo "  admin: \"127.0.0.1:$admin_port\""
+    if [ "$tls" = 1 ]; then echo "  tls: {listen: \"127.0.0.1:$(freeport)\", auto: true}"; fi
+    echo "storage: {dir: \"$dir/data\"}"
+    echo "log: {level: warn}"
+  } >"$dir/shoal.yaml"
+  # No SHOAL_* variable of this environment may leak into the cluster: they
+  # are config overrides.
+  : >"$dir/run.log"
+  setsid env $(env | awk -F= '/^SHOAL_/ { printf "-u %s ", $1 }') "$bin" run -c "$dir/shoal.yaml" >"$dir/run.log" 2>&1 </dev/null &
+  shoal_pid=$!
+  for _ in $(seq 600); do
+    grep -q '^shoal is running' "$dir/run.log" && break
+    kill -0 "$shoal_pid" 2>/dev/null || { cat "$dir/run.log" >&2; exit 1; }
+    sleep 0.1
+  done
+  grep -q '^shoal is running' "$dir/run.log" || { cat "$dir/run.log" >&2; echo "bench.sh: shoal run did not become ready in 60 s" >&2; exit 1; }
+  url="ws://127.0.0.1:$public/socketcluster/"
+  wss=$(awk '$1 == "tls" { print $2 }' "$dir/run.log")
+  admin="http://127.0.0.1:$admin_port"
+  log "shoal ($name): $(grep -c ' ready  pid ' "$dir/run.log") children, supervisor pid $shoal_pid, $url"
+}
+
+proc_name() { # PID → its name in the current cluster (supervisor, worker-1, …)
+  if [ "$1" = "$shoal_pid" ]; then echo supervisor; return; fi
+  awk -v p="$1" '/ ready  pid / && $4 == p { print $1; f = 1 } END { if (!f) print "other" }' "$work/cluster/run.log"
+}
+
+server_pids() { # the supervisor and every child of the current cluster, comma-separated
+  { echo "$shoal_pid"; awk '/ ready  pid / { print $4 }' "$work/$1/run.log"; } | paste -sd, -
+}
+
+start_shoal cluster auto 1
+scenarios shoal "$CONNS2" --url "$url" --admin "$admin"
+rmax=$(get "$work/ref/fanout-1x.json" publishes_per_s)
+if [ "${rmax%.*}" -gt 1 ]; then
+  cp "$work/ref/latency-half.json" "$work/ref/latency-same.json" 2>/dev/null || true
+  cp "$work/ref/latency-half.cmd" "$work/ref/latency-same.cmd" 2>/dev/null || true
+  run shoal latency-same fanout --url "$url" --admin "$admin" --channels 1 --subs "$SUBS" --publishers 1 --payload 100 \
+    --duration "$DURATION" --agents "$AGENTS" --rate "$(half "$rmax")" --sources "$SOURCES" --source-base "$SOURCE_BASE"
+fi
+if [ "$WSS_CONNS" -gt 0 ] && [ -n "$wss" ]; then
+  run shoal conns-wss conns --url "$wss" --admin "$admin" --conns "$WSS_CONNS" --agents "$CONN_AGENTS" --hold "$HOLD" \
+    --sources "$SOURCES" --source-base "$SOURCE_BASE"
+fi
+
+if [ "$PROFILE" = 1 ]; then
+  if command -v perf >/dev/null; then
+    secs=$(awk -v d="$DURATION" 'BEGIN { sub(/s$/, "", d); print int(d) + 3 }')
+    pids=$(server_pids cluster)
+    ( sleep 1; exec perf record -q -F 999 -g -p "$pids" -o "$work/perf.data" -- sleep "$secs" ) >"$work/perf.log" 2>&1 &
+    perf_pid=$!
+    run shoal profile-fanout fanout --url "$url" --admin "$admin" --channels 1 --subs "$SUBS" --publishers 1 --payload 100 \
+      --duration "$DURATION" --agents "$AGENTS" --sources "$SOURCES" --source-base "$SOURCE_BASE"
+    wait "$perf_pid" 2>/dev/null || true; perf_pid=""
+    if [ -s "$work/perf.data" ]; then
+      {
+        echo "# $(cat "$work/shoal/profile-fanout.cmd")"
+        echo "# $(summary "$work/shoal/profile-fanout.json")"
+        echo "# perf record -F 999 -g -p <supervisor, balancer, workers, brokers> -- sleep $secs"
+        awk '/ ready  pid / { print "# " $1 " = pid " $4 }' "$work/cluster/run.log"
+        echo
+        echo "## Samples per process (perf script -F pid)"
+        perf script -i "$work/perf.data" -F pid 2>/dev/null | awk '{ n[$1]++; t++ } END { for (p in n) printf "%d %d %.1f\n", n[p], p, 100 * n[p] / t }' |
+          sort -rn | while read -r n p pct; do
+            printf '  %-12s pid %-8s %6s%%  (%s samples)\n' "$(proc_name "$p")" "$p" "$pct" "$n"
+          done
+        for p in $(awk '/ ready  pid / && ($1 ~ /^worker-1$|^broker-|^balancer-1$/) { print $4 }' "$work/cluster/run.log"); do
+          echo
+          echo "## $(proc_name "$p"): hottest functions, self time (perf report --pid $p --no-children --sort dso,sym)"
+          perf report -i "$work/perf.data" --pid "$p" --no-children --sort dso,sym --stdio -g none --percent-limit 1 2>/dev/null |
+            grep -v '^#' | grep -v '^$' | head -n 20
+        done
+        w1=$(awk '/ ready  pid / && $1 == "worker-1" { print $4 }' "$work/cluster/run.log")
+        echo
+        echo "## worker-1: time including callees (perf report --pid $w1 --children --sort sym)"
+        perf report -i "$work/perf.data" --pid "$w1" --children --sort sym --stdio -g none --percent-limit 4 2>/dev/null |
+          grep -v '^#' | grep -v '^$' | head -n 40
+      } >"$work/profile.txt"
+      mv "$work/shoal/profile-fanout.json" "$work/profile-fanout.json" 2>/dev/null || true
+    fi
+  else
+    log "PROFILE=1 but perf is not installed (apt-get install -y linux-perf): skipped"
+  fi
+fi
+stop "$shoal_pid"; shoal_pid=""
+
+if [ "$MAX_CONNS" -gt 0 ]; then
+  start_shoal cluster-max "$(ceil_div "$MAX_CONNS" 17000)" 0
+  run shoal conns-max conns --url "$url" --admin "$admin" --conns "$MAX_CONNS" --agents "$(ceil_div "$MAX_CONNS" 15000)" \
+    --hold "$HOLD" --sources "$SOURCES" --source-base "$SOURCE_BASE"
+  stop "$shoal_pid"; shoal_pid=""
+fi
+if [ "$BIG_SUBS2" -gt 0 ]; then
+  big=$((CHANNELS2 * BIG_SUBS2 + PUBS2))
+  start_shoal cluster-big "$(ceil_div "$big" 17000)" 0
+  run shoal fanout-100x-big fanout --url "$url" --admin "$admin" --channels "$CHANNELS2" --subs "$BIG_SUBS2" --publishers "$PUBS2" \
+    --payload 100 --duration "$DURATION" --agents "$(ceil_div "$big" 15000)" --sources "$SOURCES" --source-base "$SOURCE_BASE"
+  stop "$shoal_pid"; shoal_pid=""
+fi
+
+if [ "$GOBENCH" = 1 ]; then
+  gopkgs="./proto/sc ./worker ./worker/netpoll ./broker ./brokerclient ./handoff ./middleware"
+  echo "go test -run '^\$' -bench . -benchmem $gopkgs" >"$work/gobench.cmd"
+  log "go benchmarks: $(cat "$work/gobench.cmd")"
+  (cd "$root" && timeout -k 10 600 go test -run '^$' -bench . -benchmem $gopkgs) >"$work/gobench.txt" 2>&1 ||
+    log "  go benchmarks failed (output kept in the report)"
+fi
+
+# ---- the report --------------------------------------------------------------
+{
+  echo "date: $(date -u '+%Y-%m-%d %H:%M UTC') (run took $(( $(date +%s) - started )) s)"
+  echo "CPU: $(nproc) × $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)"
+  echo "memory: $(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
+  echo "kernel: $(uname -sr)"
+  echo "open files per process: $(ulimit -Sn) (soft), $(ulimit -Hn) (hard)"
+  echo "Go: $(go version 2>/dev/null | awk '{ print $3 }') (the binary: $(go version "$bin" 2>/dev/null | awk '{ print $2 }'))"
+  echo "Node: $(node --version 2>/dev/null || echo none)"
+  echo "socketcluster-server: $(awk -F'"' '/"version"/ { print $4; exit }' "$root/test/reference/node_modules/socketcluster-server/package.json" 2>/dev/null)"
+  echo "Shoal: commit $(git -C "$root" rev-parse --short HEAD 2>/dev/null)"
+  echo "Shoal cluster: workers auto ($(nproc)), brokers 2, balancers 1, GOMAXPROCS 1 per worker (the default)"
+  echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
+} >"$work/machine.txt"
+for v in CONNS1 CONNS2 REF_CONNS2 CONN_AGENTS SOURCES SOURCE_BASE HOLD WSS_CONNS MAX_CONNS SUBS CHANNELS2 SUBS2 PUBS2 BIG_SUBS2 AGENTS DURATION SHORT RTT_CONNS CHURN_CONNS PROFILE GOBENCH; do
+  echo "$v: ${!v}"
+done >"$work/sizes.txt"
+mkdir -p "$(dirname "$out")"
+"$report" report -dir "$work" -o "$out"
+log "wrote $out ($(( $(date +%s) - started )) s)"
