@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -46,6 +47,22 @@ func sh(args ...string) error {
 	return nil
 }
 
+// labSeq makes names unique across runs in one process (-count=N): a
+// deleted namespace is torn down by the kernel asynchronously, so its
+// names may linger for a moment after the previous run.
+var labSeq atomic.Int32
+
+// refused tells a kernel or permission refusal (skip) from a real failure.
+func refused(err error) bool {
+	s := err.Error()
+	for _, w := range []string{"Operation not permitted", "Permission denied", "not supported", "Not supported", "Unknown device type", "Invalid argument"} {
+		if strings.Contains(s, w) {
+			return true
+		}
+	}
+	return false
+}
+
 func newLab(t *testing.T, n int) *lab {
 	t.Helper()
 	if os.Geteuid() != 0 {
@@ -54,19 +71,33 @@ func newLab(t *testing.T, n int) *lab {
 	if _, err := exec.LookPath("ip"); err != nil {
 		t.Skip("SKIPPED, NOT PASSED: the ip command (iproute2) is missing")
 	}
-	pid := os.Getpid()
-	l := &lab{bridge: fmt.Sprintf("shmh%d", pid)}
-	subnet := fmt.Sprintf("10.231.%d", pid%250)
+	pid, seq := os.Getpid(), int(labSeq.Add(1)-1)
+	id := fmt.Sprintf("%d%c", pid, 'a'+seq%26) // bridge and veth names stay within 15 bytes
+	l := &lab{bridge: "shmh" + id}
+	subnet := fmt.Sprintf("10.231.%d", (pid+seq)%250)
+	var veths []string
+	fail := func(what string, err error) {
+		t.Helper()
+		if refused(err) {
+			t.Skipf("SKIPPED, NOT PASSED: the kernel refused %s: %v", what, err)
+		}
+		t.Fatalf("%s: %v", what, err)
+	}
 	// Registered before anything exists, so it runs (last) even when a
 	// step below fails: first every process still inside a namespace is
 	// killed (deleting a namespace's name does not end its processes),
-	// then the namespaces and the bridge are deleted; the root ends of
-	// the veths go with their peers.
+	// then the veths (each takes its peer along at once), the namespaces
+	// and the bridge are deleted.
 	t.Cleanup(func() {
 		for _, h := range l.hosts {
 			if left := killNamespace(h.ns, 5*time.Second); len(left) > 0 {
 				t.Errorf("processes still in namespace %s after SIGKILL: %v", h.ns, left)
 			}
+		}
+		for _, v := range veths {
+			_ = sh("ip", "link", "del", v)
+		}
+		for _, h := range l.hosts {
 			if err := sh("ip", "netns", "del", h.ns); err != nil {
 				t.Errorf("cleanup: %v", err)
 			}
@@ -76,19 +107,20 @@ func newLab(t *testing.T, n int) *lab {
 		}
 	})
 	if err := sh("ip", "link", "add", l.bridge, "type", "bridge"); err != nil {
-		t.Skipf("SKIPPED, NOT PASSED: the kernel refused a bridge: %v", err)
+		fail("a bridge", err)
 	}
 	steps := [][]string{
 		{"ip", "addr", "add", subnet + ".1/24", "dev", l.bridge},
 		{"ip", "link", "set", l.bridge, "up"},
 	}
 	for i := range n {
-		h := host{ns: fmt.Sprintf("shoal-mh-%d-%c", pid, 'a'+i), ip: fmt.Sprintf("%s.%d", subnet, i+2)}
-		veth := fmt.Sprintf("shmh%d-%d", pid, i)
+		h := host{ns: fmt.Sprintf("shoal-mh-%s-%c", id, 'a'+i), ip: fmt.Sprintf("%s.%d", subnet, i+2)}
+		veth := fmt.Sprintf("shmh%s%d", id, i)
 		if err := sh("ip", "netns", "add", h.ns); err != nil {
-			t.Skipf("SKIPPED, NOT PASSED: the kernel refused a network namespace: %v", err)
+			fail("a network namespace", err)
 		}
 		l.hosts = append(l.hosts, h)
+		veths = append(veths, veth)
 		steps = append(steps,
 			[]string{"ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", h.ns},
 			[]string{"ip", "link", "set", veth, "master", l.bridge},
@@ -100,7 +132,7 @@ func newLab(t *testing.T, n int) *lab {
 	}
 	for _, s := range steps {
 		if err := sh(s...); err != nil {
-			t.Skipf("SKIPPED, NOT PASSED: the kernel refused the namespace network setup: %v", err)
+			fail("the namespace network setup", err)
 		}
 	}
 	return l
@@ -311,19 +343,31 @@ func startNode(t *testing.T, label string, h host, join []string) *node {
 	return n
 }
 
-// kill SIGKILLs the node's whole process tree (the supervisor first, so it
-// restarts nothing, then every descendant) and waits until no process is
-// left in its namespace. It returns the pids it killed.
+// kill SIGKILLs the node's whole process tree and waits until no process
+// is left in its namespace.
 func (n *node) kill() []int {
+	tree, _ := n.signalTree()
+	n.waitGone()
+	return tree
+}
+
+// signalTree SIGKILLs the supervisor (first, so it restarts nothing) and
+// every descendant; it returns the pids and when the last signal was sent.
+func (n *node) signalTree() ([]int, time.Time) {
 	pid := n.cmd.Process.Pid
 	tree := append([]int{pid}, descendants(pid)...)
 	for _, p := range tree {
 		_ = syscall.Kill(p, syscall.SIGKILL)
 	}
+	return tree, time.Now()
+}
+
+// waitGone kills whatever is still in the node's namespace (a child forked
+// while the tree was being walked) until nothing is left.
+func (n *node) waitGone() {
 	if left := killNamespace(n.host.ns, 5*time.Second); len(left) > 0 {
 		n.t.Errorf("node %s: processes %v still alive 5 s after SIGKILL", n.label, left)
 	}
-	return tree
 }
 
 func (n *node) exited() bool {
@@ -649,11 +693,13 @@ func killDuringTraffic(t *testing.T, ctx context.Context, b *node, pub *client.C
 	}
 	waitFor(t, 10*time.Second, "A→C traffic on every channel before the kill", func() bool { return count(before, 10) })
 
+	// The clock starts when the signals have been sent (walking /proc for
+	// the tree takes milliseconds, during which B still serves).
 	mu.Lock()
-	killed = time.Now()
-	killAt = killed
+	tree, sent := b.signalTree()
+	killed, killAt = sent, sent
 	mu.Unlock()
-	tree := b.kill()
+	b.waitGone()
 	t.Logf("SIGKILLed node B's process tree %v; %d ms to see no process left in its namespace", tree, time.Since(killAt).Milliseconds())
 	waitFor(t, 15*time.Second, "A→C delivery of post-kill publishes on every channel", func() bool { return count(after, 1) })
 	waitFor(t, 10*time.Second, "steady A→C delivery after B's death (20 messages per channel)", func() bool { return count(after, 20) })
