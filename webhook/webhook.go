@@ -222,7 +222,9 @@ func New(o Options) (*Sender, error) {
 		o.RequestTimeout = DefaultRequestTimeout
 	}
 	if o.Client == nil {
-		o.Client = &http.Client{Timeout: o.RequestTimeout}
+		// An own transport, so Close can drop its idle connections without
+		// touching other users of http.DefaultTransport.
+		o.Client = &http.Client{Timeout: o.RequestTimeout, Transport: http.DefaultTransport.(*http.Transport).Clone()}
 	}
 	if o.Logger == nil {
 		o.Logger = hclog.NewNullLogger()
@@ -375,6 +377,7 @@ func (s *Sender) Close(ctx context.Context) error {
 	select {
 	case <-s.done:
 		s.cancel()
+		s.client.CloseIdleConnections()
 		return nil
 	case <-ctx.Done():
 	}
@@ -383,6 +386,7 @@ func (s *Sender) Close(ctx context.Context) error {
 	// also watches s.ctx, and requests are made with it.
 	s.cancel()
 	<-s.done
+	s.client.CloseIdleConnections()
 	return fmt.Errorf("webhook: close: %d events abandoned: %w", s.abandoned.Load(), ctx.Err())
 }
 
