@@ -23,6 +23,8 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/shoalhq/shoal/broker/chanopts"
+	"github.com/shoalhq/shoal/broker/store"
 	"github.com/shoalhq/shoal/configs"
 	"github.com/shoalhq/shoal/internal/procstat"
 	"github.com/shoalhq/shoal/proto/control"
@@ -96,6 +98,13 @@ func (c *Child) Start(ctx context.Context, p control.StartParams) (control.Start
 		Name:     p.Name,
 		MaxFrame: int(cfg.Protocol.MaxPayload) + link.Overhead,
 		Logger:   c.log.Named("link"),
+		Rules:    chanopts.Compile(cfg.Channels),
+	}
+	if st, err := openStore(cfg, p.Name); err != nil {
+		ln.Close()
+		return control.StartResult{}, err
+	} else if st != nil {
+		sc.Store = st
 	}
 	if len(cfg.Cluster.Join) > 0 {
 		// Workers of other nodes are not in this node's topology: give
@@ -103,6 +112,11 @@ func (c *Child) Start(ctx context.Context, p control.StartParams) (control.Start
 		sc.WarmUpMin = 400 * time.Millisecond
 	}
 	srv := NewServer(sc)
+	if err := srv.Restore(); err != nil {
+		ln.Close()
+		srv.Close(ctx)
+		return control.StartResult{}, err
+	}
 	srv.ExpectWorkers(readyWorkers(p.Topology))
 	if err := srv.Serve(ln); err != nil {
 		ln.Close()
@@ -123,6 +137,29 @@ func (c *Child) Start(ctx context.Context, p control.StartParams) (control.Start
 	c.state = control.StateReady
 	c.log.Info("broker listening", "link", addr, "gossip", addrs[control.AddrGossip], "epoch", srv.Epoch())
 	return control.StartResult{Addrs: addrs}, nil
+}
+
+// StorePath is where a broker keeps its durable channels.
+func StorePath(dir, name string) string { return filepath.Join(dir, "broker-"+name+".db") }
+
+// openStore opens the bbolt file when some channel rule is durable (nil
+// otherwise: no file is created for a config without durable channels).
+func openStore(cfg configs.Config, name string) (store.Store, error) {
+	durable := false
+	for _, r := range cfg.Channels {
+		durable = durable || r.Durable
+	}
+	if !durable {
+		return nil, nil
+	}
+	if err := os.MkdirAll(cfg.Storage.Dir, 0o700); err != nil {
+		return nil, fmt.Errorf("broker %s: storage.dir: %w", name, err)
+	}
+	st, err := store.OpenBolt(StorePath(cfg.Storage.Dir, name))
+	if err != nil {
+		return nil, fmt.Errorf("broker %s: %w", name, err)
+	}
+	return st, nil
 }
 
 // Server returns the link server (nil before Start); for tests and the ring.

@@ -12,6 +12,8 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/shoalhq/shoal/broker/chanopts"
+	"github.com/shoalhq/shoal/broker/store"
 	"github.com/shoalhq/shoal/proto/link"
 )
 
@@ -36,6 +38,17 @@ type ServerConfig struct {
 	IdleTimeout  time.Duration // a worker that sends nothing (not even a ping) this long is dropped; default 30 s
 	ChannelIdle  time.Duration // a channel with no interest and no publish this long is forgotten; default 2 min
 	Logger       hclog.Logger
+
+	// Rules give channels their options (history, durable, presence,
+	// join/leave); nil: no channel has any.
+	Rules *chanopts.Rules
+	// Store persists durable channels (nil: durable channels are kept in
+	// memory only). The server closes it.
+	Store store.Store
+	// CommitDelay makes the group commit wait this long after the first
+	// queued durable write to gather more in one fsync (default 0: a batch
+	// is whatever queued while the previous fsync ran).
+	CommitDelay time.Duration
 
 	// Warm-up (see warmedUp): publishes are refused until every expected
 	// worker has re-registered its interest, or WarmUpMax passes; and for at
@@ -64,6 +77,7 @@ type Server struct {
 
 	shards [numShards]shard
 	gen    atomic.Uint64 // channel-state generations, for epochs
+	commit *committer    // nil without a Store
 
 	mu        sync.Mutex
 	closed    bool
@@ -88,12 +102,19 @@ type shard struct {
 	scratch []byte // msg encoding buffer, reused under mu
 }
 
-// chanState is one channel's sequence and interest.
+// chanState is one channel's sequence, interest, history and presence.
 type chanState struct {
 	offset    uint64
 	epoch     uint64
 	links     []*blink // interested worker links; small, so a slice
 	idleSince int64    // unix ns of the last publish or of losing the last link
+
+	opts      chanopts.Options
+	hist      histRing
+	prevEpoch uint64 // the epoch this one continues (see history.go)
+	prevTop   uint64
+	foreign   bool                  // history not written by this run: the first own publish starts a new epoch
+	pres      map[string]*presEntry // by conn id
 }
 
 // blink is one worker's link.
@@ -101,8 +122,9 @@ type blink struct {
 	s      *Server
 	conn   net.Conn
 	w      *link.Writer
-	worker atomic.Pointer[string] // from hello; read by other goroutines' logs
-	chans  map[string]struct{}    // interests; reader goroutine only
+	worker atomic.Pointer[string]         // from hello; read by other goroutines' logs
+	chans  map[string]struct{}            // interests; reader goroutine only
+	pres   map[string]map[string]struct{} // channel → conn ids announced on this link; reader goroutine only
 	once   sync.Once
 }
 
@@ -141,6 +163,10 @@ func NewServer(cfg ServerConfig) *Server {
 	}
 	for i := range s.shards {
 		s.shards[i].chans = map[string]*chanState{}
+	}
+	if cfg.Store != nil {
+		s.commit = newCommitter(cfg.Store, cfg.CommitDelay)
+		go s.commit.run(s)
 	}
 	s.wg.Add(1)
 	go s.sweep()
@@ -254,6 +280,14 @@ func (l *blink) serve() {
 			return l.publish(f)
 		case link.TypeSub:
 			l.subscribe(f.Channel)
+		case link.TypeSubRec:
+			l.subscribeRecover(f)
+		case link.TypeHistReq:
+			return l.historyPage(f)
+		case link.TypeRepl:
+			return l.replicate(f)
+		case link.TypePres:
+			return l.presence(f)
 		case link.TypeUnsub:
 			l.unsubscribe(f.Channel)
 		case link.TypeReady:
@@ -308,14 +342,29 @@ func (l *blink) publish(f *link.Frame) error {
 	}
 	sh := s.shard(f.Channel)
 	var slow []*blink
+	deferred := false
 	sh.mu.Lock()
 	st := sh.chans[string(f.Channel)]
 	if st == nil {
-		st = s.newChan()
+		st = s.newChan(string(f.Channel))
 		sh.chans[string(f.Channel)] = st
+	}
+	if st.foreign {
+		s.takeOver(st)
 	}
 	st.offset++
 	off, epoch := st.offset, st.epoch
+	if st.opts.History() {
+		now := time.Now().UnixNano()
+		st.hist.add(st.opts.HistorySize, off, now, f.Data)
+		st.hist.expire(st.opts.HistoryTTL, now)
+		if st.opts.Durable && s.commit != nil {
+			// Acknowledged after the group commit's fsync (history.go).
+			meta := store.Meta{Epoch: st.epoch, PrevEpoch: st.prevEpoch, PrevTop: st.prevTop}
+			s.commit.add(string(f.Channel), meta, off, now, f.Data, st.hist.first(), l, f.ReqID)
+			deferred = true
+		}
+	}
 	if n := len(st.links); n > 0 {
 		sh.scratch = link.AppendMsg(sh.scratch[:0], off, epoch, f.Channel, f.Data)
 		for _, dl := range st.links {
@@ -341,6 +390,9 @@ func (l *blink) publish(f *link.Frame) error {
 	for _, dl := range slow {
 		s.slowLinks.Add(1)
 		dl.fail("worker link queue full (slow worker)", link.ErrQueueFull)
+	}
+	if deferred {
+		return nil
 	}
 	// The ack goes to the publisher's own link with backpressure: if that
 	// worker does not read its acks, its reader (this goroutine) waits,
@@ -435,12 +487,14 @@ func (s *Server) waitAndWrite(dl *blink, frame []byte) error {
 	return link.ErrQueueFull
 }
 
-func (s *Server) newChan() *chanState {
+func (s *Server) newChan(name string) *chanState {
 	// Each new state of a channel gets a fresh epoch, so a channel that was
 	// forgotten while idle and comes back restarts its offsets under an
 	// epoch nobody has seen: offsets never repeat within an epoch.
-	return &chanState{epoch: s.cfg.Epoch + s.gen.Add(1) - 1, idleSince: time.Now().UnixNano()}
+	return &chanState{epoch: s.nextEpoch(), idleSince: time.Now().UnixNano(), opts: s.cfg.Rules.Lookup(name)}
 }
+
+func (s *Server) nextEpoch() uint64 { return s.cfg.Epoch + s.gen.Add(1) - 1 }
 
 func (l *blink) subscribe(ch []byte) {
 	if _, ok := l.chans[string(ch)]; ok {
@@ -452,7 +506,7 @@ func (l *blink) subscribe(ch []byte) {
 	sh.mu.Lock()
 	st := sh.chans[name]
 	if st == nil {
-		st = l.s.newChan()
+		st = l.s.newChan(name)
 		sh.chans[name] = st
 	}
 	st.links = append(st.links, l)
@@ -495,6 +549,13 @@ func (l *blink) cleanup() {
 		l.s.dropInterest(l, []byte(ch))
 	}
 	l.chans = nil
+	// A dead worker's connections are gone: no ghosts.
+	for ch, conns := range l.pres {
+		for conn := range conns {
+			l.s.dropPresence(l, ch, conn)
+		}
+	}
+	l.pres = nil
 	s := l.s
 	s.mu.Lock()
 	delete(s.links, l)
@@ -595,7 +656,11 @@ func (s *Server) sweep() {
 				sh := &s.shards[i]
 				sh.mu.Lock()
 				for name, st := range sh.chans {
-					if len(st.links) == 0 && st.idleSince < cutoff {
+					// History outlives interest (that is its point): a
+					// history channel is forgotten only once its messages
+					// have expired.
+					st.hist.expire(st.opts.HistoryTTL, now.UnixNano())
+					if len(st.links) == 0 && len(st.pres) == 0 && st.hist.n == 0 && st.idleSince < cutoff {
 						delete(sh.chans, name)
 					}
 				}
@@ -634,6 +699,12 @@ func (s *Server) Close(ctx context.Context) {
 	}
 	wg.Wait()
 	s.wg.Wait()
+	if s.commit != nil {
+		s.commit.close()
+		if err := s.cfg.Store.Close(); err != nil {
+			s.log.Error("closing the history store", "error", err)
+		}
+	}
 }
 
 // Interest returns how many worker links are interested in channel; for

@@ -26,6 +26,8 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/shoalhq/shoal/broker/chanopts"
+	"github.com/shoalhq/shoal/configs"
 	"github.com/shoalhq/shoal/proto/link"
 )
 
@@ -68,6 +70,19 @@ type Options struct {
 	// channel. data points into the link's read buffer: it is valid only
 	// during the call; copy what you keep.
 	OnMessage func(channel string, data []byte, offset uint64)
+	// OnPublication, if set, replaces OnMessage and also receives the
+	// channel's epoch (format it with FormatEpoch; cache the string, it
+	// changes rarely). Same rules as OnMessage.
+	OnPublication func(channel string, data []byte, offset, epoch uint64)
+	// OnJoinLeave receives presence join/leave events of channels this
+	// worker is interested in whose rule has join_leave on. entry is the
+	// entry's JSON (PresenceEntry's shape), valid only during the call.
+	OnJoinLeave func(channel string, join bool, entry []byte)
+	// Channels are the config's channel rules: publishes to channels with
+	// history are replicated to the channel's next broker before their
+	// done is called (see docs/history.md). The brokers must be given the
+	// same rules.
+	Channels []configs.ChannelRule
 	// OnMembers, if set, receives the broker ring's live members whenever a
 	// broker reports them (see docs/brokers.md). The client does not act on
 	// it: the owner of the worker decides, and calls SetBrokers.
@@ -96,6 +111,13 @@ func (o *Options) defaults() {
 	}
 	if o.OnMessage == nil {
 		o.OnMessage = func(string, []byte, uint64) {}
+	}
+	if o.OnPublication == nil {
+		onMsg := o.OnMessage
+		o.OnPublication = func(ch string, data []byte, off, _ uint64) { onMsg(ch, data, off) }
+	}
+	if o.OnJoinLeave == nil {
+		o.OnJoinLeave = func(string, bool, []byte) {}
 	}
 	if o.PublishTimeout <= 0 {
 		o.PublishTimeout = 5 * time.Second
@@ -134,6 +156,11 @@ type Stats struct {
 	Published int64 // publishes acknowledged
 	Failed    int64 // publishes whose done got an error
 	Received  int64 // messages delivered to OnMessage
+	// Replicated: history publishes the replica confirmed before their
+	// done; ReplicaMissed: history publishes acknowledged without a
+	// replica copy (replica link down, or it answered an error) — the
+	// degraded case docs/history.md describes.
+	Replicated, ReplicaMissed int64
 }
 
 // Client is the worker's connection to the broker tier.
@@ -145,6 +172,8 @@ type Client struct {
 	closed  bool
 	conns   map[string]*bconn // by broker name: the membership
 	subs    map[string]struct{}
+	pres    map[string]map[string][]byte // channel → conn → entry JSON announced by this worker
+	rules   *chanopts.Rules
 	members atomic.Pointer[[]*bconn] // snapshot of conns for the lock-free Publish path
 
 	isClosed atomic.Bool
@@ -152,6 +181,7 @@ type Client struct {
 	wg       sync.WaitGroup
 
 	published, failed, received atomic.Int64
+	replicated, replicaMissed   atomic.Int64
 }
 
 // New returns a client with no brokers; call SetBrokers.
@@ -162,6 +192,8 @@ func New(opts Options) *Client {
 		log:   opts.Logger,
 		conns: map[string]*bconn{},
 		subs:  map[string]struct{}{},
+		pres:  map[string]map[string][]byte{},
+		rules: chanopts.Compile(opts.Channels),
 		stop:  make(chan struct{}),
 	}
 	empty := []*bconn{}
@@ -224,6 +256,22 @@ func (c *Client) SetBrokers(eps []Endpoint) {
 		}
 		if now != nil {
 			now.sendInterest(link.TypeSub, ch)
+		}
+	}
+	// Presence follows the channel to its new owner (the old owner, if it
+	// is still a member, drops this worker's entries).
+	for ch, conns := range c.pres {
+		was, now := owner(old, ch), owner(next, ch)
+		if was == now {
+			continue
+		}
+		for conn, raw := range conns {
+			if was != nil && c.conns[was.ep.Name] == was {
+				was.sendPres(link.PresLeave, ch, []byte(conn))
+			}
+			if now != nil {
+				now.sendPres(link.PresJoin, ch, raw)
+			}
 		}
 	}
 	for _, b := range removed {
@@ -290,7 +338,12 @@ func (c *Client) Publish(channel string, data []byte, done func(offset uint64, e
 		c.fail(done, ErrNoBrokers)
 		return
 	}
-	if err := o.publish(channel, data, done); err != nil {
+	var job *replJob
+	if c.rules.Lookup(channel).History() {
+		job = c.newReplJob(channel, data)
+	}
+	if err := o.publish(channel, data, done, job); err != nil {
+		c.putReplJob(job)
 		c.fail(done, err)
 	}
 }
@@ -325,6 +378,8 @@ func (c *Client) Stats() Stats {
 	st.Published = c.published.Load()
 	st.Failed = c.failed.Load()
 	st.Received = c.received.Load()
+	st.Replicated = c.replicated.Load()
+	st.ReplicaMissed = c.replicaMissed.Load()
 	return st
 }
 
@@ -372,6 +427,7 @@ func (c *Client) housekeeping() {
 			}
 			for _, b := range *c.members.Load() {
 				b.expire(now)
+				b.expireRequests(now.UnixNano())
 				if ping {
 					b.ping()
 				}

@@ -33,12 +33,17 @@ type bconn struct {
 	queue []pending
 	head  int
 	dead  bool // shut down for good
+	// Requests (recover, history, replication, presence) wait here by id;
+	// their replies may come in any order.
+	reqs map[uint64]*request
 }
 
 type pending struct {
 	id       uint64
 	deadline int64 // unix ns
 	done     func(uint64, error)
+	repl     *replJob // history channel: replicate before done
+	acked    bool     // answered out of order (a durable publish's ack comes after its group commit)
 }
 
 func newBconn(c *Client, ep Endpoint) *bconn {
@@ -129,7 +134,11 @@ func (b *bconn) read(conn net.Conn) error {
 				names[name] = name
 			}
 			b.c.received.Add(1)
-			o.OnMessage(name, f.Data, f.Offset)
+			o.OnPublication(name, f.Data, f.Offset, f.Epoch)
+		case link.TypeHist, link.TypeReply:
+			b.reply(f)
+		case link.TypeEvent:
+			o.OnJoinLeave(string(f.Channel), f.Op == link.EventJoin, f.Data)
 		case link.TypePubAck:
 			b.ack(f)
 		case link.TypeHello:
@@ -182,6 +191,15 @@ func (c *Client) linkUp(b *bconn) {
 			n++
 		}
 	}
+	// Presence entries of this worker for channels this broker owns (a
+	// restarted broker, or a new owner, rebuilds presence from these).
+	for ch, conns := range c.pres {
+		if owner(members, ch) == b {
+			for _, raw := range conns {
+				_ = b.w.WriteRawAlways(link.AppendPres(nil, 0, link.PresJoin, ch, raw))
+			}
+		}
+	}
 	// Tells a starting broker that this worker's interest is complete (it
 	// refuses publishes until every worker has said so; see broker).
 	_ = b.w.WriteEmpty(link.TypeReady)
@@ -198,7 +216,7 @@ func (b *bconn) sendInterest(t link.Type, ch string) {
 	}
 }
 
-func (b *bconn) publish(ch string, data []byte, done func(uint64, error)) error {
+func (b *bconn) publish(ch string, data []byte, done func(uint64, error), job *replJob) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if !b.up {
@@ -223,37 +241,48 @@ func (b *bconn) publish(ch string, data []byte, done func(uint64, error)) error 
 		id:       b.nextID,
 		deadline: time.Now().Add(b.c.opts.PublishTimeout).UnixNano(),
 		done:     done,
+		repl:     job,
 	})
 	return nil
 }
 
 func (b *bconn) ack(f *link.Frame) {
-	var done func(uint64, error)
+	var p pending
+	found := false
 	b.mu.Lock()
-	// Heads older than this ack timed out already or were lost; an ack
-	// older than the head belongs to a publish that timed out.
-	for b.head < len(b.queue) && b.queue[b.head].id <= f.ReqID {
-		p := b.queue[b.head]
-		b.queue[b.head] = pending{}
-		b.head++
-		if p.id == f.ReqID {
-			done = p.done
+	// Acks usually match the head; a durable publish's ack comes after its
+	// group commit, so a later publish's ack may overtake it: the match is
+	// found by a bounded scan and marked, and the head skips marked slots.
+	for i := b.head; i < len(b.queue); i++ {
+		if b.queue[i].id == f.ReqID && !b.queue[i].acked {
+			p = b.queue[i]
+			b.queue[i] = pending{id: p.id, acked: true}
+			found = true
 			break
 		}
-		b.mu.Unlock()
-		b.c.fail(p.done, ErrLinkLost)
-		b.mu.Lock()
+		if b.queue[i].id > f.ReqID {
+			break
+		}
+	}
+	for b.head < len(b.queue) && b.queue[b.head].acked {
+		b.queue[b.head] = pending{}
+		b.head++
 	}
 	b.mu.Unlock()
-	if done == nil {
-		return
+	if !found {
+		return // timed out already
 	}
 	if len(f.Err) > 0 {
-		b.c.fail(done, fmt.Errorf("%w: broker %s: %s", ErrRefused, b.ep.Name, f.Err))
+		b.c.putReplJob(p.repl)
+		b.c.fail(p.done, fmt.Errorf("%w: broker %s: %s", ErrRefused, b.ep.Name, f.Err))
+		return
+	}
+	if p.repl != nil {
+		b.c.replicate(b, p.repl, f.Offset, f.Epoch, p.done)
 		return
 	}
 	b.c.published.Add(1)
-	done(f.Offset, nil)
+	p.done(f.Offset, nil)
 }
 
 // expire fails publishes whose ack is overdue.
@@ -269,6 +298,10 @@ func (b *bconn) expire(now time.Time) {
 		b.queue[b.head] = pending{}
 		b.head++
 		b.mu.Unlock()
+		if p.acked {
+			continue
+		}
+		b.c.putReplJob(p.repl)
 		b.c.fail(p.done, ErrTimeout)
 	}
 }
@@ -290,6 +323,8 @@ func (b *bconn) down(err error) bool {
 	b.up, b.w, b.conn = false, nil, nil
 	q := b.queue[b.head:]
 	b.queue, b.head = nil, 0
+	reqs := b.reqs
+	b.reqs = nil
 	dead := b.dead
 	b.mu.Unlock()
 	w.Close()
@@ -304,7 +339,13 @@ func (b *bconn) down(err error) bool {
 		failWith = ErrClosed
 	}
 	for _, p := range q {
-		b.c.fail(p.done, failWith)
+		if !p.acked {
+			b.c.putReplJob(p.repl)
+			b.c.fail(p.done, failWith)
+		}
+	}
+	for _, r := range reqs {
+		r.finish(nil, failWith)
 	}
 	return wasUp
 }

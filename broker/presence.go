@@ -1,0 +1,225 @@
+package broker
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"sort"
+	"time"
+
+	"github.com/shoalhq/shoal/proto/link"
+)
+
+// Presence lives on the channel's owner, keyed by connection id, and each
+// entry belongs to the worker link that announced it: when that link dies
+// (the worker crashed, or its node died and the link timed out) every entry
+// it announced is removed, with leave events. Entries are not replicated
+// between brokers: when a broker dies, the workers re-announce their
+// connections' entries to the channel's new owner (brokerclient keeps them,
+// like interests), so presence is rebuilt without a central store and
+// without ghosts.
+
+// PresenceEntry is the JSON shape of an entry on the link and in the API.
+type PresenceEntry struct {
+	Conn   string          `json:"conn"`
+	User   string          `json:"user,omitempty"`
+	Worker string          `json:"worker,omitempty"`
+	Info   json.RawMessage `json:"info,omitempty"`
+}
+
+// ChannelInfo is one channel in a channel list.
+type ChannelInfo struct {
+	Channel  string `json:"channel"`
+	Workers  int    `json:"workers"`  // worker links with interest
+	Presence int    `json:"presence"` // presence entries
+	Offset   uint64 `json:"offset"`
+	Epoch    uint64 `json:"epoch"`
+}
+
+type presEntry struct {
+	raw  []byte // the entry's JSON as announced (copied)
+	user string
+	l    *blink
+}
+
+var errBadPresence = errors.New("broker: bad presence entry")
+
+// presence runs one pres frame on the link's reader goroutine and answers it.
+func (l *blink) presence(f *link.Frame) error {
+	var data []byte
+	var count uint64
+	var err error
+	switch f.Op {
+	case link.PresJoin, link.PresUpdate:
+		err = l.presJoin(string(f.Channel), f.Data)
+	case link.PresLeave:
+		l.presLeave(string(f.Channel), string(f.Data))
+	case link.PresList:
+		data, count = l.s.presList(string(f.Channel))
+	case link.PresCount:
+		_, count = l.s.presList(string(f.Channel))
+		data = nil
+	case link.PresUser:
+		data, err = json.Marshal(l.s.userChannels(string(f.Channel)))
+	case link.PresChannels:
+		data, err = json.Marshal(l.s.channelList())
+	default:
+		err = fmt.Errorf("broker: unknown presence op %d", f.Op)
+	}
+	flags := uint8(0)
+	if err != nil {
+		flags, data = link.FlagError, []byte(err.Error())
+	}
+	return l.w.WriteRawAlways(link.AppendReply(nil, f.ReqID, count, 0, flags, data))
+}
+
+func (l *blink) presJoin(channel string, raw []byte) error {
+	var e PresenceEntry
+	if err := json.Unmarshal(raw, &e); err != nil || e.Conn == "" {
+		return fmt.Errorf("%w: %v", errBadPresence, err)
+	}
+	if e.Worker == "" {
+		e.Worker = l.name()
+		if b, err := json.Marshal(e); err == nil {
+			raw = b
+		}
+	}
+	raw = slices.Clone(raw)
+	s := l.s
+	sh := s.shard([]byte(channel))
+	sh.mu.Lock()
+	st := sh.chans[channel]
+	if st == nil {
+		st = s.newChan(channel)
+		sh.chans[channel] = st
+	}
+	if st.pres == nil {
+		st.pres = map[string]*presEntry{}
+	}
+	_, existed := st.pres[e.Conn]
+	st.pres[e.Conn] = &presEntry{raw: raw, user: e.User, l: l}
+	if !existed && st.opts.JoinLeave {
+		s.event(st, link.EventJoin, channel, raw)
+	}
+	sh.mu.Unlock()
+	if l.pres == nil {
+		l.pres = map[string]map[string]struct{}{}
+	}
+	if l.pres[channel] == nil {
+		l.pres[channel] = map[string]struct{}{}
+	}
+	l.pres[channel][e.Conn] = struct{}{}
+	return nil
+}
+
+func (l *blink) presLeave(channel, conn string) {
+	if cs := l.pres[channel]; cs != nil {
+		delete(cs, conn)
+		if len(cs) == 0 {
+			delete(l.pres, channel)
+		}
+	}
+	l.s.dropPresence(l, channel, conn)
+}
+
+// dropPresence removes one entry if this link owns it (a connection that
+// moved to another worker keeps the newer entry).
+func (s *Server) dropPresence(l *blink, channel, conn string) {
+	sh := s.shard([]byte(channel))
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	st := sh.chans[channel]
+	if st == nil || st.pres == nil {
+		return
+	}
+	e := st.pres[conn]
+	if e == nil || e.l != l {
+		return
+	}
+	delete(st.pres, conn)
+	if len(st.pres) == 0 {
+		st.pres = nil
+		st.idleSince = time.Now().UnixNano()
+	}
+	if st.opts.JoinLeave {
+		s.event(st, link.EventLeave, channel, e.raw)
+	}
+}
+
+// event queues a join/leave event to every interested link; a full link
+// misses it (events are advisory; Presence is the truth). Shard lock held.
+func (s *Server) event(st *chanState, kind uint8, channel string, raw []byte) {
+	if len(st.links) == 0 {
+		return
+	}
+	frame := link.AppendEvent(nil, kind, channel, raw)
+	for _, dl := range st.links {
+		_ = dl.w.WriteRaw(frame)
+	}
+}
+
+func (s *Server) presList(channel string) ([]byte, uint64) {
+	sh := s.shard([]byte(channel))
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	st := sh.chans[channel]
+	if st == nil || len(st.pres) == 0 {
+		return []byte("[]"), 0
+	}
+	conns := make([]string, 0, len(st.pres))
+	for c := range st.pres {
+		conns = append(conns, c)
+	}
+	sort.Strings(conns)
+	out := []byte{'['}
+	for i, c := range conns {
+		if i > 0 {
+			out = append(out, ',')
+		}
+		out = append(out, st.pres[c].raw...)
+	}
+	return append(out, ']'), uint64(len(conns))
+}
+
+func (s *Server) userChannels(user string) []string {
+	out := []string{}
+	for i := range s.shards {
+		sh := &s.shards[i]
+		sh.mu.Lock()
+		for name, st := range sh.chans {
+			for _, e := range st.pres {
+				if e.user == user {
+					out = append(out, name)
+					break
+				}
+			}
+		}
+		sh.mu.Unlock()
+	}
+	sort.Strings(out)
+	return out
+}
+
+func (s *Server) channelList() []ChannelInfo {
+	out := []ChannelInfo{}
+	for i := range s.shards {
+		sh := &s.shards[i]
+		sh.mu.Lock()
+		for name, st := range sh.chans {
+			if len(st.links) == 0 && len(st.pres) == 0 {
+				continue // a replica's or an idle channel's state
+			}
+			out = append(out, ChannelInfo{Channel: name, Workers: len(st.links), Presence: len(st.pres), Offset: st.offset, Epoch: st.epoch})
+		}
+		sh.mu.Unlock()
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Channel < out[j].Channel })
+	return out
+}
+
+// Presence returns the JSON entries of channel; for tests.
+func (s *Server) Presence(channel string) int {
+	_, n := s.presList(channel)
+	return int(n)
+}

@@ -1,0 +1,521 @@
+package brokerclient
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"sort"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/shoalhq/shoal/proto/link"
+)
+
+// Message is one stored publication of a channel.
+type Message struct {
+	Offset uint64
+	Time   time.Time // when the owning broker stored it
+	Data   []byte
+}
+
+// RecoverResult answers SubscribeRecover. Epoch and Offset are the
+// channel's current epoch and last offset: when Recovered, Messages are
+// exactly the publications after the requested offset up to Offset, in
+// order, and every publication delivered to OnPublication afterwards has a
+// higher offset. When not Recovered, Messages is empty and the subscriber
+// should treat its state as stale (reload, or accept the gap).
+type RecoverResult struct {
+	Epoch     string
+	Offset    uint64
+	Recovered bool
+	Messages  []Message
+}
+
+// HistoryPage is one page of a channel's history.
+type HistoryPage struct {
+	Epoch    string
+	Offset   uint64    // the channel's last offset
+	Messages []Message // ascending offsets
+	More     bool      // the page was cut by the limit; ask again with since = last offset
+}
+
+// PresenceEntry is one connection's presence in a channel. Info is the
+// client's info as JSON (from the token or set by the app).
+type PresenceEntry struct {
+	Conn   string          `json:"conn"`
+	User   string          `json:"user,omitempty"`
+	Worker string          `json:"worker,omitempty"`
+	Info   json.RawMessage `json:"info,omitempty"`
+}
+
+// ChannelInfo is one channel in Channels' list.
+type ChannelInfo struct {
+	Channel  string `json:"channel"`
+	Workers  int    `json:"workers"`  // workers with at least one subscriber
+	Presence int    `json:"presence"` // presence entries
+	Offset   uint64 `json:"offset"`
+	Epoch    string `json:"epoch"`
+}
+
+// ErrRequest wraps an error a broker answered to a request.
+var ErrRequest = errors.New("brokerclient: broker answered an error")
+
+// FormatEpoch is the string form of a link epoch (what clients see).
+func FormatEpoch(e uint64) string {
+	if e == 0 {
+		return ""
+	}
+	return strconv.FormatUint(e, 36)
+}
+
+// ParseEpoch parses FormatEpoch's output; anything else is 0 (no epoch:
+// never recoverable).
+func ParseEpoch(s string) uint64 {
+	e, err := strconv.ParseUint(s, 36, 64)
+	if err != nil {
+		return 0
+	}
+	return e
+}
+
+// request is one request awaiting its reply on a link.
+type request struct {
+	id       uint64
+	deadline int64
+	msgs     []Message
+	done     func(r *request, f *link.Frame, err error)
+	once     sync.Once
+}
+
+func (r *request) finish(f *link.Frame, err error) {
+	r.once.Do(func() { r.done(r, f, err) })
+}
+
+// request queues a frame built by enc with a fresh id and registers done
+// for its reply. done runs exactly once: on the link's reader goroutine with
+// the reply, or with an error (link lost, timeout, not sent).
+func (b *bconn) request(enc func(dst []byte, id uint64) []byte, done func(r *request, f *link.Frame, err error)) {
+	r := &request{done: done, deadline: time.Now().Add(b.c.opts.PublishTimeout).UnixNano()}
+	b.mu.Lock()
+	if !b.up {
+		b.mu.Unlock()
+		r.finish(nil, ErrBrokerDown)
+		return
+	}
+	b.nextID++
+	r.id = b.nextID
+	if err := b.w.WriteRaw(enc(nil, r.id)); err != nil {
+		b.mu.Unlock()
+		if errors.Is(err, link.ErrQueueFull) {
+			r.finish(nil, ErrQueueFull)
+		} else {
+			r.finish(nil, ErrBrokerDown)
+		}
+		return
+	}
+	if b.reqs == nil {
+		b.reqs = map[uint64]*request{}
+	}
+	b.reqs[r.id] = r
+	b.mu.Unlock()
+}
+
+// reply handles hist and reply frames (reader goroutine).
+func (b *bconn) reply(f *link.Frame) {
+	b.mu.Lock()
+	r := b.reqs[f.ReqID]
+	if r != nil && f.Type == link.TypeReply {
+		delete(b.reqs, f.ReqID)
+	}
+	b.mu.Unlock()
+	if r == nil {
+		return // timed out
+	}
+	if f.Type == link.TypeHist {
+		r.msgs = append(r.msgs, Message{Offset: f.Offset, Time: time.Unix(0, f.Time), Data: slices.Clone(f.Data)})
+		return
+	}
+	if f.Flags&link.FlagError != 0 {
+		r.finish(f, fmt.Errorf("%w: broker %s: %s", ErrRequest, b.ep.Name, f.Data))
+		return
+	}
+	r.finish(f, nil)
+}
+
+// expireRequests fails requests whose reply is overdue.
+func (b *bconn) expireRequests(ns int64) {
+	var late []*request
+	b.mu.Lock()
+	for id, r := range b.reqs {
+		if r.deadline <= ns {
+			late = append(late, r)
+			delete(b.reqs, id)
+		}
+	}
+	b.mu.Unlock()
+	for _, r := range late {
+		r.finish(nil, ErrTimeout)
+	}
+}
+
+// replJob keeps a history publish's data until its replica has it.
+type replJob struct {
+	channel string
+	data    []byte
+}
+
+var replPool = sync.Pool{New: func() any { return new(replJob) }}
+
+func (c *Client) newReplJob(channel string, data []byte) *replJob {
+	j := replPool.Get().(*replJob)
+	j.channel, j.data = channel, append(j.data[:0], data...)
+	return j
+}
+
+func (c *Client) putReplJob(j *replJob) {
+	if j == nil {
+		return
+	}
+	j.channel = ""
+	if cap(j.data) > 64<<10 {
+		j.data = nil
+	}
+	replPool.Put(j)
+}
+
+// replica returns the channel's next broker in rendezvous order — the one
+// that owns it if the owner dies — or nil.
+func replica(members []*bconn, channel string, own *bconn) *bconn {
+	var best *bconn
+	var bestScore uint64
+	for _, b := range members {
+		if b == own {
+			continue
+		}
+		if s := score(b.ep.Name, channel); best == nil || s > bestScore {
+			best, bestScore = b, s
+		}
+	}
+	return best
+}
+
+// replicate forwards an acknowledged history append to the replica and
+// calls done once the replica confirmed it. Without a reachable replica the
+// publish is acknowledged anyway and counted as ReplicaMissed: the message
+// is at the owner (and on disk for durable channels) but a broker loss now
+// would lose it.
+func (c *Client) replicate(from *bconn, j *replJob, off, epoch uint64, done func(uint64, error)) {
+	r := replica(*c.members.Load(), j.channel, from)
+	if r == nil {
+		c.putReplJob(j)
+		c.published.Add(1)
+		done(off, nil)
+		return
+	}
+	r.request(func(dst []byte, id uint64) []byte {
+		return link.AppendRepl(dst, id, off, epoch, j.channel, j.data)
+	}, func(_ *request, _ *link.Frame, err error) {
+		if err != nil {
+			c.replicaMissed.Add(1)
+			c.log.Debug("replicating a history append", "channel", j.channel, "broker", r.ep.Name, "error", err)
+		} else {
+			c.replicated.Add(1)
+		}
+		c.putReplJob(j)
+		c.published.Add(1)
+		done(off, nil)
+	})
+}
+
+// SubscribeRecover registers interest in channel like Subscribe and asks
+// its owner for the publications after offset since of epoch (as the
+// subscriber last saw them). done is called once, on the link's reader
+// goroutine, before any publication of channel that follows the recovered
+// ones reaches OnPublication; see RecoverResult. Publications with an
+// offset ≤ result.Offset that reached OnPublication before done are part
+// of the recovery: a worker adding a socket to its local fan-out at done
+// time, after writing result.Messages to it, gives the socket no gap and no
+// duplicate. An error (ErrBrokerDown, ErrLinkLost, ErrTimeout, ErrNoBrokers)
+// means no recovery; the interest stays registered (it is re-sent when the
+// owner's link comes up).
+func (c *Client) SubscribeRecover(channel string, since uint64, epoch string, done func(RecoverResult, error)) {
+	if channel == "" || len(channel) > link.MaxChannel {
+		done(RecoverResult{}, ErrTooLarge)
+		return
+	}
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		done(RecoverResult{}, ErrClosed)
+		return
+	}
+	c.subs[channel] = struct{}{}
+	o := owner(*c.members.Load(), channel)
+	if o == nil {
+		c.mu.Unlock()
+		done(RecoverResult{}, ErrNoBrokers)
+		return
+	}
+	// Under c.mu, like Subscribe's sub, so the interest is ordered with
+	// linkUp's re-registration.
+	o.request(func(dst []byte, id uint64) []byte {
+		return link.AppendSubRec(dst, link.TypeSubRec, id, since, ParseEpoch(epoch), channel)
+	}, func(r *request, f *link.Frame, err error) {
+		if err != nil {
+			done(RecoverResult{}, err)
+			return
+		}
+		res := RecoverResult{Epoch: FormatEpoch(f.Epoch), Offset: f.Offset, Recovered: f.Flags&link.FlagRecovered != 0}
+		if res.Recovered {
+			res.Messages = r.msgs
+		}
+		done(res, nil)
+	})
+	c.mu.Unlock()
+}
+
+// History reads a page of channel's history from its owner: messages with
+// an offset above since (since 0: from the oldest kept), at most limit
+// (0: all kept).
+func (c *Client) History(ctx context.Context, channel string, since uint64, limit int) (HistoryPage, error) {
+	o, err := c.ownerOf(channel)
+	if err != nil {
+		return HistoryPage{}, err
+	}
+	type res struct {
+		p   HistoryPage
+		err error
+	}
+	ch := make(chan res, 1)
+	o.request(func(dst []byte, id uint64) []byte {
+		return link.AppendSubRec(dst, link.TypeHistReq, id, since, uint64(max(limit, 0)), channel)
+	}, func(r *request, f *link.Frame, err error) {
+		if err != nil {
+			ch <- res{err: err}
+			return
+		}
+		ch <- res{p: HistoryPage{Epoch: FormatEpoch(f.Epoch), Offset: f.Offset, Messages: r.msgs, More: f.Flags&link.FlagMore != 0}}
+	})
+	select {
+	case r := <-ch:
+		return r.p, r.err
+	case <-ctx.Done():
+		return HistoryPage{}, fmt.Errorf("brokerclient: history of %q: %w", channel, ctx.Err())
+	}
+}
+
+func (c *Client) ownerOf(channel string) (*bconn, error) {
+	if c.isClosed.Load() {
+		return nil, ErrClosed
+	}
+	if channel == "" || len(channel) > link.MaxChannel {
+		return nil, ErrTooLarge
+	}
+	o := owner(*c.members.Load(), channel)
+	if o == nil {
+		return nil, ErrNoBrokers
+	}
+	return o, nil
+}
+
+// sendPres queues a presence change without waiting for the answer (a
+// failed one is logged; the entry is re-announced when the link returns).
+func (b *bconn) sendPres(op uint8, channel string, data []byte) {
+	b.request(func(dst []byte, id uint64) []byte {
+		return link.AppendPres(dst, id, op, channel, data)
+	}, func(_ *request, _ *link.Frame, err error) {
+		if err != nil && !errors.Is(err, ErrBrokerDown) {
+			b.c.log.Debug("presence change", "channel", channel, "broker", b.ep.Name, "error", err)
+		}
+	})
+}
+
+// PresenceJoin announces a connection in channel. The client remembers it
+// and re-announces it to the channel's owner after a reconnect or an owner
+// change, until PresenceLeave. The entry's Worker defaults to Options.Name.
+func (c *Client) PresenceJoin(channel string, e PresenceEntry) error {
+	return c.presenceSet(channel, e, link.PresJoin)
+}
+
+// PresenceUpdate replaces a connection's entry (e.g. new client info);
+// subscribers get no join event for it.
+func (c *Client) PresenceUpdate(channel string, e PresenceEntry) error {
+	return c.presenceSet(channel, e, link.PresUpdate)
+}
+
+func (c *Client) presenceSet(channel string, e PresenceEntry, op uint8) error {
+	if e.Conn == "" {
+		return fmt.Errorf("brokerclient: presence entry without a conn id")
+	}
+	if e.Worker == "" {
+		e.Worker = c.opts.Name
+	}
+	raw, err := json.Marshal(e)
+	if err != nil {
+		return fmt.Errorf("brokerclient: presence entry: %w", err)
+	}
+	o, err := c.ownerOf(channel)
+	if err != nil {
+		return err
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.pres[channel] == nil {
+		c.pres[channel] = map[string][]byte{}
+	}
+	c.pres[channel][e.Conn] = raw
+	o.sendPres(op, channel, raw)
+	return nil
+}
+
+// PresenceLeave removes a connection's entry from channel.
+func (c *Client) PresenceLeave(channel, conn string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if cs := c.pres[channel]; cs != nil {
+		delete(cs, conn)
+		if len(cs) == 0 {
+			delete(c.pres, channel)
+		}
+	}
+	if o := owner(*c.members.Load(), channel); o != nil {
+		o.sendPres(link.PresLeave, channel, []byte(conn))
+	}
+}
+
+// presQuery sends a query to one broker and waits.
+func (c *Client) presQuery(ctx context.Context, b *bconn, op uint8, channel string) (uint64, []byte, error) {
+	type res struct {
+		n    uint64
+		data []byte
+		err  error
+	}
+	ch := make(chan res, 1)
+	b.request(func(dst []byte, id uint64) []byte {
+		return link.AppendPres(dst, id, op, channel, nil)
+	}, func(_ *request, f *link.Frame, err error) {
+		if err != nil {
+			ch <- res{err: err}
+			return
+		}
+		ch <- res{n: f.Offset, data: slices.Clone(f.Data)}
+	})
+	select {
+	case r := <-ch:
+		return r.n, r.data, r.err
+	case <-ctx.Done():
+		return 0, nil, fmt.Errorf("brokerclient: presence query: %w", ctx.Err())
+	}
+}
+
+// Presence lists channel's entries (from its owner), sorted by conn id.
+func (c *Client) Presence(ctx context.Context, channel string) ([]PresenceEntry, error) {
+	o, err := c.ownerOf(channel)
+	if err != nil {
+		return nil, err
+	}
+	_, data, err := c.presQuery(ctx, o, link.PresList, channel)
+	if err != nil {
+		return nil, err
+	}
+	var out []PresenceEntry
+	if err := json.Unmarshal(data, &out); err != nil {
+		return nil, fmt.Errorf("brokerclient: presence of %q: %w", channel, err)
+	}
+	return out, nil
+}
+
+// PresenceCount counts channel's entries.
+func (c *Client) PresenceCount(ctx context.Context, channel string) (int, error) {
+	o, err := c.ownerOf(channel)
+	if err != nil {
+		return 0, err
+	}
+	n, _, err := c.presQuery(ctx, o, link.PresCount, channel)
+	return int(n), err
+}
+
+// everyBroker runs a query on every broker of the set and gathers the
+// answers; a broker whose link is down fails the whole call (a partial
+// list would look complete).
+func (c *Client) everyBroker(ctx context.Context, op uint8, arg string, each func(b *bconn, data []byte) error) error {
+	members := *c.members.Load()
+	if len(members) == 0 {
+		return ErrNoBrokers
+	}
+	for _, b := range members {
+		_, data, err := c.presQuery(ctx, b, op, arg)
+		if err != nil {
+			return fmt.Errorf("broker %s: %w", b.ep.Name, err)
+		}
+		if err := each(b, data); err != nil {
+			return fmt.Errorf("broker %s: %w", b.ep.Name, err)
+		}
+	}
+	return nil
+}
+
+// UserChannels lists the channels where user has a presence entry, across
+// every broker.
+func (c *Client) UserChannels(ctx context.Context, user string) ([]string, error) {
+	seen := map[string]bool{}
+	err := c.everyBroker(ctx, link.PresUser, user, func(_ *bconn, data []byte) error {
+		var chans []string
+		if err := json.Unmarshal(data, &chans); err != nil {
+			return err
+		}
+		for _, ch := range chans {
+			seen[ch] = true
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("brokerclient: channels of user %q: %w", user, err)
+	}
+	out := make([]string, 0, len(seen))
+	for ch := range seen {
+		out = append(out, ch)
+	}
+	sort.Strings(out)
+	return out, nil
+}
+
+// Channels lists the channels with interest or presence across every
+// broker; a channel reported by several brokers (during an ownership move)
+// is taken from its current owner.
+func (c *Client) Channels(ctx context.Context) ([]ChannelInfo, error) {
+	type wire struct {
+		Channel  string `json:"channel"`
+		Workers  int    `json:"workers"`
+		Presence int    `json:"presence"`
+		Offset   uint64 `json:"offset"`
+		Epoch    uint64 `json:"epoch"`
+	}
+	members := *c.members.Load()
+	byName := map[string]ChannelInfo{}
+	err := c.everyBroker(ctx, link.PresChannels, "-", func(b *bconn, data []byte) error {
+		var list []wire
+		if err := json.Unmarshal(data, &list); err != nil {
+			return err
+		}
+		for _, w := range list {
+			if _, ok := byName[w.Channel]; ok && owner(members, w.Channel) != b {
+				continue
+			}
+			byName[w.Channel] = ChannelInfo{Channel: w.Channel, Workers: w.Workers, Presence: w.Presence, Offset: w.Offset, Epoch: FormatEpoch(w.Epoch)}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("brokerclient: channel list: %w", err)
+	}
+	out := make([]ChannelInfo, 0, len(byName))
+	for _, ci := range byName {
+		out = append(out, ci)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Channel < out[j].Channel })
+	return out, nil
+}
