@@ -69,12 +69,16 @@ type Event struct {
 	Info json.RawMessage
 }
 
-// key groups the events whose order and debounce belong together.
-func (e Event) key() string {
-	if e.Type == ChannelOccupied || e.Type == ChannelVacated {
-		return "c\x00" + e.Channel
+// key groups the events whose order and debounce belong together; ok is
+// false for an unknown type or a missing channel or user.
+func (e Event) key() (k string, ok bool) {
+	switch e.Type {
+	case ChannelOccupied, ChannelVacated:
+		return "c\x00" + e.Channel, e.Channel != ""
+	case UserOnline, UserOffline:
+		return "u\x00" + e.User, e.User != ""
 	}
-	return "u\x00" + e.User
+	return "", false
 }
 
 // Defaults for Options' zero fields.
@@ -279,7 +283,8 @@ func (s *Sender) Emit(ev Event) bool {
 	if s == nil {
 		return false
 	}
-	if !s.allow[ev.Type] || (ev.key()[0] == 'c' && ev.Channel == "") || (ev.key()[0] == 'u' && ev.User == "") {
+	k, ok := ev.key()
+	if !ok || !s.allow[ev.Type] {
 		s.ignored.Add(1)
 		return false
 	}
@@ -287,7 +292,6 @@ func (s *Sender) Emit(ev Event) bool {
 	if ev.Time.IsZero() {
 		ev.Time = now
 	}
-	k := ev.key()
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
