@@ -248,16 +248,17 @@ func dialIn(ctx context.Context, ns, network, addr string) (net.Conn, error) {
 
 // node is one `shoal run` inside a namespace.
 type node struct {
-	t      *testing.T
-	label  string // "A", "B", "C"
-	host   host
-	dir    string
-	cfg    string
-	logf   string
-	cmd    *exec.Cmd
-	out    *syncBuffer
-	waited chan error
-	admin  *http.Client // reaches 127.0.0.1:8001 inside the namespace
+	t       *testing.T
+	label   string // "A", "B", "C"
+	host    host
+	brokers int
+	dir     string
+	cfg     string
+	logf    string
+	cmd     *exec.Cmd
+	out     *syncBuffer
+	waited  chan error
+	admin   *http.Client // reaches 127.0.0.1:8001 inside the namespace
 }
 
 const (
@@ -270,13 +271,19 @@ func (n *node) gossip() string { return net.JoinHostPort(n.host.ip, strconv.Itoa
 func (n *node) public() string { return net.JoinHostPort(n.host.ip, strconv.Itoa(publicPort)) }
 func (n *node) url() string    { return "ws://" + n.public() + "/socketcluster/" }
 
-// ringName is the name this node's broker-1 has in the ring
-// (docs/brokers.md: broker-1@<gossip host:port> with cluster.join set).
-func (n *node) ringName(join []string) string {
-	if len(join) == 0 {
-		return "broker-1"
+// ringNames are the names this node's brokers have in the ring
+// (docs/brokers.md: broker i binds the gossip port + i − 1 and, with
+// cluster.join set, is named broker-i@<its gossip host:port>).
+func (n *node) ringNames(join []string) []string {
+	var out []string
+	for i := 1; i <= n.brokers; i++ {
+		name := "broker-" + strconv.Itoa(i)
+		if len(join) > 0 {
+			name += "@" + net.JoinHostPort(n.host.ip, strconv.Itoa(gossipPort+i-1))
+		}
+		out = append(out, name)
 	}
-	return "broker-1@" + n.gossip()
+	return out
 }
 
 func writeNodeConfig(t *testing.T, dir string, n *node, join []string) {
@@ -287,7 +294,7 @@ func writeNodeConfig(t *testing.T, dir string, n *node, join []string) {
 	}
 	cfg := fmt.Sprintf(`cluster:
   workers: 1
-  brokers: 1
+  brokers: %d
   balancers: 1
   gossip: %s
   join: [%s]
@@ -299,7 +306,7 @@ storage:
   dir: %s
 log:
   level: info
-`, n.gossip(), strings.Join(js, ", "), n.public(), adminAddr, filepath.Join(dir, "data"))
+`, n.brokers, n.gossip(), strings.Join(js, ", "), n.public(), adminAddr, filepath.Join(dir, "data"))
 	n.cfg = filepath.Join(dir, "shoal.yaml")
 	n.logf = filepath.Join(dir, "data", "log", "shoal.log")
 	if err := os.WriteFile(n.cfg, []byte(cfg), 0o644); err != nil {
@@ -307,9 +314,9 @@ log:
 	}
 }
 
-func startNode(t *testing.T, label string, h host, join []string) *node {
+func startNode(t *testing.T, label string, h host, join []string, brokers int) *node {
 	t.Helper()
-	n := &node{t: t, label: label, host: h, dir: t.TempDir(), out: &syncBuffer{}, waited: make(chan error, 1)}
+	n := &node{t: t, label: label, host: h, brokers: brokers, dir: t.TempDir(), out: &syncBuffer{}, waited: make(chan error, 1)}
 	writeNodeConfig(t, n.dir, n, join)
 	ns := h.ns
 	n.admin = &http.Client{
@@ -393,15 +400,29 @@ func (n *node) table() (clusterInfo, error) {
 	return ci, json.NewDecoder(resp.Body).Decode(&ci)
 }
 
-// ringFormedAt returns when this node's broker first reported a ring of
-// want brokers after since (from its "ring changed" log line).
+// ringAt returns when every broker of this node had reported a ring of
+// want brokers after since (the latest of their first "ring changed" log
+// lines saying so).
 func (n *node) ringAt(want int, since time.Time) (time.Time, bool) {
+	first := map[string]time.Time{}
 	for _, l := range readLog(n.logf) {
 		if l.Msg == "ring changed" && l.Brokers == want && strings.HasPrefix(l.Proc, "broker-") && !l.Time.Before(since) {
-			return l.Time, true
+			if _, ok := first[l.Proc]; !ok {
+				first[l.Proc] = l.Time
+			}
 		}
 	}
-	return time.Time{}, false
+	var last time.Time
+	for i := 1; i <= n.brokers; i++ {
+		at, ok := first["broker-"+strconv.Itoa(i)]
+		if !ok {
+			return time.Time{}, false
+		}
+		if at.After(last) {
+			last = at
+		}
+	}
+	return last, true
 }
 
 // pickChannels finds one channel owned by each ring member, by the
@@ -432,20 +453,29 @@ type stamp struct {
 }
 
 // TestThreeHosts runs three nodes, each in its own network namespace (its
-// own interface, address, loopback and ports), joined by cluster.join to
-// the first node. A publish on node A reaches subscribers on B and C; then
-// node B's whole process tree is SIGKILLed and A→C keeps delivering on
-// every channel, including the channel B's broker owned.
-func TestThreeHosts(t *testing.T) {
+// own interface, address, loopback and ports) with one worker and one
+// broker, joined by cluster.join to the first node. A publish on node A
+// reaches subscribers on B and C; then node B's whole process tree is
+// SIGKILLed and A→C keeps delivering on every channel, including the
+// channel B's broker owned.
+func TestThreeHosts(t *testing.T) { threeHosts(t, [3]int{1, 1, 1}) }
+
+// TestThreeHostsTwoBrokersOnB is the same with two brokers on node B
+// (gossip ports 7946 and 7947 by the port rule): a ring of 4 that loses
+// two members at once when B dies.
+func TestThreeHostsTwoBrokersOnB(t *testing.T) { threeHosts(t, [3]int{1, 2, 1}) }
+
+func threeHosts(t *testing.T, brokers [3]int) {
 	if testing.Short() {
 		t.Skip("builds network namespaces and runs three nodes")
 	}
+	total := brokers[0] + brokers[1] + brokers[2]
 	l := newLab(t, 3)
 	binary(t) // built before the clock starts
 	labels := []string{"A", "B", "C"}
 	nodes := make([]*node, 3)
 	joins := make([][]string, 3)
-	var names []string
+	var names, owners []string
 	first := &node{host: l.hosts[0]}
 	for i := range nodes {
 		if i > 0 {
@@ -454,8 +484,11 @@ func TestThreeHosts(t *testing.T) {
 	}
 	start := time.Now()
 	for i := range nodes {
-		nodes[i] = startNode(t, labels[i], l.hosts[i], joins[i])
-		names = append(names, nodes[i].ringName(joins[i]))
+		nodes[i] = startNode(t, labels[i], l.hosts[i], joins[i], brokers[i])
+		for j, nm := range nodes[i].ringNames(joins[i]) {
+			names = append(names, nm)
+			owners = append(owners, fmt.Sprintf("%s/broker-%d", labels[i], j+1))
+		}
 	}
 	a, b, c := nodes[0], nodes[1], nodes[2]
 
@@ -473,8 +506,8 @@ func TestThreeHosts(t *testing.T) {
 	// The ring: every broker has reported all three (its log line).
 	var ringFormed time.Time
 	for _, n := range nodes {
-		waitFor(t, 30*time.Second, "node "+n.label+": broker reports a ring of 3", func() bool {
-			at, ok := n.ringAt(3, start)
+		waitFor(t, 30*time.Second, fmt.Sprintf("node %s: every broker reports a ring of %d", n.label, total), func() bool {
+			at, ok := n.ringAt(total, start)
 			if ok && at.After(ringFormed) {
 				ringFormed = at
 			}
@@ -498,7 +531,7 @@ func TestThreeHosts(t *testing.T) {
 	// One channel owned by each node's broker, so the publish path crosses
 	// every host.
 	chans := pickChannels(t, names)
-	t.Logf("ring names %v; channels %v (owned by A, B, C)", names, chans)
+	t.Logf("ring names %v; channels %v (owned by %v)", names, chans, owners)
 	subsB := map[string]*client.Subscription{}
 	subsC := map[string]*client.Subscription{}
 	for _, ch := range chans {
@@ -573,37 +606,42 @@ func TestThreeHosts(t *testing.T) {
 	// Confirmed by the admin API: every broker has a link from every
 	// node's worker (connections, refreshed by the 2 s stats poll).
 	for _, n := range nodes {
-		waitFor(t, 30*time.Second, "node "+n.label+": broker-1 linked to the workers of all 3 nodes", func() bool {
+		waitFor(t, 30*time.Second, "node "+n.label+": every broker linked to the workers of all 3 nodes", func() bool {
 			ci, err := n.table()
 			if err != nil {
 				return false
 			}
+			seen := 0
 			for _, p := range ci.Processes {
-				if p.Name == "broker-1" {
-					return p.Connections == 3
+				if p.Role == "broker" {
+					if p.Connections != 3 {
+						return false
+					}
+					seen++
 				}
 			}
-			return false
+			return seen == n.brokers
 		})
 	}
 	linked := time.Now()
-	t.Logf("MEASURED ring formed (last broker to report 3 members) %.2fs after the 3 nodes were started; "+
-		"first A→B,C delivery on all 3 channels after %.2fs; "+
+	t.Logf("MEASURED ring formed (last broker to report %d members) %.2fs after the 3 nodes were started; "+
+		"first A→B,C delivery on all %d channels after %.2fs; "+
 		"every broker seen linked to 3 workers in the admin API after %.2fs (2 s stats poll)",
-		ringFormed.Sub(start).Seconds(), delivered.Sub(start).Seconds(), linked.Sub(start).Seconds())
+		total, ringFormed.Sub(start).Seconds(), len(chans), delivered.Sub(start).Seconds(), linked.Sub(start).Seconds())
 
 	// Kill B while A publishes to every channel every 10 ms and C listens.
 	killAt, resume, failed, after := killDuringTraffic(t, ctx, b, pub, chans, subsC)
 	for i, ch := range chans {
 		t.Logf("MEASURED channel %s (owned by %s): first A→C delivery of a message published after B's SIGKILL %.0f ms after the kill; "+
 			"%d publishes failed meanwhile; %d delivered after the kill",
-			ch, labels[i], float64(resume[ch].Microseconds())/1000, failed[ch], after[ch])
+			ch, owners[i], float64(resume[ch].Microseconds())/1000, failed[ch], after[ch])
 	}
 	for _, n := range []*node{a, c} {
-		if at, ok := n.ringAt(2, killAt); ok {
-			t.Logf("MEASURED node %s's broker reported a ring of 2 %.0f ms after the kill", n.label, float64(at.Sub(killAt).Microseconds())/1000)
+		left := total - brokers[1]
+		if at, ok := n.ringAt(left, killAt); ok {
+			t.Logf("MEASURED node %s's broker reported a ring of %d %.0f ms after the kill", n.label, left, float64(at.Sub(killAt).Microseconds())/1000)
 		} else {
-			t.Errorf("node %s's broker never logged a ring of 2 after B died", n.label)
+			t.Errorf("node %s's broker never logged a ring of %d after B died", n.label, left)
 		}
 	}
 	// A and C are whole and still serving: every process ready.
