@@ -24,7 +24,7 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
 // runDir is a short private directory: unix socket paths must stay under
 // 108 bytes, which t.TempDir's long names can exceed.
-func runDir(t *testing.T) string {
+func runDir(t testing.TB) string {
 	t.Helper()
 	d, err := os.MkdirTemp("", "shoal-bc")
 	if err != nil {

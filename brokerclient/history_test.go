@@ -1,0 +1,429 @@
+package brokerclient_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/shoalhq/shoal/broker"
+	"github.com/shoalhq/shoal/brokerclient"
+	"github.com/shoalhq/shoal/configs"
+	"github.com/shoalhq/shoal/proto/control"
+)
+
+var historyRules = []configs.ChannelRule{
+	{Match: "hist/**", History: configs.History{Size: 1000}, Presence: true, JoinLeave: true},
+	{Match: "short/**", History: configs.History{Size: 5}},
+}
+
+// startHistoryBroker starts an in-process broker with historyRules.
+func startHistoryBroker(t testing.TB, dir, name string) *testBroker {
+	t.Helper()
+	cfg := configs.Default()
+	cfg.Cluster.Gossip = ""
+	cfg.Channels = historyRules
+	b, _ := json.Marshal(cfg)
+	c := broker.New(nil)
+	res, err := c.Start(context.Background(), control.StartParams{Role: control.RoleBroker, Name: name, RunDir: dir, Config: b})
+	if err != nil {
+		t.Fatalf("starting %s: %v", name, err)
+	}
+	t.Cleanup(func() { _ = c.Stop(context.Background()) })
+	return &testBroker{child: c, ep: brokerclient.Endpoint{Name: name, Addr: res.Addrs[control.AddrLink]}}
+}
+
+// pubRec records OnPublication.
+type pubRec struct {
+	mu   sync.Mutex
+	msgs []brokerclient.Message
+	ep   uint64
+}
+
+func (r *pubRec) on(_ string, data []byte, off, epoch uint64) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.msgs = append(r.msgs, brokerclient.Message{Offset: off, Data: []byte(string(data))})
+	r.ep = epoch
+}
+
+func (r *pubRec) snapshot() []brokerclient.Message {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]brokerclient.Message(nil), r.msgs...)
+}
+
+func recoverSync(t *testing.T, c *brokerclient.Client, ch string, since uint64, epoch string) brokerclient.RecoverResult {
+	t.Helper()
+	type res struct {
+		r   brokerclient.RecoverResult
+		err error
+	}
+	out := make(chan res, 1)
+	c.SubscribeRecover(ch, since, epoch, func(r brokerclient.RecoverResult, err error) { out <- res{r, err} })
+	select {
+	case r := <-out:
+		if r.err != nil {
+			t.Fatalf("SubscribeRecover %s: %v", ch, r.err)
+		}
+		return r.r
+	case <-time.After(10 * time.Second):
+		t.Fatalf("SubscribeRecover %s: done never called", ch)
+	}
+	return brokerclient.RecoverResult{}
+}
+
+func mustPublish(t *testing.T, c *brokerclient.Client, ch, data string) uint64 {
+	t.Helper()
+	off, err := publishSync(t, c, ch, data)
+	if err != nil {
+		t.Fatalf("publish %s to %s: %v", data, ch, err)
+	}
+	return off
+}
+
+func withRules(o *brokerclient.Options) { o.Channels = historyRules }
+
+// TestRecoveryReturnsExactlyTheGap: a subscriber that went away comes back
+// with its last (offset, epoch) and gets exactly what it missed, then live.
+func TestRecoveryReturnsExactlyTheGap(t *testing.T) {
+	dir := runDir(t)
+	b := startHistoryBroker(t, dir, "broker-1")
+	pub, _ := newClient(t, "pub", withRules)
+	pub.SetBrokers([]brokerclient.Endpoint{b.ep})
+	waitConnected(t, pub, 1)
+
+	const ch = "hist/room"
+	sub1, _ := newClient(t, "sub1", withRules)
+	sub1.SetBrokers([]brokerclient.Endpoint{b.ep})
+	waitConnected(t, sub1, 1)
+	first := recoverSync(t, sub1, ch, 0, "")
+	if first.Recovered || first.Epoch == "" {
+		t.Fatalf("a fresh subscribe: %+v", first)
+	}
+	for i := 1; i <= 5; i++ {
+		mustPublish(t, pub, ch, "m"+strconv.Itoa(i))
+	}
+	sub1.Close() // the subscriber's worker goes away
+
+	for i := 6; i <= 12; i++ {
+		mustPublish(t, pub, ch, "m"+strconv.Itoa(i))
+	}
+	rec := &pubRec{}
+	sub2, _ := newClient(t, "sub2", withRules, func(o *brokerclient.Options) { o.OnPublication = rec.on })
+	sub2.SetBrokers([]brokerclient.Endpoint{b.ep})
+	waitConnected(t, sub2, 1)
+	r := recoverSync(t, sub2, ch, 5, first.Epoch)
+	if !r.Recovered || r.Epoch != first.Epoch || r.Offset != 12 || len(r.Messages) != 7 {
+		t.Fatalf("recovery: %+v", r)
+	}
+	for i, m := range r.Messages {
+		if m.Offset != uint64(6+i) || string(m.Data) != "m"+strconv.Itoa(6+i) {
+			t.Fatalf("recovered message %d: %d %q", i, m.Offset, m.Data)
+		}
+	}
+	mustPublish(t, pub, ch, "m13")
+	waitFor(t, 5*time.Second, "live message after the recovery", func() bool { return len(rec.snapshot()) == 1 })
+	if got := rec.snapshot()[0]; got.Offset != 13 || brokerclient.FormatEpoch(rec.ep) != first.Epoch {
+		t.Fatalf("live message %+v epoch %s", got, brokerclient.FormatEpoch(rec.ep))
+	}
+
+	// Not recoverable: unknown epoch, offset ahead, history pushed out.
+	if r := recoverSync(t, sub2, ch, 5, "zzz"); r.Recovered {
+		t.Fatalf("unknown epoch recovered: %+v", r)
+	}
+	if r := recoverSync(t, sub2, ch, 99, first.Epoch); r.Recovered {
+		t.Fatalf("offset ahead recovered: %+v", r)
+	}
+	sr := recoverSync(t, sub2, "short/x", 0, "")
+	for i := range 10 {
+		mustPublish(t, pub, "short/x", strconv.Itoa(i))
+	}
+	if r := recoverSync(t, sub2, "short/x", 2, sr.Epoch); r.Recovered {
+		t.Fatalf("pushed-out history recovered: %+v", r)
+	}
+	if r := recoverSync(t, sub2, "short/x", 6, sr.Epoch); !r.Recovered || len(r.Messages) != 4 {
+		t.Fatalf("recent gap of a short history: %+v", r)
+	}
+	if r := recoverSync(t, sub2, "nohistory", 0, sr.Epoch); r.Recovered {
+		t.Fatalf("a channel without history recovered: %+v", r)
+	}
+
+	// Paged history read.
+	p, err := pub.History(context.Background(), ch, 0, 5)
+	if err != nil || len(p.Messages) != 5 || !p.More || p.Messages[0].Offset != 1 || p.Offset != 13 {
+		t.Fatalf("history page 1: %+v %v", p, err)
+	}
+	p, err = pub.History(context.Background(), ch, 10, 5)
+	if err != nil || len(p.Messages) != 3 || p.More || p.Messages[2].Offset != 13 {
+		t.Fatalf("history page 3: %+v %v", p, err)
+	}
+}
+
+// TestRecoverySeamUnderLoad: while a publisher runs, a second subscriber
+// recovers; recovered + live messages are contiguous, with no duplicate.
+func TestRecoverySeamUnderLoad(t *testing.T) {
+	dir := runDir(t)
+	b := startHistoryBroker(t, dir, "broker-1")
+	pub, _ := newClient(t, "pub", withRules)
+	pub.SetBrokers([]brokerclient.Endpoint{b.ep})
+	waitConnected(t, pub, 1)
+	const ch = "hist/seam"
+	// Another worker keeps live interest so messages also flow on the
+	// recovering worker's link before its reply (the worker-already-
+	// interested case).
+	rec := &pubRec{}
+	sub, _ := newClient(t, "sub", withRules, func(o *brokerclient.Options) { o.OnPublication = rec.on })
+	sub.SetBrokers([]brokerclient.Endpoint{b.ep})
+	waitConnected(t, sub, 1)
+	base := recoverSync(t, sub, ch, 0, "")
+
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for i := 0; i < 3000; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			done := make(chan struct{})
+			pub.Publish(ch, []byte(strconv.Itoa(i)), func(uint64, error) { close(done) })
+			<-done
+		}
+	}()
+	waitFor(t, 5*time.Second, "some messages", func() bool { return len(rec.snapshot()) > 50 })
+	// Recover from offset 10 while publishing continues; at done time,
+	// note how many live messages had arrived.
+	type res struct {
+		r    brokerclient.RecoverResult
+		seen int
+	}
+	out := make(chan res, 1)
+	sub.SubscribeRecover(ch, 10, base.Epoch, func(r brokerclient.RecoverResult, err error) {
+		if err != nil {
+			t.Error(err)
+		}
+		out <- res{r, len(rec.snapshot())}
+	})
+	got := <-out
+	waitFor(t, 5*time.Second, "more live messages", func() bool { return len(rec.snapshot()) > got.seen+50 })
+	close(stop)
+	wg.Wait()
+	if !got.r.Recovered {
+		t.Fatalf("not recovered: %+v", got.r)
+	}
+	// What a socket subscribing at done sees: the recovered messages, then
+	// the live messages delivered after done.
+	var seq []uint64
+	for _, m := range got.r.Messages {
+		seq = append(seq, m.Offset)
+	}
+	for _, m := range rec.snapshot()[got.seen:] {
+		seq = append(seq, m.Offset)
+	}
+	for i, off := range seq {
+		if off != uint64(11+i) {
+			t.Fatalf("position %d: offset %d, want %d (recovered %d, top %d)", i, off, 11+i, len(got.r.Messages), got.r.Offset)
+		}
+	}
+}
+
+// TestReplicaServesAfterOwnerLoss: the owner of a non-durable history
+// channel goes away; its next broker serves the history, and recovery of
+// the old epoch continues.
+func TestReplicaServesAfterOwnerLoss(t *testing.T) {
+	dir := runDir(t)
+	b1 := startHistoryBroker(t, dir, "broker-1")
+	b2 := startHistoryBroker(t, dir, "broker-2")
+	b3 := startHistoryBroker(t, dir, "broker-3")
+	all := []brokerclient.Endpoint{b1.ep, b2.ep, b3.ep}
+	pub, _ := newClient(t, "pub", withRules)
+	pub.SetBrokers(all)
+	waitConnected(t, pub, 3)
+	var ch string
+	for i := 0; ch == ""; i++ {
+		if c := "hist/r" + strconv.Itoa(i); pub.Owner(c) == "broker-1" {
+			ch = c
+		}
+	}
+	sub, _ := newClient(t, "sub", withRules)
+	sub.SetBrokers(all)
+	waitConnected(t, sub, 3)
+	first := recoverSync(t, sub, ch, 0, "")
+	for i := 1; i <= 20; i++ {
+		mustPublish(t, pub, ch, fmt.Sprint(i))
+	}
+	if st := pub.Stats(); st.Replicated != 20 || st.ReplicaMissed != 0 {
+		t.Fatalf("replication counters %+v", st)
+	}
+	// The owner dies; every worker drops it.
+	_ = b1.child.Stop(context.Background())
+	rest := []brokerclient.Endpoint{b2.ep, b3.ep}
+	pub.SetBrokers(rest)
+	sub.SetBrokers(rest)
+	newOwner := pub.Owner(ch)
+	p, err := pub.History(context.Background(), ch, 0, 0)
+	if err != nil || len(p.Messages) != 20 || p.Offset != 20 || p.Epoch != first.Epoch {
+		t.Fatalf("history at the new owner %s: %+v %v", newOwner, p, err)
+	}
+	r := recoverSync(t, sub, ch, 10, first.Epoch)
+	if !r.Recovered || len(r.Messages) != 10 || r.Messages[0].Offset != 11 {
+		t.Fatalf("recovery from the replica: %+v", r)
+	}
+	// The new owner continues the offsets under its own, linked epoch.
+	if off := mustPublish(t, pub, ch, "21"); off != 21 {
+		t.Fatalf("first publish at the new owner got offset %d", off)
+	}
+	r = recoverSync(t, sub, ch, 15, first.Epoch)
+	if !r.Recovered || len(r.Messages) != 6 || r.Epoch == first.Epoch || r.Messages[5].Offset != 21 {
+		t.Fatalf("recovery across the epoch link: %+v", r)
+	}
+}
+
+// TestPresenceNoGhosts: a worker's entries vanish when its link dies; join
+// and leave events reach subscribed workers.
+func TestPresenceNoGhosts(t *testing.T) {
+	dir := runDir(t)
+	b1 := startHistoryBroker(t, dir, "broker-1")
+	b2 := startHistoryBroker(t, dir, "broker-2")
+	all := []brokerclient.Endpoint{b1.ep, b2.ep}
+	var evMu sync.Mutex
+	var events []string
+	watcher, _ := newClient(t, "watcher", withRules, func(o *brokerclient.Options) {
+		o.OnJoinLeave = func(ch string, join bool, entry []byte) {
+			var e brokerclient.PresenceEntry
+			_ = json.Unmarshal(entry, &e)
+			evMu.Lock()
+			events = append(events, fmt.Sprintf("%v:%s:%s", join, e.Conn, e.Worker))
+			evMu.Unlock()
+		}
+	})
+	watcher.SetBrokers(all)
+	waitConnected(t, watcher, 2)
+	const ch = "hist/lobby"
+	watcher.Subscribe(ch)
+	waitFor(t, 5*time.Second, "interest", func() bool {
+		return b1.child.Server().Interest(ch)+b2.child.Server().Interest(ch) == 1
+	})
+
+	w1, _ := newClient(t, "worker-1", withRules)
+	w1.SetBrokers(all)
+	waitConnected(t, w1, 2)
+	for i := range 3 {
+		if err := w1.PresenceJoin(ch, brokerclient.PresenceEntry{Conn: "c" + strconv.Itoa(i), User: "u" + strconv.Itoa(i%2), Info: json.RawMessage(`{"n":1}`)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_ = w1.PresenceJoin("hist/other", brokerclient.PresenceEntry{Conn: "c0", User: "u0"})
+	ctx := context.Background()
+	waitFor(t, 5*time.Second, "3 entries", func() bool { n, _ := watcher.PresenceCount(ctx, ch); return n == 3 })
+	list, err := watcher.Presence(ctx, ch)
+	if err != nil || len(list) != 3 || list[0].Conn != "c0" || list[0].Worker != "worker-1" || string(list[0].Info) != `{"n":1}` {
+		t.Fatalf("presence list %+v %v", list, err)
+	}
+	uc, err := watcher.UserChannels(ctx, "u0")
+	if err != nil || len(uc) != 2 {
+		t.Fatalf("user channels %v %v", uc, err)
+	}
+	chans, err := watcher.Channels(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := false
+	for _, ci := range chans {
+		if ci.Channel == ch {
+			found = ci.Workers == 1 && ci.Presence == 3
+		}
+	}
+	if !found {
+		t.Fatalf("channel list %+v", chans)
+	}
+	w1.PresenceLeave(ch, "c2")
+	waitFor(t, 5*time.Second, "2 entries after a leave", func() bool { n, _ := watcher.PresenceCount(ctx, ch); return n == 2 })
+
+	// The worker dies: its link goes, and so do its entries.
+	w1.Close()
+	waitFor(t, 5*time.Second, "no ghosts", func() bool {
+		n, _ := watcher.PresenceCount(ctx, ch)
+		m, _ := watcher.PresenceCount(ctx, "hist/other")
+		return n == 0 && m == 0
+	})
+	evMu.Lock()
+	defer evMu.Unlock()
+	joins, leaves := 0, 0
+	for _, e := range events {
+		if e[:4] == "true" {
+			joins++
+		} else {
+			leaves++
+		}
+	}
+	if joins != 3 || leaves != 3 {
+		t.Fatalf("events %v", events)
+	}
+}
+
+// TestPresenceRebuiltOnNewOwner: when a channel's owner goes away, the
+// workers re-announce their entries to the new owner.
+func TestPresenceRebuiltOnNewOwner(t *testing.T) {
+	dir := runDir(t)
+	b1 := startHistoryBroker(t, dir, "broker-1")
+	b2 := startHistoryBroker(t, dir, "broker-2")
+	all := []brokerclient.Endpoint{b1.ep, b2.ep}
+	w, _ := newClient(t, "worker-1", withRules)
+	w.SetBrokers(all)
+	waitConnected(t, w, 2)
+	var ch string
+	for i := 0; ch == ""; i++ {
+		if c := "hist/p" + strconv.Itoa(i); w.Owner(c) == "broker-1" {
+			ch = c
+		}
+	}
+	if err := w.PresenceJoin(ch, brokerclient.PresenceEntry{Conn: "c1", User: "u"}); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	waitFor(t, 5*time.Second, "entry", func() bool { n, _ := w.PresenceCount(ctx, ch); return n == 1 })
+	_ = b1.child.Stop(context.Background())
+	w.SetBrokers([]brokerclient.Endpoint{b2.ep})
+	waitFor(t, 5*time.Second, "entry at the new owner", func() bool { return b2.child.Server().Presence(ch) == 1 })
+}
+
+// BenchmarkPublishHistory: publish round trips on a history channel with
+// a replica (2 brokers), pipelined; allocs/op covers the worker side (the
+// replica job is pooled) and both brokers run in process, so their
+// allocations count too.
+func BenchmarkPublishHistory(b *testing.B) {
+	for _, name := range []string{"hist/bench", "plain/bench"} {
+		b.Run(name, func(b *testing.B) {
+			dir := runDir(b)
+			b1 := startHistoryBroker(b, dir, "broker-1").ep
+			b2 := startHistoryBroker(b, dir, "broker-2").ep
+			c := brokerclient.New(brokerclient.Options{Name: "bench", Channels: historyRules})
+			defer c.Close()
+			c.SetBrokers([]brokerclient.Endpoint{b1, b2})
+			deadline := time.Now().Add(5 * time.Second)
+			for c.Stats().Connected != 2 && time.Now().Before(deadline) {
+				time.Sleep(time.Millisecond)
+			}
+			data := make([]byte, 128)
+			sem := make(chan struct{}, 256)
+			done := func(uint64, error) { <-sem }
+			b.ReportAllocs()
+			b.ResetTimer()
+			for range b.N {
+				sem <- struct{}{}
+				c.Publish(name, data, done)
+			}
+			for range cap(sem) {
+				sem <- struct{}{}
+			}
+		})
+	}
+}
