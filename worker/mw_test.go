@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -606,4 +607,57 @@ func TestMWReloadAuthKeys(t *testing.T) {
 	// Same connection, new key.
 	c.send(`{"event":"#authenticate","data":"` + tok2 + `","cid":3}`)
 	c.expect(`{"rid":3,"data":{"isAuthenticated":true,"authError":null}}`)
+}
+
+// TestMWOrderUnderVaryingHookDelays: subscribes go to a hook that answers
+// after varying delays while invokes are decided at once; every response
+// still comes back in the order the client sent the packets.
+func TestMWOrderUnderVaryingHookDelays(t *testing.T) {
+	var n atomic.Int64
+	be := backend(t, func(r hookRequest) string {
+		// A varying delay without randomness: 0–4 ms by call number.
+		time.Sleep(time.Duration(n.Add(1)%5) * time.Millisecond)
+		if strings.HasSuffix(r.Channel, "7") {
+			return `{"error":{"name":"SevenError","message":"no sevens"}}`
+		}
+		return `{}`
+	})
+	env := newMWEnv(t, `
+middleware:
+  inbound:
+    - rate: {per_socket: 100000/s, actions: [invoke]}
+    - hook: {url: "%URL%", timeout: 5s, actions: [subscribe]}
+`, be.URL, nil)
+	c := dialWS(t, env.addr)
+	c.handshake("")
+	const total = 200
+	var want []string
+	for frame := 0; frame < total/10; frame++ {
+		var b strings.Builder
+		b.WriteByte('[')
+		for k := range 10 {
+			i := frame*10 + k
+			cid := itoa(i + 2)
+			if k > 0 {
+				b.WriteByte(',')
+			}
+			if i%3 == 0 {
+				b.WriteString(`{"event":"proc","cid":` + cid + `}`)
+				want = append(want, `{"rid":`+cid+`,"error":{"message":"No handler for procedure proc","name":"UnknownProcedureError"}}`)
+				continue
+			}
+			ch := "c" + itoa(i)
+			b.WriteString(`{"event":"#subscribe","data":{"channel":"` + ch + `"},"cid":` + cid + `}`)
+			if strings.HasSuffix(ch, "7") {
+				want = append(want, `{"rid":`+cid+`,"error":{"message":"no sevens","name":"SevenError"}}`)
+			} else {
+				want = append(want, `{"rid":`+cid+`}`)
+			}
+		}
+		b.WriteByte(']')
+		c.send(b.String())
+	}
+	for _, w := range want {
+		c.expect(w)
+	}
 }
