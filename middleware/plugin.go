@@ -285,3 +285,24 @@ func (c *Chain) Shutdown() {
 		h.kill()
 	}
 }
+
+// StartPlugins starts the chain's plugin processes now instead of on their
+// first action, so a worker pays the start-up before its first client does
+// and logs a broken plugin at once. A plugin that fails to start is retried
+// on its next action (after the back-off); the error names every failure.
+func (c *Chain) StartPlugins() error {
+	ps := c.shared.plugins
+	ps.mu.Lock()
+	hosts := make([]*pluginHost, 0, len(ps.m))
+	for _, h := range ps.m {
+		hosts = append(hosts, h)
+	}
+	ps.mu.Unlock()
+	var errs []error
+	for _, h := range hosts {
+		if _, err := h.get(c.now()); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}

@@ -136,6 +136,12 @@ func (c *Child) Start(ctx context.Context, p control.StartParams) (control.Start
 		return control.StartResult{}, fmt.Errorf("worker %s: compiling middleware: %w", p.Name, err)
 	}
 
+	if err := chain.StartPlugins(); err != nil {
+		// Not fatal: the rule denies its actions (PluginError) and the
+		// plugin is retried with back-off.
+		log.Error("middleware plugin did not start", "error", err)
+	}
+
 	var eng *Engine
 	var bc *brokerclient.Client
 	bc = brokerclient.New(brokerclient.Options{
@@ -503,6 +509,9 @@ func (c *Child) Reload(ctx context.Context, config []byte) error {
 	}
 	if !reflect.DeepEqual(cfg.Protocol, c.cfg.Protocol) || !reflect.DeepEqual(cfg.Listen, c.cfg.Listen) || !reflect.DeepEqual(cfg.Worker, c.cfg.Worker) {
 		c.log.Warn("reload: listen, protocol and worker settings apply at the next restart only")
+	}
+	if err := chain.StartPlugins(); err != nil {
+		c.log.Error("reload: middleware plugin did not start", "error", err)
 	}
 	c.eng.SetChain(chain)
 	c.eng.SetKeys(keys)

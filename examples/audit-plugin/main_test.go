@@ -35,6 +35,9 @@ middleware:
 		t.Fatal(err)
 	}
 	defer chain.Shutdown()
+	if err := chain.StartPlugins(); err != nil {
+		t.Fatal(err)
+	}
 	sock := &middleware.Socket{ID: "s1", Authenticated: true, UserID: "alice", Claims: map[string]any{"sub": "alice"}}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
