@@ -208,6 +208,16 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), h.timeout)
 	defer cancel()
 	res, e := m(ctx, r, body)
+	if e == nil && audited[name] {
+		// Actions that change who may be connected are logged, with the
+		// caller's address, so an operator can tell who did what.
+		// push_token's body carries a token or claims: never log those.
+		logged := truncate(body, 512)
+		if name == "push_token" {
+			logged = "(not logged: carries a token)"
+		}
+		h.log.Info("api action", "method", name, "remote", r.RemoteAddr, "body", logged)
+	}
 	if e != nil {
 		if e.Status >= 500 {
 			h.log.Warn("api call failed", "method", name, "code", e.Code, "error", e.Message)
@@ -216,6 +226,18 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, res)
+}
+
+// audited are the methods logged on success.
+var audited = map[string]bool{
+	"disconnect": true, "unsubscribe": true, "kick": true, "push_token": true, "ban": true, "unban": true,
+}
+
+func truncate(b []byte, n int) string {
+	if len(b) <= n {
+		return string(b)
+	}
+	return string(b[:n]) + "…"
 }
 
 // decode parses body into v strictly: unknown fields, trailing data and

@@ -228,7 +228,16 @@ func New(o Options) (*Sender, error) {
 	if o.Client == nil {
 		// An own transport, so Close can drop its idle connections without
 		// touching other users of http.DefaultTransport.
-		o.Client = &http.Client{Timeout: o.RequestTimeout, Transport: http.DefaultTransport.(*http.Transport).Clone()}
+		// Redirects are not followed: a 3xx would turn the POST into a GET
+		// and could send signed events somewhere else; it counts as a
+		// permanent failure instead.
+		o.Client = &http.Client{
+			Timeout:   o.RequestTimeout,
+			Transport: http.DefaultTransport.(*http.Transport).Clone(),
+			CheckRedirect: func(*http.Request, []*http.Request) error {
+				return http.ErrUseLastResponse
+			},
+		}
 	}
 	if o.Logger == nil {
 		o.Logger = hclog.NewNullLogger()

@@ -448,3 +448,23 @@ func waitFor(t *testing.T, cond func() bool) {
 		time.Sleep(2 * time.Millisecond)
 	}
 }
+
+// A redirect is not followed (it would turn the POST into a GET elsewhere):
+// it is a permanent failure.
+func TestRedirectNotFollowed(t *testing.T) {
+	rc := newReceiver(t, nil)
+	redir := httptest.NewServer(http.RedirectHandler(rc.URL, http.StatusFound))
+	defer redir.Close()
+	s, err := New(Options{Webhooks: configs.Webhooks{URL: redir.URL}, Debounce: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Emit(Event{Type: UserOnline, User: "u"})
+	waitFor(t, func() bool { return s.Stats().Failed == 1 })
+	if err := s.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(rc.got); n != 0 {
+		t.Fatalf("the redirect target got %d requests", n)
+	}
+}
