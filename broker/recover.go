@@ -95,11 +95,11 @@ func (l *blink) historyPage(f *link.Frame) error {
 // the replica: the sender's owner is the owner now.
 func (l *blink) replicate(f *link.Frame) error {
 	s := l.s
-	name := string(f.Channel)
 	sh := s.shard(f.Channel)
 	sh.mu.Lock()
-	st := sh.chans[name]
+	st := sh.chans[string(f.Channel)] // no string allocated for the lookup
 	if st == nil {
+		name := string(f.Channel)
 		st = s.newChan(name)
 		st.epoch, st.foreign = f.Epoch, true
 		sh.chans[name] = st
@@ -128,5 +128,6 @@ func (l *blink) replicate(f *link.Frame) error {
 	if errText != "" {
 		flags, data = link.FlagError, []byte(errText)
 	}
-	return l.w.WriteRawAlways(link.AppendReply(nil, f.ReqID, f.Offset, f.Epoch, flags, data))
+	l.scratch = link.AppendReply(l.scratch[:0], f.ReqID, f.Offset, f.Epoch, flags, data)
+	return l.w.WriteRawAlways(l.scratch)
 }

@@ -119,13 +119,14 @@ type chanState struct {
 
 // blink is one worker's link.
 type blink struct {
-	s      *Server
-	conn   net.Conn
-	w      *link.Writer
-	worker atomic.Pointer[string]         // from hello; read by other goroutines' logs
-	chans  map[string]struct{}            // interests; reader goroutine only
-	pres   map[string]map[string]struct{} // channel → conn ids announced on this link; reader goroutine only
-	once   sync.Once
+	s       *Server
+	conn    net.Conn
+	w       *link.Writer
+	worker  atomic.Pointer[string]         // from hello; read by other goroutines' logs
+	chans   map[string]struct{}            // interests; reader goroutine only
+	pres    map[string]map[string]struct{} // channel → conn ids announced on this link; reader goroutine only
+	scratch []byte                         // reply encoding; reader goroutine only
+	once    sync.Once
 }
 
 // NewServer returns a server; call Serve with a listener.

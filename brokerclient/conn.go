@@ -35,7 +35,9 @@ type bconn struct {
 	dead  bool // shut down for good
 	// Requests (recover, history, replication, presence) wait here by id;
 	// their replies may come in any order.
-	reqs map[uint64]*request
+	reqs    map[uint64]*request
+	repls   map[uint64]replWait // history appends awaiting this replica
+	scratch []byte              // frame encoding under mu
 }
 
 type pending struct {
@@ -323,8 +325,8 @@ func (b *bconn) down(err error) bool {
 	b.up, b.w, b.conn = false, nil, nil
 	q := b.queue[b.head:]
 	b.queue, b.head = nil, 0
-	reqs := b.reqs
-	b.reqs = nil
+	reqs, repls := b.reqs, b.repls
+	b.reqs, b.repls = nil, nil
 	dead := b.dead
 	b.mu.Unlock()
 	w.Close()
@@ -346,6 +348,10 @@ func (b *bconn) down(err error) bool {
 	}
 	for _, r := range reqs {
 		r.finish(nil, failWith)
+	}
+	// The owner acknowledged these; only the replica copy is in doubt.
+	for _, w := range repls {
+		b.c.finishRepl(w, false)
 	}
 	return wasUp
 }

@@ -126,6 +126,15 @@ func (b *bconn) request(enc func(dst []byte, id uint64) []byte, done func(r *req
 // reply handles hist and reply frames (reader goroutine).
 func (b *bconn) reply(f *link.Frame) {
 	b.mu.Lock()
+	if w, ok := b.repls[f.ReqID]; ok && f.Type == link.TypeReply {
+		delete(b.repls, f.ReqID)
+		b.mu.Unlock()
+		if f.Flags&link.FlagError != 0 {
+			b.c.log.Debug("replica refused a history append", "broker", b.ep.Name, "error", string(f.Data))
+		}
+		b.c.finishRepl(w, f.Flags&link.FlagError == 0)
+		return
+	}
 	r := b.reqs[f.ReqID]
 	if r != nil && f.Type == link.TypeReply {
 		delete(b.reqs, f.ReqID)
@@ -148,6 +157,7 @@ func (b *bconn) reply(f *link.Frame) {
 // expireRequests fails requests whose reply is overdue.
 func (b *bconn) expireRequests(ns int64) {
 	var late []*request
+	var lateRepl []replWait
 	b.mu.Lock()
 	for id, r := range b.reqs {
 		if r.deadline <= ns {
@@ -155,9 +165,18 @@ func (b *bconn) expireRequests(ns int64) {
 			delete(b.reqs, id)
 		}
 	}
+	for id, w := range b.repls {
+		if w.deadline <= ns {
+			lateRepl = append(lateRepl, w)
+			delete(b.repls, id)
+		}
+	}
 	b.mu.Unlock()
 	for _, r := range late {
 		r.finish(nil, ErrTimeout)
+	}
+	for _, w := range lateRepl {
+		b.c.finishRepl(w, false)
 	}
 }
 
@@ -202,6 +221,16 @@ func replica(members []*bconn, channel string, own *bconn) *bconn {
 	return best
 }
 
+// replWait is a history append waiting for its replica. Replication has
+// its own table (not request's) so the publish hot path allocates no
+// request, closure or frame per message.
+type replWait struct {
+	job      *replJob
+	off      uint64
+	deadline int64
+	done     func(uint64, error)
+}
+
 // replicate forwards an acknowledged history append to the replica and
 // calls done once the replica confirmed it. Without a reachable replica the
 // publish is acknowledged anyway and counted as ReplicaMissed: the message
@@ -215,19 +244,42 @@ func (c *Client) replicate(from *bconn, j *replJob, off, epoch uint64, done func
 		done(off, nil)
 		return
 	}
-	r.request(func(dst []byte, id uint64) []byte {
-		return link.AppendRepl(dst, id, off, epoch, j.channel, j.data)
-	}, func(_ *request, _ *link.Frame, err error) {
-		if err != nil {
-			c.replicaMissed.Add(1)
-			c.log.Debug("replicating a history append", "channel", j.channel, "broker", r.ep.Name, "error", err)
-		} else {
-			c.replicated.Add(1)
-		}
-		c.putReplJob(j)
-		c.published.Add(1)
-		done(off, nil)
-	})
+	if !r.sendRepl(j, off, epoch, done) {
+		c.finishRepl(replWait{job: j, off: off, done: done}, false)
+	}
+}
+
+// sendRepl queues a repl frame; false if the replica's link is down or full.
+func (b *bconn) sendRepl(j *replJob, off, epoch uint64, done func(uint64, error)) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if !b.up {
+		return false
+	}
+	b.nextID++
+	b.scratch = link.AppendRepl(b.scratch[:0], b.nextID, off, epoch, j.channel, j.data)
+	if err := b.w.WriteRaw(b.scratch); err != nil {
+		return false
+	}
+	if cap(b.scratch) > 64<<10 {
+		b.scratch = nil
+	}
+	if b.repls == nil {
+		b.repls = map[uint64]replWait{}
+	}
+	b.repls[b.nextID] = replWait{job: j, off: off, done: done, deadline: time.Now().Add(b.c.opts.PublishTimeout).UnixNano()}
+	return true
+}
+
+func (c *Client) finishRepl(w replWait, ok bool) {
+	if ok {
+		c.replicated.Add(1)
+	} else {
+		c.replicaMissed.Add(1)
+	}
+	c.putReplJob(w.job)
+	c.published.Add(1)
+	w.done(w.off, nil)
 }
 
 // SubscribeRecover registers interest in channel like Subscribe and asks
