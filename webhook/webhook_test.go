@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -466,5 +467,41 @@ func TestRedirectNotFollowed(t *testing.T) {
 	}
 	if n := len(rc.got); n != 0 {
 		t.Fatalf("the redirect target got %d requests", n)
+	}
+}
+
+// Emit from many goroutines while Close runs: no race, no panic, and every
+// accepted event is either sent or counted.
+func TestEmitDuringClose(t *testing.T) {
+	rc := newReceiver(t, nil)
+	s, err := New(Options{Webhooks: configs.Webhooks{URL: rc.URL}, Client: rc.Client(), Debounce: 10 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	for g := range 4 {
+		wg.Go(func() {
+			for i := range 200 {
+				typ := ChannelOccupied
+				if i%2 == 1 {
+					typ = ChannelVacated
+				}
+				s.Emit(Event{Type: typ, Channel: "ch" + strconv.Itoa(g*1000+i/2)})
+			}
+		})
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := s.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	wg.Wait()
+	st := s.Stats()
+	if st.Emitted+st.Ignored != 800 || st.Queued != 0 || st.Failed != 0 {
+		t.Fatalf("%+v", st)
+	}
+	// Each accepted event is sent, or was coalesced (a pair cancels out).
+	if st.Sent+st.Coalesced != st.Emitted {
+		t.Fatalf("accounting: %+v", st)
 	}
 }
