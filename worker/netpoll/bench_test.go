@@ -244,6 +244,7 @@ func BenchmarkEchoRoundTrip(b *testing.B) {
 	buf := make([]byte, len(AppendTextFrame(nil, []byte("ping"))))
 	b.ReportAllocs()
 	b.ResetTimer()
+	cpu0 := cpuTime()
 	for range b.N {
 		// The frame is unmasked in place by the server, not here: the
 		// client's bytes are copied into the socket, so reuse is safe.
@@ -256,6 +257,7 @@ func BenchmarkEchoRoundTrip(b *testing.B) {
 	}
 	b.StopTimer()
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "roundtrips/s")
+	b.ReportMetric(float64((cpuTime()-cpu0).Nanoseconds())/float64(b.N), "cpu-ns/roundtrip")
 }
 
 // BenchmarkConnect measures connection set-up one at a time: TCP connect,
@@ -279,6 +281,7 @@ func BenchmarkConnect(b *testing.B) {
 	_ = h
 	b.ReportAllocs()
 	b.ResetTimer()
+	cpu0 := cpuTime()
 	for range b.N {
 		nc, err := net.Dial("tcp", addr)
 		if err != nil {
@@ -305,6 +308,7 @@ func BenchmarkConnect(b *testing.B) {
 	}
 	b.StopTimer()
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "conns/s")
+	b.ReportMetric(float64((cpuTime()-cpu0).Nanoseconds())/float64(b.N), "cpu-ns/conn")
 	waitFor(b, 10*time.Second, "all released", func() bool { return srv.owned.Load() == 0 })
 }
 
