@@ -83,6 +83,8 @@ func (e Event) key() (k string, ok bool) {
 
 // Defaults for Options' zero fields.
 const (
+	// DefaultSecretEnv is read when webhooks.secret_env is empty.
+	DefaultSecretEnv      = "SHOAL_WEBHOOK_SECRET"
 	DefaultDebounce       = time.Second
 	DefaultMaxQueue       = 10000
 	DefaultMaxBatch       = 100
@@ -275,9 +277,10 @@ func New(o Options) (*Sender, error) {
 		closing: make(chan struct{}),
 		done:    make(chan struct{}),
 	}
-	if o.Webhooks.SecretEnv != "" {
-		s.secret = []byte(o.Getenv(o.Webhooks.SecretEnv))
+	if o.Webhooks.SecretEnv == "" {
+		o.Webhooks.SecretEnv = DefaultSecretEnv
 	}
+	s.secret = []byte(o.Getenv(o.Webhooks.SecretEnv))
 	if len(s.secret) == 0 {
 		o.Logger.Warn("webhooks are sent unsigned: no secret", "secret_env", o.Webhooks.SecretEnv)
 	}
