@@ -35,6 +35,13 @@ func runHelperBroker() int {
 		cfg.Cluster.Gossip = g // a node of its own (netns test): cross-host mode
 		cfg.Cluster.Brokers = 1
 	}
+	if extra := os.Getenv(helperEnv + "_CFG"); extra != "" {
+		// Config overrides (JSON over the defaults): channel rules, storage.
+		if err := json.Unmarshal([]byte(extra), &cfg); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+	}
 	if j := os.Getenv(helperEnv + "_CLUSTER_JOIN"); j != "" {
 		cfg.Cluster.Join = strings.Split(j, ",")
 	}
