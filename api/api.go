@@ -166,12 +166,6 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if name == r.URL.Path {
 		name = strings.TrimPrefix(name, "/")
 	}
-	m, ok := h.methods[name]
-	if !ok {
-		writeError(w, &Error{Status: http.StatusNotFound, Code: CodeNotFound,
-			Message: fmt.Sprintf("no API method %q (see docs/api.md)", name)})
-		return
-	}
 	// Auth before anything else, so an unauthenticated caller learns nothing
 	// about methods or bodies.
 	if e := h.authorize(r); e != nil {
@@ -179,6 +173,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("WWW-Authenticate", "apikey")
 		}
 		writeError(w, e)
+		return
+	}
+	m, ok := h.methods[name]
+	if !ok {
+		writeError(w, &Error{Status: http.StatusNotFound, Code: CodeNotFound,
+			Message: fmt.Sprintf("no API method %q (see docs/api.md)", name)})
 		return
 	}
 	if r.Method != http.MethodPost {

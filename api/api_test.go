@@ -155,6 +155,10 @@ func TestAuth(t *testing.T) {
 	if n := len(s.fake.pubs()); n != 4 {
 		t.Fatalf("%d publishes went through, want 4 (one per accepted key)", n)
 	}
+	// Without the key, method names are not revealed either.
+	if st, _ := s.do(t, "POST", "nope", `{}`, nil); st != 401 {
+		t.Fatalf("unknown method without key: %d", st)
+	}
 	// SetKey (reload) replaces the key.
 	s.h.SetKey("new")
 	if st, _ := s.do(t, "POST", "publish", `{"channel":"a","data":1}`, map[string]string{"X-API-Key": testKey}); st != 401 {
