@@ -182,6 +182,13 @@ func TestProtocolViolations(t *testing.T) {
 		{"bare continuation", ws.MustCompileFrame(ws.MaskFrame(ws.NewFrame(ws.OpContinuation, true, []byte("x")))), ws.StatusProtocolError},
 		{"invalid utf8", ws.MustCompileFrame(ws.MaskFrame(ws.NewTextFrame([]byte{0xff, 0xfe}))), ws.StatusInvalidFramePayloadData},
 		{"bad close code", ws.MustCompileFrame(ws.MaskFrame(ws.NewCloseFrame([]byte{0x03, 0xe6}))), ws.StatusProtocolError},
+		{"one-byte close body", ws.MustCompileFrame(ws.MaskFrame(ws.NewCloseFrame([]byte{0x03}))), ws.StatusProtocolError},
+		{"close reason not utf8", ws.MustCompileFrame(ws.MaskFrame(ws.NewCloseFrame([]byte{0x03, 0xe8, 0xff}))), ws.StatusInvalidFramePayloadData},
+		{"ping over 125 bytes", ws.MustCompileFrame(ws.MaskFrame(ws.NewPingFrame(make([]byte, 126)))), ws.StatusProtocolError},
+		{"fragmented ping", ws.MustCompileFrame(ws.MaskFrame(ws.NewFrame(ws.OpPing, false, nil))), ws.StatusProtocolError},
+		{"text inside a fragmented message", append(ws.MustCompileFrame(ws.MaskFrame(ws.NewFrame(ws.OpText, false, []byte("a")))),
+			ws.MustCompileFrame(ws.MaskFrame(ws.NewTextFrame([]byte("b"))))...), ws.StatusProtocolError},
+		{"64-bit length with the top bit set", []byte{0x81, 0xff, 0x80, 0, 0, 0, 0, 0, 0, 1, 1, 2, 3, 4}, ws.StatusProtocolError},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := ts.dial(t)
@@ -193,7 +200,7 @@ func TestProtocolViolations(t *testing.T) {
 			}
 		})
 	}
-	waitFor(t, 5*time.Second, "OnClose for every conn", func() bool { return h.closeCount() == 6 })
+	waitFor(t, 5*time.Second, "OnClose for every conn", func() bool { return h.closeCount() == 12 })
 }
 
 func TestOversizedMessageClosesOnlyThatConn(t *testing.T) {
@@ -1026,5 +1033,21 @@ func TestData(t *testing.T) {
 	c.SetData(nil)
 	if c.Data() != nil {
 		t.Fatal(c.Data())
+	}
+}
+
+func TestMaxPayloadBoundary(t *testing.T) {
+	h := &recorder{}
+	ts := startServer(t, Config{Handler: h, MaxPayload: 1000})
+	c := ts.dial(t)
+	c.send(t, strings.Repeat("x", 1000)) // exactly the limit: delivered
+	waitFor(t, 5*time.Second, "message at the limit", func() bool {
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		return len(h.messages) == 1 && len(h.messages[0]) == 1000
+	})
+	c.send(t, strings.Repeat("x", 1001))
+	if code, _ := c.readClose(t); code != ws.StatusMessageTooBig {
+		t.Fatalf("close code %d, want 1009", code)
 	}
 }
