@@ -213,8 +213,9 @@ func Default() Config {
 			Leeway:        Duration(5 * time.Second),
 			DefaultExpiry: Duration(24 * time.Hour),
 		}},
-		API:     API{KeyEnv: "SHOAL_API_KEY"},
-		Storage: Storage{Dir: "./data"},
+		API:      API{KeyEnv: "SHOAL_API_KEY"},
+		Webhooks: Webhooks{SecretEnv: "SHOAL_WEBHOOK_SECRET"},
+		Storage:  Storage{Dir: "./data"},
 		Log: Log{
 			Level:  "info",
 			Rotate: Rotate{Size: 100 << 20, Keep: 5},
