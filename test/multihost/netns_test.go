@@ -252,13 +252,16 @@ type node struct {
 	label   string // "A", "B", "C"
 	host    host
 	brokers int
-	dir     string
-	cfg     string
-	logf    string
-	cmd     *exec.Cmd
-	out     *syncBuffer
-	waited  chan error
-	admin   *http.Client // reaches 127.0.0.1:8001 inside the namespace
+	// signalled: the tree was SIGKILLed once; never again, since the
+	// reaped pids can be reused.
+	signalled bool
+	dir       string
+	cfg       string
+	logf      string
+	cmd       *exec.Cmd
+	out       *syncBuffer
+	waited    chan error
+	admin     *http.Client // reaches 127.0.0.1:8001 inside the namespace
 }
 
 const (
@@ -361,6 +364,10 @@ func (n *node) kill() []int {
 // signalTree SIGKILLs the supervisor (first, so it restarts nothing) and
 // every descendant; it returns the pids and when the last signal was sent.
 func (n *node) signalTree() ([]int, time.Time) {
+	if n.signalled {
+		return nil, time.Now() // its pids may belong to others by now
+	}
+	n.signalled = true
 	pid := n.cmd.Process.Pid
 	tree := append([]int{pid}, descendants(pid)...)
 	for _, p := range tree {
@@ -448,9 +455,25 @@ func pickChannels(t *testing.T, names []string) []string {
 }
 
 type stamp struct {
-	N int64 `json:"n"`
-	T int64 `json:"t"` // publish time, unix ns
+	N int64  `json:"n"`
+	T int64  `json:"t"`           // publish time, unix ns
+	P string `json:"p,omitempty"` // phase of the test that published it
 }
+
+// layout says how many brokers each node runs and in which order the
+// nodes start.
+type layout struct {
+	brokers  [3]int
+	order    int  // together, seedFirst or seedLast
+	returns  bool // restart B after its death and check it rejoins
+	ringWait time.Duration
+}
+
+const (
+	together  = iota // A, B and C started at once
+	seedFirst        // A ready before B and C start (the usual operator order)
+	seedLast         // B and C first; A once B's own brokers have met
+)
 
 // TestThreeHosts runs three nodes, each in its own network namespace (its
 // own interface, address, loopback and ports) with one worker and one
@@ -458,16 +481,49 @@ type stamp struct {
 // reaches subscribers on B and C; then node B's whole process tree is
 // SIGKILLed and A→C keeps delivering on every channel, including the
 // channel B's broker owned.
-func TestThreeHosts(t *testing.T) { threeHosts(t, [3]int{1, 1, 1}) }
+func TestThreeHosts(t *testing.T) { threeHosts(t, layout{brokers: [3]int{1, 1, 1}}) }
 
 // TestThreeHostsTwoBrokersOnB is the same with two brokers on node B
 // (gossip ports 7946 and 7947 by the port rule): a ring of 4 that loses
-// two members at once when B dies.
-func TestThreeHostsTwoBrokersOnB(t *testing.T) { threeHosts(t, [3]int{1, 2, 1}) }
+// two members at once when B dies. A starts first (see the next test).
+func TestThreeHostsTwoBrokersOnB(t *testing.T) {
+	threeHosts(t, layout{brokers: [3]int{1, 2, 1}, order: seedFirst})
+}
 
-func threeHosts(t *testing.T, brokers [3]int) {
+// TestThreeHostsSeedStartsLast: B, with two brokers, starts before the
+// node its cluster.join names. B's brokers find each other through the
+// port rule, and B must still join A's ring once A is up.
+func TestThreeHostsSeedStartsLast(t *testing.T) {
+	threeHosts(t, layout{brokers: [3]int{1, 2, 1}, order: seedLast, ringWait: 15 * time.Second})
+}
+
+// TestThreeHostsNodeReturns goes on after B's death: B is started again
+// (same namespace, address and config), rejoins the ring, takes its
+// channels back, and a publish on A reaches both B and C again.
+func TestThreeHostsNodeReturns(t *testing.T) {
+	threeHosts(t, layout{brokers: [3]int{1, 1, 1}, returns: true})
+}
+
+// waitReady waits until every process of the node is ready, asked through
+// its own admin API (loopback inside its namespace).
+func (n *node) waitReady(t *testing.T) {
+	t.Helper()
+	waitFor(t, 30*time.Second, "node "+n.label+": every process ready in /api/cluster", func() bool {
+		if n.exited() {
+			t.Fatalf("node %s: shoal run exited during startup:\n%s", n.label, n.out)
+		}
+		ci, err := n.table()
+		return err == nil && ci.allReady()
+	})
+}
+
+func threeHosts(t *testing.T, lay layout) {
 	if testing.Short() {
 		t.Skip("builds network namespaces and runs three nodes")
+	}
+	brokers, returns := lay.brokers, lay.returns
+	if lay.ringWait == 0 {
+		lay.ringWait = 30 * time.Second
 	}
 	total := brokers[0] + brokers[1] + brokers[2]
 	l := newLab(t, 3)
@@ -483,30 +539,41 @@ func threeHosts(t *testing.T, brokers [3]int) {
 		}
 	}
 	start := time.Now()
+	startOne := func(i int) { nodes[i] = startNode(t, labels[i], l.hosts[i], joins[i], brokers[i]) }
+	switch lay.order {
+	case together:
+		startOne(0)
+		startOne(1)
+		startOne(2)
+	case seedFirst:
+		startOne(0)
+		nodes[0].waitReady(t)
+		startOne(1)
+		startOne(2)
+	case seedLast:
+		startOne(1)
+		startOne(2)
+		nodes[1].waitReady(t)
+		waitFor(t, 30*time.Second, "node B's own brokers in one ring", func() bool {
+			_, ok := nodes[1].ringAt(brokers[1], start)
+			return ok
+		})
+		startOne(0)
+	}
 	for i := range nodes {
-		nodes[i] = startNode(t, labels[i], l.hosts[i], joins[i], brokers[i])
 		for j, nm := range nodes[i].ringNames(joins[i]) {
 			names = append(names, nm)
 			owners = append(owners, fmt.Sprintf("%s/broker-%d", labels[i], j+1))
 		}
 	}
 	a, b, c := nodes[0], nodes[1], nodes[2]
-
-	// Every node's processes ready, asked through its own admin API
-	// (loopback inside its namespace).
 	for _, n := range nodes {
-		waitFor(t, 30*time.Second, "node "+n.label+": every process ready in /api/cluster", func() bool {
-			if n.exited() {
-				t.Fatalf("node %s: shoal run exited during startup:\n%s", n.label, n.out)
-			}
-			ci, err := n.table()
-			return err == nil && ci.allReady()
-		})
+		n.waitReady(t)
 	}
 	// The ring: every broker has reported all three (its log line).
 	var ringFormed time.Time
 	for _, n := range nodes {
-		waitFor(t, 30*time.Second, fmt.Sprintf("node %s: every broker reports a ring of %d", n.label, total), func() bool {
+		waitFor(t, lay.ringWait, fmt.Sprintf("node %s: every broker reports a ring of %d", n.label, total), func() bool {
 			at, ok := n.ringAt(total, start)
 			if ok && at.After(ringFormed) {
 				ringFormed = at
@@ -544,32 +611,8 @@ func threeHosts(t *testing.T, brokers [3]int) {
 		}
 	}
 
-	// Interest registration with a remote broker is asynchronous: probe
-	// until a publish on A reaches both B and C, per channel.
-	for _, ch := range chans {
-		got := map[string]bool{}
-		deadline := time.Now().Add(20 * time.Second)
-		for k := 0; !got["B"] || !got["C"]; k++ {
-			if time.Now().After(deadline) {
-				t.Fatalf("channel %s: a publish on A never reached B=%v C=%v", ch, got["B"], got["C"])
-			}
-			if err := pub.Publish(ctx, ch, map[string]any{"probe": k}); err != nil {
-				t.Logf("probe publish on %s: %v (retrying)", ch, err)
-			}
-			until := time.After(300 * time.Millisecond)
-		wait:
-			for !got["B"] || !got["C"] {
-				select {
-				case <-subsB[ch].C:
-					got["B"] = true
-				case <-subsC[ch].C:
-					got["C"] = true
-				case <-until:
-					break wait
-				}
-			}
-		}
-	}
+	// A publish on A reaches both B and C, on every channel.
+	probe(t, ctx, pub, chans, map[string]map[string]*client.Subscription{"B": subsB, "C": subsC})
 	delivered := time.Now()
 	for _, s := range []map[string]*client.Subscription{subsB, subsC} {
 		for _, sub := range s {
@@ -577,32 +620,7 @@ func threeHosts(t *testing.T, brokers [3]int) {
 		}
 	}
 	// Then exactly what was published, in order, on both B and C.
-	const burst = 20
-	for _, ch := range chans {
-		for i := range burst {
-			if err := pub.Publish(ctx, ch, stamp{N: int64(i), T: time.Now().UnixNano()}); err != nil {
-				t.Fatalf("publish %s #%d on A: %v", ch, i, err)
-			}
-		}
-	}
-	for _, ch := range chans {
-		for side, sub := range map[string]*client.Subscription{"B": subsB[ch], "C": subsC[ch]} {
-			for i := 0; i < burst; {
-				m, err := next(sub.C, 5*time.Second)
-				if err != nil {
-					t.Fatalf("node %s, channel %s: message %d of %d: %v", side, ch, i, burst, err)
-				}
-				var s stamp
-				if json.Unmarshal(m.Data, &s) != nil || s.T == 0 {
-					continue // a late probe
-				}
-				if s.N != int64(i) {
-					t.Fatalf("node %s, channel %s: got %s, want n=%d", side, ch, m.Data, i)
-				}
-				i++
-			}
-		}
-	}
+	burst(t, ctx, pub, chans, "first", map[string]map[string]*client.Subscription{"B": subsB, "C": subsC})
 	// Confirmed by the admin API: every broker has a link from every
 	// node's worker (connections, refreshed by the 2 s stats poll).
 	for _, n := range nodes {
@@ -624,7 +642,7 @@ func threeHosts(t *testing.T, brokers [3]int) {
 		})
 	}
 	linked := time.Now()
-	t.Logf("MEASURED ring formed (last broker to report %d members) %.2fs after the 3 nodes were started; "+
+	t.Logf("MEASURED ring formed (last broker to report %d members) %.2fs after the first node was started; "+
 		"first A→B,C delivery on all %d channels after %.2fs; "+
 		"every broker seen linked to 3 workers in the admin API after %.2fs (2 s stats poll)",
 		total, ringFormed.Sub(start).Seconds(), len(chans), delivered.Sub(start).Seconds(), linked.Sub(start).Seconds())
@@ -649,6 +667,105 @@ func threeHosts(t *testing.T, brokers [3]int) {
 		ci, err := n.table()
 		if err != nil || !ci.allReady() {
 			t.Errorf("node %s after B's death: %+v %v", n.label, ci, err)
+		}
+	}
+	if !returns || t.Failed() {
+		return
+	}
+
+	// B comes back: a new `shoal run` in the same namespace with the same
+	// config, the way an operator restarts a machine's service.
+	restart := time.Now()
+	b2 := startNode(t, "B", l.hosts[1], joins[1], brokers[1])
+	b2.waitReady(t)
+	var ringBack time.Time
+	for _, n := range []*node{a, b2, c} {
+		waitFor(t, 30*time.Second, fmt.Sprintf("node %s: every broker reports a ring of %d again", n.label, total), func() bool {
+			at, ok := n.ringAt(total, restart)
+			if ok && at.After(ringBack) {
+				ringBack = at
+			}
+			return ok
+		})
+	}
+	subB2 := dial(b2)
+	subsB2 := map[string]*client.Subscription{}
+	for _, ch := range chans {
+		var err error
+		if subsB2[ch], err = subB2.Subscribe(ctx, ch, 4096); err != nil {
+			t.Fatalf("subscribe on the restarted B %s: %v", ch, err)
+		}
+	}
+	for _, ch := range chans {
+		drain(subsC[ch].C)
+	}
+	probe(t, ctx, pub, chans, map[string]map[string]*client.Subscription{"B": subsB2, "C": subsC})
+	back := time.Now()
+	burst(t, ctx, pub, chans, "back", map[string]map[string]*client.Subscription{"B": subsB2, "C": subsC})
+	t.Logf("MEASURED node B restarted: every broker reports a ring of %d %.2fs after the restart; "+
+		"A→B,C delivery on every channel (B's own channels back on B's broker) %.2fs after it",
+		total, ringBack.Sub(restart).Seconds(), back.Sub(restart).Seconds())
+}
+
+// probe publishes on every channel until each listed subscriber has
+// received something on it (interest registration with a remote broker is
+// asynchronous, and a broker in warm-up refuses publishes).
+func probe(t *testing.T, ctx context.Context, pub *client.Client, chans []string, subs map[string]map[string]*client.Subscription) {
+	t.Helper()
+	for _, ch := range chans {
+		got := map[string]bool{}
+		deadline := time.Now().Add(20 * time.Second)
+		for k := 0; len(got) < len(subs); k++ {
+			if time.Now().After(deadline) {
+				t.Fatalf("channel %s: a publish on A reached only %v of %d nodes", ch, got, len(subs))
+			}
+			if err := pub.Publish(ctx, ch, map[string]any{"probe": k}); err != nil {
+				t.Logf("probe publish on %s: %v (retrying)", ch, err)
+			}
+			// Poll the subscriptions for up to 300 ms before publishing again.
+			for until := time.Now().Add(300 * time.Millisecond); len(got) < len(subs) && time.Now().Before(until); {
+				for side, m := range subs {
+					select {
+					case <-m[ch].C:
+						got[side] = true
+					default:
+					}
+				}
+				time.Sleep(5 * time.Millisecond)
+			}
+		}
+	}
+}
+
+// burst publishes 20 messages per channel on A and requires each listed
+// subscriber to get all of them, in order (earlier probes and stray
+// messages of other phases are skipped).
+func burst(t *testing.T, ctx context.Context, pub *client.Client, chans []string, phase string, subs map[string]map[string]*client.Subscription) {
+	t.Helper()
+	const n = 20
+	for _, ch := range chans {
+		for i := range n {
+			if err := pub.Publish(ctx, ch, stamp{N: int64(i), T: time.Now().UnixNano(), P: phase}); err != nil {
+				t.Fatalf("publish %s #%d on A (%s): %v", ch, i, phase, err)
+			}
+		}
+	}
+	for _, ch := range chans {
+		for side, m := range subs {
+			for i := 0; i < n; {
+				msg, err := next(m[ch].C, 5*time.Second)
+				if err != nil {
+					t.Fatalf("node %s, channel %s (%s): message %d of %d: %v", side, ch, phase, i, n, err)
+				}
+				var s stamp
+				if json.Unmarshal(msg.Data, &s) != nil || s.P != phase {
+					continue
+				}
+				if s.N != int64(i) {
+					t.Fatalf("node %s, channel %s (%s): got %s, want n=%d", side, ch, phase, msg.Data, i)
+				}
+				i++
+			}
 		}
 	}
 }
