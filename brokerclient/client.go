@@ -78,6 +78,12 @@ type Options struct {
 	// worker is interested in whose rule has join_leave on. entry is the
 	// entry's JSON (PresenceEntry's shape), valid only during the call.
 	OnJoinLeave func(channel string, join bool, entry []byte)
+	// OnResync reports the re-registration of a history channel after this
+	// worker's link to its owner came back (reader goroutine): when
+	// res.Recovered, the messages the worker missed were delivered to
+	// OnPublication first (and are in res.Messages); otherwise (or with
+	// err) the worker's subscribers of channel may have missed messages.
+	OnResync func(channel string, res RecoverResult, err error)
 	// Channels are the config's channel rules: publishes to channels with
 	// history are replicated to the channel's next broker before their
 	// done is called (see docs/history.md). The brokers must be given the
@@ -115,6 +121,9 @@ func (o *Options) defaults() {
 	if o.OnPublication == nil {
 		onMsg := o.OnMessage
 		o.OnPublication = func(ch string, data []byte, off, _ uint64) { onMsg(ch, data, off) }
+	}
+	if o.OnResync == nil {
+		o.OnResync = func(string, RecoverResult, error) {}
 	}
 	if o.OnJoinLeave == nil {
 		o.OnJoinLeave = func(string, bool, []byte) {}

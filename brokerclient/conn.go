@@ -38,6 +38,18 @@ type bconn struct {
 	reqs    map[uint64]*request
 	repls   map[uint64]replWait // history appends awaiting this replica
 	scratch []byte              // frame encoding under mu
+
+	// names interns channel names and remembers, for history channels,
+	// the last position delivered on this broker's link (across
+	// reconnects), so a re-registration recovers what the worker missed.
+	// Reader goroutine only (linkUp runs there too).
+	names map[string]*chanPos
+}
+
+type chanPos struct {
+	name       string
+	hist       bool
+	off, epoch uint64
 }
 
 type pending struct {
@@ -121,22 +133,28 @@ func (b *bconn) read(conn net.Conn) error {
 	o := &b.c.opts
 	dec := link.Decoder{MaxFrame: o.MaxFrame}
 	buf := make([]byte, 64<<10)
-	// Channel names are interned per link so the steady state allocates no
-	// string per message; bounded by resetting when it grows large.
-	names := map[string]string{}
+	// Channel names are interned per broker so the steady state allocates
+	// no string per message.
+	if b.names == nil {
+		b.names = map[string]*chanPos{}
+	}
 	return link.ReadFrames(conn, &dec, buf, 3*o.PingInterval, func(f *link.Frame) error {
 		switch f.Type {
 		case link.TypeMsg:
-			name, ok := names[string(f.Channel)]
+			p, ok := b.names[string(f.Channel)]
 			if !ok {
-				if len(names) >= 4096 {
-					clear(names)
+				if len(b.names) >= 4096 {
+					b.c.pruneNames(b)
 				}
-				name = string(f.Channel)
-				names[name] = name
+				name := string(f.Channel)
+				p = &chanPos{name: name, hist: b.c.rules.Lookup(name).History()}
+				b.names[name] = p
+			}
+			if p.hist {
+				p.off, p.epoch = f.Offset, f.Epoch
 			}
 			b.c.received.Add(1)
-			o.OnPublication(name, f.Data, f.Offset, f.Epoch)
+			o.OnPublication(p.name, f.Data, f.Offset, f.Epoch)
 		case link.TypeHist, link.TypeReply:
 			b.reply(f)
 		case link.TypeEvent:
@@ -189,7 +207,11 @@ func (c *Client) linkUp(b *bconn) {
 	members := *c.members.Load()
 	for ch := range c.subs {
 		if owner(members, ch) == b {
-			_ = b.w.WriteChannel(link.TypeSub, ch)
+			if p := b.names[ch]; p != nil && p.hist && p.epoch != 0 {
+				b.resync(p)
+			} else {
+				_ = b.w.WriteChannel(link.TypeSub, ch)
+			}
 			n++
 		}
 	}

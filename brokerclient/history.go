@@ -180,6 +180,50 @@ func (b *bconn) expireRequests(ns int64) {
 	}
 }
 
+// resync re-registers a history channel after this link came back, asking
+// for what the worker missed since the last message it delivered; the
+// missed messages go to OnPublication in order, before live ones, and
+// OnResync reports the outcome. Called from linkUp (reader goroutine) with
+// c.mu and b.mu held.
+func (b *bconn) resync(p *chanPos) {
+	b.nextID++
+	r := &request{id: b.nextID, deadline: time.Now().Add(b.c.opts.PublishTimeout).UnixNano()}
+	r.done = func(r *request, f *link.Frame, err error) {
+		if err != nil {
+			b.c.opts.OnResync(p.name, RecoverResult{}, err)
+			return
+		}
+		res := RecoverResult{Epoch: FormatEpoch(f.Epoch), Offset: f.Offset, Recovered: f.Flags&link.FlagRecovered != 0}
+		if res.Recovered {
+			res.Messages = r.msgs
+			for _, m := range r.msgs {
+				b.c.received.Add(1)
+				b.c.opts.OnPublication(p.name, m.Data, m.Offset, f.Epoch)
+			}
+		}
+		p.off, p.epoch = f.Offset, f.Epoch
+		b.c.opts.OnResync(p.name, res, nil)
+	}
+	if b.reqs == nil {
+		b.reqs = map[uint64]*request{}
+	}
+	b.reqs[r.id] = r
+	// Like interest frames, a re-registration ignores the queue bound.
+	_ = b.w.WriteRawAlways(link.AppendSubRec(nil, link.TypeSubRec, r.id, p.off, p.epoch, p.name))
+}
+
+// pruneNames drops positions of channels this worker no longer wants
+// (reader goroutine of b).
+func (c *Client) pruneNames(b *bconn) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for name := range b.names {
+		if _, ok := c.subs[name]; !ok {
+			delete(b.names, name)
+		}
+	}
+}
+
 // replJob keeps a history publish's data until its replica has it.
 type replJob struct {
 	channel string
