@@ -4,6 +4,14 @@
 // resubscription. Tests and Go applications use it; `shoal bench` has its own
 // cheaper client for load.
 //
+// Recovery (docs/history.md): on channels with history, Shoal adds "offset"
+// and "epoch" to each #publish. The client remembers each subscription's
+// last position and, when it resubscribes after a reconnect, asks for what
+// it missed ({"recover":{"offset":N,"epoch":"E"}} in the #subscribe data).
+// The server answers in the ack whether the gap was filled; the missed
+// messages follow as ordinary publications. Subscription.LastRecovery and
+// Options.OnRecover tell the application when it was not.
+//
 // One goroutine reads each connection; writes are serialised by a mutex.
 // Convenience over speed: encoding/json is fine here.
 package client
@@ -36,12 +44,25 @@ type Options struct {
 	OnEvent func(event string, data json.RawMessage)
 	// OnClose is told every time the connection is lost (with the close code).
 	OnClose func(err error)
+	// OnRecover is told the outcome of every resubscription that asked for
+	// recovery (from the connect goroutine).
+	OnRecover func(channel string, r Recovery)
+}
+
+// Recovery is the outcome of a resubscription with recovery.
+type Recovery struct {
+	Attempted bool   // the client had a position to recover from
+	Recovered bool   // the server filled the gap: the missed messages follow on C
+	Epoch     string // the channel's epoch now
+	Offset    uint64 // the channel's last offset when the server answered
 }
 
 // Message is one publication received on a subscribed channel.
 type Message struct {
 	Channel string
 	Data    json.RawMessage
+	Offset  uint64 // 0 on channels without history
+	Epoch   string
 }
 
 // Error is an error object sent by the server ({"name","message",...}).
@@ -106,6 +127,51 @@ type Subscription struct {
 	C       chan Message
 	c       *Client
 	dropped int64
+	// Position (under c.mu): the last offset seen and its epoch.
+	offset   uint64
+	epoch    string
+	recovery Recovery
+}
+
+// Position returns the last offset and epoch seen on the channel ("" epoch:
+// none yet, or the channel keeps no history).
+func (s *Subscription) Position() (uint64, string) {
+	s.c.mu.Lock()
+	defer s.c.mu.Unlock()
+	return s.offset, s.epoch
+}
+
+// LastRecovery returns the outcome of the last resubscription.
+func (s *Subscription) LastRecovery() Recovery {
+	s.c.mu.Lock()
+	defer s.c.mu.Unlock()
+	return s.recovery
+}
+
+// subscribeAck is the data of a #subscribe ack from Shoal (absent on other
+// servers).
+type subscribeAck struct {
+	Recovered bool   `json:"recovered"`
+	Epoch     string `json:"epoch"`
+	Offset    uint64 `json:"offset"`
+}
+
+// noteAck records the channel's position from a #subscribe ack. Without
+// recovery the position jumps to the server's: what came before is lost to
+// this subscription anyway. Called with c.mu held.
+func (s *Subscription) noteAck(a subscribeAck) {
+	if a.Epoch == "" {
+		return
+	}
+	if a.Recovered {
+		// The missed messages follow (or were already read): keep the
+		// offset, take the (possibly new, linked) epoch.
+		s.epoch = a.Epoch
+		return
+	}
+	if s.epoch != a.Epoch || s.offset < a.Offset {
+		s.epoch, s.offset = a.Epoch, a.Offset
+	}
 }
 
 // Dropped counts messages lost because C was full.
@@ -196,17 +262,40 @@ func (c *Client) connect(ctx context.Context) error {
 	if hs.PingTimeout <= 0 {
 		return abort(fmt.Errorf("handshake reply has no pingTimeout: %s", raw))
 	}
+	type resub struct {
+		ch     string
+		offset uint64
+		epoch  string
+	}
 	c.mu.Lock()
 	c.handshake = hs
-	chans := make([]string, 0, len(c.subs))
-	for ch := range c.subs {
-		chans = append(chans, ch)
+	chans := make([]resub, 0, len(c.subs))
+	for ch, sub := range c.subs {
+		chans = append(chans, resub{ch, sub.offset, sub.epoch})
 	}
 	c.mu.Unlock()
-	// Resubscribe after a reconnect (like socketcluster-client's pending channels).
-	for _, ch := range chans {
-		if _, err := c.invokeOn(ctx, conn, "#subscribe", map[string]any{"channel": ch}); err != nil {
-			return abort(fmt.Errorf("resubscribing %s: %w", ch, err))
+	// Resubscribe after a reconnect (like socketcluster-client's pending
+	// channels), asking for the missed messages where there is a position.
+	for _, r := range chans {
+		req := map[string]any{"channel": r.ch}
+		if r.epoch != "" {
+			req["data"] = map[string]any{"recover": map[string]any{"offset": r.offset, "epoch": r.epoch}}
+		}
+		raw, err := c.invokeOn(ctx, conn, "#subscribe", req)
+		if err != nil {
+			return abort(fmt.Errorf("resubscribing %s: %w", r.ch, err))
+		}
+		var a subscribeAck
+		_ = json.Unmarshal(raw, &a) // absent or foreign: no position
+		rec := Recovery{Attempted: r.epoch != "", Recovered: a.Recovered && r.epoch != "", Epoch: a.Epoch, Offset: a.Offset}
+		c.mu.Lock()
+		if sub := c.subs[r.ch]; sub != nil {
+			sub.noteAck(a)
+			sub.recovery = rec
+		}
+		c.mu.Unlock()
+		if rec.Attempted && c.opts.OnRecover != nil {
+			c.opts.OnRecover(r.ch, rec)
 		}
 	}
 	c.mu.Lock()
@@ -302,6 +391,8 @@ func (c *Client) handlePacket(raw []byte) {
 		var pub struct {
 			Channel string          `json:"channel"`
 			Data    json.RawMessage `json:"data"`
+			Offset  uint64          `json:"offset"`
+			Epoch   string          `json:"epoch"`
 		}
 		if json.Unmarshal(p.Data, &pub) != nil {
 			return
@@ -309,10 +400,19 @@ func (c *Client) handlePacket(raw []byte) {
 		c.mu.Lock()
 		sub := c.subs[pub.Channel]
 		if sub != nil {
-			select {
-			case sub.C <- Message{Channel: pub.Channel, Data: pub.Data}:
-			default:
-				sub.dropped++
+			// A message seen twice (a server that does not close the
+			// recovery seam exactly) is dropped here. Only within one
+			// epoch: a new epoch may restart its offsets.
+			dup := pub.Offset != 0 && pub.Epoch == sub.epoch && pub.Offset <= sub.offset
+			if pub.Offset != 0 && !dup {
+				sub.offset, sub.epoch = pub.Offset, pub.Epoch
+			}
+			if !dup {
+				select {
+				case sub.C <- Message{Channel: pub.Channel, Data: pub.Data, Offset: pub.Offset, Epoch: pub.Epoch}:
+				default:
+					sub.dropped++
+				}
 			}
 		}
 		c.mu.Unlock()
@@ -537,11 +637,20 @@ func (c *Client) Subscribe(ctx context.Context, channel string, buf int) (*Subsc
 	}
 	c.subs[channel] = sub
 	c.mu.Unlock()
-	if _, err := c.Invoke(ctx, "#subscribe", map[string]any{"channel": channel}); err != nil {
+	raw, err := c.Invoke(ctx, "#subscribe", map[string]any{"channel": channel})
+	if err != nil {
 		c.mu.Lock()
 		delete(c.subs, channel)
 		c.mu.Unlock()
 		return nil, err
+	}
+	// The ack's position lets a reconnect recover even when no message
+	// arrived before the connection was lost.
+	var a subscribeAck
+	if json.Unmarshal(raw, &a) == nil {
+		c.mu.Lock()
+		sub.noteAck(a)
+		c.mu.Unlock()
 	}
 	return sub, nil
 }

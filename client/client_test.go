@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"net"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -23,6 +24,12 @@ type fakeServer struct {
 	mu    sync.Mutex
 	conns map[net.Conn]map[string]bool
 	wg    sync.WaitGroup
+	// History as docs/history.md has the worker present it: per channel
+	// offsets under one epoch, offset/epoch in #publish data, recovery on
+	// #subscribe data {"recover":{...}}.
+	epoch  string
+	hist   map[string][]json.RawMessage // offset i+1 = hist[ch][i]
+	refuse bool                         // close new connections at once
 }
 
 func newFakeServer(t *testing.T) *fakeServer {
@@ -30,7 +37,7 @@ func newFakeServer(t *testing.T) *fakeServer {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := &fakeServer{ln: ln, conns: map[net.Conn]map[string]bool{}}
+	s := &fakeServer{ln: ln, conns: map[net.Conn]map[string]bool{}, epoch: "e1", hist: map[string][]json.RawMessage{}}
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
@@ -38,6 +45,13 @@ func newFakeServer(t *testing.T) *fakeServer {
 			c, err := ln.Accept()
 			if err != nil {
 				return
+			}
+			s.mu.Lock()
+			refuse := s.refuse
+			s.mu.Unlock()
+			if refuse {
+				c.Close()
+				continue
 			}
 			if _, err := ws.Upgrade(c); err != nil {
 				c.Close()
@@ -104,24 +118,43 @@ func (s *fakeServer) serve(c net.Conn) {
 			reply(`{"rid":` + rid() + `,"data":{"id":"abc","pingTimeout":30000,"isAuthenticated":false}}`)
 			reply(``) // a ping, which the client must answer
 		case "#subscribe":
-			var d struct{ Channel string }
+			var d struct {
+				Channel string
+				Data    struct {
+					Recover *struct {
+						Offset uint64
+						Epoch  string
+					}
+				}
+			}
 			json.Unmarshal(p.Data, &d)
 			if strings.HasPrefix(d.Channel, "forbidden") {
 				reply(`{"rid":` + rid() + `,"error":{"name":"AuthError","message":"no"}}`)
 				continue
 			}
+			// Ack, missed messages and joining the fan-out under one lock:
+			// no gap or duplicate at the seam.
 			s.mu.Lock()
+			h := s.hist[d.Channel]
+			recovered := d.Data.Recover != nil && d.Data.Recover.Epoch == s.epoch && d.Data.Recover.Offset <= uint64(len(h))
+			ack, _ := json.Marshal(map[string]any{"rid": p.CID, "data": map[string]any{"recovered": recovered, "epoch": s.epoch, "offset": len(h)}})
+			wsutil.WriteServerText(c, ack)
+			if recovered {
+				for i := d.Data.Recover.Offset; i < uint64(len(h)); i++ {
+					wsutil.WriteServerText(c, s.publishFrame(d.Channel, h[i], i+1))
+				}
+			}
 			s.conns[c][d.Channel] = true
 			s.mu.Unlock()
-			reply(`{"rid":` + rid() + `}`)
 		case "#publish":
 			var d struct {
 				Channel string
 				Data    json.RawMessage
 			}
 			json.Unmarshal(p.Data, &d)
-			frame, _ := json.Marshal(map[string]any{"event": "#publish", "data": map[string]any{"channel": d.Channel, "data": d.Data}})
 			s.mu.Lock()
+			s.hist[d.Channel] = append(s.hist[d.Channel], d.Data)
+			frame := s.publishFrame(d.Channel, d.Data, uint64(len(s.hist[d.Channel])))
 			for other, subs := range s.conns {
 				if subs[d.Channel] {
 					wsutil.WriteServerText(other, frame)
@@ -135,6 +168,12 @@ func (s *fakeServer) serve(c net.Conn) {
 			reply(`{"rid":` + rid() + `,"data":` + string(p.Data) + `}`)
 		}
 	}
+}
+
+// publishFrame is a #publish with offset and epoch; s.mu held.
+func (s *fakeServer) publishFrame(ch string, data json.RawMessage, off uint64) []byte {
+	b, _ := json.Marshal(map[string]any{"event": "#publish", "data": map[string]any{"channel": ch, "data": data, "offset": off, "epoch": s.epoch}})
+	return b
 }
 
 func ctx(t *testing.T) context.Context {
@@ -222,4 +261,123 @@ func TestReconnectResubscribes(t *testing.T) {
 		}
 	}
 	t.Fatal("no message after reconnect")
+}
+
+// TestReconnectRecoversTheGap: messages published while the client was
+// away arrive after the reconnect, once each and in order; a changed epoch
+// is reported as not recovered.
+func TestReconnectRecoversTheGap(t *testing.T) {
+	s := newFakeServer(t)
+	var recMu sync.Mutex
+	var recs []Recovery
+	c, err := Dial(ctx(t), s.url(), Options{Reconnect: true, ReconnectDelay: 20 * time.Millisecond, OnRecover: func(_ string, r Recovery) {
+		recMu.Lock()
+		recs = append(recs, r)
+		recMu.Unlock()
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	sub, err := c.Subscribe(ctx(t), "news", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := Dial(ctx(t), s.url(), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	next := 1
+	expect := func(n int) {
+		t.Helper()
+		for ; next <= n; next++ {
+			select {
+			case m := <-sub.C:
+				if m.Offset != uint64(next) || string(m.Data) != strconv.Itoa(next) || m.Epoch != "e1" {
+					t.Fatalf("message %d: %+v", next, m)
+				}
+			case <-time.After(5 * time.Second):
+				t.Fatalf("message %d never came", next)
+			}
+		}
+	}
+	for i := 1; i <= 3; i++ {
+		if err := p.Publish(ctx(t), "news", i); err != nil {
+			t.Fatal(err)
+		}
+	}
+	expect(3)
+	// The subscriber is cut off and cannot come back until 4..7 are out.
+	s.mu.Lock()
+	s.refuse = true
+	s.mu.Unlock()
+	for conn := range s.subscribers("news") {
+		conn.Close()
+	}
+	for i := 4; i <= 7; i++ {
+		if err := p.Publish(ctx(t), "news", i); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.mu.Lock()
+	s.refuse = false
+	s.mu.Unlock()
+	expect(7)
+	// The ack is recorded by the connect goroutine, maybe after the reader
+	// delivered the missed messages.
+	waitDeadline := time.Now().Add(5 * time.Second)
+	for !sub.LastRecovery().Attempted && time.Now().Before(waitDeadline) {
+		time.Sleep(2 * time.Millisecond)
+	}
+	if r := sub.LastRecovery(); !r.Attempted || !r.Recovered || r.Offset != 7 {
+		t.Fatalf("recovery %+v", r)
+	}
+	select {
+	case m := <-sub.C:
+		t.Fatalf("extra message %+v", m)
+	default:
+	}
+
+	// History lost (new epoch): the client is told, and its position moves.
+	s.mu.Lock()
+	s.refuse, s.epoch = true, "e2"
+	s.mu.Unlock()
+	for conn := range s.subscribers("news") {
+		conn.Close()
+	}
+	s.mu.Lock()
+	s.refuse = false
+	s.mu.Unlock()
+	deadline := time.Now().Add(5 * time.Second)
+	for sub.LastRecovery().Epoch != "e2" {
+		if time.Now().After(deadline) {
+			t.Fatal("no resubscription under the new epoch")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if r := sub.LastRecovery(); !r.Attempted || r.Recovered {
+		t.Fatalf("recovery across a lost history %+v", r)
+	}
+	if off, ep := sub.Position(); off != 7 || ep != "e2" {
+		t.Fatalf("position %d %s", off, ep)
+	}
+	recMu.Lock()
+	defer recMu.Unlock()
+	if len(recs) != 2 || !recs[0].Recovered || recs[1].Recovered {
+		t.Fatalf("OnRecover saw %+v", recs)
+	}
+}
+
+// subscribers returns the server-side connections subscribed to ch.
+func (s *fakeServer) subscribers(ch string) map[net.Conn]bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := map[net.Conn]bool{}
+	for c, subs := range s.conns {
+		if subs[ch] {
+			out[c] = true
+		}
+	}
+	return out
 }
