@@ -32,6 +32,7 @@ import (
 type lab struct {
 	bridge string
 	hosts  []host
+	veths  []string // root ends, one per host
 }
 
 type host struct {
@@ -75,7 +76,6 @@ func newLab(t *testing.T, n int) *lab {
 	id := fmt.Sprintf("%d%c", pid, 'a'+seq%26) // bridge and veth names stay within 15 bytes
 	l := &lab{bridge: "shmh" + id}
 	subnet := fmt.Sprintf("10.231.%d", (pid+seq)%250)
-	var veths []string
 	fail := func(what string, err error) {
 		t.Helper()
 		if refused(err) {
@@ -94,7 +94,7 @@ func newLab(t *testing.T, n int) *lab {
 				t.Errorf("processes still in namespace %s after SIGKILL: %v", h.ns, left)
 			}
 		}
-		for _, v := range veths {
+		for _, v := range l.veths {
 			_ = sh("ip", "link", "del", v)
 		}
 		for _, h := range l.hosts {
@@ -120,7 +120,7 @@ func newLab(t *testing.T, n int) *lab {
 			fail("a network namespace", err)
 		}
 		l.hosts = append(l.hosts, h)
-		veths = append(veths, veth)
+		l.veths = append(l.veths, veth)
 		steps = append(steps,
 			[]string{"ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", h.ns},
 			[]string{"ip", "link", "set", veth, "master", l.bridge},
@@ -463,10 +463,13 @@ type stamp struct {
 // layout says how many brokers each node runs and in which order the
 // nodes start.
 type layout struct {
-	brokers  [3]int
-	order    int  // together, seedFirst or seedLast
-	returns  bool // restart B after its death and check it rejoins
-	ringWait time.Duration
+	brokers [3]int
+	order   int  // together, seedFirst or seedLast
+	returns bool // restart B after its death and check it rejoins
+	// partition cuts B off (its veth down) instead of killing it, then
+	// heals the cut and checks that the ring and delivery come back.
+	partition bool
+	ringWait  time.Duration
 }
 
 const (
@@ -495,6 +498,14 @@ func TestThreeHostsTwoBrokersOnB(t *testing.T) {
 // port rule, and B must still join A's ring once A is up.
 func TestThreeHostsSeedStartsLast(t *testing.T) {
 	threeHosts(t, layout{brokers: [3]int{1, 2, 1}, order: seedLast, ringWait: 15 * time.Second})
+}
+
+// TestThreeHostsPartitionHeals cuts node B off the network for a few
+// seconds (its veth down, processes alive): A and C drop B and keep
+// working; once the link is back, B rejoins and A→B,C delivery resumes on
+// the same client connections.
+func TestThreeHostsPartitionHeals(t *testing.T) {
+	threeHosts(t, layout{brokers: [3]int{1, 1, 1}, partition: true})
 }
 
 // TestThreeHostsNodeReturns goes on after B's death: B is started again
@@ -646,6 +657,11 @@ func threeHosts(t *testing.T, lay layout) {
 		"first A→B,C delivery on all %d channels after %.2fs; "+
 		"every broker seen linked to 3 workers in the admin API after %.2fs (2 s stats poll)",
 		total, ringFormed.Sub(start).Seconds(), len(chans), delivered.Sub(start).Seconds(), linked.Sub(start).Seconds())
+
+	if lay.partition {
+		partitionB(t, ctx, l, nodes, total, brokers[1], pub, chans, subsB, subsC)
+		return
+	}
 
 	// Kill B while A publishes to every channel every 10 ms and C listens.
 	killAt, resume, failed, after := killDuringTraffic(t, ctx, b, pub, chans, subsC)
@@ -905,4 +921,53 @@ func next(c chan client.Message, timeout time.Duration) (client.Message, error) 
 	case <-time.After(timeout):
 		return client.Message{}, errors.New("timed out")
 	}
+}
+
+// partitionB takes B's link to the bridge down until A and C have dropped
+// B's brokers, brings it back, and waits for the whole ring and for A→B,C
+// delivery on the clients that were connected all along.
+func partitionB(t *testing.T, ctx context.Context, l *lab, nodes []*node, total, onB int, pub *client.Client, chans []string, subsB, subsC map[string]*client.Subscription) {
+	t.Helper()
+	a, b, c := nodes[0], nodes[1], nodes[2]
+	cut := time.Now()
+	if err := sh("ip", "link", "set", l.veths[1], "down"); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range []*node{a, c} {
+		waitFor(t, 10*time.Second, fmt.Sprintf("node %s: B's brokers dropped from the ring", n.label), func() bool {
+			_, ok := n.ringAt(total-onB, cut)
+			return ok
+		})
+	}
+	waitFor(t, 10*time.Second, "node B: the other nodes dropped from its ring", func() bool {
+		_, ok := b.ringAt(onB, cut)
+		return ok
+	})
+	split := time.Now()
+	// A and C still work while B is cut off.
+	burst(t, ctx, pub, chans, "split", map[string]map[string]*client.Subscription{"C": subsC})
+	heal := time.Now()
+	if err := sh("ip", "link", "set", l.veths[1], "up"); err != nil {
+		t.Fatal(err)
+	}
+	var whole time.Time
+	for _, n := range nodes {
+		waitFor(t, 20*time.Second, fmt.Sprintf("node %s: every broker reports a ring of %d after the cut healed", n.label, total), func() bool {
+			at, ok := n.ringAt(total, heal)
+			if ok && at.After(whole) {
+				whole = at
+			}
+			return ok
+		})
+	}
+	for _, ch := range chans {
+		drain(subsB[ch].C)
+		drain(subsC[ch].C)
+	}
+	probe(t, ctx, pub, chans, map[string]map[string]*client.Subscription{"B": subsB, "C": subsC})
+	back := time.Now()
+	burst(t, ctx, pub, chans, "healed", map[string]map[string]*client.Subscription{"B": subsB, "C": subsC})
+	t.Logf("MEASURED partition: A and C dropped B %.2fs after the cut (B saw the split too); "+
+		"after the cut healed, every broker reported the whole ring %.2fs later and A→B,C worked on every channel %.2fs later",
+		split.Sub(cut).Seconds(), whole.Sub(heal).Seconds(), back.Sub(heal).Seconds())
 }
