@@ -51,6 +51,7 @@ REFERENCE=${REFERENCE:-1}        # 0 = skip the reference (Shoal only)
 PROFILE=${PROFILE:-0}            # 1 = perf-record the Shoal cluster during an extra 1-channel fan-out
 GOBENCH=${GOBENCH:-0}            # 1 = also run the packages' Go benchmarks (about 2 minutes)
 RUN_TIMEOUT=${RUN_TIMEOUT:-300}  # seconds, per bench command
+ONLY=${ONLY:-}                   # run only these labels (e.g. "conns-max fanout-1x"); for checks, not for the report
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/shoal-bench.XXXXXX")
 mkdir -p "$work/ref" "$work/shoal"
@@ -94,11 +95,15 @@ trap 'exit 130' INT TERM
 freeport() { "$report" freeport "${1:-1}"; }
 get() { "$report" get "$1" "$2" 2>/dev/null || echo 0; }
 
+# want LABEL: whether ONLY (space-separated labels; empty = all) selects it.
+want() { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]; }
+
 # run SIDE LABEL ARGS...: one `shoal bench` scenario, JSON to SIDE/LABEL.json,
 # the exact command to SIDE/LABEL.cmd. A failed run leaves no .json (the
 # report shows "not run") and does not stop the others.
 run() {
   local side=$1 label=$2; shift 2
+  want "$label" || return 0
   local args=("$@" --json --quiet)
   echo "$bin bench ${args[*]}" | sed "s#^$root/##" >"$work/$side/$label.cmd"
   log "$side $label: shoal bench ${args[*]}"
@@ -108,6 +113,16 @@ run() {
   else
     log "  FAILED: $(tail -n 3 "$work/$side/$label.err" | tr '\n' ' ')"
   fi
+}
+
+# run_mem PIDS SIDE LABEL ARGS...: run with memwatch over the comma-separated PIDS.
+run_mem() {
+  local pids=$1 side=$2 label=$3
+  memwatch "$work/$side/$label.mem" ${pids//,/ } &
+  local w=$!
+  run "${@:2}"
+  kill "$w" 2>/dev/null || true
+  wait "$w" 2>/dev/null || true
 }
 
 summary() {
@@ -120,20 +135,46 @@ summary() {
   esac
 }
 
+sustained() { # publishes/s of a 1-channel fan-out result that were delivered in its window
+  awk -v d="$(get "$1" deliveries_per_s)" -v s="$(get "$1" params.subscribers)" 'BEGIN { if (s > 0) print int(d / s); else print 0 }'
+}
+# memwatch OUT PID...: until killed, samples the summed Pss, private memory
+# (Private_Clean + Private_Dirty) and Rss of the PIDs from
+# /proc/PID/smaps_rollup twice a second and keeps the peak of each in OUT.
+# Summed RSS counts the pages the processes share (Shoal's six processes
+# map the same binary) once per process; PSS splits them.
+memwatch() {
+  local out=$1; shift
+  local pss=0 priv=0 rss=0
+  while :; do
+    read -r p q r < <(for pid in "$@"; do cat "/proc/$pid/smaps_rollup" 2>/dev/null; done |
+      awk '$1 == "Pss:" { p += $2 } $1 ~ /^Private_(Clean|Dirty):$/ { q += $2 } $1 == "Rss:" { r += $2 } END { print p + 0, q + 0, r + 0 }')
+    p=${p:-0} q=${q:-0} r=${r:-0}
+    [ "$p" -gt "$pss" ] && pss=$p
+    [ "$q" -gt "$priv" ] && priv=$q
+    [ "$r" -gt "$rss" ] && rss=$r
+    printf 'pss_peak_kib: %s\nprivate_peak_kib: %s\nrss_peak_kib: %s\n' "$pss" "$priv" "$rss" >"$out.tmp" && mv "$out.tmp" "$out"
+    sleep 0.5
+  done
+}
+
 half() { awk -v r="$1" 'BEGIN { h = int(r / 2); if (h < 1) h = 1; print h }'; }
 ceil_div() { echo $(( ($1 + $2 - 1) / $2 )); }
 
 # The scenarios shared by both servers. URL, and the way the server's
 # processes are found (--pid or --admin), come as arguments.
 scenarios() {
-  local side=$1 conns2=$2; shift 2
+  local side=$1 conns2=$2 pids=$3; shift 3
   local src=(--sources "$SOURCES" --source-base "$SOURCE_BASE")
-  run "$side" conns-10k conns "$@" --conns "$CONNS1" --agents "$CONN_AGENTS" --hold "$HOLD" "${src[@]}"
-  run "$side" conns-20k conns "$@" --conns "$conns2" --agents "$CONN_AGENTS" --hold "$HOLD" "${src[@]}"
+  run_mem "$pids" "$side" conns-10k conns "$@" --conns "$CONNS1" --agents "$CONN_AGENTS" --hold "$HOLD" "${src[@]}"
+  run_mem "$pids" "$side" conns-20k conns "$@" --conns "$conns2" --agents "$CONN_AGENTS" --hold "$HOLD" "${src[@]}"
   run "$side" fanout-1x fanout "$@" --channels 1 --subs "$SUBS" --publishers 1 --payload 100 --duration "$DURATION" --agents "$AGENTS" "${src[@]}"
   run "$side" fanout-100x fanout "$@" --channels "$CHANNELS2" --subs "$SUBS2" --publishers "$PUBS2" --payload 100 --duration "$DURATION" --agents "$AGENTS" "${src[@]}"
-  local max; max=$(get "$work/$side/fanout-1x.json" publishes_per_s)
-  if [ "${max%.*}" -gt 1 ]; then
+  # The maximum rate is the sustained one: publishes/s that reached every
+  # subscriber within the window (deliveries/s ÷ subscribers). Publishes
+  # beyond that only queue up (the ack does not wait for delivery).
+  local max; max=$(sustained "$work/$side/fanout-1x.json")
+  if [ "$max" -gt 1 ]; then
     run "$side" latency-half fanout "$@" --channels 1 --subs "$SUBS" --publishers 1 --payload 100 --duration "$DURATION" --agents "$AGENTS" --rate "$(half "$max")" "${src[@]}"
   fi
   run "$side" rtt rtt "$@" --conns "$RTT_CONNS" --window 1 --duration "$SHORT"
@@ -141,7 +182,7 @@ scenarios() {
 }
 
 # ---- the reference ---------------------------------------------------------
-if [ "$REFERENCE" = 1 ]; then
+if [ "$REFERENCE" = 1 ] && [ -z "$ONLY" -o -n "$(ls "$work/ref" 2>/dev/null; for l in $ONLY; do case $l in conns-max|conns-wss|fanout-100x-big|latency-same) ;; *) echo x;; esac; done)" ]; then
   command -v node >/dev/null || { echo "bench.sh: node is needed for the reference (REFERENCE=0 skips it)" >&2; exit 1; }
   if [ ! -d "$root/test/reference/node_modules/socketcluster-server" ]; then
     log "installing socketcluster-server into test/reference"
@@ -158,7 +199,7 @@ if [ "$REFERENCE" = 1 ]; then
   grep -q '^listening' "$work/ref.log" || { echo "bench.sh: the reference server did not start" >&2; exit 1; }
   ref_node_pid=$(awk '/^listening/ { print $4 }' "$work/ref.log")
   log "reference: node pid $ref_node_pid on port $port"
-  scenarios ref "$REF_CONNS2" --url "ws://127.0.0.1:$port/socketcluster/" --pid "$ref_node_pid"
+  scenarios ref "$REF_CONNS2" "$ref_node_pid" --url "ws://127.0.0.1:$port/socketcluster/" --pid "$ref_node_pid"
   stop "$ref_pid"; ref_pid=""
 fi
 
@@ -166,9 +207,20 @@ fi
 # start_shoal NAME WORKERS TLS(0/1): a cluster in its own session, storage in
 # the work dir; sets shoal_pid, url, wss, admin.
 start_shoal() {
+  local try
+  for try in 1 2 3; do
+    start_shoal_once "$@" && return 0
+    log "shoal run ($1) failed to start (try $try): $(grep -v 'ready  pid' "$work/$1/run.log" | head -n 2 | tr '\n' ' ')"
+    stop "$shoal_pid"; shoal_pid=""
+  done
+  echo "bench.sh: shoal run did not start; see $work/$1/run.log" >&2
+  exit 1
+}
+
+start_shoal_once() {
   local name=$1 workers=$2 tls=$3
   local dir=$work/$name
-  mkdir -p "$dir"
+  rm -rf "$dir"; mkdir -p "$dir"
   local public admin_port gossip
   public=$(freeport); admin_port=$(freeport); gossip=$(freeport 3)
   {
@@ -187,10 +239,10 @@ start_shoal() {
   shoal_pid=$!
   for _ in $(seq 600); do
     grep -q '^shoal is running' "$dir/run.log" && break
-    kill -0 "$shoal_pid" 2>/dev/null || { cat "$dir/run.log" >&2; exit 1; }
+    kill -0 "$shoal_pid" 2>/dev/null || return 1
     sleep 0.1
   done
-  grep -q '^shoal is running' "$dir/run.log" || { cat "$dir/run.log" >&2; echo "bench.sh: shoal run did not become ready in 60 s" >&2; exit 1; }
+  grep -q '^shoal is running' "$dir/run.log" || return 1
   url="ws://127.0.0.1:$public/socketcluster/"
   wss=$(awk '$1 == "tls" { print $2 }' "$dir/run.log")
   admin="http://127.0.0.1:$admin_port"
@@ -207,16 +259,16 @@ server_pids() { # the supervisor and every child of the current cluster, comma-s
 }
 
 start_shoal cluster auto 1
-scenarios shoal "$CONNS2" --url "$url" --admin "$admin"
-rmax=$(get "$work/ref/fanout-1x.json" publishes_per_s)
-if [ "${rmax%.*}" -gt 1 ]; then
+scenarios shoal "$CONNS2" "$(server_pids cluster)" --url "$url" --admin "$admin"
+rmax=$(sustained "$work/ref/fanout-1x.json")
+if [ "$rmax" -gt 1 ]; then
   cp "$work/ref/latency-half.json" "$work/ref/latency-same.json" 2>/dev/null || true
   cp "$work/ref/latency-half.cmd" "$work/ref/latency-same.cmd" 2>/dev/null || true
   run shoal latency-same fanout --url "$url" --admin "$admin" --channels 1 --subs "$SUBS" --publishers 1 --payload 100 \
     --duration "$DURATION" --agents "$AGENTS" --rate "$(half "$rmax")" --sources "$SOURCES" --source-base "$SOURCE_BASE"
 fi
 if [ "$WSS_CONNS" -gt 0 ] && [ -n "$wss" ]; then
-  run shoal conns-wss conns --url "$wss" --admin "$admin" --conns "$WSS_CONNS" --agents "$CONN_AGENTS" --hold "$HOLD" \
+  run_mem "$(server_pids cluster)" shoal conns-wss conns --url "$wss" --admin "$admin" --conns "$WSS_CONNS" --agents "$CONN_AGENTS" --hold "$HOLD" \
     --sources "$SOURCES" --source-base "$SOURCE_BASE"
 fi
 
@@ -230,7 +282,8 @@ if [ "$PROFILE" = 1 ]; then
       --duration "$DURATION" --agents "$AGENTS" --sources "$SOURCES" --source-base "$SOURCE_BASE"
     wait "$perf_pid" 2>/dev/null || true; perf_pid=""
     if [ -s "$work/perf.data" ]; then
-      {
+      ( # a report pipeline cut short by head must not stop the run
+        set +e +o pipefail
         echo "# $(cat "$work/shoal/profile-fanout.cmd")"
         echo "# $(summary "$work/shoal/profile-fanout.json")"
         echo "# perf record -F 999 -g -p <supervisor, balancer, workers, brokers> -- sleep $secs"
@@ -252,7 +305,7 @@ if [ "$PROFILE" = 1 ]; then
         echo "## worker-1: time including callees (perf report --pid $w1 --children --sort sym)"
         perf report -i "$work/perf.data" --pid "$w1" --children --sort sym --stdio -g none --percent-limit 4 2>/dev/null |
           grep -v '^#' | grep -v '^$' | head -n 40
-      } >"$work/profile.txt"
+      ) >"$work/profile.txt"
       mv "$work/shoal/profile-fanout.json" "$work/profile-fanout.json" 2>/dev/null || true
     fi
   else
@@ -261,13 +314,13 @@ if [ "$PROFILE" = 1 ]; then
 fi
 stop "$shoal_pid"; shoal_pid=""
 
-if [ "$MAX_CONNS" -gt 0 ]; then
+if [ "$MAX_CONNS" -gt 0 ] && want conns-max; then
   start_shoal cluster-max "$(ceil_div "$MAX_CONNS" 17000)" 0
-  run shoal conns-max conns --url "$url" --admin "$admin" --conns "$MAX_CONNS" --agents "$(ceil_div "$MAX_CONNS" 15000)" \
+  run_mem "$(server_pids cluster-max)" shoal conns-max conns --url "$url" --admin "$admin" --conns "$MAX_CONNS" --agents "$(ceil_div "$MAX_CONNS" 15000)" \
     --hold "$HOLD" --sources "$SOURCES" --source-base "$SOURCE_BASE"
   stop "$shoal_pid"; shoal_pid=""
 fi
-if [ "$BIG_SUBS2" -gt 0 ]; then
+if [ "$BIG_SUBS2" -gt 0 ] && want fanout-100x-big; then
   big=$((CHANNELS2 * BIG_SUBS2 + PUBS2))
   start_shoal cluster-big "$(ceil_div "$big" 17000)" 0
   run shoal fanout-100x-big fanout --url "$url" --admin "$admin" --channels "$CHANNELS2" --subs "$BIG_SUBS2" --publishers "$PUBS2" \

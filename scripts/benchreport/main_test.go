@@ -89,3 +89,14 @@ func TestReport(t *testing.T) {
 		t.Errorf("get metrics.deliveries_per_s = %v %v", v, ok)
 	}
 }
+
+func TestAddMem(t *testing.T) {
+	r := &result{Metrics: map[string]float64{"connected": 1000}}
+	r.addMem([][2]string{{"pss_peak_kib", "4000"}, {"private_peak_kib", "2000"}, {"junk", "1"}, {"rss_peak_kib", "x"}})
+	if r.Metrics["pss_peak_per_conn_kib"] != 4 || r.Metrics["private_peak_mib"] != 2000.0/1024 {
+		t.Errorf("metrics %v", r.Metrics)
+	}
+	if _, ok := r.Metrics["rss_peak_mib"]; ok {
+		t.Errorf("a bad value was added: %v", r.Metrics)
+	}
+}
