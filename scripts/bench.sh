@@ -53,7 +53,15 @@ GOBENCH=${GOBENCH:-0}            # 1 = also run the packages' Go benchmarks (abo
 RUN_TIMEOUT=${RUN_TIMEOUT:-300}  # seconds, per bench command
 ONLY=${ONLY:-}                   # run only these labels (e.g. "conns-max fanout-1x"); for checks, not for the report
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/shoal-bench.XXXXXX")
+# WORK=DIR keeps the results in DIR (never deleted) and adds to what an
+# earlier run left there: `WORK=DIR ONLY=conns-max` redoes one scenario and
+# rewrites the report from every result in DIR.
+if [ -n "${WORK:-}" ]; then
+  work=$WORK KEEP=1
+  mkdir -p "$work"
+else
+  work=$(mktemp -d "${TMPDIR:-/tmp}/shoal-bench.XXXXXX")
+fi
 mkdir -p "$work/ref" "$work/shoal"
 report=$work/benchreport
 started=$(date +%s)
@@ -105,6 +113,7 @@ run() {
   local side=$1 label=$2; shift 2
   want "$label" || return 0
   local args=("$@" --json --quiet)
+  rm -f "$work/$side/$label.json"
   echo "$bin bench ${args[*]}" | sed "s#^$root/##" >"$work/$side/$label.cmd"
   log "$side $label: shoal bench ${args[*]}"
   if timeout -k 10 "$RUN_TIMEOUT" "$bin" bench "${args[@]}" >"$work/$side/$label.out" 2>"$work/$side/$label.err"; then
@@ -118,6 +127,8 @@ run() {
 # run_mem PIDS SIDE LABEL ARGS...: run with memwatch over the comma-separated PIDS.
 run_mem() {
   local pids=$1 side=$2 label=$3
+  want "$label" || return 0
+  rm -f "$work/$side/$label.mem"
   memwatch "$work/$side/$label.mem" ${pids//,/ } &
   local w=$!
   run "${@:2}"
@@ -182,7 +193,15 @@ scenarios() {
 }
 
 # ---- the reference ---------------------------------------------------------
-if [ "$REFERENCE" = 1 ] && [ -z "$ONLY" -o -n "$(ls "$work/ref" 2>/dev/null; for l in $ONLY; do case $l in conns-max|conns-wss|fanout-100x-big|latency-same) ;; *) echo x;; esac; done)" ]; then
+ref_wanted() { # does ONLY select a scenario the reference runs?
+  [ -z "$ONLY" ] && return 0
+  local l
+  for l in $ONLY; do
+    case $l in conns-max|conns-wss|fanout-100x-big|latency-same) ;; *) return 0;; esac
+  done
+  return 1
+}
+if [ "$REFERENCE" = 1 ] && ref_wanted; then
   command -v node >/dev/null || { echo "bench.sh: node is needed for the reference (REFERENCE=0 skips it)" >&2; exit 1; }
   if [ ! -d "$root/test/reference/node_modules/socketcluster-server" ]; then
     log "installing socketcluster-server into test/reference"
