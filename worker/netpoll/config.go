@@ -3,6 +3,7 @@ package netpoll
 import (
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"runtime"
 	"strings"
@@ -106,8 +107,24 @@ type Config struct {
 	HTTP http.Handler
 	// Handler receives connection events. Required.
 	Handler Handler
+	// Upgrade, if set, decides each WebSocket upgrade after the path and
+	// origin checks passed and before the 101 is sent (handshake middleware:
+	// IP rules, connection limits, a backend hook). Status 0 accepts: data
+	// becomes the connection's initial Data() (see UpgradeData). Any other
+	// status refuses the upgrade with that HTTP status and reason as body.
+	// It runs on a pool goroutine: a slow decision holds one of them, so
+	// bound it (the worker bounds backend hooks with their timeout).
+	Upgrade func(r *UpgradeRequest) (data any, status int, reason string)
 	// Logger is optional (default: discard).
 	Logger hclog.Logger
+}
+
+// UpgradeRequest is what Config.Upgrade sees of an upgrade request.
+type UpgradeRequest struct {
+	Remote     net.Addr    // the client's address (the real one on the PROXY path)
+	Origin     string      // the Origin header, "" when absent
+	Header     http.Header // every request header
+	RequestURI string      // path and query as sent
 }
 
 const (

@@ -33,12 +33,12 @@ type Conn struct {
 	id     uint64
 	remote net.Addr
 	fd     int32
+	// seq tells this connection's epoll events from those of an earlier
+	// connection that had the same fd number. (Beside fd: no padding.)
+	seq uint32
 	// data is the user value: read on every message by the worker, so it
 	// is an atomic pointer rather than a field under mu.
 	data atomic.Pointer[any]
-	// seq tells this connection's epoll events from those of an earlier
-	// connection that had the same fd number.
-	seq uint32
 
 	mu          sync.Mutex // guards everything below up to the input state
 	phase       phase
@@ -72,6 +72,7 @@ type Conn struct {
 	// read tasks); finish clears it once no read task can run.
 	stash    []byte // incomplete input: HTTP head, or a frame still arriving
 	need     int    // total size of the frame in stash, 0 while its header is incomplete
+	skip     int64  // bytes still to drop of a frame refused for its size (1009)
 	frag     []byte // data message being reassembled from fragments
 	fragOp   ws.OpCode
 	fragging bool

@@ -1,11 +1,14 @@
 package netpoll
 
 import (
+	"bufio"
 	"bytes"
 	"io"
 	"net"
+	"net/http"
 	"net/url"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
 
@@ -59,6 +62,15 @@ func (c *Conn) upgrade(head, rest []byte) {
 		io.Reader
 		io.Writer
 	}{bytes.NewReader(head), &resp})
+	// The hook may take a while (a backend call): never under c.mu.
+	var (
+		data   any
+		status int
+		reason string
+	)
+	if err == nil && s.cfg.Upgrade != nil {
+		data, status, reason = c.decideUpgrade(head)
+	}
 	c.mu.Lock()
 	if c.phase != phaseHandshake {
 		// The handshake timed out meanwhile.
@@ -75,6 +87,16 @@ func (c *Conn) upgrade(head, rest []byte) {
 		c.unlockAndRun()
 		return
 	}
+	if s.cfg.Upgrade != nil {
+		if status != 0 {
+			s.stats.rejected.Add(1)
+			c.stash = nil
+			c.beginCloseLocked(0, "", httpError(status, reason))
+			c.unlockAndRun()
+			return
+		}
+		c.SetData(data)
+	}
 	c.opened = true
 	c.phase = phaseOpen
 	c.clearDeadlineLocked()
@@ -89,6 +111,44 @@ func (c *Conn) upgrade(head, rest []byte) {
 	if len(rest) > 0 && c.isOpen() {
 		c.input(rest)
 	}
+}
+
+// decideUpgrade runs Config.Upgrade over the parsed request head. Parsing
+// with net/http costs allocations, so it happens only when a hook is set.
+func (c *Conn) decideUpgrade(head []byte) (any, int, string) {
+	req, err := http.ReadRequest(bufio.NewReader(bytes.NewReader(head)))
+	if err != nil {
+		return nil, http.StatusBadRequest, "malformed request"
+	}
+	return c.srv.cfg.Upgrade(&UpgradeRequest{
+		Remote:     c.remote,
+		Origin:     req.Header.Get("Origin"),
+		Header:     req.Header,
+		RequestURI: req.RequestURI,
+	})
+}
+
+// UpgradeData is the value Config.Upgrade returned for this connection. It
+// is the connection's initial Data(): read it in OnOpen, before SetData.
+func (c *Conn) UpgradeData() any { return c.Data() }
+
+// httpError is a complete HTTP error response with a short text body.
+func httpError(status int, reason string) []byte {
+	text := http.StatusText(status)
+	if text == "" {
+		text = "Error"
+	}
+	if len(reason) > 512 {
+		reason = reason[:512]
+	}
+	reason = strings.Map(func(r rune) rune {
+		if r < 0x20 || r == 0x7f {
+			return ' '
+		}
+		return r
+	}, reason)
+	return []byte("HTTP/1.1 " + strconv.Itoa(status) + " " + text + "\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: " +
+		strconv.Itoa(len(reason)) + "\r\nConnection: close\r\n\r\n" + reason)
 }
 
 // reject answers the request with a fixed HTTP error and closes.

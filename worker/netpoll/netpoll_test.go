@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"runtime"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -1049,5 +1050,84 @@ func TestMaxPayloadBoundary(t *testing.T) {
 	c.send(t, strings.Repeat("x", 1001))
 	if code, _ := c.readClose(t); code != ws.StatusMessageTooBig {
 		t.Fatalf("close code %d, want 1009", code)
+	}
+}
+
+// A client that sends a whole oversized message (as browsers and Node's ws
+// do) keeps writing after the server has refused it. The server must read
+// past the refused frame, so the client finishes its write without a reset,
+// reads the 1009 and ends with a clean close, not 1006.
+func TestOversizedMessageIsReadPastSoThePeerGetsTheClose(t *testing.T) {
+	h := &recorder{}
+	ts := startServer(t, Config{Handler: h, MaxPayload: 1000})
+	c := ts.dial(t)
+	big := ws.MaskFrameInPlace(ws.NewFrame(ws.OpText, true, make([]byte, 2<<20)))
+	bye := ws.MaskFrameInPlace(ws.NewCloseFrame(ws.NewCloseFrameBody(ws.StatusMessageTooBig, "")))
+	wrote := make(chan error, 1)
+	go func() {
+		_ = c.SetWriteDeadline(time.Now().Add(10 * time.Second))
+		if err := ws.WriteFrame(c, big); err != nil {
+			wrote <- err
+			return
+		}
+		wrote <- ws.WriteFrame(c, bye)
+	}()
+	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	f, err := readFrame(c.rw)
+	if err != nil {
+		t.Fatalf("reading the close frame: %v", err)
+	}
+	if f.Header.OpCode != ws.OpClose {
+		t.Fatalf("got opcode %v, want close", f.Header.OpCode)
+	}
+	if code, _ := ws.ParseCloseFrameData(f.Payload); code != ws.StatusMessageTooBig {
+		t.Fatalf("close code %d, want 1009", code)
+	}
+	if err := <-wrote; err != nil {
+		t.Fatalf("the client's write was cut off (the server reset the connection): %v", err)
+	}
+	if _, err := c.rw.Read(make([]byte, 1)); err != io.EOF {
+		t.Fatalf("after the close handshake: %v, want EOF", err)
+	}
+	waitFor(t, 5*time.Second, "OnClose(1009)", func() bool { return h.closeCount() == 1 })
+}
+
+func TestUpgradeHookAcceptsWithDataAndRefusesWithStatus(t *testing.T) {
+	h := &recorder{}
+	var seen []UpgradeRequest
+	var mu sync.Mutex
+	ts := startServer(t, Config{Handler: h, Upgrade: func(r *UpgradeRequest) (any, int, string) {
+		mu.Lock()
+		seen = append(seen, *r)
+		mu.Unlock()
+		if r.Header.Get("X-Deny") != "" {
+			return nil, http.StatusForbidden, "denied by rule cidr\r\n"
+		}
+		return "identity-of-" + r.Header.Get("X-User"), 0, ""
+	}})
+	d := ws.Dialer{Timeout: 5 * time.Second, Header: ws.HandshakeHeaderHTTP(http.Header{"X-User": {"alice"}, "Origin": {"http://app.example"}})}
+	c, err := ts.tryDial(d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	waitFor(t, 5*time.Second, "OnOpen", func() bool { return h.openCount() == 1 })
+	if got := h.conn(0).UpgradeData(); got != "identity-of-alice" {
+		t.Fatalf("UpgradeData = %v", got)
+	}
+	mu.Lock()
+	r := seen[0]
+	mu.Unlock()
+	if r.Origin != "http://app.example" || r.RequestURI != "/socketcluster/" || r.Remote == nil {
+		t.Fatalf("request seen by the hook: %+v", r)
+	}
+	d.Header = ws.HandshakeHeaderHTTP(http.Header{"X-Deny": {"1"}})
+	_, err = ts.tryDial(d)
+	var se ws.StatusError
+	if !errors.As(err, &se) || int(se) != http.StatusForbidden {
+		t.Fatalf("refused upgrade: %v, want status 403", err)
+	}
+	if h.openCount() != 1 {
+		t.Fatalf("a refused upgrade reached OnOpen")
 	}
 }

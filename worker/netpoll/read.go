@@ -136,6 +136,18 @@ func (c *Conn) deliverOnClose() bool {
 // input consumes bytes read into the pool buffer while the connection is
 // open. A frame that does not end in p is copied into c.stash.
 func (c *Conn) input(p []byte) {
+	if c.skip > 0 {
+		// The rest of a frame refused for its size: its payload cannot be
+		// parsed as frames, and reading it (instead of resetting the
+		// connection with it unread) lets the peer receive our 1009 and
+		// answer with its own close frame.
+		n := min(c.skip, int64(len(p)))
+		c.skip -= n
+		p = p[n:]
+		if len(p) == 0 {
+			return
+		}
+	}
 	if len(c.stash) > 0 {
 		if c.need == 0 {
 			// The header was incomplete: complete it first.
@@ -151,7 +163,10 @@ func (c *Conn) input(p []byte) {
 				return // all of p went into the stash
 			}
 			if err := c.checkSize(h); err != nil {
+				seen := int64(len(c.stash)) // this frame's bytes so far
 				c.fail(err)
+				c.skip = int64(h.size) + h.length - seen
+				c.input(p[k:])
 				return
 			}
 			c.need = h.size + int(h.length)
@@ -209,6 +224,14 @@ func (c *Conn) framesRest(p []byte) []byte {
 		}
 		if err := c.checkSize(h); err != nil {
 			c.fail(err)
+			// Skip the refused frame; what follows (the peer's close frame)
+			// is still parsed, in discard mode.
+			if total := int64(h.size) + h.length; total <= int64(len(p)) {
+				p = p[total:]
+				continue
+			} else {
+				c.skip = total - int64(len(p))
+			}
 			return nil
 		}
 		total := h.size + int(h.length)
