@@ -189,7 +189,6 @@ type committer struct {
 	kick    chan struct{}
 	stop    chan struct{}
 	done    chan struct{}
-	failed  error
 	commits int64
 }
 

@@ -484,7 +484,7 @@ func TestWorkerResyncAfterBrokerRestart(t *testing.T) {
 	}
 	publishUntil(100)
 	_ = b.child.Stop(context.Background())
-	b = start()
+	start()
 	publishUntil(200)
 	waitFor(t, 5*time.Second, "200 deliveries", func() bool { return len(rec.snapshot()) >= 200 })
 	msgs := rec.snapshot()

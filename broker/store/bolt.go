@@ -3,10 +3,12 @@ package store
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+	bolterrors "go.etcd.io/bbolt/errors"
 )
 
 // Bucket layout (one bbolt file per broker):
@@ -60,7 +62,7 @@ func (b *Bolt) Apply(ops []Op) error {
 		for _, op := range ops {
 			name := []byte(op.Channel)
 			if op.Drop {
-				if err := top.DeleteBucket(name); err != nil && err != bolt.ErrBucketNotFound {
+				if err := top.DeleteBucket(name); err != nil && !errors.Is(err, bolterrors.ErrBucketNotFound) {
 					return fmt.Errorf("dropping %q: %w", op.Channel, err)
 				}
 			}

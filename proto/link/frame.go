@@ -52,10 +52,11 @@ const HeaderSize = 5
 // MaxChannel is the longest channel name a frame can carry (u16 length).
 const MaxChannel = 1<<16 - 1
 
-// Overhead is the largest frame size beyond the data of a pub or msg frame:
-// header, fixed fields and the longest channel name. A link's MaxFrame must be
-// at least max_payload + Overhead.
-const Overhead = HeaderSize + 8 + 8 + 2 + MaxChannel
+// Overhead is the largest frame size beyond the data of a pub, msg or repl
+// frame (repl has the most fixed fields): header, fixed fields and the
+// longest channel name. A link's MaxFrame must be at least max_payload +
+// Overhead, so that the replica copy of a max-size publish fits too.
+const Overhead = HeaderSize + 8 + 8 + 8 + 2 + MaxChannel
 
 // Type is a frame type.
 type Type uint8
