@@ -1,6 +1,7 @@
 package worker
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"io"
@@ -17,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gobwas/ws"
 	"github.com/gobwas/ws/wsutil"
 	"github.com/golang-jwt/jwt/v5"
 
@@ -51,7 +53,7 @@ func newMWEnv(t *testing.T, yaml, url string, mod func(*configs.Protocol)) *wsEn
 func serveWS(t *testing.T, env *testEnv) *wsEnv {
 	t.Helper()
 	srv, err := netpoll.New(netpoll.Config{Handler: wsHandler{env.e}, MaxPayload: 1 << 20,
-		SendQueueBytes: 256 << 10, SendQueueMsgs: 64})
+		SendQueueBytes: 256 << 10, SendQueueMsgs: 64, Upgrade: upgradeHook(env.e, 5*time.Second)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -93,12 +95,14 @@ func serveWS(t *testing.T, env *testEnv) *wsEnv {
 
 // hookRequest is what a backend hook receives (docs/middleware.md).
 type hookRequest struct {
-	Action  string          `json:"action"`
-	Client  string          `json:"client"`
-	User    string          `json:"user"`
-	Channel string          `json:"channel"`
-	Method  string          `json:"method"`
-	Data    json.RawMessage `json:"data"`
+	Action  string            `json:"action"`
+	Client  string            `json:"client"`
+	User    string            `json:"user"`
+	Channel string            `json:"channel"`
+	Method  string            `json:"method"`
+	Origin  string            `json:"origin"`
+	Headers map[string]string `json:"headers"`
+	Data    json.RawMessage   `json:"data"`
 }
 
 // backend is an httptest server answering hook calls with reply.
@@ -660,4 +664,99 @@ middleware:
 	for _, w := range want {
 		c.expect(w)
 	}
+}
+
+// upgradeStatus sends a WebSocket upgrade request and returns the HTTP
+// status line and body of the answer.
+func upgradeStatus(t *testing.T, addr, origin string) (int, string) {
+	t.Helper()
+	conn, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
+	req := "GET /socketcluster/ HTTP/1.1\r\nHost: " + addr + "\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
+		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+	if origin != "" {
+		req += "Origin: " + origin + "\r\n"
+	}
+	if _, err := io.WriteString(conn, req+"\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		t.Fatalf("reading the upgrade answer: %v", err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+	return resp.StatusCode, string(body)
+}
+
+// TestMWHandshakeWSOverHTTP: handshakeWS rules refuse real upgrades with
+// their HTTP status (a cidr deny with 401, a connect hook's 403) before any
+// WebSocket exists; upgrades the rules allow still work.
+func TestMWHandshakeWSOverHTTP(t *testing.T) {
+	denyAll := newMWEnv(t, `
+middleware:
+  handshake:
+    - cidr: {deny: ["127.0.0.0/8"], error: {status: 401}}
+`, "", nil)
+	if st, body := upgradeStatus(t, denyAll.addr, ""); st != 401 || !strings.Contains(body, "Connections from 127.0.0.1 are not allowed") {
+		t.Fatalf("cidr deny: %d %q", st, body)
+	}
+	if denyAll.e.Len() != 0 {
+		t.Fatal("a refused upgrade opened a session")
+	}
+
+	be := backend(t, func(r hookRequest) string {
+		if r.Action != "handshake_ws" {
+			t.Errorf("action %q", r.Action)
+		}
+		if r.Origin == "https://bad.example" {
+			return `{"error":{"name":"NoEntry","message":"hook says no","status":403}}`
+		}
+		return `{}`
+	})
+	hooked := newMWEnv(t, `
+middleware:
+  handshake:
+    - hook: {url: "%URL%", timeout: 2s, actions: [handshakeWS]}
+`, be.URL, nil)
+	if st, body := upgradeStatus(t, hooked.addr, "https://bad.example"); st != 403 || !strings.Contains(body, "hook says no") {
+		t.Fatalf("hook deny: %d %q", st, body)
+	}
+	c := dialWS(t, hooked.addr)
+	c.handshake("")
+}
+
+// TestMWConnectHookSeesUpgradeHeaders: a handshakeSC hook with
+// forward_headers gets the upgrade request's headers (kept from the upgrade
+// until the #handshake is decided).
+func TestMWConnectHookSeesUpgradeHeaders(t *testing.T) {
+	be := backend(t, func(r hookRequest) string {
+		if r.Action == "connect" && r.Headers["X-Tenant"] != "acme" {
+			return `{"error":{"name":"TenantError","message":"tenant missing"}}`
+		}
+		return `{}`
+	})
+	env := newMWEnv(t, `
+middleware:
+  handshake:
+    - hook: {url: "%URL%", timeout: 2s, forward_headers: [X-Tenant]}
+`, be.URL, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	d := ws.Dialer{Header: ws.HandshakeHeaderHTTP(http.Header{"X-Tenant": []string{"acme"}})}
+	conn, _, _, err := d.Dial(ctx, "ws://"+env.addr+"/socketcluster/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	(&wsClient{t: t, c: conn}).handshake("")
+
+	c := dialWS(t, env.addr) // no X-Tenant
+	c.send(`{"event":"#handshake","data":{"authToken":null},"cid":1}`)
+	c.expect(`{"rid":1,"error":{"message":"tenant missing","name":"TenantError","statusCode":4008}}`)
+	c.expectClose(4008)
 }

@@ -89,7 +89,29 @@ func New(log hclog.Logger) *Child {
 // wsHandler connects netpoll's callbacks to the engine.
 type wsHandler struct{ e *Engine }
 
-func (h wsHandler) OnOpen(c *netpoll.Conn) { c.SetData(h.e.Open(c)) }
+func (h wsHandler) OnOpen(c *netpoll.Conn) {
+	// UpgradeData is the connection's initial Data: read it before SetData.
+	info, _ := c.UpgradeData().(*UpgradeInfo)
+	s := h.e.Open(c)
+	if info != nil {
+		s.SetUpgrade(info)
+	}
+	c.SetData(s)
+}
+
+// upgradeHook is netpoll's Config.Upgrade: the handshakeWS middleware. It is
+// set even when the config has no handshake rules, so a reload that adds
+// some (say a cidr deny against an attack) applies without a restart; the
+// price is netpoll parsing each upgrade request with net/http.
+func upgradeHook(e *Engine, limit time.Duration) func(r *netpoll.UpgradeRequest) (any, int, string) {
+	return func(r *netpoll.UpgradeRequest) (any, int, string) {
+		info, status, reason := e.CheckUpgrade(r.Remote, r.Origin, r.Header, r.RequestURI, limit)
+		if info == nil {
+			return nil, status, reason // no typed nil in the interface
+		}
+		return info, status, reason
+	}
+}
 
 func (h wsHandler) OnMessage(c *netpoll.Conn, p []byte) {
 	if s, ok := c.Data().(*Session); ok {
@@ -177,6 +199,7 @@ func (c *Child) Start(ctx context.Context, p control.StartParams) (control.Start
 		WriteTimeout:   cfg.Worker.WriteTimeout.D(),
 		HTTP:           c.httpHandler(p.Name),
 		Handler:        wsHandler{eng},
+		Upgrade:        upgradeHook(eng, cfg.Protocol.HandshakeTimeout.D()),
 		Logger:         log.Named("netpoll"),
 	})
 	if err != nil {
