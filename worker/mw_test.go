@@ -760,3 +760,28 @@ middleware:
 	c.expect(`{"rid":1,"error":{"message":"tenant missing","name":"TenantError","statusCode":4008}}`)
 	c.expectClose(4008)
 }
+
+// TestMWHandshakeRateAndConnLimitPerIP: handshakes_per_ip and conn_limit
+// per_ip refuse upgrades with 429.
+func TestMWHandshakeRateAndConnLimitPerIP(t *testing.T) {
+	rate := newMWEnv(t, `
+middleware:
+  handshake:
+    - rate: {handshakes_per_ip: 2/m}
+`, "", nil)
+	dialWS(t, rate.addr).handshake("")
+	dialWS(t, rate.addr).handshake("")
+	if st, body := upgradeStatus(t, rate.addr, ""); st != 429 || !strings.Contains(body, "Too many") {
+		t.Fatalf("third handshake in a minute: %d %q", st, body)
+	}
+
+	limit := newMWEnv(t, `
+middleware:
+  handshake:
+    - conn_limit: {per_ip: 1}
+`, "", nil)
+	dialWS(t, limit.addr).handshake("")
+	if st, body := upgradeStatus(t, limit.addr, ""); st != 429 || !strings.Contains(body, "Too many connections") {
+		t.Fatalf("second connection: %d %q", st, body)
+	}
+}
