@@ -308,7 +308,7 @@ func (s *Server) Restore() error {
 		if !opts.Durable || c.Meta.Epoch == 0 {
 			continue
 		}
-		st := &chanState{opts: opts, epoch: c.Meta.Epoch, prevEpoch: c.Meta.PrevEpoch, prevTop: c.Meta.PrevTop, foreign: true, idleSince: now}
+		st := &chanState{name: c.Name, opts: opts, epoch: c.Meta.Epoch, prevEpoch: c.Meta.PrevEpoch, prevTop: c.Meta.PrevTop, foreign: true, idleSince: now}
 		for _, m := range c.Messages {
 			st.hist.add(opts.HistorySize, m.Offset, m.Time, m.Data)
 			st.offset = max(st.offset, m.Offset)

@@ -109,6 +109,7 @@ type chanState struct {
 	links     []*blink // interested worker links; small, so a slice
 	idleSince int64    // unix ns of the last publish or of losing the last link
 
+	name      string // the map key, shared: saves a string per durable write
 	opts      chanopts.Options
 	hist      histRing
 	prevEpoch uint64 // the epoch this one continues (see history.go)
@@ -348,7 +349,7 @@ func (l *blink) publish(f *link.Frame) error {
 	st := sh.chans[string(f.Channel)]
 	if st == nil {
 		st = s.newChan(string(f.Channel))
-		sh.chans[string(f.Channel)] = st
+		sh.chans[st.name] = st
 	}
 	if st.foreign {
 		s.takeOver(st)
@@ -362,7 +363,7 @@ func (l *blink) publish(f *link.Frame) error {
 		if st.opts.Durable && s.commit != nil {
 			// Acknowledged after the group commit's fsync (history.go).
 			meta := store.Meta{Epoch: st.epoch, PrevEpoch: st.prevEpoch, PrevTop: st.prevTop}
-			s.commit.add(string(f.Channel), meta, off, now, f.Data, st.hist.first(), l, f.ReqID)
+			s.commit.add(st.name, meta, off, now, f.Data, st.hist.first(), l, f.ReqID)
 			deferred = true
 		}
 	}
@@ -492,7 +493,7 @@ func (s *Server) newChan(name string) *chanState {
 	// Each new state of a channel gets a fresh epoch, so a channel that was
 	// forgotten while idle and comes back restarts its offsets under an
 	// epoch nobody has seen: offsets never repeat within an epoch.
-	return &chanState{epoch: s.nextEpoch(), idleSince: time.Now().UnixNano(), opts: s.cfg.Rules.Lookup(name)}
+	return &chanState{name: name, epoch: s.nextEpoch(), idleSince: time.Now().UnixNano(), opts: s.cfg.Rules.Lookup(name)}
 }
 
 func (s *Server) nextEpoch() uint64 { return s.cfg.Epoch + s.gen.Add(1) - 1 }
