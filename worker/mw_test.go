@@ -785,3 +785,48 @@ middleware:
 		t.Fatalf("second connection: %d %q", st, body)
 	}
 }
+
+// TestMWSlowUpgradeHookIsBounded: a handshakeWS hook whose backend does not
+// answer holds the upgrade for at most the rule's timeout, then 503.
+func TestMWSlowUpgradeHookIsBounded(t *testing.T) {
+	release := make(chan struct{})
+	be := backend(t, func(r hookRequest) string { <-release; return `{}` })
+	defer close(release) // before the backend's Close (cleanups run later)
+	env := newMWEnv(t, `
+middleware:
+  handshake:
+    - hook: {url: "%URL%", timeout: 200ms, actions: [handshakeWS]}
+`, be.URL, nil)
+	start := time.Now()
+	st, body := upgradeStatus(t, env.addr, "")
+	if el := time.Since(start); st != 503 || !strings.Contains(body, "could not process") || el > 3*time.Second {
+		t.Fatalf("slow hook: %d %q after %v", st, body, el)
+	}
+}
+
+// TestMWPublishOutRewriteForOneSocket: a publishOut hook that rewrites the
+// data for one receiver: that socket gets its own frame, the other the shared one.
+func TestMWPublishOutRewriteForOneSocket(t *testing.T) {
+	be := backend(t, func(r hookRequest) string {
+		if r.User == "bob" {
+			return `{"result":{"data":"***"}}`
+		}
+		return `{}`
+	})
+	env := newMWEnv(t, `
+middleware:
+  outbound:
+    - hook: {url: "%URL%", timeout: 2s}
+`, be.URL, nil)
+	exp := time.Now().Add(time.Hour).Unix()
+	alice, bob := dialWS(t, env.addr), dialWS(t, env.addr)
+	alice.handshake(env.token(jwt.MapClaims{"sub": "alice", "exp": exp}))
+	bob.handshake(env.token(jwt.MapClaims{"sub": "bob", "exp": exp}))
+	for _, c := range []*wsClient{alice, bob} {
+		c.send(`{"event":"#subscribe","data":{"channel":"room"},"cid":2}`)
+		c.expect(`{"rid":2}`)
+	}
+	env.e.Deliver("room", []byte(`"secret"`), 1)
+	alice.expect(`{"event":"#publish","data":{"channel":"room","data":"secret"}}`)
+	bob.expect(`{"event":"#publish","data":{"channel":"room","data":"***"}}`)
+}
