@@ -20,7 +20,12 @@ import (
 	"github.com/shoalhq/shoal/proto/link"
 )
 
-func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+func TestMain(m *testing.M) {
+	if os.Getenv(workerHelperEnv) != "" {
+		os.Exit(runHelperWorker())
+	}
+	goleak.VerifyTestMain(m)
+}
 
 // runDir is a short private directory: unix socket paths must stay under
 // 108 bytes, which t.TempDir's long names can exceed.
