@@ -18,6 +18,7 @@ import (
 var historyRules = []configs.ChannelRule{
 	{Match: "hist/**", History: configs.History{Size: 1000}, Presence: true, JoinLeave: true},
 	{Match: "short/**", History: configs.History{Size: 5}},
+	{Match: "dur/**", History: configs.History{Size: 1000}, Durable: true},
 }
 
 // startHistoryBroker starts an in-process broker with historyRules.
@@ -26,6 +27,7 @@ func startHistoryBroker(t testing.TB, dir, name string) *testBroker {
 	cfg := configs.Default()
 	cfg.Cluster.Gossip = ""
 	cfg.Channels = historyRules
+	cfg.Storage.Dir = t.TempDir()
 	b, _ := json.Marshal(cfg)
 	c := broker.New(nil)
 	res, err := c.Start(context.Background(), control.StartParams{Role: control.RoleBroker, Name: name, RunDir: dir, Config: b})
@@ -396,11 +398,12 @@ func TestPresenceRebuiltOnNewOwner(t *testing.T) {
 }
 
 // BenchmarkPublishHistory: publish round trips on a history channel with
-// a replica (2 brokers), pipelined; allocs/op covers the worker side (the
+// a replica (2 brokers), pipelined (256 in flight); dur/ is also durable
+// (bbolt group commit with a real fsync); allocs/op covers the worker side (the
 // replica job is pooled) and both brokers run in process, so their
 // allocations count too.
 func BenchmarkPublishHistory(b *testing.B) {
-	for _, name := range []string{"hist/bench", "plain/bench"} {
+	for _, name := range []string{"hist/bench", "dur/bench", "plain/bench"} {
 		b.Run(name, func(b *testing.B) {
 			dir := runDir(b)
 			b1 := startHistoryBroker(b, dir, "broker-1").ep

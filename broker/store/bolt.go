@@ -57,11 +57,28 @@ func msgKey(off uint64) []byte {
 }
 
 func (b *Bolt) Apply(ops []Op) error {
+	// bbolt keeps Put's value until the transaction ends: the batch's
+	// values are carved from one slab instead of one allocation each.
+	size := 0
+	for _, op := range ops {
+		size += 24
+		if op.Msg.Offset > 0 {
+			size += 8 + len(op.Msg.Data)
+		}
+	}
+	slab := make([]byte, 0, size)
+	carve := func(n int) []byte {
+		v := slab[len(slab) : len(slab)+n : len(slab)+n]
+		slab = slab[:len(slab)+n]
+		return v
+	}
+	lastMeta := map[string]Meta{} // a batch repeats a channel's meta per message: write it once
 	err := b.db.Update(func(tx *bolt.Tx) error {
 		top := tx.Bucket(bucketChannels)
 		for _, op := range ops {
 			name := []byte(op.Channel)
 			if op.Drop {
+				delete(lastMeta, op.Channel)
 				if err := top.DeleteBucket(name); err != nil && !errors.Is(err, bolterrors.ErrBucketNotFound) {
 					return fmt.Errorf("dropping %q: %w", op.Channel, err)
 				}
@@ -79,8 +96,9 @@ func (b *Bolt) Apply(ops []Op) error {
 					return fmt.Errorf("creating %q: %w", op.Channel, err)
 				}
 			}
-			if op.SetMeta {
-				v := make([]byte, 24)
+			if m, ok := lastMeta[op.Channel]; op.SetMeta && !(ok && m == op.Meta && !op.Drop) {
+				lastMeta[op.Channel] = op.Meta
+				v := carve(24)
 				binary.BigEndian.PutUint64(v, op.Meta.Epoch)
 				binary.BigEndian.PutUint64(v[8:], op.Meta.PrevEpoch)
 				binary.BigEndian.PutUint64(v[16:], op.Meta.PrevTop)
@@ -89,7 +107,7 @@ func (b *Bolt) Apply(ops []Op) error {
 				}
 			}
 			if op.Msg.Offset > 0 {
-				v := make([]byte, 8+len(op.Msg.Data))
+				v := carve(8 + len(op.Msg.Data))
 				binary.BigEndian.PutUint64(v, uint64(op.Msg.Time))
 				copy(v[8:], op.Msg.Data)
 				if err := cb.Put(msgKey(op.Msg.Offset), v); err != nil {
