@@ -56,18 +56,20 @@ describe(`wss:// (listen.tls.auto) against ${h.TARGET}`, {timeout: 120000, skip:
     assert.deepEqual(e.messages, ['plain → tls']);
   }));
 
-  it('an oversized frame over wss closes that socket with 1009; the bystander stays', tc(async () => {
-    const big = await wss({autoReconnect: false});
-    const other = await wss();
-    const e = await other.subscribe('tls-bystander');
-    const t0 = h.stamp();
-    big.socket.transmit('huge', 'x'.repeat(1024 * 1024 + 1024));
-    const d = await big.waitEvent('close', {since: t0, timeout: 8000});
-    assert.equal(d.code, 1009, short(d));
-    await other.socket.invokePublish('tls-bystander', 'ok');
-    await waitFor(() => e.messages.includes('ok'), {what: 'bystander still receives'});
-    assert.equal(other.eventsOf('disconnect').length, 0, other.eventSummary());
-  }));
+  for (const [label, size] of [['1 MiB + 1 KiB', 1024 * 1024 + 1024], ['8 MiB', 8 * 1024 * 1024]]) {
+    it(`an oversized frame (${label}) over wss closes that socket with 1009; the bystander stays`, tc(async () => {
+      const big = await wss({autoReconnect: false});
+      const other = await wss();
+      const e = await other.subscribe(`tls-bystander-${size}`);
+      const t0 = h.stamp();
+      big.socket.transmit('huge', 'x'.repeat(size));
+      const d = await big.waitEvent('close', {since: t0, timeout: 8000});
+      assert.equal(d.code, 1009, short(d));
+      await other.socket.invokePublish(`tls-bystander-${size}`, 'ok');
+      await waitFor(() => e.messages.includes('ok'), {what: 'bystander still receives'});
+      assert.equal(other.eventsOf('disconnect').length, 0, other.eventSummary());
+    }));
+  }
 
   it('a client that does not trust the certificate cannot connect', tc(async () => {
     const c = await connect(target, {hostname: 'localhost', port: target.tlsPort, secure: true, autoReconnect: false}, {wait: false});
