@@ -92,7 +92,8 @@ type Engine struct {
 	seed     maphash.Seed
 	sessions [hubShards]sessionShard
 
-	bufs sync.Pool // *[]byte scratch for building payloads
+	bufs   sync.Pool // *[]byte scratch for building payloads
+	inputs sync.Pool // *middleware.Input, for the chain's Run
 
 	// Swapped as a whole on reload (SetChain, SetKeys, SetChannels), so a
 	// session reads one consistent generation per action.
@@ -182,6 +183,7 @@ func NewEngine(cfg EngineConfig) (*Engine, error) {
 		e.sessions[i].m = make(map[string]*Session)
 	}
 	e.bufs.New = func() any { b := make([]byte, 0, 512); return &b }
+	e.inputs.New = func() any { return new(middleware.Input) }
 	// The sweeper's resolution: a quarter of the shortest timer, so pings
 	// and timeouts fire within 25% of their configured time.
 	shortest := min(p.PingInterval.D(), p.PingTimeout.D(), p.HandshakeTimeout.D())

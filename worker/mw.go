@@ -174,22 +174,35 @@ func blockError(d middleware.Decision, stage string) *sc.Error {
 		WithString("type", stage)
 }
 
-// run puts s.in to the chain. It finishes the action at once, or saves what
-// the continuation needs and reports pending.
-func (s *Session) run(chain *middleware.Chain, p *sc.Packet, pa pendingAction) bool {
+// run puts in (from newInput) to the chain and returns it to the pool. It
+// finishes the action at once, or saves what the continuation needs and
+// reports pending.
+func (s *Session) run(chain *middleware.Chain, in *middleware.Input, p *sc.Packet, pa pendingAction) bool {
 	// pendMu is held across Run so a callback that fires before Run
 	// returns waits until the context below is saved.
 	s.pendMu.Lock()
-	d, pending := chain.Run(&s.in, s.done)
+	d, pending := chain.Run(in, s.done)
 	if pending {
-		pa.p, _ = copyPacket(p)
-		s.pend = pa
-		s.pendMu.Unlock()
-		return true
+		// A copy, so that pa itself does not escape (the allowed path
+		// stays free of allocation).
+		saved := pa
+		saved.p, _ = copyPacket(p)
+		s.pend = &saved
 	}
 	s.pendMu.Unlock()
-	s.in.Data = nil // do not keep the frame alive
+	// Run copied what a pending decision keeps.
+	*in = middleware.Input{}
+	s.e.inputs.Put(in)
+	if pending {
+		return true
+	}
 	return s.continueWith(p, pa, d)
+}
+
+// newInput returns a cleared Input from the engine's pool. Pooled rather
+// than one per session: an Input is ~170 bytes and only needed during Run.
+func (e *Engine) newInput() *middleware.Input {
+	return e.inputs.Get().(*middleware.Input)
 }
 
 // continueWith applies a decision to its action; it reports whether the
@@ -228,10 +241,13 @@ func (s *Session) continueWith(p *sc.Packet, pa pendingAction, d middleware.Deci
 func (s *Session) decided(d middleware.Decision) {
 	s.pendMu.Lock()
 	pa := s.pend
-	s.pend = pendingAction{}
+	s.pend = nil
 	s.pendMu.Unlock()
+	if pa == nil {
+		return // cannot happen: Run calls back only after returning pending
+	}
 	p := pa.p
-	if s.continueWith(&p, pa, d) {
+	if s.continueWith(&p, *pa, d) {
 		s.e.stats.mwPending.Add(1)
 		return
 	}

@@ -46,10 +46,9 @@ type Session struct {
 	// immutable snapshot replaced (under mu) when the auth state changes,
 	// so the fan-out goroutines may read it while the session changes it.
 	ident    atomic.Pointer[middleware.Socket]
-	identTok *auth.Token // under mu: the token ident reflects
-	hookID   bool        // under mu: ident came from a hook, not a token
-	mwOpened bool        // under mu: chain.Open was called
-	in       middleware.Input
+	identTok *auth.Token               // under mu: the token ident reflects
+	hookID   bool                      // under mu: ident came from a hook, not a token
+	mwOpened bool                      // under mu: chain.Open was called
 	done     func(middleware.Decision) // s.decided, bound once
 
 	// Ordering behind a pending (hook) decision; see dispatch.
@@ -57,9 +56,9 @@ type Session struct {
 	busy    bool // an action is being processed or waits for a decision
 	queue   []queuedPacket
 	queuedB int
-	pendMu  sync.Mutex // held while a pending action's context is saved
-	pend    pendingAction
-	upgrade *UpgradeInfo // the upgrade request, until the handshake is decided
+	pendMu  sync.Mutex     // held while a pending action's context is saved
+	pend    *pendingAction // the pending action's context; nil when none
+	upgrade *UpgradeInfo   // the upgrade request, until the handshake is decided
 
 	// Slow-consumer backlog (slow.go).
 	backlogged atomic.Bool
@@ -295,8 +294,9 @@ func (s *Session) event(p *sc.Packet) bool {
 		return false
 	}
 	s.syncIdentity()
-	s.in = middleware.Input{Action: act, Socket: s.ident.Load(), Event: string(p.Event), Data: p.Data}
-	return s.run(chain, p, pendingAction{step: stepEvent})
+	in := s.e.newInput()
+	*in = middleware.Input{Action: act, Socket: s.ident.Load(), Event: string(p.Event), Data: p.Data}
+	return s.run(chain, in, p, pendingAction{step: stepEvent})
 }
 
 func (s *Session) finishEvent(p *sc.Packet, d middleware.Decision) {
@@ -367,8 +367,9 @@ func (s *Session) handshake(p *sc.Packet) bool {
 	}
 	chain := e.chain.Load()
 	if tok != nil && chain.HasRules(middleware.Authenticate) {
-		s.in = middleware.Input{Action: middleware.Authenticate, Socket: s.wouldBe(tok), Token: tok.Raw}
-		return s.run(chain, p, pendingAction{step: stepHandshakeAuth, tok: tok})
+		in := s.e.newInput()
+		*in = middleware.Input{Action: middleware.Authenticate, Socket: s.wouldBe(tok), Token: tok.Raw}
+		return s.run(chain, in, p, pendingAction{step: stepHandshakeAuth, tok: tok})
 	}
 	var scErr *sc.Error
 	if authErr != nil {
@@ -396,16 +397,17 @@ func (s *Session) handshakeSC(p *sc.Packet, tok *auth.Token, authErr *sc.Error, 
 		s.finishHandshake(p, tok, authErr, badToken, middleware.Decision{})
 		return false
 	}
-	s.in = middleware.Input{Action: middleware.HandshakeSC, Socket: s.wouldBe(tok)}
+	in := s.e.newInput()
+	*in = middleware.Input{Action: middleware.HandshakeSC, Socket: s.wouldBe(tok)}
 	if tok != nil {
-		s.in.Token = tok.Raw
+		in.Token = tok.Raw
 	}
 	s.pendMu.Lock()
 	if u := s.upgrade; u != nil {
-		s.in.Origin, s.in.Query, s.in.Header = u.Origin, u.Query, u.Header
+		in.Origin, in.Query, in.Header = u.Origin, u.Query, u.Header
 	}
 	s.pendMu.Unlock()
-	return s.run(chain, p, pendingAction{step: stepHandshakeSC, tok: tok, authErr: authErr, badToken: badToken})
+	return s.run(chain, in, p, pendingAction{step: stepHandshakeSC, tok: tok, authErr: authErr, badToken: badToken})
 }
 
 func (s *Session) finishHandshake(p *sc.Packet, tok *auth.Token, authErr *sc.Error, badToken bool, d middleware.Decision) {
@@ -481,8 +483,9 @@ func (s *Session) authenticate(p *sc.Packet) bool {
 		s.finishAuthenticate(p, tok, nil, middleware.Decision{})
 		return false
 	}
-	s.in = middleware.Input{Action: middleware.Authenticate, Socket: s.wouldBe(tok), Token: tok.Raw}
-	return s.run(chain, p, pendingAction{step: stepAuthenticate, tok: tok})
+	in := s.e.newInput()
+	*in = middleware.Input{Action: middleware.Authenticate, Socket: s.wouldBe(tok), Token: tok.Raw}
+	return s.run(chain, in, p, pendingAction{step: stepAuthenticate, tok: tok})
 }
 
 func (s *Session) finishAuthenticate(p *sc.Packet, tok *auth.Token, authErr *auth.Error, d middleware.Decision) {
@@ -609,8 +612,9 @@ func (s *Session) subscribe(p *sc.Packet) bool {
 	s.syncIdentity()
 	name := string(ch)
 	sd, _ := sc.Field(p.Data, "data")
-	s.in = middleware.Input{Action: middleware.Subscribe, Socket: s.ident.Load(), Channel: name, Data: sd}
-	return s.run(chain, p, pendingAction{step: stepSubscribe, channel: name})
+	in := s.e.newInput()
+	*in = middleware.Input{Action: middleware.Subscribe, Socket: s.ident.Load(), Channel: name, Data: sd}
+	return s.run(chain, in, p, pendingAction{step: stepSubscribe, channel: name})
 }
 
 func (s *Session) finishSubscribe(p *sc.Packet, name string, d middleware.Decision) {
@@ -718,9 +722,10 @@ func (s *Session) publish(p *sc.Packet) bool {
 		return false
 	}
 	s.syncIdentity()
-	// s.in is reused: an allowed publish allocates nothing more here.
-	s.in = middleware.Input{Action: middleware.PublishIn, Socket: s.ident.Load(), Channel: name, Data: data}
-	return s.run(chain, p, pendingAction{step: stepPublish, channel: name})
+	// The Input comes from a pool: an allowed publish allocates nothing more here.
+	in := s.e.newInput()
+	*in = middleware.Input{Action: middleware.PublishIn, Socket: s.ident.Load(), Channel: name, Data: data}
+	return s.run(chain, in, p, pendingAction{step: stepPublish, channel: name})
 }
 
 func (s *Session) finishPublish(p *sc.Packet, name string, data []byte, d middleware.Decision) {
