@@ -317,10 +317,18 @@ log:
 	}
 }
 
+// startNode runs `shoal run` in h's namespace. Node C is given its join
+// address with the --join flag instead of cluster.join, so both ways are
+// exercised.
 func startNode(t *testing.T, label string, h host, join []string, brokers int) *node {
 	t.Helper()
 	n := &node{t: t, label: label, host: h, brokers: brokers, dir: t.TempDir(), out: &syncBuffer{}, waited: make(chan error, 1)}
-	writeNodeConfig(t, n.dir, n, join)
+	byFlag := label == "C" && len(join) > 0
+	if byFlag {
+		writeNodeConfig(t, n.dir, n, nil)
+	} else {
+		writeNodeConfig(t, n.dir, n, join)
+	}
 	ns := h.ns
 	n.admin = &http.Client{
 		Timeout: 3 * time.Second,
@@ -333,7 +341,11 @@ func startNode(t *testing.T, label string, h host, join []string, brokers int) *
 	}
 	// `ip netns exec` enters the namespace and execs shoal, so the pid we
 	// get is the supervisor's.
-	n.cmd = exec.Command("ip", "netns", "exec", ns, binary(t), "run", "-c", n.cfg)
+	args := []string{"netns", "exec", ns, binary(t), "run", "-c", n.cfg}
+	if byFlag {
+		args = append(args, "--join", strings.Join(join, ","))
+	}
+	n.cmd = exec.Command("ip", args...)
 	n.cmd.Stdout, n.cmd.Stderr = n.out, n.out
 	if err := n.cmd.Start(); err != nil {
 		t.Fatal(err)
