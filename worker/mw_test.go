@@ -830,3 +830,52 @@ middleware:
 	alice.expect(`{"event":"#publish","data":{"channel":"room","data":"secret"}}`)
 	bob.expect(`{"event":"#publish","data":{"channel":"room","data":"***"}}`)
 }
+
+// pluginPIDs lists the processes running the binary at path.
+func pluginPIDs(t *testing.T, path string) []int {
+	t.Helper()
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pids []int
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if exe, err := os.Readlink(filepath.Join("/proc", e.Name(), "exe")); err == nil && exe == path {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+// TestMWPluginProcessLifecycle: a worker starts its plugin once at Start,
+// uses it for client publishes, and kills it on Stop.
+func TestMWPluginProcessLifecycle(t *testing.T) {
+	bin := filepath.Join(t.TempDir(), "audit")
+	if out, err := exec.Command("go", "build", "-o", bin, "../examples/audit-plugin").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	child, _, addr := startChild(t, func(c *configs.Config) {
+		c.Middleware.Inbound = []map[string]any{{"plugin": map[string]any{"path": bin, "stages": []any{"publishIn"}, "timeout": "5s"}}}
+	})
+	if n := len(pluginPIDs(t, bin)); n != 1 {
+		t.Fatalf("%d plugin processes after Start, want 1", n)
+	}
+	c := dialWS(t, addr)
+	c.handshake("")
+	c.send(`{"event":"#publish","data":{"channel":"chat","data":"some badword"},"cid":2}`)
+	c.expect(`{"rid":2,"error":{"message":"Publishing to chat was refused: the message contains a banned word","name":"BannedWordError"}}`)
+	if n := len(pluginPIDs(t, bin)); n != 1 {
+		t.Fatalf("%d plugin processes after use, want 1", n)
+	}
+	c.c.Close() // a client that does not answer the close would hold Stop
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := child.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "the plugin process to end", func() bool { return len(pluginPIDs(t, bin)) == 0 })
+}
