@@ -655,7 +655,7 @@ func threeHosts(t *testing.T, lay layout) {
 	// Confirmed by the admin API: every broker has a link from every
 	// node's worker (connections, refreshed by the 2 s stats poll).
 	for _, n := range nodes {
-		waitFor(t, 30*time.Second, "node "+n.label+": every broker linked to the workers of all 3 nodes", func() bool {
+		waitFor(t, 15*time.Second, "node "+n.label+": every broker linked to the workers of all 3 nodes", func() bool {
 			ci, err := n.table()
 			if err != nil {
 				return false
