@@ -39,17 +39,20 @@ const Version = "0.1.0"
 type Child struct {
 	log hclog.Logger
 
-	mu       sync.Mutex
-	state    string
-	name     string
-	srv      *Server
-	ring     *ring.Ring // nil when gossip is disabled (cluster.gossip "")
-	ringName string
-	joining  bool // a topology-driven join is in flight
-	joined   bool // the ring has had another member at least once
-	contacts bool // there is someone to join
-	stopped  bool
-	wg       sync.WaitGroup
+	mu         sync.Mutex
+	state      string
+	name       string
+	srv        *Server
+	ring       *ring.Ring // nil when gossip is disabled (cluster.gossip "")
+	ringName   string
+	joining    bool // a topology-driven join is in flight
+	joined     bool // the ring has had another member at least once
+	handedBack bool // the hand-back of history has been started
+	contacts   bool // there is someone to join
+	stopped    bool
+	wg         sync.WaitGroup
+	bg         context.Context // cancelled by Stop: ends background work (hand-back)
+	bgCancel   context.CancelFunc
 }
 
 var _ control.Child = (*Child)(nil)
@@ -59,7 +62,8 @@ func New(log hclog.Logger) *Child {
 	if log == nil {
 		log = hclog.NewNullLogger()
 	}
-	return &Child{log: log, state: control.StateStarting}
+	bg, cancel := context.WithCancel(context.Background())
+	return &Child{log: log, state: control.StateStarting, bg: bg, bgCancel: cancel}
 }
 
 // DecodeConfig reads StartParams.Config over the defaults, so a partial or
@@ -118,6 +122,15 @@ func (c *Child) Start(ctx context.Context, p control.StartParams) (control.Start
 		return control.StartResult{}, err
 	}
 	srv.ExpectWorkers(readyWorkers(p.Topology))
+	if cfg.Cluster.Gossip != "" && hasHistory(cfg) {
+		// Peers may hold history of channels this broker owns (handback.go):
+		// take it back before taking publishes. Released by the first ring
+		// view with peers, or after HandbackMax; a broker with nobody to
+		// join does not wait.
+		if plan, err := PlanGossip(cfg, p.Name, p.Index); err == nil && len(plan.Join) > 0 {
+			srv.HoldForHandback()
+		}
+	}
 	if err := srv.Serve(ln); err != nil {
 		ln.Close()
 		srv.Close(ctx)
@@ -306,6 +319,39 @@ func (c *Child) ringChanged(ms []ring.Member) {
 	}
 	c.log.Info("ring changed", "brokers", len(out))
 	srv.SetMembers(out)
+	c.mu.Lock()
+	start := !c.handedBack && len(out) > 1 && !c.stopped
+	if start {
+		c.handedBack = true
+		c.wg.Add(1)
+	}
+	self := c.ringName
+	c.mu.Unlock()
+	if start {
+		go func() {
+			defer c.wg.Done()
+			defer srv.HandbackDone()
+			ctx, cancel := context.WithTimeout(c.bg, HandbackMax)
+			defer cancel()
+			n, err := srv.HandBack(ctx, self, out)
+			if err != nil {
+				c.log.Warn("taking history back from peers", "error", err)
+			}
+			if n > 0 {
+				c.log.Info("history taken back from peers", "channels", n)
+			}
+		}()
+	}
+}
+
+// hasHistory reports whether any channel rule keeps history.
+func hasHistory(cfg configs.Config) bool {
+	for _, r := range cfg.Channels {
+		if r.History.Size > 0 || r.Durable {
+			return true
+		}
+	}
+	return false
 }
 
 func (c *Child) Health(ctx context.Context) (control.Health, error) {
@@ -427,6 +473,7 @@ func (c *Child) Stop(ctx context.Context) error {
 	srv, r := c.srv, c.ring
 	c.mu.Unlock()
 	var err error
+	c.bgCancel()
 	c.wg.Wait() // a topology join in flight ends within memberlist's TCP timeout
 	if r != nil {
 		if e := r.Shutdown(); e != nil {

@@ -249,3 +249,100 @@ func (s *slowStore) Close() error {
 	}
 	return nil
 }
+
+// TestRingHandBackAfterSIGKILL: three broker processes on a ring; the
+// owner of a non-durable history channel is SIGKILLed and restarted (as the
+// supervisor does); on rejoining the ring it takes the history back from
+// the channel's next broker before taking publishes, so nothing
+// acknowledged is lost and subscribers recover across the restart.
+func TestRingHandBackAfterSIGKILL(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts broker processes")
+	}
+	dir := shortDir(t)
+	rules := []configs.ChannelRule{{Match: "hist/**", History: configs.History{Size: 1000}}}
+	cfgJSON, _ := json.Marshal(map[string]any{"channels": rules})
+	env := helperEnv + "_CFG=" + string(cfgJSON)
+	p1 := startBrokerProc(t, dir, "broker-1", nil, env)
+	join := []string{p1.addrs[control.AddrGossip]}
+	p2 := startBrokerProc(t, dir, "broker-2", join, env)
+	startBrokerProc(t, dir, "broker-3", join, env)
+
+	var self *brokerclient.Client
+	var selfMu sync.Mutex
+	c := brokerclient.New(brokerclient.Options{Name: "worker-1", Channels: rules, OnMembers: func(eps []brokerclient.Endpoint) {
+		selfMu.Lock()
+		defer selfMu.Unlock()
+		self.SetBrokers(eps)
+	}})
+	selfMu.Lock()
+	self = c
+	selfMu.Unlock()
+	t.Cleanup(c.Close)
+	c.SetBrokers([]brokerclient.Endpoint{{Name: "broker-1", Addr: p1.addrs[control.AddrLink]}})
+	waitFor(t, "3 brokers via the ring", func() bool { return c.Stats().Connected == 3 })
+	var ch string
+	for i := 0; ch == ""; i++ {
+		if x := "hist/k" + strconv.Itoa(i); c.Owner(x) == "broker-2" {
+			ch = x
+		}
+	}
+	acked := map[uint64]string{}
+	publish := func(data string) error {
+		res := make(chan error, 1)
+		c.Publish(ch, []byte(data), func(off uint64, err error) {
+			if err == nil {
+				acked[off] = data
+			}
+			res <- err
+		})
+		return <-res
+	}
+	for i := 1; i <= 50; i++ {
+		if err := publish(strconv.Itoa(i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if st := c.Stats(); st.Replicated != 50 {
+		t.Fatalf("replicated %d of 50", st.Replicated)
+	}
+	before, err := c.History(context.Background(), ch, 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p2.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	startBrokerProc(t, dir, "broker-2", join, env)
+	// Publishing resumes (on the replica while broker-2 is out of the ring,
+	// then on broker-2 again once it is back and has taken the history).
+	var after brokerclient.HistoryPage
+	waitFor(t, "broker-2 owns the channel again and serves its history", func() bool {
+		if c.Owner(ch) != "broker-2" || c.Stats().Connected != 3 {
+			return false
+		}
+		after, err = c.History(context.Background(), ch, 0, 0)
+		return err == nil && len(after.Messages) >= 50
+	})
+	for off, data := range acked {
+		found := false
+		for _, m := range after.Messages {
+			if m.Offset == off && string(m.Data) == data {
+				found = true
+			}
+		}
+		if !found {
+			t.Fatalf("acknowledged offset %d (%q) missing after the restart", off, data)
+		}
+	}
+	res := make(chan brokerclient.RecoverResult, 1)
+	c.SubscribeRecover(ch, 40, before.Epoch, func(r brokerclient.RecoverResult, err error) {
+		if err != nil {
+			t.Error(err)
+		}
+		res <- r
+	})
+	if r := <-res; !r.Recovered || len(r.Messages) != int(r.Offset-40) {
+		t.Fatalf("recovery across the restart: recovered=%v, %d messages, top %d", r.Recovered, len(r.Messages), r.Offset)
+	}
+}

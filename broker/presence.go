@@ -64,6 +64,8 @@ func (l *blink) presence(f *link.Frame) error {
 		data, err = json.Marshal(l.s.userChannels(string(f.Channel)))
 	case link.PresChannels:
 		data, err = json.Marshal(l.s.channelList())
+	case link.PresHistory:
+		data, err = json.Marshal(l.s.historyStates())
 	default:
 		err = fmt.Errorf("broker: unknown presence op %d", f.Op)
 	}

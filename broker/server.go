@@ -90,6 +90,7 @@ type Server struct {
 	publishes, deliveries, slowLinks, badFrames, nlinks, refused atomic.Int64
 
 	started  time.Time
+	handback atomic.Int64 // unix ns until which a hand-back holds publishes (0: none)
 	warm     atomic.Bool
 	warmMu   sync.Mutex
 	expected map[string]bool // workers that should re-register before publishes are taken
@@ -428,6 +429,9 @@ const errWarmingUp = "broker starting: worker interest is not registered yet"
 // passes. A broker started with no workers in the topology (a fresh
 // cluster) is warm at once.
 func (s *Server) warmedUp() bool {
+	if u := s.handback.Load(); u != 0 && time.Now().UnixNano() < u {
+		return false // taking history back from the peers (handback.go)
+	}
 	s.warmMu.Lock()
 	defer s.warmMu.Unlock()
 	since := time.Since(s.started)

@@ -615,3 +615,33 @@ func (c *Client) Channels(ctx context.Context) ([]ChannelInfo, error) {
 	sort.Slice(out, func(i, j int) bool { return out[i].Channel < out[j].Channel })
 	return out, nil
 }
+
+// HistoryState is one channel's history as a broker holds it (for a
+// broker's hand-back; see docs/history.md).
+type HistoryState struct {
+	Channel   string `json:"channel"`
+	Epoch     uint64 `json:"epoch"`
+	PrevEpoch uint64 `json:"prev_epoch"`
+	PrevTop   uint64 `json:"prev_top"`
+	Offset    uint64 `json:"offset"`
+	Stored    int    `json:"stored"`
+}
+
+// HistoryStates lists the history states every broker of the set holds
+// (owned or replica copies). Brokers use it to take history back from their
+// peers after a restart.
+func (c *Client) HistoryStates(ctx context.Context) ([]HistoryState, error) {
+	var out []HistoryState
+	err := c.everyBroker(ctx, link.PresHistory, "-", func(_ *bconn, data []byte) error {
+		var list []HistoryState
+		if err := json.Unmarshal(data, &list); err != nil {
+			return err
+		}
+		out = append(out, list...)
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("brokerclient: history states: %w", err)
+	}
+	return out, nil
+}

@@ -13,6 +13,7 @@ import (
 	"github.com/shoalhq/shoal/brokerclient"
 	"github.com/shoalhq/shoal/configs"
 	"github.com/shoalhq/shoal/proto/control"
+	"github.com/shoalhq/shoal/proto/link"
 )
 
 var historyRules = []configs.ChannelRule{
@@ -505,4 +506,53 @@ func TestWorkerResyncAfterBrokerRestart(t *testing.T) {
 		t.Fatalf("resyncs %+v", resyncs)
 	}
 	t.Logf("the worker's re-registration recovered %d messages published before it was back", len(resyncs[0].Messages))
+}
+
+// TestHandBackAfterOwnerRestart: a non-durable history channel's owner
+// restarts empty (as the supervisor restarts a SIGKILLed broker within a
+// second); it takes the history back from the channel's next broker, which
+// held the replica, so subscribers still recover.
+func TestHandBackAfterOwnerRestart(t *testing.T) {
+	dir := runDir(t)
+	b1 := startHistoryBroker(t, dir, "broker-1")
+	b2 := startHistoryBroker(t, dir, "broker-2")
+	b3 := startHistoryBroker(t, dir, "broker-3")
+	pub, _ := newClient(t, "pub", withRules)
+	pub.SetBrokers([]brokerclient.Endpoint{b1.ep, b2.ep, b3.ep})
+	waitConnected(t, pub, 3)
+	var ch string
+	for i := 0; ch == ""; i++ {
+		if c := "hist/h" + strconv.Itoa(i); pub.Owner(c) == "broker-1" {
+			ch = c
+		}
+	}
+	first := recoverSync(t, pub, ch, 0, "")
+	for i := 1; i <= 30; i++ {
+		mustPublish(t, pub, ch, strconv.Itoa(i))
+	}
+	// The owner dies and comes back at once, empty; the workers' broker
+	// set never changed.
+	_ = b1.child.Stop(context.Background())
+	b1 = startHistoryBroker(t, dir, "broker-1")
+	members := []link.Member{{Name: "broker-1", Addr: b1.ep.Addr}, {Name: "broker-2", Addr: b2.ep.Addr}, {Name: "broker-3", Addr: b3.ep.Addr}}
+	n, err := b1.child.Server().HandBack(context.Background(), "broker-1", members)
+	if err != nil || n < 1 {
+		t.Fatalf("hand-back: %d channels, %v", n, err)
+	}
+	waitConnected(t, pub, 3)
+	p, err := pub.History(context.Background(), ch, 0, 0)
+	if err != nil || len(p.Messages) != 30 || p.Epoch != first.Epoch || p.Offset != 30 {
+		t.Fatalf("history after the restart: %d messages, epoch %s (was %s), top %d, %v", len(p.Messages), p.Epoch, first.Epoch, p.Offset, err)
+	}
+	r := recoverSync(t, pub, ch, 25, first.Epoch)
+	if !r.Recovered || len(r.Messages) != 5 {
+		t.Fatalf("recovery after the restart: %+v", r)
+	}
+	if off := mustPublish(t, pub, ch, "31"); off != 31 {
+		t.Fatalf("first publish after the hand-back got offset %d", off)
+	}
+	// A second hand-back changes nothing: the channel has history now.
+	if n, err := b1.child.Server().HandBack(context.Background(), "broker-1", members); err != nil || n != 0 {
+		t.Fatalf("second hand-back: %d, %v", n, err)
+	}
 }

@@ -98,6 +98,7 @@ const (
 	PresCount    uint8 = 5 // reply offset: the count
 	PresUser     uint8 = 6 // channel field carries the user id; reply data: JSON array of channels
 	PresChannels uint8 = 7 // channel field "-"; reply data: JSON array of channel infos
+	PresHistory  uint8 = 8 // channel field "-"; reply data: JSON array of the history states held (hand-back)
 )
 
 // Event kinds.
