@@ -220,7 +220,8 @@ func (s *Server) channelList() []ChannelInfo {
 	return out
 }
 
-// Presence returns the JSON entries of channel; for tests.
+// Presence counts channel's entries on this broker; for tests and
+// diagnostics.
 func (s *Server) Presence(channel string) int {
 	_, n := s.presList(channel)
 	return int(n)

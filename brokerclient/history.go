@@ -430,8 +430,10 @@ func (b *bconn) sendPres(op uint8, channel string, data []byte) {
 }
 
 // PresenceJoin announces a connection in channel. The client remembers it
-// and re-announces it to the channel's owner after a reconnect or an owner
-// change, until PresenceLeave. The entry's Worker defaults to Options.Name.
+// and (re-)announces it to the channel's owner whenever that link comes up
+// and after an owner change, until PresenceLeave. The entry's Worker
+// defaults to Options.Name. Errors: a missing conn id, a bad channel name,
+// ErrClosed.
 func (c *Client) PresenceJoin(channel string, e PresenceEntry) error {
 	return c.presenceSet(channel, e, link.PresJoin)
 }
@@ -453,17 +455,23 @@ func (c *Client) presenceSet(channel string, e PresenceEntry, op uint8) error {
 	if err != nil {
 		return fmt.Errorf("brokerclient: presence entry: %w", err)
 	}
-	o, err := c.ownerOf(channel)
-	if err != nil {
-		return err
+	if channel == "" || len(channel) > link.MaxChannel {
+		return ErrTooLarge
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.closed {
+		return ErrClosed
+	}
+	// Remembered even when no owner is reachable now: it is announced when
+	// the owner's link comes up.
 	if c.pres[channel] == nil {
 		c.pres[channel] = map[string][]byte{}
 	}
 	c.pres[channel][e.Conn] = raw
-	o.sendPres(op, channel, raw)
+	if o := owner(*c.members.Load(), channel); o != nil {
+		o.sendPres(op, channel, raw)
+	}
 	return nil
 }
 
