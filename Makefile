@@ -7,7 +7,7 @@ PKGS    := ./...
 # Node packages for the compatibility tests live here, never globally.
 COMPAT  := test/compat
 
-.PHONY: all build run test lint fmt vet staticcheck unit compat compat-deps reference-deps proto bench gobench tidy clean
+.PHONY: all build run test lint fmt vet staticcheck unit compat compat-deps reference-deps proto plugins bench gobench tidy clean
 
 all: build
 
@@ -54,7 +54,12 @@ proto:
 	$(GO) install google.golang.org/protobuf/cmd/protoc-gen-go@latest
 	$(GO) install google.golang.org/grpc/cmd/protoc-gen-go-grpc@latest
 	PATH=$(GOBIN):$$PATH protoc --go_out=. --go_opt=paths=source_relative \
-		--go-grpc_out=. --go-grpc_opt=paths=source_relative proto/control/controlpb/control.proto
+		--go-grpc_out=. --go-grpc_opt=paths=source_relative \
+		proto/control/controlpb/control.proto proto/middleware/middlewarepb/middleware.proto
+
+# The example go-plugin middleware, at the path the example config names.
+plugins:
+	$(GO) build -o plugins/audit ./examples/audit-plugin
 
 # Go benchmarks (smoke: one iteration each) — the measured figures come from bench-compare.
 gobench:
@@ -69,4 +74,4 @@ tidy:
 	git diff --exit-code go.mod go.sum
 
 clean:
-	rm -rf bin data
+	rm -rf bin data plugins
