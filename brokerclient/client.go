@@ -182,6 +182,7 @@ type Client struct {
 	conns   map[string]*bconn // by broker name: the membership
 	subs    map[string]struct{}
 	pres    map[string]map[string][]byte // channel → conn → entry JSON announced by this worker
+	pos     map[string]*chanPos          // last delivered positions (history channels)
 	rules   *chanopts.Rules
 	members atomic.Pointer[[]*bconn] // snapshot of conns for the lock-free Publish path
 
@@ -202,6 +203,7 @@ func New(opts Options) *Client {
 		conns: map[string]*bconn{},
 		subs:  map[string]struct{}{},
 		pres:  map[string]map[string][]byte{},
+		pos:   map[string]*chanPos{},
 		rules: chanopts.Compile(opts.Channels),
 		stop:  make(chan struct{}),
 	}
@@ -264,7 +266,10 @@ func (c *Client) SetBrokers(eps []Endpoint) {
 			was.sendInterest(link.TypeUnsub, ch)
 		}
 		if now != nil {
-			now.sendInterest(link.TypeSub, ch)
+			// From the worker's last position: what it missed while the
+			// channel moved is recovered from the new owner (which holds
+			// the replica).
+			now.moveInterest(ch, c.pos[ch])
 		}
 	}
 	// Presence follows the channel to its new owner (the old owner, if it
@@ -320,6 +325,13 @@ func (c *Client) Unsubscribe(channel string) {
 		return
 	}
 	delete(c.subs, channel)
+	if p := c.pos[channel]; p != nil {
+		// Forget the position (the pointer stays: readers cache it): a
+		// later subscription starts fresh.
+		p.mu.Lock()
+		p.off, p.epoch = 0, 0
+		p.mu.Unlock()
+	}
 	if o := owner(*c.members.Load(), channel); o != nil {
 		o.sendInterest(link.TypeUnsub, channel)
 	}

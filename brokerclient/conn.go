@@ -39,17 +39,37 @@ type bconn struct {
 	repls   map[uint64]replWait // history appends awaiting this replica
 	scratch []byte              // frame encoding under mu
 
-	// names interns channel names and remembers, for history channels,
-	// the last position delivered on this broker's link (across
-	// reconnects), so a re-registration recovers what the worker missed.
-	// Reader goroutine only (linkUp runs there too).
+	// names interns channel names for the reader; its values are the
+	// client's shared positions (Client.pos). Reader goroutine only.
 	names map[string]*chanPos
 }
 
+// chanPos is a channel's last position delivered to OnPublication (history
+// channels), shared by every link: a re-registration after a reconnect or an
+// owner change asks for what the worker missed since then.
 type chanPos struct {
-	name       string
-	hist       bool
+	name string
+	hist bool
+
+	mu         sync.Mutex
 	off, epoch uint64
+}
+
+// advance records a delivered position. Within one epoch it never goes
+// back (an old owner's in-flight messages may arrive after the new
+// owner's); a different epoch replaces it.
+func (p *chanPos) advance(off, epoch uint64) {
+	p.mu.Lock()
+	if epoch != p.epoch || off > p.off {
+		p.off, p.epoch = off, epoch
+	}
+	p.mu.Unlock()
+}
+
+func (p *chanPos) get() (off, epoch uint64) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.off, p.epoch
 }
 
 type pending struct {
@@ -146,12 +166,11 @@ func (b *bconn) read(conn net.Conn) error {
 				if len(b.names) >= 4096 {
 					b.c.pruneNames(b)
 				}
-				name := string(f.Channel)
-				p = &chanPos{name: name, hist: b.c.rules.Lookup(name).History()}
-				b.names[name] = p
+				p = b.c.position(string(f.Channel))
+				b.names[p.name] = p
 			}
 			if p.hist {
-				p.off, p.epoch = f.Offset, f.Epoch
+				p.advance(f.Offset, f.Epoch)
 			}
 			b.c.received.Add(1)
 			o.OnPublication(p.name, f.Data, f.Offset, f.Epoch)
@@ -207,11 +226,7 @@ func (c *Client) linkUp(b *bconn) {
 	members := *c.members.Load()
 	for ch := range c.subs {
 		if owner(members, ch) == b {
-			if p := b.names[ch]; p != nil && p.hist && p.epoch != 0 {
-				b.resync(p)
-			} else {
-				_ = b.w.WriteChannel(link.TypeSub, ch)
-			}
+			b.register(ch, c.pos[ch])
 			n++
 		}
 	}
@@ -228,6 +243,29 @@ func (c *Client) linkUp(b *bconn) {
 	// refuses publishes until every worker has said so; see broker).
 	_ = b.w.WriteEmpty(link.TypeReady)
 	c.log.Debug("broker link up", "broker", b.ep.Name, "channels", n)
+}
+
+// register queues the interest in ch: a subrec from the worker's last
+// position when it has one (history channels), else a sub. b.mu held, link
+// up.
+func (b *bconn) register(ch string, p *chanPos) {
+	if p != nil && p.hist {
+		if _, epoch := p.get(); epoch != 0 {
+			b.resync(p)
+			return
+		}
+	}
+	_ = b.w.WriteChannel(link.TypeSub, ch)
+}
+
+// moveInterest registers ch at this broker after an owner change (see
+// register); a link that is down registers it when it comes up.
+func (b *bconn) moveInterest(ch string, p *chanPos) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.up {
+		b.register(ch, p)
+	}
 }
 
 // sendInterest queues a sub or unsub if the link is up; otherwise linkUp

@@ -180,12 +180,13 @@ func (b *bconn) expireRequests(ns int64) {
 	}
 }
 
-// resync re-registers a history channel after this link came back, asking
-// for what the worker missed since the last message it delivered; the
-// missed messages go to OnPublication in order, before live ones, and
-// OnResync reports the outcome. Called from linkUp (reader goroutine) with
-// c.mu and b.mu held.
+// resync re-registers a history channel after this link came back, or at
+// its new owner, asking for what the worker missed since the last message
+// it delivered; the missed messages go to OnPublication in order, before
+// live ones from this link, and OnResync reports the outcome. Called with
+// c.mu and b.mu held, link up.
 func (b *bconn) resync(p *chanPos) {
+	since, epoch := p.get()
 	b.nextID++
 	r := &request{id: b.nextID, deadline: time.Now().Add(b.c.opts.PublishTimeout).UnixNano()}
 	r.done = func(r *request, f *link.Frame, err error) {
@@ -201,7 +202,7 @@ func (b *bconn) resync(p *chanPos) {
 				b.c.opts.OnPublication(p.name, m.Data, m.Offset, f.Epoch)
 			}
 		}
-		p.off, p.epoch = f.Offset, f.Epoch
+		p.advance(f.Offset, f.Epoch)
 		b.c.opts.OnResync(p.name, res, nil)
 	}
 	if b.reqs == nil {
@@ -209,7 +210,19 @@ func (b *bconn) resync(p *chanPos) {
 	}
 	b.reqs[r.id] = r
 	// Like interest frames, a re-registration ignores the queue bound.
-	_ = b.w.WriteRawAlways(link.AppendSubRec(nil, link.TypeSubRec, r.id, p.off, p.epoch, p.name))
+	_ = b.w.WriteRawAlways(link.AppendSubRec(nil, link.TypeSubRec, r.id, since, epoch, p.name))
+}
+
+// position returns the shared position of channel, creating it.
+func (c *Client) position(channel string) *chanPos {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	p := c.pos[channel]
+	if p == nil {
+		p = &chanPos{name: channel, hist: c.rules.Lookup(channel).History()}
+		c.pos[channel] = p
+	}
+	return p
 }
 
 // pruneNames drops positions of channels this worker no longer wants
@@ -220,6 +233,13 @@ func (c *Client) pruneNames(b *bconn) {
 	for name := range b.names {
 		if _, ok := c.subs[name]; !ok {
 			delete(b.names, name)
+		}
+	}
+	if len(c.pos) > 2*len(c.subs)+4096 {
+		for name := range c.pos {
+			if _, ok := c.subs[name]; !ok {
+				delete(c.pos, name)
+			}
 		}
 	}
 }
@@ -350,13 +370,14 @@ func (c *Client) SubscribeRecover(channel string, since uint64, epoch string, do
 	}
 	c.subs[channel] = struct{}{}
 	o := owner(*c.members.Load(), channel)
+	c.mu.Unlock()
 	if o == nil {
-		c.mu.Unlock()
 		done(RecoverResult{}, ErrNoBrokers)
 		return
 	}
-	// Under c.mu, like Subscribe's sub, so the interest is ordered with
-	// linkUp's re-registration.
+	// Not under c.mu (done may run at once, and may call the client). If
+	// linkUp registers the channel meanwhile, the broker treats this
+	// subrec's interest as already there.
 	o.request(func(dst []byte, id uint64) []byte {
 		return link.AppendSubRec(dst, link.TypeSubRec, id, since, ParseEpoch(epoch), channel)
 	}, func(r *request, f *link.Frame, err error) {
@@ -368,9 +389,14 @@ func (c *Client) SubscribeRecover(channel string, since uint64, epoch string, do
 		if res.Recovered {
 			res.Messages = r.msgs
 		}
+		// The worker now holds the channel from here on: a later
+		// re-registration recovers from this point even if no message
+		// arrives meanwhile.
+		if p := c.position(channel); p.hist {
+			p.advance(f.Offset, f.Epoch)
+		}
 		done(res, nil)
 	})
-	c.mu.Unlock()
 }
 
 // History reads a page of channel's history from its owner: messages with

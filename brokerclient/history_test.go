@@ -556,3 +556,65 @@ func TestHandBackAfterOwnerRestart(t *testing.T) {
 		t.Fatalf("second hand-back: %d, %v", n, err)
 	}
 }
+
+// TestWorkerResyncOnOwnerMove: the owner of a history channel dies; the
+// publisher's worker moves first and publishes at the new owner while the
+// subscriber's worker still points at the dead one. When the subscriber's
+// worker moves, it recovers those messages from the new owner.
+func TestWorkerResyncOnOwnerMove(t *testing.T) {
+	dir := runDir(t)
+	b1 := startHistoryBroker(t, dir, "broker-1")
+	b2 := startHistoryBroker(t, dir, "broker-2")
+	b3 := startHistoryBroker(t, dir, "broker-3")
+	all := []brokerclient.Endpoint{b1.ep, b2.ep, b3.ep}
+	rec := &pubRec{}
+	var rsMu sync.Mutex
+	var resyncs []brokerclient.RecoverResult
+	sub, _ := newClient(t, "sub", withRules, func(o *brokerclient.Options) {
+		o.OnPublication = rec.on
+		o.OnResync = func(_ string, r brokerclient.RecoverResult, err error) {
+			rsMu.Lock()
+			defer rsMu.Unlock()
+			if err == nil {
+				resyncs = append(resyncs, r)
+			}
+		}
+	})
+	pub, _ := newClient(t, "pub", withRules)
+	sub.SetBrokers(all)
+	pub.SetBrokers(all)
+	waitConnected(t, sub, 3)
+	waitConnected(t, pub, 3)
+	var ch string
+	for i := 0; ch == ""; i++ {
+		if c := "hist/m" + strconv.Itoa(i); pub.Owner(c) == "broker-1" {
+			ch = c
+		}
+	}
+	sub.Subscribe(ch)
+	waitInterest(t, b1, ch, 1)
+	for i := 1; i <= 10; i++ {
+		mustPublish(t, pub, ch, strconv.Itoa(i))
+	}
+	waitFor(t, 5*time.Second, "10 deliveries", func() bool { return len(rec.snapshot()) == 10 })
+	_ = b1.child.Stop(context.Background())
+	rest := []brokerclient.Endpoint{b2.ep, b3.ep}
+	pub.SetBrokers(rest)
+	for i := 11; i <= 15; i++ {
+		mustPublish(t, pub, ch, strconv.Itoa(i))
+	}
+	sub.SetBrokers(rest)
+	waitFor(t, 5*time.Second, "15 deliveries", func() bool { return len(rec.snapshot()) == 15 })
+	for i, m := range rec.snapshot() {
+		if m.Offset != uint64(i+1) || string(m.Data) != strconv.Itoa(i+1) {
+			t.Fatalf("delivery %d: %d %q", i, m.Offset, m.Data)
+		}
+	}
+	rsMu.Lock()
+	defer rsMu.Unlock()
+	if len(resyncs) != 1 || !resyncs[0].Recovered || len(resyncs[0].Messages) != 5 {
+		t.Fatalf("resyncs %+v", resyncs)
+	}
+	mustPublish(t, pub, ch, "16")
+	waitFor(t, 5*time.Second, "live after the move", func() bool { return len(rec.snapshot()) == 16 })
+}
