@@ -601,17 +601,8 @@ func threeHosts(t *testing.T, lay layout) {
 	for _, n := range nodes {
 		n.waitReady(t)
 	}
-	// The ring: every broker has reported all three (its log line).
-	var ringFormed time.Time
-	for _, n := range nodes {
-		waitFor(t, lay.ringWait, fmt.Sprintf("node %s: every broker reports a ring of %d", n.label, total), func() bool {
-			at, ok := n.ringAt(total, start)
-			if ok && at.After(ringFormed) {
-				ringFormed = at
-			}
-			return ok
-		})
-	}
+	// The ring: every broker has reported all of them (its log line).
+	ringFormed := waitRing(t, nodes, total, start, lay.ringWait, "")
 
 	ctx, cancel := context.WithTimeout(context.Background(), 80*time.Second)
 	defer cancel()
@@ -714,16 +705,7 @@ func threeHosts(t *testing.T, lay layout) {
 	restart := time.Now()
 	b2 := startNode(t, "B", l.hosts[1], joins[1], brokers[1])
 	b2.waitReady(t)
-	var ringBack time.Time
-	for _, n := range []*node{a, b2, c} {
-		waitFor(t, 30*time.Second, fmt.Sprintf("node %s: every broker reports a ring of %d again", n.label, total), func() bool {
-			at, ok := n.ringAt(total, restart)
-			if ok && at.After(ringBack) {
-				ringBack = at
-			}
-			return ok
-		})
-	}
+	ringBack := waitRing(t, []*node{a, b2, c}, total, restart, 20*time.Second, " after B's restart")
 	subB2 := dial(b2)
 	subsB2 := map[string]*client.Subscription{}
 	for _, ch := range chans {
@@ -975,16 +957,7 @@ func partitionB(t *testing.T, ctx context.Context, l *lab, nodes []*node, total,
 	if err := sh("ip", "link", "set", l.veths[1], "up"); err != nil {
 		t.Fatal(err)
 	}
-	var whole time.Time
-	for _, n := range nodes {
-		waitFor(t, healWait, fmt.Sprintf("node %s: every broker reports a ring of %d after the cut healed", n.label, total), func() bool {
-			at, ok := n.ringAt(total, heal)
-			if ok && at.After(whole) {
-				whole = at
-			}
-			return ok
-		})
-	}
+	whole := waitRing(t, nodes, total, heal, healWait, " after the cut healed")
 	for _, ch := range chans {
 		drain(subsB[ch].C)
 		drain(subsC[ch].C)
@@ -995,4 +968,52 @@ func partitionB(t *testing.T, ctx context.Context, l *lab, nodes []*node, total,
 	t.Logf("MEASURED partition of %.1fs: A and C dropped B %.2fs after the cut (B saw the split too); "+
 		"after the cut healed, every broker reported the whole ring %.2fs later and A→B,C worked on every channel %.2fs later",
 		heal.Sub(cut).Seconds(), split.Sub(cut).Seconds(), whole.Sub(heal).Seconds(), back.Sub(heal).Seconds())
+}
+
+// waitRing waits until every broker of every node has logged a ring of
+// want members after since, and returns when the last one did. On timeout
+// it fails with the ring size each broker reported last, which shows a
+// split ring at a glance.
+func waitRing(t *testing.T, nodes []*node, want int, since time.Time, timeout time.Duration, what string) time.Time {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		var last time.Time
+		all := true
+		for _, n := range nodes {
+			at, ok := n.ringAt(want, since)
+			if !ok {
+				all = false
+				break
+			}
+			if at.After(last) {
+				last = at
+			}
+		}
+		if all {
+			return last
+		}
+		if time.Now().After(deadline) {
+			var seen []string
+			for _, n := range nodes {
+				sizes := map[string]int{}
+				for _, l := range readLog(n.logf) {
+					if l.Msg == "ring changed" && strings.HasPrefix(l.Proc, "broker-") && !l.Time.Before(since) {
+						sizes[l.Proc] = l.Brokers
+					}
+				}
+				for i := 1; i <= n.brokers; i++ {
+					p := "broker-" + strconv.Itoa(i)
+					if sz, ok := sizes[p]; ok {
+						seen = append(seen, fmt.Sprintf("%s/%s: %d", n.label, p, sz))
+					} else {
+						seen = append(seen, fmt.Sprintf("%s/%s: no report", n.label, p))
+					}
+				}
+			}
+			t.Fatalf("no ring of %d%s within %s; the ring size each broker reported last: %s",
+				want, what, timeout, strings.Join(seen, ", "))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
