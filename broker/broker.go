@@ -379,6 +379,11 @@ func (c *Child) Stats(ctx context.Context) (control.Stats, error) {
 		"slow_links": s.SlowLinks,
 		"bad_frames": s.BadFrames,
 		"refused":    s.Refused,
+
+		"history_channels": s.HistoryChannels,
+		"presence_entries": s.PresenceEntries,
+		"durable_commits":  s.DurableCommits,
+		"durable_writes":   s.DurableWrites,
 	}
 	return st, nil
 }

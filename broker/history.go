@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/shoalhq/shoal/broker/chanopts"
@@ -189,7 +190,8 @@ type committer struct {
 	kick    chan struct{}
 	stop    chan struct{}
 	done    chan struct{}
-	commits int64
+	commits atomic.Int64 // transactions (fsyncs)
+	writes  atomic.Int64 // messages written
 }
 
 type deferredAck struct {
@@ -266,7 +268,8 @@ func (c *committer) run(s *Server) {
 			s.log.Error("durable history write failed", "ops", len(ops), "error", err)
 			errText = fmt.Sprintf("durable write failed: %v", err)
 		}
-		c.commits++
+		c.commits.Add(1)
+		c.writes.Add(int64(len(ops)))
 		for _, a := range acks {
 			frame = link.AppendPubAck(frame[:0], a.reqID, a.offset, a.epoch, errText)
 			// Acks ignore the queue bound: they are bounded by the

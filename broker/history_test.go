@@ -216,6 +216,9 @@ func TestDurableGroupCommitAcksAfterWrite(t *testing.T) {
 	if st.applied() != 1 {
 		t.Fatalf("store applied %d messages", st.applied())
 	}
+	if ss := s.Stats(); ss.DurableWrites != 1 || ss.DurableCommits != 1 || ss.HistoryChannels != 1 {
+		t.Fatalf("stats %+v", ss)
+	}
 }
 
 // slowStore holds every Apply until gate closes.

@@ -66,6 +66,11 @@ type ServerStats struct {
 	SlowLinks  int64 // links dropped because their queue was full
 	BadFrames  int64 // links dropped because of a malformed frame or protocol error
 	Refused    int64 // publishes refused during warm-up
+
+	HistoryChannels int64 // channel states holding history (owned or replica copies)
+	PresenceEntries int64
+	DurableCommits  int64 // group-commit transactions (one fsync each)
+	DurableWrites   int64 // messages written by them
 }
 
 // Server accepts worker links and routes publications: each publish gets the
@@ -628,21 +633,35 @@ func (s *Server) SetMembers(ms []link.Member) {
 
 // Stats returns the counters.
 func (s *Server) Stats() ServerStats {
-	var chans int64
+	var chans, hist, pres int64
 	for i := range s.shards {
 		sh := &s.shards[i]
 		sh.mu.Lock()
 		chans += int64(len(sh.chans))
+		for _, st := range sh.chans {
+			if st.hist.n > 0 {
+				hist++
+			}
+			pres += int64(len(st.pres))
+		}
 		sh.mu.Unlock()
 	}
+	var commits, writes int64
+	if s.commit != nil {
+		commits, writes = s.commit.commits.Load(), s.commit.writes.Load()
+	}
 	return ServerStats{
-		Channels:   chans,
-		Links:      s.nlinks.Load(),
-		Publishes:  s.publishes.Load(),
-		Deliveries: s.deliveries.Load(),
-		SlowLinks:  s.slowLinks.Load(),
-		BadFrames:  s.badFrames.Load(),
-		Refused:    s.refused.Load(),
+		HistoryChannels: hist,
+		PresenceEntries: pres,
+		DurableCommits:  commits,
+		DurableWrites:   writes,
+		Channels:        chans,
+		Links:           s.nlinks.Load(),
+		Publishes:       s.publishes.Load(),
+		Deliveries:      s.deliveries.Load(),
+		SlowLinks:       s.slowLinks.Load(),
+		BadFrames:       s.badFrames.Load(),
+		Refused:         s.refused.Load(),
 	}
 }
 
