@@ -478,9 +478,11 @@ type layout struct {
 	brokers [3]int
 	order   int  // together, seedFirst or seedLast
 	returns bool // restart B after its death and check it rejoins
-	// partition cuts B off (its veth down) instead of killing it, then
-	// heals the cut and checks that the ring and delivery come back.
+	// partition cuts node `cut` off (its veth down) instead of killing
+	// B, then heals the cut and checks that the ring and delivery come
+	// back.
 	partition bool
+	cut       int           // 0 = A, 1 = B
 	cutFor    time.Duration // keep the cut at least this long
 	ringWait  time.Duration
 }
@@ -519,13 +521,20 @@ func TestThreeHostsSeedStartsLast(t *testing.T) {
 // keep working; once the link is back, B rejoins and A→B,C delivery
 // resumes on the same client connections.
 func TestThreeHostsPartitionHeals(t *testing.T) {
-	threeHosts(t, layout{brokers: [3]int{1, 1, 1}, partition: true, cutFor: 7 * time.Second})
+	threeHosts(t, layout{brokers: [3]int{1, 1, 1}, partition: true, cut: 1, cutFor: 7 * time.Second})
 }
 
 // TestThreeHostsPartitionHealsTwoBrokersOnB is the same with two brokers
 // on B, which are never alone and so (today) never join again.
 func TestThreeHostsPartitionHealsTwoBrokersOnB(t *testing.T) {
-	threeHosts(t, layout{brokers: [3]int{1, 2, 1}, order: seedFirst, partition: true, cutFor: 7 * time.Second, ringWait: 15 * time.Second})
+	threeHosts(t, layout{brokers: [3]int{1, 2, 1}, order: seedFirst, partition: true, cut: 1, cutFor: 7 * time.Second, ringWait: 15 * time.Second})
+}
+
+// TestThreeHostsPartitionHealsSeedCut cuts off node A, the one the others
+// joined and which itself has no cluster.join: on the far side of the cut
+// B and C are two, so nobody is alone and nobody joins again.
+func TestThreeHostsPartitionHealsSeedCut(t *testing.T) {
+	threeHosts(t, layout{brokers: [3]int{1, 1, 1}, partition: true, cut: 0, cutFor: 7 * time.Second, ringWait: 15 * time.Second})
 }
 
 // TestThreeHostsNodeReturns goes on after B's death: B is started again
@@ -670,7 +679,7 @@ func threeHosts(t *testing.T, lay layout) {
 		total, ringFormed.Sub(start).Seconds(), len(chans), delivered.Sub(start).Seconds(), linked.Sub(start).Seconds())
 
 	if lay.partition {
-		partitionB(t, ctx, l, nodes, total, brokers[1], lay.cutFor, lay.ringWait, pub, chans, subsB, subsC)
+		partition(t, ctx, l, nodes, lay.cut, brokers, lay.cutFor, lay.ringWait, pub, dial, chans, subsB, subsC)
 		return
 	}
 
@@ -925,36 +934,51 @@ func next(c chan client.Message, timeout time.Duration) (client.Message, error) 
 	}
 }
 
-// partitionB takes B's link to the bridge down until A and C have dropped
-// B's brokers, brings it back, and waits for the whole ring and for A→B,C
-// delivery on the clients that were connected all along.
-func partitionB(t *testing.T, ctx context.Context, l *lab, nodes []*node, total, onB int, cutFor, healWait time.Duration, pub *client.Client, chans []string, subsB, subsC map[string]*client.Subscription) {
+// partition takes node x's link to the bridge down until the others
+// have dropped its brokers and it has dropped theirs, checks that the two
+// other nodes still talk (a fresh publisher on the first of them, the
+// subscriber on C), keeps the cut for at least cutFor, brings the link
+// back, and waits for the whole ring and for A→B,C delivery on the
+// clients that were connected all along.
+func partition(t *testing.T, ctx context.Context, l *lab, nodes []*node, x int, brokers [3]int, cutFor, healWait time.Duration,
+	pub *client.Client, dial func(*node) *client.Client, chans []string, subsB, subsC map[string]*client.Subscription) {
 	t.Helper()
-	a, b, c := nodes[0], nodes[1], nodes[2]
+	total := brokers[0] + brokers[1] + brokers[2]
+	cutNode := nodes[x]
+	var others []*node
+	for i, n := range nodes {
+		if i != x {
+			others = append(others, n)
+		}
+	}
 	cut := time.Now()
-	if err := sh("ip", "link", "set", l.veths[1], "down"); err != nil {
+	if err := sh("ip", "link", "set", l.veths[x], "down"); err != nil {
 		t.Fatal(err)
 	}
-	for _, n := range []*node{a, c} {
-		waitFor(t, 10*time.Second, fmt.Sprintf("node %s: B's brokers dropped from the ring", n.label), func() bool {
-			_, ok := n.ringAt(total-onB, cut)
+	for _, n := range others {
+		waitFor(t, 10*time.Second, fmt.Sprintf("node %s: %s's brokers dropped from the ring", n.label, cutNode.label), func() bool {
+			_, ok := n.ringAt(total-brokers[x], cut)
 			return ok
 		})
 	}
-	waitFor(t, 10*time.Second, "node B: the other nodes dropped from its ring", func() bool {
-		_, ok := b.ringAt(onB, cut)
+	waitFor(t, 10*time.Second, "node "+cutNode.label+": the other nodes dropped from its ring", func() bool {
+		_, ok := cutNode.ringAt(brokers[x], cut)
 		return ok
 	})
 	split := time.Now()
-	// A and C still work while B is cut off.
-	burst(t, ctx, pub, chans, "split", map[string]map[string]*client.Subscription{"C": subsC})
+	// The other two still talk while the cut lasts.
+	sp := pub
+	if x == 0 {
+		sp = dial(others[0])
+	}
+	burst(t, ctx, sp, chans, "split", map[string]map[string]*client.Subscription{"C": subsC})
 	// A partition that outlasts memberlist's GossipToTheDeadTime (5 s)
 	// can only heal by someone joining again.
 	if d := time.Until(cut.Add(cutFor)); d > 0 {
 		time.Sleep(d)
 	}
 	heal := time.Now()
-	if err := sh("ip", "link", "set", l.veths[1], "up"); err != nil {
+	if err := sh("ip", "link", "set", l.veths[x], "up"); err != nil {
 		t.Fatal(err)
 	}
 	whole := waitRing(t, nodes, total, heal, healWait, " after the cut healed")
@@ -965,15 +989,15 @@ func partitionB(t *testing.T, ctx context.Context, l *lab, nodes []*node, total,
 	probe(t, ctx, pub, chans, map[string]map[string]*client.Subscription{"B": subsB, "C": subsC})
 	back := time.Now()
 	burst(t, ctx, pub, chans, "healed", map[string]map[string]*client.Subscription{"B": subsB, "C": subsC})
-	t.Logf("MEASURED partition of %.1fs: A and C dropped B %.2fs after the cut (B saw the split too); "+
+	t.Logf("MEASURED partition of %s for %.1fs: the others dropped it %.2fs after the cut (and it dropped them); "+
 		"after the cut healed, every broker reported the whole ring %.2fs later and A→B,C worked on every channel %.2fs later",
-		heal.Sub(cut).Seconds(), split.Sub(cut).Seconds(), whole.Sub(heal).Seconds(), back.Sub(heal).Seconds())
+		cutNode.label, heal.Sub(cut).Seconds(), split.Sub(cut).Seconds(), whole.Sub(heal).Seconds(), back.Sub(heal).Seconds())
 }
 
 // waitRing waits until every broker of every node has logged a ring of
 // want members after since, and returns when the last one did. On timeout
-// it fails with the ring size each broker reported last, which shows a
-// split ring at a glance.
+// it fails with the ring size each broker reported last (ever), which
+// shows a split ring at a glance.
 func waitRing(t *testing.T, nodes []*node, want int, since time.Time, timeout time.Duration, what string) time.Time {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
@@ -998,7 +1022,7 @@ func waitRing(t *testing.T, nodes []*node, want int, since time.Time, timeout ti
 			for _, n := range nodes {
 				sizes := map[string]int{}
 				for _, l := range readLog(n.logf) {
-					if l.Msg == "ring changed" && strings.HasPrefix(l.Proc, "broker-") && !l.Time.Before(since) {
+					if l.Msg == "ring changed" && strings.HasPrefix(l.Proc, "broker-") {
 						sizes[l.Proc] = l.Brokers
 					}
 				}
