@@ -50,8 +50,12 @@ func (h *histRing) add(size int, off uint64, t int64, data []byte) {
 	if size <= 0 {
 		return
 	}
-	if len(h.buf) != size {
+	// The buffer grows by doubling up to size, so a channel with a large
+	// history size and few messages does not hold size slots.
+	if len(h.buf) > size {
 		h.resize(size)
+	} else if h.n == len(h.buf) && len(h.buf) < size {
+		h.resize(min(size, max(8, 2*len(h.buf))))
 	}
 	if h.n > 0 {
 		last := h.at(h.n - 1).off
@@ -70,7 +74,7 @@ func (h *histRing) add(size int, off uint64, t int64, data []byte) {
 		}
 	}
 	var e *histEntry
-	if h.n < size {
+	if h.n < len(h.buf) {
 		e = h.at(h.n)
 		h.n++
 	} else {
@@ -84,6 +88,7 @@ func (h *histRing) add(size int, off uint64, t int64, data []byte) {
 	}
 }
 
+// resize moves the newest min(n, size) entries into a buffer of size slots.
 func (h *histRing) resize(size int) {
 	nb := make([]histEntry, size)
 	keep := min(h.n, size)

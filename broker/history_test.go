@@ -166,6 +166,14 @@ func TestHistoryRingBounds(t *testing.T) {
 	if i := h.from(6); h.at(i).off != 6 {
 		t.Fatalf("from(6) = %d", i)
 	}
+	// The buffer grows with the messages, not to the size at once.
+	h = histRing{}
+	for off := uint64(1); off <= 20; off++ {
+		h.add(100000, off, 0, nil)
+	}
+	if len(h.buf) != 32 || h.n != 20 || h.first() != 1 || h.at(19).off != 20 {
+		t.Fatalf("grown ring: %d slots, %d entries", len(h.buf), h.n)
+	}
 	// A full ring appends without allocating.
 	h = histRing{}
 	data := make([]byte, 64)
