@@ -13,9 +13,11 @@ import (
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/shoalhq/shoal/auth"
+	"github.com/shoalhq/shoal/broker/chanopts"
 	"github.com/shoalhq/shoal/configs"
 	"github.com/shoalhq/shoal/middleware"
 	"github.com/shoalhq/shoal/proto/sc"
+	"github.com/shoalhq/shoal/webhook"
 )
 
 // Close codes the engine uses (see the protocol reference, §8).
@@ -32,6 +34,9 @@ const (
 	// earlier actions waited for a backend hook, past maxQueuedActions or
 	// maxQueuedBytes. Reconnect with back-off, like a slow consumer.
 	CodeMiddlewareBacklog ws.StatusCode = 4101
+	// CodeBanned closes a banned user's or address's socket (the API's
+	// default disconnect code, api.DefaultDisconnectCode).
+	CodeBanned ws.StatusCode = 4403
 	// CodeGoingAway is used when the worker drains.
 	CodeGoingAway ws.StatusCode = 1001
 )
@@ -73,7 +78,13 @@ type EngineConfig struct {
 	// ErrQueueFull is the Conn.WriteFrame error that means the socket's send
 	// queue is full (netpoll.ErrQueueFull).
 	ErrQueueFull error
-	Logger       hclog.Logger
+	// Webhooks receives channel.occupied/vacated and user.online/offline
+	// as this worker sees them (nil: none).
+	Webhooks *webhook.Sender
+	// Bans is the cluster-wide ban store (nil: no bans). The engine checks
+	// it at the handshake and applies the bans other workers publish.
+	Bans   *ClusterBans
+	Logger hclog.Logger
 	// Now is the clock (tests); default time.Now.
 	Now func() time.Time
 }
@@ -100,6 +111,9 @@ type Engine struct {
 	chain atomic.Pointer[middleware.Chain]
 	keys  atomic.Pointer[auth.Keys]
 	slow  atomic.Pointer[slowPolicies]
+	rules atomic.Pointer[chanopts.Rules] // history/presence options per channel
+
+	users users // users hosted here (users.go)
 
 	stop chan struct{}
 	done chan struct{}
@@ -172,6 +186,11 @@ func NewEngine(cfg EngineConfig) (*Engine, error) {
 		if chain, err = middleware.Compile(configs.Config{}); err != nil {
 			return nil, fmt.Errorf("worker engine: empty middleware chain: %w", err)
 		}
+	}
+	e.users.m = make(map[string]map[*Session]struct{})
+	e.hub.occupied = e.occupied
+	if cfg.Bans != nil {
+		cfg.Bans.e = e
 	}
 	e.chain.Store(chain)
 	e.keys.Store(cfg.Keys)
@@ -246,6 +265,8 @@ func (e *Engine) Closed(s *Session, code ws.StatusCode, reason string) {
 	s.state = stateClosed
 	chans := s.channels
 	s.channels = nil
+	e.setUser(s, s.user, "")
+	s.user = ""
 	// Under mu: the identity snapshot is replaced under mu too.
 	e.chain.Load().Close(s.ident.Load())
 	s.mu.Unlock()
@@ -253,6 +274,7 @@ func (e *Engine) Closed(s *Session, code ws.StatusCode, reason string) {
 	for ch := range chans {
 		if e.hub.remove(ch, s) {
 			e.stats.subscriptions.Add(-1)
+			s.presenceLeave(ch)
 		}
 	}
 	sh := e.shard(s.id)
@@ -268,11 +290,28 @@ func (e *Engine) Closed(s *Session, code ws.StatusCode, reason string) {
 // Deliver is the broker client's OnMessage: frame the publish once and
 // write the same bytes to every local subscriber. data is only read here.
 func (e *Engine) Deliver(channel string, data []byte, offset uint64) {
+	e.DeliverPub(channel, data, offset, 0)
+}
+
+// DeliverPub is the broker client's OnPublication: as Deliver, and on a
+// channel with history the #publish carries offset and epoch (the same
+// bytes for every subscriber: the position is per message). Messages on
+// internal "#" channels are control messages for the worker itself.
+func (e *Engine) DeliverPub(channel string, data []byte, offset, epoch uint64) {
+	if len(channel) > 0 && channel[0] == '#' {
+		e.deliverControl(channel, data)
+		return
+	}
 	if e.hub.Subscribers(channel) == 0 {
 		return
 	}
 	bp := e.bufs.Get().(*[]byte)
-	payload := sc.AppendPublish((*bp)[:0], channel, data)
+	var payload []byte
+	if epoch != 0 && e.channelOptions(channel).History() {
+		payload = appendPublishPos((*bp)[:0], channel, data, offset, epoch)
+	} else {
+		payload = sc.AppendPublish((*bp)[:0], channel, data)
+	}
 	frame := e.cfg.Frame(make([]byte, 0, len(payload)+14), payload)
 	*bp = payload[:0]
 	e.bufs.Put(bp)

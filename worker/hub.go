@@ -22,6 +22,11 @@ type Hub struct {
 	shards [hubShards]hubShard
 	broker Broker
 	full   error // the Conn error that means "send queue full"
+	// occupied (may be nil) is told when a channel gets its first local
+	// subscriber (true) or loses its last (false), under the shard's imu,
+	// so the calls for one channel come in order. Internal ("#") channels
+	// never have hub subscribers.
+	occupied func(channel string, occupied bool)
 }
 
 type hubShard struct {
@@ -68,6 +73,9 @@ func (h *Hub) add(channel string, s *Session) bool {
 	if first && h.broker != nil {
 		h.broker.Subscribe(channel)
 	}
+	if first && h.occupied != nil {
+		h.occupied(channel, true)
+	}
 	return true
 }
 
@@ -91,7 +99,25 @@ func (h *Hub) remove(channel string, s *Session) bool {
 	if last && h.broker != nil {
 		h.broker.Unsubscribe(channel)
 	}
+	if last && h.occupied != nil {
+		h.occupied(channel, false)
+	}
 	return true
+}
+
+// release drops the worker's broker interest in channel if no local
+// session holds it: for a recovery subscribe whose socket went away before
+// the broker answered (SubscribeRecover registers interest itself).
+func (h *Hub) release(channel string) {
+	sh := h.shard(channel)
+	sh.imu.Lock()
+	defer sh.imu.Unlock()
+	sh.mu.RLock()
+	n := len(sh.subs[channel])
+	sh.mu.RUnlock()
+	if n == 0 && h.broker != nil {
+		h.broker.Unsubscribe(channel)
+	}
 }
 
 // Channels is the number of channels with at least one local subscriber.

@@ -127,6 +127,15 @@ func (s *Session) syncIdentity() {
 	}
 	n := identityFrom(s.ident.Load(), s.token)
 	s.identTok, s.hookID = s.token, false
+	if s.state < stateClosed {
+		// The user registry follows the token's sub (users.go).
+		var user string
+		if s.token != nil {
+			user = s.token.Subject()
+		}
+		s.e.setUser(s, s.user, user)
+		s.user = user
+	}
 	s.ident.Store(n)
 	if s.mwOpened && s.state < stateClosed {
 		s.e.chain.Load().UserChanged(n)

@@ -41,6 +41,7 @@ type Session struct {
 	nextPing time.Time
 	token    *auth.Token
 	channels map[string]struct{} // nil until the first subscribe
+	user     string              // the token's sub, as registered in Engine.users
 
 	// Middleware (mw.go). ident is the socket as the chain sees it: an
 	// immutable snapshot replaced (under mu) when the auth state changes,
@@ -436,6 +437,15 @@ func (s *Session) finishHandshake(p *sc.Packet, tok *auth.Token, authErr *sc.Err
 		pushToken = d.Identity.Token
 		tok, override = s.adoptIdentity(tok, d.Identity)
 	}
+	var sub string
+	if tok != nil {
+		sub = tok.Subject()
+	}
+	if reason, banned := e.banned(sub, s.remoteIP()); banned {
+		s.replyError(p.CID, sc.NewError("BannedError", reason))
+		s.close(CodeBanned, reason)
+		return
+	}
 	now := e.now()
 	s.mu.Lock()
 	if s.state >= stateClosing { // e.g. the handshake timeout fired meanwhile
@@ -589,6 +599,9 @@ var (
 	errPublishMalformed     = sc.NewError("InvalidActionError", "Publish channel name was malformatted")
 	errPublishDisabled      = sc.NewError("InvalidActionError", "Client publish feature is disabled")
 	errChannelTooLong       = sc.NewError("InvalidActionError", "Channel name is longer than "+strconv.Itoa(MaxChannelLen)+" bytes")
+	// "#" channels are the cluster's internal channels (users.go).
+	errInternalSubscribe = sc.NewError("InvalidActionError", "Cannot subscribe to an internal channel (names starting with #)")
+	errInternalPublish   = sc.NewError("InvalidActionError", "Cannot publish to an internal channel (names starting with #)")
 )
 
 func (s *Session) subscribe(p *sc.Packet) bool {
@@ -602,6 +615,10 @@ func (s *Session) subscribe(p *sc.Packet) bool {
 	}
 	if len(ch) > MaxChannelLen {
 		s.replyError(p.CID, errChannelTooLong)
+		return false
+	}
+	if ch[0] == '#' {
+		s.replyError(p.CID, errInternalSubscribe)
 		return false
 	}
 	chain := s.e.chain.Load()
@@ -644,12 +661,27 @@ func (s *Session) finishSubscribe(p *sc.Packet, name string, d middleware.Decisi
 		s.channels = make(map[string]struct{}, 1)
 	}
 	s.channels[name] = struct{}{}
+	if rb := s.e.recoveryBroker(); rb != nil {
+		since, epoch, recover := recoverRequest(p.Data)
+		if recover || s.e.channelOptions(name).History() {
+			// Reserved in s.channels; the socket joins the fan-out when
+			// the broker has answered (realtime.go).
+			s.mu.Unlock()
+			cid := append([]byte(nil), p.CID...)
+			s.subscribeRecover(rb, name, cid, since, epoch, recover)
+			return
+		}
+	}
 	// Added under s.mu so a concurrent Closed/KickOut sees a consistent set.
-	if s.e.hub.add(name, s) {
+	added := s.e.hub.add(name, s)
+	if added {
 		s.e.stats.subscriptions.Add(1)
 	}
 	s.mu.Unlock()
 	s.replyOK(p.CID)
+	if added {
+		s.presenceJoin(name)
+	}
 }
 
 func (s *Session) unsubscribe(p *sc.Packet) {
@@ -682,6 +714,7 @@ func (s *Session) leave(channel string) bool {
 	delete(s.channels, channel)
 	if s.e.hub.remove(channel, s) {
 		s.e.stats.subscriptions.Add(-1)
+		s.presenceLeave(channel)
 	}
 	return true
 }
@@ -708,6 +741,12 @@ func (s *Session) publish(p *sc.Packet) bool {
 	if !ok || len(ch) == 0 || len(ch) > MaxChannelLen {
 		if invoke {
 			s.replyError(p.CID, errPublishMalformed)
+		}
+		return false
+	}
+	if ch[0] == '#' {
+		if invoke {
+			s.replyError(p.CID, errInternalPublish)
 		}
 		return false
 	}

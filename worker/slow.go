@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/shoalhq/shoal/broker/chanopts"
 	"github.com/shoalhq/shoal/configs"
 	"github.com/shoalhq/shoal/middleware"
 	"github.com/shoalhq/shoal/proto/sc"
@@ -76,6 +77,7 @@ func (e *Engine) SetChannels(rules []configs.ChannelRule) error {
 		ps.rules = append(ps.rules, slowRule{pat: pat, pol: pol})
 	}
 	e.slow.Store(ps)
+	e.rules.Store(chanopts.Compile(rules))
 	return nil
 }
 

@@ -30,6 +30,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
 
+	"github.com/shoalhq/shoal/api"
 	"github.com/shoalhq/shoal/auth"
 	"github.com/shoalhq/shoal/brokerclient"
 	"github.com/shoalhq/shoal/configs"
@@ -38,6 +39,7 @@ import (
 	"github.com/shoalhq/shoal/middleware"
 	"github.com/shoalhq/shoal/proto/control"
 	"github.com/shoalhq/shoal/proxyproto"
+	"github.com/shoalhq/shoal/webhook"
 	"github.com/shoalhq/shoal/worker/netpoll"
 )
 
@@ -58,6 +60,8 @@ type Child struct {
 	eng     *Engine
 	srv     *netpoll.Server
 	bc      *brokerclient.Client
+	hooks   *webhook.Sender // nil: no webhooks
+	api     *api.Handler
 	hand    *handoff.Listener
 	proxy   *net.UnixListener
 	topoVer int64
@@ -164,12 +168,23 @@ func (c *Child) Start(ctx context.Context, p control.StartParams) (control.Start
 		log.Error("middleware plugin did not start", "error", err)
 	}
 
+	hooks, err := webhook.New(webhook.Options{Webhooks: cfg.Webhooks, Source: p.Name, Logger: log.Named("webhook")})
+	if err != nil {
+		return control.StartResult{}, fmt.Errorf("worker %s: webhooks: %w", p.Name, err)
+	}
+	bans := NewClusterBans()
+
 	var eng *Engine
 	var bc *brokerclient.Client
 	bc = brokerclient.New(brokerclient.Options{
 		Name: p.Name,
 		// Deliveries start only after a Subscribe, which needs eng.
-		OnMessage: func(channel string, data []byte, offset uint64) { eng.Deliver(channel, data, offset) },
+		OnPublication: func(channel string, data []byte, offset, epoch uint64) {
+			eng.DeliverPub(channel, data, offset, epoch)
+		},
+		OnJoinLeave: func(channel string, join bool, entry []byte) { eng.JoinLeave(channel, join, entry) },
+		OnResync:    func(channel string, res brokerclient.RecoverResult, err error) { eng.Resync(channel, res, err) },
+		Channels:    cfg.Channels,
 		// Runs on a link's reader goroutine; SetBrokers does not wait for
 		// readers, so this cannot deadlock.
 		OnMembers: func(eps []brokerclient.Endpoint) { c.ringMembers(bc, eps) },
@@ -184,12 +199,23 @@ func (c *Child) Start(ctx context.Context, p control.StartParams) (control.Start
 		Broker:       bc,
 		Frame:        netpoll.AppendTextFrame,
 		ErrQueueFull: netpoll.ErrQueueFull,
+		Webhooks:     hooks,
+		Bans:         bans,
 		Logger:       log.Named("sc"),
 	})
 	if err != nil {
 		bc.Close()
+		_ = hooks.Close(ctx)
 		return control.StartResult{}, fmt.Errorf("worker %s: %w", p.Name, err)
 	}
+	apiH, err := api.New(api.Config{API: cfg.API, Bans: bans, Logger: log.Named("api")}, NewAPIBackend(eng, bc))
+	if err != nil {
+		eng.Close()
+		bc.Close()
+		_ = hooks.Close(ctx)
+		return control.StartResult{}, fmt.Errorf("worker %s: server API: %w", p.Name, err)
+	}
+	c.api, c.hooks = apiH, hooks
 	srv, err := netpoll.New(netpoll.Config{
 		Path:           cfg.Listen.Path,
 		Origins:        cfg.Protocol.Origins,
@@ -205,10 +231,12 @@ func (c *Child) Start(ctx context.Context, p control.StartParams) (control.Start
 	if err != nil {
 		eng.Close()
 		bc.Close()
+		_ = hooks.Close(ctx)
 		return control.StartResult{}, fmt.Errorf("worker %s: starting WebSocket server: %w", p.Name, err)
 	}
 	c.eng, c.srv, c.bc = eng, srv, bc
 	c.setBrokersLocked(p.Topology)
+	eng.StartControl()
 
 	handPath := filepath.Join(p.RunDir, p.Name+".sock")
 	hand, err := handoff.Listen(handPath)
@@ -251,6 +279,8 @@ func (c *Child) httpHandler(name string) http.Handler {
 		w.Header().Set("Content-Type", "application/json")
 		_, _ = w.Write(body)
 	})
+	// The server API (docs/api.md); c.api is set before netpoll serves.
+	mux.HandleFunc(api.Prefix, func(w http.ResponseWriter, r *http.Request) { c.api.ServeHTTP(w, r) })
 	return mux
 }
 
@@ -445,6 +475,10 @@ func (c *Child) Drain(ctx context.Context, timeout time.Duration) error {
 	if err := srv.Shutdown(ctx, CodeGoingAway, "Worker is draining"); err != nil {
 		return fmt.Errorf("worker %s: draining: %w", c.name, err)
 	}
+	// The sockets are gone: flush their vacated/offline events.
+	if err := c.hooks.Close(ctx); err != nil {
+		return fmt.Errorf("worker %s: flushing webhooks: %w", c.name, err)
+	}
 	return nil
 }
 
@@ -494,6 +528,9 @@ func (c *Child) teardownLocked(ctx context.Context) error {
 	if c.bc != nil {
 		c.bc.Close()
 	}
+	if e := c.hooks.Close(ctx); e != nil && err == nil {
+		err = fmt.Errorf("worker %s: flushing webhooks: %w", c.name, e)
+	}
 	return err
 }
 
@@ -538,6 +575,11 @@ func (c *Child) Reload(ctx context.Context, config []byte) error {
 	}
 	c.eng.SetChain(chain)
 	c.eng.SetKeys(keys)
+	keyEnv := cfg.API.KeyEnv
+	if keyEnv == "" {
+		keyEnv = configs.Default().API.KeyEnv
+	}
+	c.api.SetKey(os.Getenv(keyEnv))
 	_ = c.eng.SetChannels(cfg.Channels)
 	c.cfg.Middleware, c.cfg.Auth, c.cfg.Channels = cfg.Middleware, cfg.Auth, cfg.Channels
 	c.log.Info("config reloaded", "middleware_rules", len(chain.Stats()), "auth", keys.Enabled())

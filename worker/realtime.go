@@ -1,0 +1,211 @@
+package worker
+
+import (
+	"strconv"
+
+	"github.com/shoalhq/shoal/broker/chanopts"
+	"github.com/shoalhq/shoal/brokerclient"
+	"github.com/shoalhq/shoal/proto/sc"
+)
+
+// History, recovery and presence on the worker side (docs/history.md,
+// "What the worker does with it").
+//
+// Wire shapes (all additions the official client ignores):
+//
+//	#publish on a history channel: {"event":"#publish","data":{"channel":C,"data":D,"offset":N,"epoch":"E"}}
+//	#subscribe ack on a history channel: {"rid":R,"data":{"recovered":B,"epoch":"E","offset":N}}
+//	after a subscribe that carried data.recover: {"event":"#recovery","data":{"channel":C,"recovered":B,"epoch":"E","offset":N}}
+//	join/leave (join_leave rules): {"event":"#presence","data":{"channel":C,"join":ENTRY}} or "leave"
+
+// RecoveryBroker is what recovery and presence need of the broker client
+// beyond Broker; *brokerclient.Client implements it. An EngineConfig.Broker
+// without it (test fakes) gets plain subscriptions and no presence.
+type RecoveryBroker interface {
+	SubscribeRecover(channel string, since uint64, epoch string, done func(brokerclient.RecoverResult, error))
+	PresenceJoin(channel string, e brokerclient.PresenceEntry) error
+	PresenceLeave(channel, conn string)
+}
+
+var _ RecoveryBroker = (*brokerclient.Client)(nil)
+
+// recoveryBroker returns the broker's recovery capability, or nil.
+func (e *Engine) recoveryBroker() RecoveryBroker {
+	rb, _ := e.cfg.Broker.(RecoveryBroker)
+	return rb
+}
+
+// channelOptions are the channel's history/presence options (first
+// matching `channels:` rule). Lookup does not allocate.
+func (e *Engine) channelOptions(channel string) chanopts.Options {
+	return e.rules.Load().Lookup(channel)
+}
+
+// appendPublishPos appends a #publish carrying the broker's position. The
+// epoch is formatted into the frame directly (base 36, as
+// brokerclient.FormatEpoch), so nothing is allocated per message.
+func appendPublishPos(dst []byte, channel string, data []byte, offset, epoch uint64) []byte {
+	dst = append(dst, `{"event":"#publish","data":{"channel":`...)
+	dst = sc.AppendString(dst, channel)
+	dst = append(dst, `,"data":`...)
+	if data == nil {
+		data = []byte("null")
+	}
+	dst = append(dst, data...)
+	dst = append(dst, `,"offset":`...)
+	dst = strconv.AppendUint(dst, offset, 10)
+	dst = append(dst, `,"epoch":"`...)
+	dst = strconv.AppendUint(dst, epoch, 36)
+	return append(dst, `"}}`...)
+}
+
+// appendPosition appends {"recovered":B,"epoch":"E","offset":N}.
+func appendPosition(dst []byte, channel string, res brokerclient.RecoverResult) []byte {
+	dst = append(dst, '{')
+	if channel != "" {
+		dst = append(dst, `"channel":`...)
+		dst = sc.AppendString(dst, channel)
+		dst = append(dst, ',')
+	}
+	dst = append(dst, `"recovered":`...)
+	dst = strconv.AppendBool(dst, res.Recovered)
+	dst = append(dst, `,"epoch":`...)
+	dst = sc.AppendString(dst, res.Epoch)
+	dst = append(dst, `,"offset":`...)
+	dst = strconv.AppendUint(dst, res.Offset, 10)
+	return append(dst, '}')
+}
+
+// recoverRequest reads data.recover {"offset":N,"epoch":"E"} from a
+// #subscribe's data; ok is false when the subscribe carries none.
+func recoverRequest(subData []byte) (offset uint64, epoch string, ok bool) {
+	sd, found := sc.Field(subData, "data")
+	if !found {
+		return 0, "", false
+	}
+	rec, found := sc.Field(sd, "recover")
+	if !found || sc.IsNull(rec) {
+		return 0, "", false
+	}
+	if raw, found := sc.Field(rec, "offset"); found {
+		// A malformed offset is 0: the broker answers recovered=false.
+		offset, _ = strconv.ParseUint(string(raw), 10, 64)
+	}
+	if ep, found := sc.StringField(rec, "epoch"); found {
+		epoch = string(ep)
+	}
+	return offset, epoch, true
+}
+
+// subscribeRecover registers the socket's subscription through the
+// broker's recovery path: the ack carries the channel's position; for a
+// subscribe with data.recover the socket then gets #recovery, the missed
+// messages in order, and only then joins the local fan-out. done runs on
+// the broker link's reader goroutine before any later publication of the
+// channel is delivered, which is what makes the seam exact. The channel is
+// already reserved in s.channels by the caller.
+func (s *Session) subscribeRecover(rb RecoveryBroker, name string, cid []byte, since uint64, epoch string, recover bool) {
+	e := s.e
+	rb.SubscribeRecover(name, since, epoch, func(res brokerclient.RecoverResult, err error) {
+		if err != nil {
+			// The interest stays registered (re-sent when the owner's link
+			// comes up): the socket gets live messages, without recovery.
+			e.log.Warn("recovery subscribe failed", "channel", name, "error", err)
+			res = brokerclient.RecoverResult{}
+		}
+		pos := appendPosition(nil, "", res)
+		s.reply(func(b []byte) []byte { return sc.AppendResponse(b, cid, pos) })
+		if recover {
+			ev := appendPosition(nil, name, res)
+			s.reply(func(b []byte) []byte { return sc.AppendEvent(b, "#recovery", ev) })
+			if res.Recovered {
+				ep := brokerclient.ParseEpoch(res.Epoch)
+				for _, m := range res.Messages {
+					s.reply(func(b []byte) []byte { return appendPublishPos(b, name, m.Data, m.Offset, ep) })
+				}
+			}
+		}
+		s.mu.Lock()
+		_, still := s.channels[name]
+		added := false
+		if still && s.state == stateOpen {
+			added = e.hub.add(name, s)
+			if added {
+				e.stats.subscriptions.Add(1)
+			}
+		}
+		s.mu.Unlock()
+		if added {
+			s.presenceJoin(name)
+			return
+		}
+		// Closed or unsubscribed meanwhile: drop the worker-level interest
+		// SubscribeRecover registered unless another socket holds it.
+		e.hub.release(name)
+	})
+}
+
+// presenceJoin announces the session on a presence channel.
+func (s *Session) presenceJoin(channel string) {
+	rb := s.e.recoveryBroker()
+	if rb == nil || !s.e.channelOptions(channel).Presence {
+		return
+	}
+	s.mu.Lock()
+	user := s.user
+	s.mu.Unlock()
+	if err := rb.PresenceJoin(channel, brokerclient.PresenceEntry{Conn: s.id, User: user, Worker: s.e.cfg.Name}); err != nil {
+		s.e.log.Warn("presence join failed", "channel", channel, "error", err)
+	}
+}
+
+// presenceLeave withdraws the session from a presence channel. A channel
+// whose presence option a reload turned off since the join is left too
+// when the link drops (the broker removes a link's entries).
+func (s *Session) presenceLeave(channel string) {
+	rb := s.e.recoveryBroker()
+	if rb == nil || !s.e.channelOptions(channel).Presence {
+		return
+	}
+	rb.PresenceLeave(channel, s.id)
+}
+
+// JoinLeave is the broker client's OnJoinLeave: the entry goes to the
+// channel's local subscribers as a #presence event, framed once.
+func (e *Engine) JoinLeave(channel string, join bool, entry []byte) {
+	if e.hub.Subscribers(channel) == 0 {
+		return
+	}
+	key := `,"leave":`
+	if join {
+		key = `,"join":`
+	}
+	payload := make([]byte, 0, 64+len(channel)+len(entry))
+	payload = append(payload, `{"event":"#presence","data":{"channel":`...)
+	payload = sc.AppendString(payload, channel)
+	payload = append(payload, key...)
+	payload = append(payload, entry...)
+	payload = append(payload, "}}"...)
+	frame := e.cfg.Frame(make([]byte, 0, len(payload)+14), payload)
+	n := e.hub.fanout(channel, frame, e.policyFor(channel), e.overflow)
+	e.stats.msgsOut.Add(int64(n))
+}
+
+// Resync is the broker client's OnResync: the worker's own link to a
+// history channel's owner dropped and came back. When the gap could not be
+// filled, every local socket of the channel missed messages: they are
+// kicked out of it (#kickOut), so a recovering client resubscribes with
+// its own position and learns recovered=false instead of silently missing
+// messages.
+func (e *Engine) Resync(channel string, res brokerclient.RecoverResult, err error) {
+	if err == nil && res.Recovered {
+		return
+	}
+	var arr [64]*Session
+	subs := e.hub.subscribers(arr[:0], channel)
+	e.log.Warn("worker-level recovery failed; kicking the channel's sockets so they recover themselves",
+		"channel", channel, "sockets", len(subs), "error", err)
+	for _, s := range subs {
+		s.KickOut(channel, "Missed messages could not be recovered; subscribe again")
+	}
+}
