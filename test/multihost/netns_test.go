@@ -64,6 +64,21 @@ func refused(err error) bool {
 	return false
 }
 
+// freeSubnet picks a 10.231.N /24 that no interface of the root namespace
+// uses yet, starting at N = seed mod 250, so concurrent runs (several test
+// processes, other engineers' runs) do not share a subnet.
+func freeSubnet(seed int) string {
+	out, _ := exec.Command("ip", "-o", "-4", "addr", "show").CombinedOutput()
+	used := string(out)
+	for i := range 250 {
+		sn := fmt.Sprintf("10.231.%d", (seed+i)%250)
+		if !strings.Contains(used, sn+".") {
+			return sn
+		}
+	}
+	return fmt.Sprintf("10.231.%d", seed%250)
+}
+
 func newLab(t *testing.T, n int) *lab {
 	t.Helper()
 	if os.Geteuid() != 0 {
@@ -75,7 +90,7 @@ func newLab(t *testing.T, n int) *lab {
 	pid, seq := os.Getpid(), int(labSeq.Add(1)-1)
 	id := fmt.Sprintf("%d%c", pid, 'a'+seq%26) // bridge and veth names stay within 15 bytes
 	l := &lab{bridge: "shmh" + id}
-	subnet := fmt.Sprintf("10.231.%d", (pid+seq)%250)
+	subnet := freeSubnet(pid + seq)
 	fail := func(what string, err error) {
 		t.Helper()
 		if refused(err) {
