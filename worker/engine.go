@@ -118,6 +118,7 @@ type Engine struct {
 	stop chan struct{}
 	done chan struct{}
 	once sync.Once
+	bg   sync.WaitGroup // background tasks that end on stop (StartControl)
 
 	stats engineStats
 }
@@ -221,6 +222,7 @@ func NewEngine(cfg EngineConfig) (*Engine, error) {
 func (e *Engine) Close() {
 	e.once.Do(func() { close(e.stop) })
 	<-e.done
+	e.bg.Wait()
 }
 
 // Hub is the engine's channel table.

@@ -1,0 +1,522 @@
+package e2e
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/golang-jwt/jwt/v5"
+
+	"github.com/shoalhq/shoal/client"
+	"github.com/shoalhq/shoal/webhook"
+)
+
+// Secrets the realtime cluster's children get through the environment.
+const (
+	testAPIKey        = "e2e-api-key-0123456789"
+	testAuthKey       = "e2e-auth-key-0123456789abcdef"
+	testWebhookSecret = "e2e-webhook-secret"
+)
+
+// startRealtimeCluster runs `shoal run` with two workers, two brokers,
+// history/presence channels, the server API and (if hookURL is set)
+// webhooks, the secrets passed in the environment.
+func startRealtimeCluster(t *testing.T, hookURL string) *cluster {
+	t.Helper()
+	c := &cluster{t: t, public: freePort(t), admin: freePort(t), stdout: &syncBuffer{}, stderr: &syncBuffer{}, waited: make(chan error, 1)}
+	dir := t.TempDir()
+	hooks := ""
+	if hookURL != "" {
+		hooks = fmt.Sprintf("webhooks:\n  url: %q\n  secret_env: SHOAL_WEBHOOK_SECRET\n", hookURL)
+	}
+	cfg := fmt.Sprintf(`cluster:
+  workers: 2
+  brokers: 2
+  gossip: 127.0.0.1:0
+  restart: {backoff_min: 100ms, backoff_max: 1s}
+listen:
+  public: %s
+  admin: %s
+auth:
+  jwt: {algorithms: [HS256], key_env: SHOAL_AUTH_KEY}
+channels:
+  - match: "chat/**"
+    history: {size: 100, ttl: 1h}
+    presence: true
+    join_leave: true
+    recover: 120s
+api:
+  key_env: SHOAL_API_KEY
+%sstorage:
+  dir: %s
+log:
+  level: info
+`, c.public, c.admin, hooks, filepath.Join(dir, "data"))
+	c.cfgPath = filepath.Join(dir, "shoal.yaml")
+	if err := os.WriteFile(c.cfgPath, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	c.cmd = exec.Command(shoalBin, "run", "-c", c.cfgPath)
+	c.cmd.Env = append(os.Environ(), "SHOAL_API_KEY="+testAPIKey, "SHOAL_AUTH_KEY="+testAuthKey, "SHOAL_WEBHOOK_SECRET="+testWebhookSecret)
+	c.cmd.Stdout, c.cmd.Stderr = c.stdout, c.stderr
+	if err := c.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { c.waited <- c.cmd.Wait() }()
+	t.Cleanup(func() {
+		if !c.exited {
+			_ = c.cmd.Process.Signal(syscall.SIGTERM)
+			select {
+			case err := <-c.waited:
+				c.exited, c.exitErr = true, err
+			case <-time.After(15 * time.Second):
+				_ = c.cmd.Process.Kill()
+				c.wait(30 * time.Second)
+			}
+		}
+		if t.Failed() {
+			logs, _, _ := shoal(t, "logs", "-c", c.cfgPath, "-n", "80")
+			t.Logf("shoal run stdout:\n%s\nlast log lines:\n%s", c.stdout, logs)
+		}
+	})
+	c.waitReady(20 * time.Second)
+	return c
+}
+
+// userToken signs a token for sub with the cluster's auth key.
+func userToken(t *testing.T, sub string) string {
+	t.Helper()
+	s, err := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.MapClaims{"sub": sub, "exp": time.Now().Add(time.Hour).Unix()}).SignedString([]byte(testAuthKey))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+var apiHTTP = &http.Client{Timeout: 15 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+
+// callAPI POSTs body to the server API through the balancer and decodes
+// the answer into out (may be nil); it returns the HTTP status.
+func callAPI(t *testing.T, public, method string, body any, out any) int {
+	t.Helper()
+	b, err := json.Marshal(body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req, err := http.NewRequest(http.MethodPost, "http://"+public+"/api/v1/"+method, bytes.NewReader(b))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("X-API-Key", testAPIKey)
+	resp, err := apiHTTP.Do(req)
+	if err != nil {
+		t.Fatalf("API %s: %v", method, err)
+	}
+	defer resp.Body.Close()
+	raw, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("API %s: reading the answer: %v", method, err)
+	}
+	if out != nil && resp.StatusCode == http.StatusOK {
+		if err := json.Unmarshal(raw, out); err != nil {
+			t.Fatalf("API %s: %s: %v", method, raw, err)
+		}
+	}
+	if resp.StatusCode != http.StatusOK {
+		t.Logf("API %s answered %d: %s", method, resp.StatusCode, raw)
+	}
+	return resp.StatusCode
+}
+
+// workerConnections reads the per-worker connection gauge from /metrics.
+func workerConnections(c *cluster) map[string]int {
+	out := map[string]int{}
+	resp, err := httpClient.Get("http://" + c.admin + "/metrics")
+	if err != nil {
+		return out
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		l := sc.Text()
+		if !strings.HasPrefix(l, "shoal_connections{") || !strings.Contains(l, `role="worker"`) {
+			continue
+		}
+		var name string
+		if i := strings.Index(l, `proc="`); i >= 0 {
+			name = l[i+6:]
+			name = name[:strings.IndexByte(name, '"')]
+		}
+		var n int
+		fmt.Sscan(l[strings.LastIndexByte(l, ' ')+1:], &n)
+		out[name] = n
+	}
+	return out
+}
+
+// hookSink is the webhook receiver: it checks every signature and keeps
+// the events.
+type hookSink struct {
+	mu     sync.Mutex
+	events []map[string]any
+	bad    int
+}
+
+func (h *hookSink) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	body, _ := io.ReadAll(r.Body)
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if err := webhook.Verify([]byte(testWebhookSecret), r.Header.Get("X-Shoal-Timestamp"), r.Header.Get("X-Shoal-Signature"), body, 5*time.Minute, time.Now()); err != nil {
+		h.bad++
+		w.WriteHeader(http.StatusUnauthorized)
+		return
+	}
+	var batch struct {
+		Events []map[string]any `json:"events"`
+	}
+	if err := json.Unmarshal(body, &batch); err != nil {
+		h.bad++
+		w.WriteHeader(http.StatusBadRequest)
+		return
+	}
+	h.events = append(h.events, batch.Events...)
+}
+
+// has reports whether an event of typ about key (channel or user) arrived.
+func (h *hookSink) has(typ, key string) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, e := range h.events {
+		if e["type"] == typ && (e["channel"] == key || e["user"] == key) {
+			return true
+		}
+	}
+	return false
+}
+
+// closeWatch records the error a client's connection ended with.
+type closeWatch struct {
+	mu  sync.Mutex
+	err error
+}
+
+func (w *closeWatch) set(err error) { w.mu.Lock(); w.err = err; w.mu.Unlock() }
+func (w *closeWatch) get() error    { w.mu.Lock(); defer w.mu.Unlock(); return w.err }
+
+// events collects a client's non-publish events (#presence, #recovery).
+type events struct {
+	mu   sync.Mutex
+	list []string
+}
+
+func (e *events) add(ev string, data json.RawMessage) {
+	e.mu.Lock()
+	e.list = append(e.list, ev+" "+string(data))
+	e.mu.Unlock()
+}
+
+func (e *events) contains(sub ...string) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+next:
+	for _, l := range e.list {
+		for _, s := range sub {
+			if !strings.Contains(l, s) {
+				continue next
+			}
+		}
+		return true
+	}
+	return false
+}
+
+// dialUser connects a Go client as user through the balancer.
+func dialUser(t *testing.T, public, user string) (*client.Client, *closeWatch, *events) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	cw, ev := &closeWatch{}, &events{}
+	cl, err := client.Dial(ctx, "ws://"+public+"/socketcluster/", client.Options{
+		AuthToken: userToken(t, user),
+		OnClose:   cw.set,
+		OnEvent:   ev.add,
+	})
+	if err != nil {
+		t.Fatalf("dialing as %s: %v", user, err)
+	}
+	t.Cleanup(func() { cl.Close() })
+	if !cl.Handshake().IsAuthenticated {
+		t.Fatalf("%s: handshake not authenticated: %s", user, cl.Handshake().AuthError)
+	}
+	return cl, cw, ev
+}
+
+func recvMsg(t *testing.T, sub *client.Subscription, what string) client.Message {
+	t.Helper()
+	select {
+	case m := <-sub.C:
+		return m
+	case <-time.After(5 * time.Second):
+		t.Fatalf("%s: no message within 5 s", what)
+		return client.Message{}
+	}
+}
+
+type presenceAnswer struct {
+	Presence map[string]struct {
+		Client string `json:"client"`
+		User   string `json:"user"`
+	} `json:"presence"`
+}
+
+func presenceUsers(t *testing.T, public, channel string) []string {
+	t.Helper()
+	var p presenceAnswer
+	if st := callAPI(t, public, "presence", map[string]any{"channel": channel}, &p); st != http.StatusOK {
+		return nil
+	}
+	var users []string
+	for _, e := range p.Presence {
+		users = append(users, e.User)
+	}
+	return users
+}
+
+func sameUsers(got []string, want ...string) bool {
+	if len(got) != len(want) {
+		return false
+	}
+	seen := map[string]int{}
+	for _, u := range got {
+		seen[u]++
+	}
+	for _, u := range want {
+		seen[u]--
+	}
+	for _, n := range seen {
+		if n != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// TestServerAPI runs the server API, presence, cluster-wide user actions,
+// bans and webhooks against one real cluster (two workers, two brokers),
+// then SIGKILLs a worker and checks that its presence entries go.
+func TestServerAPI(t *testing.T) {
+	sink := &hookSink{}
+	hs := httptest.NewServer(sink)
+	defer hs.Close()
+	c := startRealtimeCluster(t, hs.URL+"/events")
+	ctx, cancel := context.WithTimeout(context.Background(), 40*time.Second)
+	defer cancel()
+	const ch = "chat/lobby"
+
+	// Two users, one per worker: the balancer picks the least loaded.
+	alice, aliceClosed, aliceEv := dialUser(t, c.public, "alice")
+	aSub, err := alice.Subscribe(ctx, ch, 64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bob, bobClosed, _ := dialUser(t, c.public, "bob")
+	bSub, err := bob.Subscribe(ctx, ch, 64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "one connection on each worker", func() bool {
+		n := workerConnections(c)
+		return n["worker-1"] == 1 && n["worker-2"] == 1
+	})
+
+	t.Run("publish", func(t *testing.T) {
+		var pos struct {
+			Offset uint64 `json:"offset"`
+			Epoch  string `json:"epoch"`
+		}
+		if st := callAPI(t, c.public, "publish", map[string]any{"channel": ch, "data": map[string]any{"text": "hello"}}, &pos); st != http.StatusOK {
+			t.Fatalf("publish: %d", st)
+		}
+		if pos.Offset == 0 || pos.Epoch == "" {
+			t.Fatalf("publish answered no position: %+v", pos)
+		}
+		for name, sub := range map[string]*client.Subscription{"alice": aSub, "bob": bSub} {
+			m := recvMsg(t, sub, name)
+			if string(m.Data) != `{"text":"hello"}` || m.Offset != pos.Offset || m.Epoch != pos.Epoch {
+				t.Fatalf("%s got %s offset %d epoch %q; want the API's publish at %d/%s", name, m.Data, m.Offset, m.Epoch, pos.Offset, pos.Epoch)
+			}
+		}
+		var hist struct {
+			Publications []struct {
+				Offset uint64          `json:"offset"`
+				Data   json.RawMessage `json:"data"`
+			} `json:"publications"`
+			Offset uint64 `json:"offset"`
+			Epoch  string `json:"epoch"`
+		}
+		if st := callAPI(t, c.public, "history", map[string]any{"channel": ch}, &hist); st != http.StatusOK {
+			t.Fatalf("history: %d", st)
+		}
+		last := hist.Publications[len(hist.Publications)-1]
+		if last.Offset != pos.Offset || string(last.Data) != `{"text":"hello"}` || hist.Epoch != pos.Epoch {
+			t.Fatalf("history: %+v; want the publish at %d", hist, pos.Offset)
+		}
+	})
+
+	t.Run("presence", func(t *testing.T) {
+		waitFor(t, 5*time.Second, "alice and bob in presence", func() bool {
+			return sameUsers(presenceUsers(t, c.public, ch), "alice", "bob")
+		})
+		var st struct {
+			NumClients int `json:"num_clients"`
+			NumUsers   int `json:"num_users"`
+		}
+		if code := callAPI(t, c.public, "presence_stats", map[string]any{"channel": ch}, &st); code != http.StatusOK || st.NumClients != 2 || st.NumUsers != 2 {
+			t.Fatalf("presence_stats: %d %+v", code, st)
+		}
+		// join_leave: alice (subscribed first) was told bob joined.
+		waitFor(t, 5*time.Second, "alice's #presence join event for bob", func() bool {
+			return aliceEv.contains("#presence", `"join"`, `"user":"bob"`)
+		})
+		var chans struct {
+			Channels map[string]struct {
+				NumClients int `json:"num_clients"`
+			} `json:"channels"`
+		}
+		if code := callAPI(t, c.public, "channels", map[string]any{"pattern": "chat/**"}, &chans); code != http.StatusOK || chans.Channels[ch].NumClients != 2 {
+			t.Fatalf("channels: %d %+v", code, chans)
+		}
+	})
+
+	t.Run("internal channels refused", func(t *testing.T) {
+		var ce *client.Error
+		if _, err := alice.Subscribe(ctx, "#user/bob", 1); !errors.As(err, &ce) || ce.Name != "InvalidActionError" {
+			t.Fatalf("subscribe #user/bob: %v; want InvalidActionError", err)
+		}
+		if err := alice.Publish(ctx, "#bans", map[string]any{"op": "ban"}); !errors.As(err, &ce) || ce.Name != "InvalidActionError" {
+			t.Fatalf("publish #bans: %v; want InvalidActionError", err)
+		}
+	})
+
+	t.Run("disconnect across workers", func(t *testing.T) {
+		// alice and bob are on different workers, so whichever worker
+		// serves these calls, one of them targets another worker.
+		for _, u := range []struct {
+			name string
+			w    *closeWatch
+		}{{"alice", aliceClosed}, {"bob", bobClosed}} {
+			var res struct {
+				Disconnected int `json:"disconnected"`
+			}
+			if st := callAPI(t, c.public, "disconnect", map[string]any{"user": u.name, "code": 4403, "reason": "bye"}, &res); st != http.StatusOK {
+				t.Fatalf("disconnect %s: %d", u.name, st)
+			}
+			if res.Disconnected != 1 {
+				t.Fatalf("disconnect %s: %d sessions; want 1", u.name, res.Disconnected)
+			}
+			waitFor(t, 5*time.Second, u.name+" closed with 4403", func() bool {
+				var ce *client.CloseError
+				return errors.As(u.w.get(), &ce) && ce.Code == 4403
+			})
+		}
+		waitFor(t, 5*time.Second, "presence empty after the disconnects", func() bool {
+			return sameUsers(presenceUsers(t, c.public, ch))
+		})
+	})
+
+	t.Run("ban", func(t *testing.T) {
+		if st := callAPI(t, c.public, "ban", map[string]any{"user": "mallory", "reason": "spam"}, nil); st != http.StatusOK {
+			t.Fatalf("ban: %d", st)
+		}
+		// Twice: the balancer spreads the two over both workers, and the
+		// ban must hold on each (it reached the other over #bans).
+		for i := 0; i < 2; i++ {
+			waitFor(t, 5*time.Second, "mallory refused at the handshake", func() bool {
+				dctx, dcancel := context.WithTimeout(ctx, 5*time.Second)
+				defer dcancel()
+				cl, err := client.Dial(dctx, "ws://"+c.public+"/socketcluster/", client.Options{AuthToken: userToken(t, "mallory")})
+				if err == nil {
+					cl.Close()
+					return false
+				}
+				return strings.Contains(err.Error(), "spam") || strings.Contains(err.Error(), "4403") || strings.Contains(err.Error(), "Banned")
+			})
+			// Keep one connection open so the next dial goes to the other
+			// worker (closed when this subtest ends).
+			if i == 0 {
+				dialUser(t, c.public, "keeper")
+			}
+		}
+	})
+
+	t.Run("webhooks", func(t *testing.T) {
+		waitFor(t, 10*time.Second, "occupied/online/offline/vacated webhooks", func() bool {
+			return sink.has("channel.occupied", ch) && sink.has("user.online", "alice") && sink.has("user.online", "bob") &&
+				sink.has("user.offline", "alice") && sink.has("channel.vacated", ch)
+		})
+		sink.mu.Lock()
+		bad := sink.bad
+		sink.mu.Unlock()
+		if bad != 0 {
+			t.Fatalf("%d webhook requests with a bad signature or body", bad)
+		}
+	})
+
+	t.Run("no presence ghosts after SIGKILL of a worker", func(t *testing.T) {
+		// carol and dave on different workers, both on the channel.
+		// The earlier subtests' connections are closed by now (their
+		// cleanups ran); the supervisor's gauge follows within 2 s.
+		waitFor(t, 10*time.Second, "old connections gone", func() bool {
+			n := workerConnections(c)
+			return n["worker-1"]+n["worker-2"] == 0
+		})
+		carol, carolClosed, _ := dialUser(t, c.public, "carol")
+		dave, daveClosed, _ := dialUser(t, c.public, "dave")
+		waitFor(t, 10*time.Second, "connections on both workers", func() bool {
+			n := workerConnections(c)
+			return n["worker-1"] == 1 && n["worker-2"] == 1
+		})
+		for _, cl := range []*client.Client{carol, dave} {
+			if _, err := cl.Subscribe(ctx, ch, 8); err != nil {
+				t.Fatal(err)
+			}
+		}
+		waitFor(t, 5*time.Second, "carol and dave in presence", func() bool {
+			return sameUsers(presenceUsers(t, c.public, ch), "carol", "dave")
+		})
+		victim := c.proc("worker-1")
+		if err := syscall.Kill(victim.Pid, syscall.SIGKILL); err != nil {
+			t.Fatal(err)
+		}
+		killed := time.Now()
+		var survivor string
+		waitFor(t, 10*time.Second, "the killed worker's client to see its connection end", func() bool {
+			switch {
+			case carolClosed.get() != nil && daveClosed.get() == nil:
+				survivor = "dave"
+			case daveClosed.get() != nil && carolClosed.get() == nil:
+				survivor = "carol"
+			}
+			return survivor != ""
+		})
+		waitFor(t, 10*time.Second-time.Since(killed), "only "+survivor+" left in presence", func() bool {
+			return sameUsers(presenceUsers(t, c.public, ch), survivor)
+		})
+		t.Logf("presence without the killed worker's entry %s after SIGKILL", time.Since(killed).Round(time.Millisecond))
+	})
+}
