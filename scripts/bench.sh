@@ -32,6 +32,7 @@ CONNS1=${CONNS1:-10000}          # idle-memory run 1 (ws://)
 CONNS2=${CONNS2:-20000}          # idle-memory run 2 (ws://); the reference runs REF_CONNS2
 REF_CONNS2=${REF_CONNS2:-19000}  # one Node process holds at most ~19,900 here
 CONN_AGENTS=${CONN_AGENTS:-2}    # load processes for the conns runs
+CONN_CONCURRENCY=${CONN_CONCURRENCY:-64} # connection openings in flight per agent (the tool's default)
 SOURCES=${SOURCES:-64}           # client source addresses, from SOURCE_BASE on
 SOURCE_BASE=${SOURCE_BASE:-127.0.1.1}
 HOLD=${HOLD:-3s}                 # idle time before memory is read
@@ -104,7 +105,7 @@ freeport() { "$report" freeport "${1:-1}"; }
 get() { "$report" get "$1" "$2" 2>/dev/null || echo 0; }
 
 # want LABEL: whether ONLY (space-separated labels; empty = all) selects it.
-want() { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]; }
+want() { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]] || [[ $1 == profile-* ]]; }
 
 # run SIDE LABEL ARGS...: one `shoal bench` scenario, JSON to SIDE/LABEL.json,
 # the exact command to SIDE/LABEL.cmd. A failed run leaves no .json (the
@@ -140,7 +141,7 @@ summary() {
   local f=$1
   case $(basename "$f") in
     conns*) echo "connected $(get "$f" connected), $(get "$f" conns_per_s) conns/s, $(get "$f" server_rss_per_conn_kib) KiB/conn";;
-    *fanout*|latency*) echo "$(get "$f" deliveries_per_s) deliveries/s, lost $(get "$f" lost), order $(get "$f" order_violations), p99 $(get "$f" latency_p99_ms) ms";;
+    *fanout*|latency*|profile-*) echo "$(get "$f" deliveries_per_s) deliveries/s, lost $(get "$f" lost), order $(get "$f" order_violations), p99 $(get "$f" latency_p99_ms) ms";;
     rtt*) echo "$(get "$f" round_trips_per_s) round trips/s";;
     churn*) echo "$(get "$f" cycles_per_s) cycles/s, failed $(get "$f" failed)";;
   esac
@@ -177,8 +178,8 @@ ceil_div() { echo $(( ($1 + $2 - 1) / $2 )); }
 scenarios() {
   local side=$1 conns2=$2 pids=$3; shift 3
   local src=(--sources "$SOURCES" --source-base "$SOURCE_BASE")
-  run_mem "$pids" "$side" conns-10k conns "$@" --conns "$CONNS1" --agents "$CONN_AGENTS" --hold "$HOLD" "${src[@]}"
-  run_mem "$pids" "$side" conns-20k conns "$@" --conns "$conns2" --agents "$CONN_AGENTS" --hold "$HOLD" "${src[@]}"
+  run_mem "$pids" "$side" conns-10k conns "$@" --conns "$CONNS1" --agents "$CONN_AGENTS" --concurrency "$CONN_CONCURRENCY" --hold "$HOLD" "${src[@]}"
+  run_mem "$pids" "$side" conns-20k conns "$@" --conns "$conns2" --agents "$CONN_AGENTS" --concurrency "$CONN_CONCURRENCY" --hold "$HOLD" "${src[@]}"
   run "$side" fanout-1x fanout "$@" --channels 1 --subs "$SUBS" --publishers 1 --payload 100 --duration "$DURATION" --agents "$AGENTS" "${src[@]}"
   run "$side" fanout-100x fanout "$@" --channels "$CHANNELS2" --subs "$SUBS2" --publishers "$PUBS2" --payload 100 --duration "$DURATION" --agents "$AGENTS" "${src[@]}"
   # The maximum rate is the sustained one: publishes/s that reached every
@@ -277,61 +278,86 @@ server_pids() { # the supervisor and every child of the current cluster, comma-s
   { echo "$shoal_pid"; awk '/ ready  pid / { print $4 }' "$work/$1/run.log"; } | paste -sd, -
 }
 
-start_shoal cluster auto 1
-scenarios shoal "$CONNS2" "$(server_pids cluster)" --url "$url" --admin "$admin"
-rmax=$(sustained "$work/ref/fanout-1x.json")
-if [ "$rmax" -gt 1 ]; then
-  cp "$work/ref/latency-half.json" "$work/ref/latency-same.json" 2>/dev/null || true
-  cp "$work/ref/latency-half.cmd" "$work/ref/latency-same.cmd" 2>/dev/null || true
-  run shoal latency-same fanout --url "$url" --admin "$admin" --channels 1 --subs "$SUBS" --publishers 1 --payload 100 \
-    --duration "$DURATION" --agents "$AGENTS" --rate "$(half "$rmax")" --sources "$SOURCES" --source-base "$SOURCE_BASE"
-fi
-if [ "$WSS_CONNS" -gt 0 ] && [ -n "$wss" ]; then
-  run_mem "$(server_pids cluster)" shoal conns-wss conns --url "$wss" --admin "$admin" --conns "$WSS_CONNS" --agents "$CONN_AGENTS" --hold "$HOLD" \
-    --sources "$SOURCES" --source-base "$SOURCE_BASE"
-fi
+# profile_fanout NAME [ARGS]: the 1-channel fan-out again (ARGS added),
+# with perf recording every process of the cluster; appends a summary to
+# profile.txt: samples per process, Go vs kernel, hottest functions.
+profile_fanout() {
+  local name=$1; shift
+  local secs pids
+  secs=$(awk -v d="$DURATION" 'BEGIN { sub(/s$/, "", d); print int(d) + 3 }')
+  pids=$(server_pids cluster)
+  ( sleep 1; exec perf record -q -F 999 -g -p "$pids" -o "$work/perf-$name.data" -- sleep "$secs" ) >"$work/perf-$name.log" 2>&1 &
+  perf_pid=$!
+  run shoal "profile-$name" fanout --url "$url" --admin "$admin" --channels 1 --subs "$SUBS" --publishers 1 --payload 100 \
+    --duration "$DURATION" --agents "$AGENTS" --sources "$SOURCES" --source-base "$SOURCE_BASE" "$@"
+  wait "$perf_pid" 2>/dev/null || true; perf_pid=""
+  local data=$work/perf-$name.data
+  [ -s "$data" ] || return 0
+  ( # a report pipeline cut short by head must not stop the run
+    set +e +o pipefail
+    echo "######## $name: $(summary "$work/shoal/profile-$name.json")"
+    echo "# $(cat "$work/shoal/profile-$name.cmd")"
+    echo "# server CPU $(get "$work/shoal/profile-$name.json" server_cpu_cores) cores, bench CPU $(get "$work/shoal/profile-$name.json" tool_cpu_cores) cores"
+    echo "# perf record -F 999 -g -p <supervisor, balancer, workers, brokers> -- sleep $secs"
+    echo
+    echo "## Samples per process (perf script -F pid), and the kernel's share of each"
+    perf script -i "$data" -F pid 2>/dev/null | awk '{ n[$1]++; t++ } END { for (p in n) printf "%d %d %.1f\n", n[p], p, 100 * n[p] / t }' |
+      sort -rn | while read -r n p pct; do
+        kern=$(perf report -i "$data" --pid "$p" --no-children --sort dso --stdio -g none --percentage relative 2>/dev/null </dev/null |
+          awk '/kernel.kallsyms/ { print $1 }')
+        printf '  %-12s %6s%% of samples (%s), in the kernel: %s\n' "$(proc_name "$p")" "$pct" "$n" "${kern:-0%}"
+      done
+    for p in $(awk '/ ready  pid / && ($1 == "worker-1" || $1 ~ /^broker-/) { print $4 }' "$work/cluster/run.log"); do
+      echo
+      echo "## $(proc_name "$p"): hottest functions, self time, % of that process (perf report --pid $p --no-children --sort dso,sym --percentage relative)"
+      perf report -i "$data" --pid "$p" --no-children --sort dso,sym --stdio -g none --percentage relative --percent-limit 1.5 2>/dev/null |
+        grep -v '^#' | grep -v '^$' | head -n 18
+    done
+    w1=$(awk '/ ready  pid / && $1 == "worker-1" { print $4 }' "$work/cluster/run.log")
+    echo
+    echo "## worker-1: Go functions including callees (perf report --pid $w1 --children --sort sym --percentage relative)"
+    perf report -i "$data" --pid "$w1" --children --sort sym --stdio -g none --percentage relative --percent-limit 5 2>/dev/null |
+      grep -v '^#' | grep -v '^$' | grep '\[\.\]' | grep -v 'goexit\|mstart\|systemstack\|Syscall.abi0' | head -n 24
+    echo
+  ) >>"$work/profile.txt"
+  rm -f "$data"
+}
 
-if [ "$PROFILE" = 1 ]; then
-  if command -v perf >/dev/null; then
-    secs=$(awk -v d="$DURATION" 'BEGIN { sub(/s$/, "", d); print int(d) + 3 }')
-    pids=$(server_pids cluster)
-    ( sleep 1; exec perf record -q -F 999 -g -p "$pids" -o "$work/perf.data" -- sleep "$secs" ) >"$work/perf.log" 2>&1 &
-    perf_pid=$!
-    run shoal profile-fanout fanout --url "$url" --admin "$admin" --channels 1 --subs "$SUBS" --publishers 1 --payload 100 \
-      --duration "$DURATION" --agents "$AGENTS" --sources "$SOURCES" --source-base "$SOURCE_BASE"
-    wait "$perf_pid" 2>/dev/null || true; perf_pid=""
-    if [ -s "$work/perf.data" ]; then
-      ( # a report pipeline cut short by head must not stop the run
-        set +e +o pipefail
-        echo "# $(cat "$work/shoal/profile-fanout.cmd")"
-        echo "# $(summary "$work/shoal/profile-fanout.json")"
-        echo "# perf record -F 999 -g -p <supervisor, balancer, workers, brokers> -- sleep $secs"
-        awk '/ ready  pid / { print "# " $1 " = pid " $4 }' "$work/cluster/run.log"
-        echo
-        echo "## Samples per process (perf script -F pid)"
-        perf script -i "$work/perf.data" -F pid 2>/dev/null | awk '{ n[$1]++; t++ } END { for (p in n) printf "%d %d %.1f\n", n[p], p, 100 * n[p] / t }' |
-          sort -rn | while read -r n p pct; do
-            printf '  %-12s pid %-8s %6s%%  (%s samples)\n' "$(proc_name "$p")" "$p" "$pct" "$n"
-          done
-        for p in $(awk '/ ready  pid / && ($1 ~ /^worker-1$|^broker-|^balancer-1$/) { print $4 }' "$work/cluster/run.log"); do
-          echo
-          echo "## $(proc_name "$p"): hottest functions, self time (perf report --pid $p --no-children --sort dso,sym)"
-          perf report -i "$work/perf.data" --pid "$p" --no-children --sort dso,sym --stdio -g none --percent-limit 1 2>/dev/null |
-            grep -v '^#' | grep -v '^$' | head -n 20
-        done
-        w1=$(awk '/ ready  pid / && $1 == "worker-1" { print $4 }' "$work/cluster/run.log")
-        echo
-        echo "## worker-1: time including callees (perf report --pid $w1 --children --sort sym)"
-        perf report -i "$work/perf.data" --pid "$w1" --children --sort sym --stdio -g none --percent-limit 4 2>/dev/null |
-          grep -v '^#' | grep -v '^$' | head -n 40
-      ) >"$work/profile.txt"
-      mv "$work/shoal/profile-fanout.json" "$work/profile-fanout.json" 2>/dev/null || true
-    fi
-  else
-    log "PROFILE=1 but perf is not installed (apt-get install -y linux-perf): skipped"
+main_wanted() { # does the main cluster have anything to run?
+  [ -z "$ONLY" ] || [ "$PROFILE" = 1 ] && return 0
+  local l
+  for l in $ONLY; do
+    case $l in conns-max|fanout-100x-big) ;; *) return 0;; esac
+  done
+  return 1
+}
+if main_wanted; then
+  start_shoal cluster auto 1
+  scenarios shoal "$CONNS2" "$(server_pids cluster)" --url "$url" --admin "$admin"
+  rmax=$(sustained "$work/ref/fanout-1x.json")
+  if [ "$rmax" -gt 1 ]; then
+    cp "$work/ref/latency-half.json" "$work/ref/latency-same.json" 2>/dev/null || true
+    cp "$work/ref/latency-half.cmd" "$work/ref/latency-same.cmd" 2>/dev/null || true
+    run shoal latency-same fanout --url "$url" --admin "$admin" --channels 1 --subs "$SUBS" --publishers 1 --payload 100 \
+      --duration "$DURATION" --agents "$AGENTS" --rate "$(half "$rmax")" --sources "$SOURCES" --source-base "$SOURCE_BASE"
   fi
+  if [ "$WSS_CONNS" -gt 0 ] && [ -n "$wss" ]; then
+    run_mem "$(server_pids cluster)" shoal conns-wss conns --url "$wss" --admin "$admin" --conns "$WSS_CONNS" --agents "$CONN_AGENTS" --concurrency "$CONN_CONCURRENCY" --hold "$HOLD" \
+      --sources "$SOURCES" --source-base "$SOURCE_BASE"
+  fi
+
+  if [ "$PROFILE" = 1 ]; then
+    if command -v perf >/dev/null; then
+      : >"$work/profile.txt"
+      profile_fanout max
+      smax=$(sustained "$work/shoal/fanout-1x.json")
+      [ "$smax" -gt 1 ] && profile_fanout paced --rate "$(half "$smax")"
+    else
+      log "PROFILE=1 but perf is not installed (apt-get install -y linux-perf): skipped"
+    fi
+  fi
+  stop "$shoal_pid"; shoal_pid=""
 fi
-stop "$shoal_pid"; shoal_pid=""
 
 if [ "$MAX_CONNS" -gt 0 ] && want conns-max; then
   start_shoal cluster-max "$(ceil_div "$MAX_CONNS" 17000)" 0
@@ -369,7 +395,7 @@ fi
   echo "Shoal cluster: workers auto ($(nproc)), brokers 2, balancers 1, GOMAXPROCS 1 per worker (the default)"
   echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
 } >"$work/machine.txt"
-for v in CONNS1 CONNS2 REF_CONNS2 CONN_AGENTS SOURCES SOURCE_BASE HOLD WSS_CONNS MAX_CONNS SUBS CHANNELS2 SUBS2 PUBS2 BIG_SUBS2 AGENTS DURATION SHORT RTT_CONNS CHURN_CONNS PROFILE GOBENCH; do
+for v in CONNS1 CONNS2 REF_CONNS2 CONN_AGENTS CONN_CONCURRENCY SOURCES SOURCE_BASE HOLD WSS_CONNS MAX_CONNS SUBS CHANNELS2 SUBS2 PUBS2 BIG_SUBS2 AGENTS DURATION SHORT RTT_CONNS CHURN_CONNS PROFILE GOBENCH; do
   echo "$v: ${!v}"
 done >"$work/sizes.txt"
 mkdir -p "$(dirname "$out")"
