@@ -150,6 +150,11 @@ type delegate struct {
 
 	mu      sync.Mutex
 	members map[string]Member
+	// failed remembers the gossip address of each member that died (not one
+	// that left gracefully), with when, so the rejoin loop keeps trying it:
+	// after a partition each side believes the other dead, and memberlist
+	// itself never dials a dead member again.
+	failed map[string]time.Time
 }
 
 func (d *delegate) NodeMeta(limit int) []byte {
@@ -166,10 +171,45 @@ func (d *delegate) MergeRemoteState([]byte, bool)   {}
 func (d *delegate) NotifyJoin(n *memberlist.Node)   { d.upsert(n) }
 func (d *delegate) NotifyUpdate(n *memberlist.Node) { d.upsert(n) }
 func (d *delegate) NotifyLeave(n *memberlist.Node) {
+	addr := net.JoinHostPort(n.Addr.String(), strconv.Itoa(int(n.Port)))
+	dead := n.State == memberlist.StateDead || n.State == memberlist.StateSuspect
 	d.mu.Lock()
 	delete(d.members, n.Name)
+	if dead {
+		d.failed[addr] = time.Now()
+	} else {
+		delete(d.failed, addr) // a graceful leave: it is not coming back here
+	}
 	d.mu.Unlock()
 	d.kick()
+}
+
+// rejoinTargets lists the contacts and failed members' addresses that are
+// not live members now, forgetting failed ones older than forget.
+func (d *delegate) rejoinTargets(contacts []string, forget time.Duration) []string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	live := make(map[string]bool, len(d.members))
+	for _, m := range d.members {
+		live[m.Gossip] = true
+	}
+	var out []string
+	for _, c := range contacts {
+		if !live[c] {
+			out = append(out, c)
+		}
+	}
+	for addr, when := range d.failed {
+		switch {
+		case live[addr]:
+			delete(d.failed, addr)
+		case time.Since(when) > forget:
+			delete(d.failed, addr)
+		case !slices.Contains(out, addr):
+			out = append(out, addr)
+		}
+	}
+	return out
 }
 
 func (d *delegate) upsert(n *memberlist.Node) {
@@ -212,7 +252,7 @@ func Start(cfg Config) (*Ring, error) {
 		return nil, err
 	}
 	changed := make(chan struct{}, 1)
-	d := &delegate{changed: changed, log: cfg.Logger, members: map[string]Member{}}
+	d := &delegate{changed: changed, log: cfg.Logger, members: map[string]Member{}, failed: map[string]time.Time{}}
 	d.meta.Store(&meta)
 
 	mc := memberlist.DefaultLocalConfig()
@@ -319,14 +359,15 @@ func (r *Ring) notifyLoop() {
 	}
 }
 
-// rejoinLoop retries the contacts while this node is alone: a broker that
-// started before its peers, or a side of a healed partition, finds the ring
-// again without an operator.
+// rejoinLoop heals the ring without an operator. Every second it tries the
+// contacts (cluster.join and sibling brokers) that are not live members, and
+// the members that died within forgetFailed: a broker that started before
+// its peers, a node whose two brokers found each other but not the rest, and
+// both sides of a healed partition all find each other again. (Retrying only
+// while alone left such rings split for good.) A join to an address that is
+// down costs one failed TCP dial per second.
 func (r *Ring) rejoinLoop() {
 	defer r.wg.Done()
-	if len(r.cfg.Join) == 0 {
-		return
-	}
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
 	for {
@@ -334,14 +375,21 @@ func (r *Ring) rejoinLoop() {
 		case <-r.stop:
 			return
 		case <-t.C:
-			if r.ml.NumMembers() <= 1 {
-				if _, err := r.ml.Join(r.cfg.Join); err == nil {
-					r.log.Info("joined the ring", "members", r.ml.NumMembers())
-				}
+			targets := r.d.rejoinTargets(r.cfg.Join, forgetFailed)
+			if len(targets) == 0 {
+				continue
+			}
+			before := r.ml.NumMembers()
+			if n, err := r.ml.Join(targets); err == nil && r.ml.NumMembers() > before {
+				r.log.Info("joined the ring", "contacts", n, "members", r.ml.NumMembers())
 			}
 		}
 	}
 }
+
+// forgetFailed is how long a dead member's address is retried: long enough
+// for a restarted node or a healed network (serf's reconnect_timeout idea).
+const forgetFailed = 24 * time.Hour
 
 // Leave announces a graceful departure (others drop this node at once
 // instead of after the suspicion timeout).
