@@ -46,6 +46,7 @@ BIG_SUBS2=${BIG_SUBS2:-0}        # Shoal only: CHANNELS2 × BIG_SUBS2 (the issue
 AGENTS=${AGENTS:-2}              # load processes for fan-out
 DURATION=${DURATION:-10s}        # fan-out windows
 SHORT=${SHORT:-5s}               # rtt and churn windows
+LAT_RATES=${LAT_RATES:-25 50 100 200} # extra fixed publish rates (1 channel × SUBS) for a latency sweep; each server runs those below its sustained maximum
 RTT_CONNS=${RTT_CONNS:-10}
 CHURN_CONNS=${CHURN_CONNS:-32}
 REFERENCE=${REFERENCE:-1}        # 0 = skip the reference (Shoal only)
@@ -189,6 +190,11 @@ scenarios() {
   if [ "$max" -gt 1 ]; then
     run "$side" latency-half fanout "$@" --channels 1 --subs "$SUBS" --publishers 1 --payload 100 --duration "$DURATION" --agents "$AGENTS" --rate "$(half "$max")" "${src[@]}"
   fi
+  local r
+  for r in $LAT_RATES; do
+    [ "$r" -lt "$max" ] || continue
+    run "$side" "latency-r$r" fanout "$@" --channels 1 --subs "$SUBS" --publishers 1 --payload 100 --duration "$SHORT" --agents "$AGENTS" --rate "$r" "${src[@]}"
+  done
   run "$side" rtt rtt "$@" --conns "$RTT_CONNS" --window 1 --duration "$SHORT"
   run "$side" churn churn "$@" --conns "$CHURN_CONNS" --duration "$SHORT" "${src[@]}"
 }
@@ -395,7 +401,7 @@ fi
   echo "Shoal cluster: workers auto ($(nproc)), brokers 2, balancers 1, GOMAXPROCS 1 per worker (the default)"
   echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
 } >"$work/machine.txt"
-for v in CONNS1 CONNS2 REF_CONNS2 CONN_AGENTS CONN_CONCURRENCY SOURCES SOURCE_BASE HOLD WSS_CONNS MAX_CONNS SUBS CHANNELS2 SUBS2 PUBS2 BIG_SUBS2 AGENTS DURATION SHORT RTT_CONNS CHURN_CONNS PROFILE GOBENCH; do
+for v in CONNS1 CONNS2 REF_CONNS2 CONN_AGENTS CONN_CONCURRENCY SOURCES SOURCE_BASE HOLD WSS_CONNS MAX_CONNS SUBS CHANNELS2 SUBS2 PUBS2 BIG_SUBS2 AGENTS DURATION SHORT LAT_RATES RTT_CONNS CHURN_CONNS PROFILE GOBENCH; do
   echo "$v: ${!v}"
 done >"$work/sizes.txt"
 mkdir -p "$(dirname "$out")"

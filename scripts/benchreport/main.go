@@ -25,6 +25,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"sort"
 	"strconv"
 	"strings"
 )
@@ -467,6 +468,52 @@ var targets = []target{
 	{"publish-with-ack round trips/s", "rtt", "round_trips_per_s", "≥ 5× reference", func(s, r float64) bool { return s >= 5*r }, true},
 }
 
+// writeSweep writes the latency-rN runs (1 channel, fixed publish rates)
+// of both servers as one table, by rate.
+func writeSweep(p func(string, ...any), ref, shoal map[string]*result) {
+	type entry struct {
+		rate float64
+		side string
+		r    *result
+	}
+	var es []entry
+	for _, side := range []struct {
+		name string
+		m    map[string]*result
+	}{{"reference", ref}, {"Shoal", shoal}} {
+		for label, r := range side.m {
+			if strings.HasPrefix(label, "latency-r") {
+				es = append(es, entry{r.Params["rate"], side.name, r})
+			}
+		}
+	}
+	if len(es) == 0 {
+		return
+	}
+	sort.Slice(es, func(i, j int) bool {
+		if es[i].rate != es[j].rate {
+			return es[i].rate < es[j].rate
+		}
+		return es[i].side < es[j].side
+	})
+	p("## Latency at fixed publish rates (1 channel × subscribers)\n\n")
+	p("Each server runs only the rates below its sustained maximum. Every publish is delivered to every subscriber of the channel, so deliveries/s ≈ rate × subscribers.\n\n")
+	p("| server | publishes/s | deliveries/s | p50 (ms) | p90 (ms) | p99 (ms) | p999 (ms) | max (ms) | lost | server CPU | tool CPU |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+	for _, e := range es {
+		m := e.r.Metrics
+		p("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", e.side, fmtNum(e.rate), fmtNum(m["deliveries_per_s"]),
+			fmtNum(m["latency_p50_ms"]), fmtNum(m["latency_p90_ms"]), fmtNum(m["latency_p99_ms"]), fmtNum(m["latency_p999_ms"]),
+			fmtNum(m["latency_max_ms"]), fmtNum(m["lost"]+m["order_violations"]), fmtNum(m["server_cpu_cores"]), fmtNum(m["tool_cpu_cores"]))
+	}
+	p("\nCommands (Shoal; the reference's differ only in --url and --pid):\n\n```\n")
+	for _, e := range es {
+		if e.side == "Shoal" {
+			p("%s\n", e.r.Cmd)
+		}
+	}
+	p("```\n\n")
+}
+
 func writeReport(dir, out string) error {
 	ref, shoal := loadSide(dir, "ref"), loadSide(dir, "shoal")
 	var kept string
@@ -503,14 +550,12 @@ func writeReport(dir, out string) error {
 		p("| %s | %s | %s | %s | %s | %s |\n", t.what, t.goal, rs, ss, ratio(sv, rv, sok, rok), met)
 	}
 	lossS, lossR := 0.0, 0.0
-	for _, l := range []string{"fanout-1x", "fanout-100x", "fanout-100x-big", "latency-half", "latency-same"} {
-		for _, side := range []struct {
-			m   map[string]*result
-			sum *float64
-		}{{shoal, &lossS}, {ref, &lossR}} {
-			if r := side.m[l]; r != nil {
-				*side.sum += r.Metrics["lost"] + r.Metrics["order_violations"]
-			}
+	for _, r := range shoal {
+		lossS += r.Metrics["lost"] + r.Metrics["order_violations"]
+	}
+	for l, r := range ref {
+		if l != "latency-same" { // a copy of latency-half
+			lossR += r.Metrics["lost"] + r.Metrics["order_violations"]
 		}
 	}
 	p("| fan-out: messages lost or reordered (all fan-out runs) | 0 | %s | %s | | %s |\n\n", fmtNum(lossR), fmtNum(lossS), map[bool]string{true: "yes", false: "no"}[lossS == 0])
@@ -563,6 +608,8 @@ func writeReport(dir, out string) error {
 			p("Notes from the tool:\n\n%s\n\n", strings.Join(notes, "\n"))
 		}
 	}
+
+	writeSweep(p, ref, shoal)
 
 	if g, err := os.ReadFile(filepath.Join(dir, "gobench.txt")); err == nil && len(g) > 0 {
 		p("## Go benchmarks of the packages\n\n")
