@@ -120,6 +120,9 @@ type Engine struct {
 	once sync.Once
 	bg   sync.WaitGroup // background tasks that end on stop (StartControl)
 
+	events        chan clusterEvent // nil: webhooks off (clusterevents.go)
+	eventsPending atomic.Int64
+
 	stats engineStats
 }
 
@@ -139,6 +142,7 @@ type engineStats struct {
 	strictViolations, fanouts, rawPackets     atomic.Int64
 	mwDenied, mwDropped, mwPending, mwBacklog atomic.Int64
 	slowDropped, slowConflated                atomic.Int64
+	eventsLocal                               atomic.Int64
 }
 
 // NewEngine validates cfg and starts the heartbeat sweeper (stop it with Close).
@@ -215,6 +219,7 @@ func NewEngine(cfg EngineConfig) (*Engine, error) {
 			"ping_interval", p.PingInterval.D(), "ping_timeout", p.PingTimeout.D())
 	}
 	go e.sweep()
+	e.startClusterEvents()
 	return e, nil
 }
 
@@ -440,6 +445,7 @@ func (e *Engine) Stats() Stats {
 			"middleware_backlog":      s.mwBacklog.Load(),
 			"slow_consumer_drops":     s.slowDropped.Load(),
 			"slow_consumer_conflated": s.slowConflated.Load(),
+			"cluster_events_local":    s.eventsLocal.Load(),
 		},
 	}
 	e.addRuleStats(st.Counters)

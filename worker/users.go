@@ -15,7 +15,6 @@ import (
 
 	"github.com/shoalhq/shoal/auth"
 	"github.com/shoalhq/shoal/proto/sc"
-	"github.com/shoalhq/shoal/webhook"
 )
 
 // Cluster-wide user actions (docs/api.md, "Cluster-wide user actions").
@@ -82,7 +81,7 @@ func (e *Engine) setUser(s *Session, old, new string) {
 				if e.cfg.Broker != nil {
 					e.cfg.Broker.Unsubscribe(userChannelPrefix + old)
 				}
-				e.cfg.Webhooks.Emit(webhook.Event{Type: webhook.UserOffline, User: old})
+				e.clusterEvent(clusterEvent{user: true, key: old})
 			}
 		}
 	}
@@ -94,7 +93,7 @@ func (e *Engine) setUser(s *Session, old, new string) {
 			if e.cfg.Broker != nil {
 				e.cfg.Broker.Subscribe(userChannelPrefix + new)
 			}
-			e.cfg.Webhooks.Emit(webhook.Event{Type: webhook.UserOnline, User: new})
+			e.clusterEvent(clusterEvent{user: true, key: new, up: true})
 		}
 		set[s] = struct{}{}
 	}
@@ -119,14 +118,9 @@ func (e *Engine) Users() int {
 	return len(e.users.m)
 }
 
-// occupied is the hub's callback: channel webhooks, per worker (see
-// docs/api.md, "Webhooks from the worker").
+// occupied is the hub's callback: channel webhooks (clusterevents.go).
 func (e *Engine) occupied(channel string, occupied bool) {
-	typ := webhook.ChannelVacated
-	if occupied {
-		typ = webhook.ChannelOccupied
-	}
-	e.cfg.Webhooks.Emit(webhook.Event{Type: typ, Channel: channel})
+	e.clusterEvent(clusterEvent{key: channel, up: occupied})
 }
 
 // StartControl registers the worker's permanent internal interests (its

@@ -476,6 +476,7 @@ func (c *Child) Drain(ctx context.Context, timeout time.Duration) error {
 		return fmt.Errorf("worker %s: draining: %w", c.name, err)
 	}
 	// The sockets are gone: flush their vacated/offline events.
+	c.eng.FlushEvents(ctx)
 	if err := c.hooks.Close(ctx); err != nil {
 		return fmt.Errorf("worker %s: flushing webhooks: %w", c.name, err)
 	}
