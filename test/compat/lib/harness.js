@@ -29,6 +29,8 @@ const TARGET = (process.env.SHOAL_COMPAT_TARGET || 'shoal').toLowerCase();
 const IS_REFERENCE = TARGET === 'reference';
 const AUTH_KEY_ENV = 'SHOAL_COMPAT_AUTH_KEY';
 const AUTH_KEY = process.env[AUTH_KEY_ENV] || crypto.randomBytes(32).toString('hex');
+const API_KEY_ENV = 'SHOAL_COMPAT_API_KEY';
+const API_KEY = crypto.randomBytes(24).toString('hex');
 const CLUSTER_ONLY = IS_REFERENCE ? 'cluster-only: needs the shoal process table / several workers (reference target is one process)' : false;
 // Whole-file watchdog: a test file never outlives this, whatever hangs.
 const FILE_DEADLINE_MS = Number(process.env.SHOAL_COMPAT_FILE_DEADLINE_MS || 200000);
@@ -269,6 +271,8 @@ auth:
     algorithms: [HS256]
     key_env: ${AUTH_KEY_ENV}
     leeway: 1s
+api:
+  key_env: ${API_KEY_ENV}
 storage:
   dir: "${o.dataDir}"
 log:
@@ -332,7 +336,7 @@ class Target {
     if (o.tls) this.tlsPort = await freePort();
     this.outFile = path.join(this.dir, 'stdout-stderr.log');
     const out = fs.openSync(this.outFile, 'a');
-    const env = {...process.env, [AUTH_KEY_ENV]: AUTH_KEY};
+    const env = {...process.env, [AUTH_KEY_ENV]: AUTH_KEY, [API_KEY_ENV]: API_KEY};
     let cmd;
     let args;
     if (IS_REFERENCE) {
@@ -397,6 +401,16 @@ class Target {
     const ready = (role) => procs.filter((p) => p.role === role && p.state === 'ready').length;
     return ready('worker') >= this.opts.workers && ready('broker') >= this.opts.brokers && ready('balancer') >= 1 &&
       procs.every((p) => p.state === 'ready') && procs;
+  }
+
+  // POST /api/v1/<method> on the public port (shoal's server API).
+  async api(method, body) {
+    const r = await fetch(`${this.httpBase}/api/v1/${method}`, {method: 'POST', signal: AbortSignal.timeout(5000),
+      headers: {'content-type': 'application/json', 'x-api-key': API_KEY}, body: JSON.stringify(body)});
+    const text = await r.text();
+    let json;
+    try { json = JSON.parse(text); } catch (_) { json = text; }
+    return {status: r.status, body: json};
   }
 
   // The cluster's process table (shoal only), normalised; pids are remembered
@@ -702,7 +716,7 @@ function wrap(target, fn) {
 }
 
 module.exports = {
-  TARGET, IS_REFERENCE, CLUSTER_ONLY, AUTH_KEY, AUTH_KEY_ENV,
+  TARGET, IS_REFERENCE, CLUSTER_ONLY, AUTH_KEY, AUTH_KEY_ENV, API_KEY,
   sleep, waitFor, short, freePort, stamp,
   tap, signToken, nowSec,
   startTarget, normaliseProcesses,

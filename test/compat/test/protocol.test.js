@@ -260,7 +260,7 @@ describe(`socketcluster-client@20 against ${h.TARGET}`, {timeout: 200000}, () =>
   }));
 
   it('channel names with quotes, backslashes, slashes, spaces, unicode and control characters', tc(async () => {
-    const names = ['chat/room 1', 'quote"in"name', 'back\\slash\\', 'ünï/😀/日本', 'ctl\u0001\ttab', 'a'.repeat(200), '#hash', 'x/**/y'];
+    const names = ['chat/room 1', 'quote"in"name', 'back\\slash\\', 'ünï/😀/日本', 'ctl\u0001\ttab', 'a'.repeat(200), 'x/**/y'];
     const a = await connect(target);
     const b = await connect(target);
     const es = [];
@@ -270,6 +270,16 @@ describe(`socketcluster-client@20 against ${h.TARGET}`, {timeout: 200000}, () =>
       await waitFor(() => es[i].messages.length === 1, {what: `message on ${JSON.stringify(n)}`});
       assert.deepEqual(es[i].messages, [{i, n}], `only its own message on ${JSON.stringify(n)}`);
     }
+  }));
+
+  it('cluster: channels starting with "#" are Shoal-internal: subscribe refused with InvalidActionError', {skip: IS_REFERENCE ? 'Shoal rule: the official server has no internal channels and accepts "#…" names' : false}, tc(async () => {
+    const c = await connect(target);
+    const e = await c.subscribe('#presence/x', undefined, {wait: false});
+    const f = await c.waitEvent('subscribeFail', {timeout: 5000});
+    assert.equal(f.channel, '#presence/x');
+    assert.equal(f.error.name, 'InvalidActionError', `${f.error.name}: ${f.error.message}`);
+    assert.notEqual(e.channel.state, 'subscribed');
+    assert.equal(c.socket.state, 'open');
   }));
 
   it('publish payload types pass through unchanged (object, string, number, null, array, unicode)', tc(async () => {
