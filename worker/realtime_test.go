@@ -121,6 +121,20 @@ func TestRecoverySeamUnderLoad(t *testing.T) {
 	})
 	stop := make(chan struct{})
 	published := make(chan int, 1)
+	// Flow control: the publisher stays at most window messages ahead of
+	// the test's reader, so the reading socket (4096-message send queue)
+	// is never closed as a slow consumer on a loaded machine.
+	const window = 2000
+	credits := make(chan struct{}, window)
+	for range window {
+		credits <- struct{}{}
+	}
+	credit := func() {
+		select {
+		case credits <- struct{}{}:
+		default:
+		}
+	}
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
@@ -131,7 +145,7 @@ func TestRecoverySeamUnderLoad(t *testing.T) {
 			select {
 			case <-stop:
 				return
-			default:
+			case <-credits:
 			}
 			// Transmits: no acks to read back; the worker publishes a
 			// socket's messages in order.
@@ -144,6 +158,7 @@ func TestRecoverySeamUnderLoad(t *testing.T) {
 	var last wirePub
 	for i := 0; i < 200; i++ {
 		last = a.packet()
+		credit()
 		if last.Event != "#publish" || last.Data.Offset == 0 || last.Data.Epoch == "" {
 			t.Fatalf("a: %+v", last)
 		}
@@ -165,6 +180,7 @@ func TestRecoverySeamUnderLoad(t *testing.T) {
 	// up to the last published offset.
 	for i := 0; i < 500; i++ {
 		p := b.packet()
+		credit()
 		if p.Data.Offset != want {
 			t.Fatalf("b: offset %d, want %d (gap or duplicate)", p.Data.Offset, want)
 		}
