@@ -117,6 +117,13 @@ func startFakeWorker(t *testing.T, dir, name string) *fakeWorker {
 				}
 				return
 			}
+			if r.URL.Path == "/refuse" {
+				// Answer without reading the (large) body and close, as a
+				// worker does when it refuses an oversized message (1009).
+				w.Header().Set("Connection", "close")
+				fmt.Fprint(w, "refused")
+				return
+			}
 			if r.URL.Path == "/echo" {
 				_, _ = io.Copy(w, r.Body)
 				return
@@ -850,4 +857,46 @@ func TestPlainKeepsNoFD(t *testing.T) {
 	if got := countFDs() - base; got > 2*n+2 {
 		t.Fatalf("%d more fds for %d connections; the balancer keeps some (want about %d)", got, n, 2*n)
 	}
+}
+
+// A worker that finishes while the TLS client is still sending (it refused
+// a message it will not read) must not make the balancer reset the client:
+// the client gets the worker's last bytes, then close_notify and a FIN, and
+// its remaining input is read and dropped until it ends.
+func TestTLSWorkerFinishesWhileClientSends(t *testing.T) {
+	dir := t.TempDir()
+	w1 := startFakeWorker(t, dir, "worker-1")
+	b := startBalancer(t, testConfig(t, true), topology(1, w1.peer(101, 0)))
+	c, err := tls.Dial("tcp", b.tls, &tls.Config{RootCAs: devCertPool(t, b.storage)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(20 * time.Second))
+	const size = 8 << 20
+	if _, err := fmt.Fprintf(c, "POST /refuse HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n", size); err != nil {
+		t.Fatal(err)
+	}
+	wrote := make(chan error, 1)
+	go func() {
+		chunk := make([]byte, 64<<10)
+		for sent := 0; sent < size; sent += len(chunk) {
+			if _, err := c.Write(chunk); err != nil {
+				wrote <- err
+				return
+			}
+		}
+		wrote <- c.CloseWrite()
+	}()
+	resp, err := io.ReadAll(c)
+	if err != nil {
+		t.Fatalf("reading the worker's answer: %v (got %q)", err, resp)
+	}
+	if !bytes.Contains(resp, []byte("refused")) {
+		t.Fatalf("the worker's last bytes were lost: %q", resp)
+	}
+	if err := <-wrote; err != nil {
+		t.Fatalf("the client was cut off while sending: %v", err)
+	}
+	waitFor(t, 5*time.Second, "the proxied connection closed", func() bool { return b.counter(t, "active_tls") == 0 })
 }

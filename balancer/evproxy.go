@@ -228,8 +228,16 @@ type evProxy struct {
 	done func()  // accounting when the connection ends (once)
 
 	clientEOF bool // client finished sending; worker's write side shut
-	closing   bool // worker finished: flush to the client, then close
+	closing   bool // worker finished: flush to the client, half-close, drain, close
 	closed    bool
+	// sink drops client plaintext instead of passing it on: the worker has
+	// stopped reading (it closed, e.g. after refusing an oversized message
+	// with 1009). The client may still be sending; closing its socket with
+	// that data unread would reset the connection and the client would lose
+	// the close frame, so its input is read and dropped until its EOF.
+	sink       bool
+	notified   bool // close_notify queued for the client
+	clientShut bool // client's write side shut (FIN sent after close_notify)
 
 	// Deadlines (zero = none), checked by the loop's tick.
 	cStall, wStall time.Time // since when bytes queued for the client / worker made no progress (worker.write_timeout)
@@ -425,12 +433,18 @@ func (l *evLoop) readClient(p *evProxy) {
 		n, err := p.tc.Read(l.buf)
 		// Reading can make crypto/tls write (a TLS 1.3 KeyUpdate answer).
 		l.clientQueued(p)
-		if n > 0 {
+		if n > 0 && p.sink {
+			l.stats.bytesIn.Add(int64(n))
+		} else if n > 0 {
 			l.stats.bytesIn.Add(int64(n))
 			w, werr := writeNB(p.wfd, l.buf[:n])
 			if werr != nil {
-				l.close(p)
-				return
+				// The worker stopped reading; what it sent last (a close
+				// frame) may still be unread on its socket, so keep
+				// reading the worker and drop the client's input.
+				p.sink = true
+				l.setWorker(p, (p.wEvents|evRead)&^evWrite)
+				continue
 			}
 			if w < n {
 				p.wOut = append([]byte(nil), l.buf[w:n]...)
@@ -444,6 +458,10 @@ func (l *evLoop) readClient(p *evProxy) {
 			var ne net.Error
 			if errors.As(err, &ne) && ne.Timeout() {
 				return // drained; epoll says when there is more
+			}
+			if errors.Is(err, io.EOF) && p.closing {
+				l.close(p) // both sides are done
+				return
 			}
 			if errors.Is(err, io.EOF) {
 				// Clean end of the client's stream: pass it on and give
@@ -470,12 +488,12 @@ func (l *evLoop) readWorker(p *evProxy) {
 			continue
 		case err == syscall.EAGAIN:
 			return
-		case err != nil:
-			l.close(p)
-			return
-		case n == 0:
-			// The worker is done: deliver what is queued, then close.
+		case err != nil, n == 0:
+			// The worker is done (EOF, or a reset after it closed with our
+			// bytes unread): deliver what is queued, then half-close.
 			p.closing = true
+			p.sink = true
+			p.wOut, p.wStall = nil, time.Time{} // nobody will read it
 			l.setWorker(p, 0)
 			l.finish(p)
 			return
@@ -530,7 +548,15 @@ func (l *evLoop) flushClient(p *evProxy) {
 func (l *evLoop) flushWorker(p *evProxy) {
 	n, err := writeNB(p.wfd, p.wOut)
 	if err != nil {
-		l.close(p)
+		// The worker stopped reading (it closed); its last bytes may still
+		// wait on its socket: read them, and drop the client's input.
+		p.sink = true
+		p.wOut, p.wStall = nil, time.Time{}
+		l.setWorker(p, (p.wEvents|evRead)&^evWrite)
+		if !p.clientEOF {
+			l.setClient(p, p.cEvents|evRead)
+			l.runq = append(l.runq, p)
+		}
 		return
 	}
 	p.wOut = p.wOut[n:]
@@ -549,14 +575,36 @@ func (l *evLoop) flushWorker(p *evProxy) {
 	}
 }
 
-// finish closes a connection whose worker is done once everything queued
-// for the client is out (close_notify included).
+// finish ends a connection whose worker is done, as a TCP peer would: once
+// everything queued for the client is out it sends close_notify and a FIN,
+// then reads (and drops) the client's input until its EOF, bounded by the
+// linger time. Closing at once with client data unread would make the
+// kernel reset the connection, and the client could lose the worker's last
+// bytes (the WebSocket close frame).
 func (l *evLoop) finish(p *evProxy) {
 	if len(p.ec.out) > 0 {
 		l.setClient(p, evWrite)
 		return
 	}
-	l.close(p)
+	if !p.notified {
+		p.notified = true
+		_ = p.tc.CloseWrite() // queues close_notify
+		if len(p.ec.out) > 0 {
+			l.setClient(p, evWrite)
+			return
+		}
+	}
+	if !p.clientShut {
+		p.clientShut = true
+		_ = syscall.Shutdown(p.ec.fd, syscall.SHUT_WR)
+	}
+	if p.clientEOF {
+		l.close(p)
+		return
+	}
+	p.lingerTill = time.Now().Add(l.linger)
+	l.setClient(p, evRead)
+	l.runq = append(l.runq, p) // crypto/tls may hold client input already
 }
 
 // Interest bits. Reading always watches EPOLLRDHUP with EPOLLIN, and a side
