@@ -132,11 +132,11 @@ func (s *Session) subscribeRecover(rb RecoveryBroker, name string, cid []byte, s
 			added = e.hub.add(name, s)
 			if added {
 				e.stats.subscriptions.Add(1)
+				s.presenceJoinLocked(name)
 			}
 		}
 		s.mu.Unlock()
 		if added {
-			s.presenceJoin(name)
 			return
 		}
 		// Closed or unsubscribed meanwhile: drop the worker-level interest
@@ -145,16 +145,16 @@ func (s *Session) subscribeRecover(rb RecoveryBroker, name string, cid []byte, s
 	})
 }
 
-// presenceJoin announces the session on a presence channel.
-func (s *Session) presenceJoin(channel string) {
+// presenceJoinLocked announces the session on a presence channel. Called
+// under s.mu together with the hub add, so a concurrent close (which marks
+// the session closed under s.mu, then leaves) always leaves after the join:
+// no entry outlives its socket.
+func (s *Session) presenceJoinLocked(channel string) {
 	rb := s.e.recoveryBroker()
 	if rb == nil || !s.e.channelOptions(channel).Presence {
 		return
 	}
-	s.mu.Lock()
-	user := s.user
-	s.mu.Unlock()
-	if err := rb.PresenceJoin(channel, brokerclient.PresenceEntry{Conn: s.id, User: user, Worker: s.e.cfg.Name}); err != nil {
+	if err := rb.PresenceJoin(channel, brokerclient.PresenceEntry{Conn: s.id, User: s.user, Worker: s.e.cfg.Name}); err != nil {
 		s.e.log.Warn("presence join failed", "channel", channel, "error", err)
 	}
 }

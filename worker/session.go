@@ -673,15 +673,12 @@ func (s *Session) finishSubscribe(p *sc.Packet, name string, d middleware.Decisi
 		}
 	}
 	// Added under s.mu so a concurrent Closed/KickOut sees a consistent set.
-	added := s.e.hub.add(name, s)
-	if added {
+	if s.e.hub.add(name, s) {
 		s.e.stats.subscriptions.Add(1)
+		s.presenceJoinLocked(name)
 	}
 	s.mu.Unlock()
 	s.replyOK(p.CID)
-	if added {
-		s.presenceJoin(name)
-	}
 }
 
 func (s *Session) unsubscribe(p *sc.Packet) {
