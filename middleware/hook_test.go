@@ -248,7 +248,7 @@ func TestRPC(t *testing.T) {
 		case "user.void":
 			reply(w, `{"result":{}}`)
 		default:
-			http.Error(w, "nope", 502)
+			http.Error(w, "nope", http.StatusBadGateway)
 		}
 	})
 	c := load(t, fmt.Sprintf(`

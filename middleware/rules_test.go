@@ -330,7 +330,7 @@ middleware:
 	hs := func(addr string) Verdict {
 		return decide(c, Input{Action: HandshakeWS, RemoteIP: ip(addr)}).Verdict
 	}
-	if hs("1.1.1.1") != Allow || hs("1.1.1.1") != Allow {
+	if first, second := hs("1.1.1.1"), hs("1.1.1.1"); first != Allow || second != Allow {
 		t.Fatal("burst refused")
 	}
 	d := decide(c, Input{Action: HandshakeWS, RemoteIP: ip("1.1.1.1")})
