@@ -7,7 +7,7 @@ PKGS    := ./...
 # Node packages for the compatibility tests live here, never globally.
 COMPAT  := test/compat
 
-.PHONY: all build run test lint fmt vet staticcheck unit compat compat-deps reference-deps proto plugins bench gobench tidy clean
+.PHONY: all build run test lint fmt vet staticcheck unit compat compat-deps browser-deps reference-deps proto plugins bench gobench tidy clean
 
 all: build
 
@@ -46,7 +46,16 @@ compat-deps:
 	@if [ -f $(COMPAT)/package.json ]; then \
 		cd $(COMPAT) && (npm ci --no-audit --no-fund --loglevel=error || npm install --no-audit --no-fund --loglevel=error); fi
 
-compat: build compat-deps
+# Debian's chromium for the browser test of docs/connecting.md (headless); the
+# test says it is skipped when chromium cannot be installed (not root, no apt).
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing chromium (Debian) for the browser test"; \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || echo "chromium: install failed; the browser test will be skipped"; \
+		else echo "chromium: not installed (needs root and apt-get); the browser test will be skipped"; fi; }
+
+compat: build compat-deps browser-deps
 	@if [ -f $(COMPAT)/package.json ]; then cd $(COMPAT) && SHOAL_BIN=$(CURDIR)/$(BIN) npm test; fi
 
 proto:
