@@ -93,11 +93,13 @@ func (b *APIBackend) History(ctx context.Context, channel string, q api.HistoryQ
 	if q.Since != nil {
 		since = q.Since.Offset
 	}
-	limit := q.Limit
+	from, limit := since, q.Limit
 	if q.Reverse {
-		limit = 0 // the whole retained range, then the tail (history is bounded)
+		// The whole retained range, then its tail before since (history is
+		// bounded by the channel's history.size).
+		from, limit = 0, 0
 	}
-	page, err := b.bc.History(ctx, channel, since, limit)
+	page, err := b.bc.History(ctx, channel, from, limit)
 	if err != nil {
 		return api.HistoryPage{}, brokerErr("reading history of "+channel, err)
 	}
@@ -105,7 +107,7 @@ func (b *APIBackend) History(ctx context.Context, channel string, q api.HistoryQ
 		if q.Since.Epoch != page.Epoch {
 			return api.HistoryPage{}, fmt.Errorf("history of %q: epoch %q is not the stream's %q: %w", channel, q.Since.Epoch, page.Epoch, api.ErrUnrecoverablePosition)
 		}
-		if since < page.Offset && len(page.Messages) > 0 && page.Messages[0].Offset > since+1 {
+		if !q.Reverse && since < page.Offset && len(page.Messages) > 0 && page.Messages[0].Offset > since+1 {
 			return api.HistoryPage{}, fmt.Errorf("history of %q: offset %d fell out of the retained history: %w", channel, since, api.ErrUnrecoverablePosition)
 		}
 	}
