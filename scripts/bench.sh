@@ -53,6 +53,8 @@ REFERENCE=${REFERENCE:-1}        # 0 = skip the reference (Shoal only)
 PROFILE=${PROFILE:-0}            # 1 = perf-record the Shoal cluster during an extra 1-channel fan-out
 GOBENCH=${GOBENCH:-0}            # 1 = also run the packages' Go benchmarks (about 2 minutes)
 RUN_TIMEOUT=${RUN_TIMEOUT:-300}  # seconds, per bench command
+COMMIT=${COMMIT:-}               # what the report says BIN was built from (default: this checkout's HEAD, marked if it has local changes)
+GOSRC=${GOSRC:-$root}            # the source tree GOBENCH tests (e.g. an export of one commit)
 ONLY=${ONLY:-}                   # run only these labels (e.g. "conns-max fanout-1x"); for checks, not for the report
 
 # WORK=DIR keeps the results in DIR (never deleted) and adds to what an
@@ -383,7 +385,7 @@ if [ "$GOBENCH" = 1 ]; then
   gopkgs="./proto/sc ./worker ./worker/netpoll ./broker ./brokerclient ./handoff ./middleware"
   echo "go test -run '^\$' -bench . -benchmem $gopkgs" >"$work/gobench.cmd"
   log "go benchmarks: $(cat "$work/gobench.cmd")"
-  (cd "$root" && timeout -k 10 600 go test -run '^$' -bench . -benchmem $gopkgs) >"$work/gobench.txt" 2>&1 ||
+  (cd "$GOSRC" && timeout -k 10 600 go test -run '^$' -bench . -benchmem $gopkgs) >"$work/gobench.txt" 2>&1 ||
     log "  go benchmarks failed (output kept in the report)"
 fi
 
@@ -397,7 +399,11 @@ fi
   echo "Go: $(go version 2>/dev/null | awk '{ print $3 }') (the binary: $(go version "$bin" 2>/dev/null | awk '{ print $2 }'))"
   echo "Node: $(node --version 2>/dev/null || echo none)"
   echo "socketcluster-server: $(awk -F'"' '/"version"/ { print $4; exit }' "$root/test/reference/node_modules/socketcluster-server/package.json" 2>/dev/null)"
-  echo "Shoal: commit $(git -C "$root" rev-parse --short HEAD 2>/dev/null)"
+  if [ -z "$COMMIT" ]; then
+    COMMIT="commit $(git -C "$root" rev-parse --short HEAD 2>/dev/null)"
+    [ -n "$(git -C "$root" status --porcelain --untracked-files=no 2>/dev/null)" ] && COMMIT="$COMMIT (the checkout had uncommitted changes)"
+  fi
+  echo "Shoal: $COMMIT"
   echo "Shoal cluster: workers auto ($(nproc)), brokers 2, balancers 1, GOMAXPROCS 1 per worker (the default)"
   echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
 } >"$work/machine.txt"
