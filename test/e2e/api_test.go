@@ -473,6 +473,34 @@ func TestServerAPI(t *testing.T) {
 		}
 	})
 
+	t.Run("push_token and kick across workers", func(t *testing.T) {
+		// One call per user: alice and bob are on different workers, so
+		// one of each pair reaches a user on another worker.
+		for _, u := range []struct {
+			name string
+			cl   *client.Client
+		}{{"alice", a.cl}, {"bob", b.cl}} {
+			old := u.cl.Token()
+			var res struct {
+				Sessions int `json:"sessions"`
+			}
+			if st := callAPI(t, c.public, "push_token", map[string]any{"user": u.name, "claims": map[string]any{"role": "moderator"}}, &res); st != http.StatusOK || res.Sessions != 1 {
+				t.Fatalf("push_token %s: %d %+v", u.name, st, res)
+			}
+			waitFor(t, 5*time.Second, u.name+"'s new token", func() bool { return u.cl.Token() != "" && u.cl.Token() != old })
+		}
+		var res struct {
+			Unsubscribed int `json:"unsubscribed"`
+		}
+		if st := callAPI(t, c.public, "kick", map[string]any{"user": "bob", "channel": ch, "reason": "off topic"}, &res); st != http.StatusOK || res.Unsubscribed != 1 {
+			t.Fatalf("kick bob: %d %+v", st, res)
+		}
+		waitFor(t, 5*time.Second, "bob's #kickOut", func() bool { return b.ev.contains("#kickOut", "off topic") })
+		waitFor(t, 5*time.Second, "only alice in presence after the kick", func() bool {
+			return sameUsers(presenceUsers(t, c.public, ch), "alice")
+		})
+	})
+
 	t.Run("disconnect across workers", func(t *testing.T) {
 		// alice and bob are on different workers, so whichever worker
 		// serves these calls, one of them targets another worker.
