@@ -114,9 +114,11 @@ type Client struct {
 	handshake Handshake
 	token     string
 	closed    bool
-	connected chan struct{} // closed while a handshaken connection exists
-	done      chan struct{} // closed by Close
-	wg        sync.WaitGroup
+	// reconnecting is true while a reconnect loop runs: at most one does.
+	reconnecting bool
+	connected    chan struct{} // closed while a handshaken connection exists
+	done         chan struct{} // closed by Close
+	wg           sync.WaitGroup
 }
 
 // Subscription delivers a channel's messages. C is buffered; a consumer that
@@ -485,6 +487,16 @@ func (c *Client) lost(conn net.Conn, err error) {
 	if closed || !c.opts.Reconnect {
 		return
 	}
+	c.mu.Lock()
+	if c.reconnecting {
+		// A connection made by the running loop failed (e.g. refused at
+		// the handshake): that loop retries; a second one would double
+		// the attempts at every failure.
+		c.mu.Unlock()
+		return
+	}
+	c.reconnecting = true
+	c.mu.Unlock()
 	c.wg.Add(1)
 	go func() {
 		defer c.wg.Done()
@@ -497,6 +509,9 @@ func (c *Client) reconnectLoop() {
 	for {
 		select {
 		case <-c.done:
+			c.mu.Lock()
+			c.reconnecting = false
+			c.mu.Unlock()
 			return
 		case <-time.After(delay):
 		}
@@ -504,7 +519,18 @@ func (c *Client) reconnectLoop() {
 		err := c.connect(ctx)
 		cancel()
 		if err == nil {
-			return
+			c.mu.Lock()
+			up := c.conn != nil
+			if up {
+				c.reconnecting = false
+			}
+			c.mu.Unlock()
+			if up {
+				return
+			}
+			// Lost again before this loop let go: lost() left it to us.
+			delay = c.opts.ReconnectDelay
+			continue
 		}
 		delay = min(delay*2, 5*time.Second)
 	}

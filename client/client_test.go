@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -30,6 +31,9 @@ type fakeServer struct {
 	epoch  string
 	hist   map[string][]json.RawMessage // offset i+1 = hist[ch][i]
 	refuse bool                         // close new connections at once
+	// refuseHS, when set, counts handshakes and refuses them as a ban
+	// does: an error reply, then the connection is closed.
+	refuseHS atomic.Pointer[atomic.Int64]
 }
 
 func newFakeServer(t *testing.T) *fakeServer {
@@ -115,6 +119,11 @@ func (s *fakeServer) serve(c net.Conn) {
 		rid := func() string { b, _ := json.Marshal(p.CID); return string(b) }
 		switch p.Event {
 		case "#handshake":
+			if n := s.refuseHS.Load(); n != nil {
+				n.Add(1)
+				reply(`{"rid":` + rid() + `,"error":{"name":"BannedError","message":"banned"}}`)
+				return
+			}
 			reply(`{"rid":` + rid() + `,"data":{"id":"abc","pingTimeout":30000,"isAuthenticated":false}}`)
 			reply(``) // a ping, which the client must answer
 		case "#subscribe":
@@ -380,4 +389,22 @@ func (s *fakeServer) subscribers(ch string) map[net.Conn]bool {
 		}
 	}
 	return out
+}
+
+// A server that refuses every handshake must see one reconnect attempt at a
+// time, backing off, not a growing number of parallel loops.
+func TestRefusedReconnectsDoNotMultiply(t *testing.T) {
+	s := newFakeServer(t)
+	c, err := Dial(ctx(t), s.url(), Options{Reconnect: true, ReconnectDelay: 10 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	var attempts atomic.Int64
+	s.refuseHS.Store(&attempts)
+	s.dropAll()
+	time.Sleep(700 * time.Millisecond) // observe the back-off: 10+20+40+80+160+320 ms ≈ 6 attempts
+	if n := attempts.Load(); n == 0 || n > 10 {
+		t.Fatalf("%d handshake attempts in 700 ms; want a single backing-off loop (≈6)", n)
+	}
 }
