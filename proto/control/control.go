@@ -121,6 +121,14 @@ type Reloader interface {
 	Reload(ctx context.Context, config []byte) error
 }
 
+// Handoverer is implemented by roles that can drain for a rolling restart:
+// client sockets are closed with code (an immediate-reconnect code such as
+// 4000) spread over window, instead of all at once with 1001. Optional, like
+// Reloader; the supervisor falls back to Drain on Unimplemented.
+type Handoverer interface {
+	Handover(ctx context.Context, code int, reason string, window, timeout time.Duration) error
+}
+
 // Handshake keeps a shoal binary from being started as a child by accident
 // and checks that parent and child speak the same control protocol.
 var Handshake = plugin.HandshakeConfig{

@@ -22,6 +22,7 @@ var (
 	_ plugin.GRPCPlugin = (*ChildPlugin)(nil)
 	_ Child             = (*grpcClient)(nil)
 	_ Reloader          = (*grpcClient)(nil)
+	_ Handoverer        = (*grpcClient)(nil)
 	_ pb.ChildServer    = (*grpcServer)(nil)
 )
 
@@ -87,6 +88,13 @@ func (g *grpcClient) Reload(ctx context.Context, config []byte) error {
 	return err
 }
 
+func (g *grpcClient) Handover(ctx context.Context, code int, reason string, window, timeout time.Duration) error {
+	_, err := g.c.Handover(ctx, &pb.HandoverRequest{
+		TimeoutMs: timeout.Milliseconds(), CloseCode: int32(code), Reason: reason, WindowMs: window.Milliseconds(),
+	})
+	return err
+}
+
 type grpcServer struct {
 	pb.UnimplementedChildServer
 	impl Child
@@ -141,6 +149,15 @@ func (s *grpcServer) Reload(ctx context.Context, r *pb.ReloadRequest) (*pb.Empty
 		return nil, status.Error(codes.Unimplemented, "this role cannot reload its config")
 	}
 	return &pb.Empty{}, rl.Reload(ctx, r.ConfigJson)
+}
+
+func (s *grpcServer) Handover(ctx context.Context, r *pb.HandoverRequest) (*pb.Empty, error) {
+	h, ok := s.impl.(Handoverer)
+	if !ok {
+		return nil, status.Error(codes.Unimplemented, "this role cannot hand over its clients")
+	}
+	return &pb.Empty{}, h.Handover(ctx, int(r.CloseCode), r.Reason,
+		time.Duration(r.WindowMs)*time.Millisecond, time.Duration(r.TimeoutMs)*time.Millisecond)
 }
 
 func topologyToPB(t Topology) *pb.Topology {

@@ -25,6 +25,74 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type HandoverRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	TimeoutMs     int64                  `protobuf:"varint,1,opt,name=timeout_ms,json=timeoutMs,proto3" json:"timeout_ms,omitempty"`
+	CloseCode     int32                  `protobuf:"varint,2,opt,name=close_code,json=closeCode,proto3" json:"close_code,omitempty"`
+	Reason        string                 `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	WindowMs      int64                  `protobuf:"varint,4,opt,name=window_ms,json=windowMs,proto3" json:"window_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HandoverRequest) Reset() {
+	*x = HandoverRequest{}
+	mi := &file_proto_control_controlpb_control_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HandoverRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HandoverRequest) ProtoMessage() {}
+
+func (x *HandoverRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_proto_control_controlpb_control_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HandoverRequest.ProtoReflect.Descriptor instead.
+func (*HandoverRequest) Descriptor() ([]byte, []int) {
+	return file_proto_control_controlpb_control_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *HandoverRequest) GetTimeoutMs() int64 {
+	if x != nil {
+		return x.TimeoutMs
+	}
+	return 0
+}
+
+func (x *HandoverRequest) GetCloseCode() int32 {
+	if x != nil {
+		return x.CloseCode
+	}
+	return 0
+}
+
+func (x *HandoverRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *HandoverRequest) GetWindowMs() int64 {
+	if x != nil {
+		return x.WindowMs
+	}
+	return 0
+}
+
 type ReloadRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	ConfigJson    []byte                 `protobuf:"bytes,1,opt,name=config_json,json=configJson,proto3" json:"config_json,omitempty"`
@@ -34,7 +102,7 @@ type ReloadRequest struct {
 
 func (x *ReloadRequest) Reset() {
 	*x = ReloadRequest{}
-	mi := &file_proto_control_controlpb_control_proto_msgTypes[0]
+	mi := &file_proto_control_controlpb_control_proto_msgTypes[1]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -46,7 +114,7 @@ func (x *ReloadRequest) String() string {
 func (*ReloadRequest) ProtoMessage() {}
 
 func (x *ReloadRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_control_controlpb_control_proto_msgTypes[0]
+	mi := &file_proto_control_controlpb_control_proto_msgTypes[1]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -59,7 +127,7 @@ func (x *ReloadRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReloadRequest.ProtoReflect.Descriptor instead.
 func (*ReloadRequest) Descriptor() ([]byte, []int) {
-	return file_proto_control_controlpb_control_proto_rawDescGZIP(), []int{0}
+	return file_proto_control_controlpb_control_proto_rawDescGZIP(), []int{1}
 }
 
 func (x *ReloadRequest) GetConfigJson() []byte {
@@ -77,7 +145,7 @@ type Empty struct {
 
 func (x *Empty) Reset() {
 	*x = Empty{}
-	mi := &file_proto_control_controlpb_control_proto_msgTypes[1]
+	mi := &file_proto_control_controlpb_control_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -89,7 +157,7 @@ func (x *Empty) String() string {
 func (*Empty) ProtoMessage() {}
 
 func (x *Empty) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_control_controlpb_control_proto_msgTypes[1]
+	mi := &file_proto_control_controlpb_control_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -102,7 +170,7 @@ func (x *Empty) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Empty.ProtoReflect.Descriptor instead.
 func (*Empty) Descriptor() ([]byte, []int) {
-	return file_proto_control_controlpb_control_proto_rawDescGZIP(), []int{1}
+	return file_proto_control_controlpb_control_proto_rawDescGZIP(), []int{2}
 }
 
 type StartRequest struct {
@@ -119,7 +187,7 @@ type StartRequest struct {
 
 func (x *StartRequest) Reset() {
 	*x = StartRequest{}
-	mi := &file_proto_control_controlpb_control_proto_msgTypes[2]
+	mi := &file_proto_control_controlpb_control_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -131,7 +199,7 @@ func (x *StartRequest) String() string {
 func (*StartRequest) ProtoMessage() {}
 
 func (x *StartRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_control_controlpb_control_proto_msgTypes[2]
+	mi := &file_proto_control_controlpb_control_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -144,7 +212,7 @@ func (x *StartRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartRequest.ProtoReflect.Descriptor instead.
 func (*StartRequest) Descriptor() ([]byte, []int) {
-	return file_proto_control_controlpb_control_proto_rawDescGZIP(), []int{2}
+	return file_proto_control_controlpb_control_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *StartRequest) GetRole() string {
@@ -198,7 +266,7 @@ type StartReply struct {
 
 func (x *StartReply) Reset() {
 	*x = StartReply{}
-	mi := &file_proto_control_controlpb_control_proto_msgTypes[3]
+	mi := &file_proto_control_controlpb_control_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -210,7 +278,7 @@ func (x *StartReply) String() string {
 func (*StartReply) ProtoMessage() {}
 
 func (x *StartReply) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_control_controlpb_control_proto_msgTypes[3]
+	mi := &file_proto_control_controlpb_control_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -223,7 +291,7 @@ func (x *StartReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartReply.ProtoReflect.Descriptor instead.
 func (*StartReply) Descriptor() ([]byte, []int) {
-	return file_proto_control_controlpb_control_proto_rawDescGZIP(), []int{3}
+	return file_proto_control_controlpb_control_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *StartReply) GetAddrs() map[string]string {
@@ -243,7 +311,7 @@ type HealthReply struct {
 
 func (x *HealthReply) Reset() {
 	*x = HealthReply{}
-	mi := &file_proto_control_controlpb_control_proto_msgTypes[4]
+	mi := &file_proto_control_controlpb_control_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -255,7 +323,7 @@ func (x *HealthReply) String() string {
 func (*HealthReply) ProtoMessage() {}
 
 func (x *HealthReply) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_control_controlpb_control_proto_msgTypes[4]
+	mi := &file_proto_control_controlpb_control_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -268,7 +336,7 @@ func (x *HealthReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HealthReply.ProtoReflect.Descriptor instead.
 func (*HealthReply) Descriptor() ([]byte, []int) {
-	return file_proto_control_controlpb_control_proto_rawDescGZIP(), []int{4}
+	return file_proto_control_controlpb_control_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *HealthReply) GetState() string {
@@ -303,7 +371,7 @@ type StatsReply struct {
 
 func (x *StatsReply) Reset() {
 	*x = StatsReply{}
-	mi := &file_proto_control_controlpb_control_proto_msgTypes[5]
+	mi := &file_proto_control_controlpb_control_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -315,7 +383,7 @@ func (x *StatsReply) String() string {
 func (*StatsReply) ProtoMessage() {}
 
 func (x *StatsReply) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_control_controlpb_control_proto_msgTypes[5]
+	mi := &file_proto_control_controlpb_control_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -328,7 +396,7 @@ func (x *StatsReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsReply.ProtoReflect.Descriptor instead.
 func (*StatsReply) Descriptor() ([]byte, []int) {
-	return file_proto_control_controlpb_control_proto_rawDescGZIP(), []int{5}
+	return file_proto_control_controlpb_control_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *StatsReply) GetConnections() int64 {
@@ -415,7 +483,7 @@ type Peer struct {
 
 func (x *Peer) Reset() {
 	*x = Peer{}
-	mi := &file_proto_control_controlpb_control_proto_msgTypes[6]
+	mi := &file_proto_control_controlpb_control_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -427,7 +495,7 @@ func (x *Peer) String() string {
 func (*Peer) ProtoMessage() {}
 
 func (x *Peer) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_control_controlpb_control_proto_msgTypes[6]
+	mi := &file_proto_control_controlpb_control_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -440,7 +508,7 @@ func (x *Peer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Peer.ProtoReflect.Descriptor instead.
 func (*Peer) Descriptor() ([]byte, []int) {
-	return file_proto_control_controlpb_control_proto_rawDescGZIP(), []int{6}
+	return file_proto_control_controlpb_control_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Peer) GetName() string {
@@ -495,7 +563,7 @@ type Topology struct {
 
 func (x *Topology) Reset() {
 	*x = Topology{}
-	mi := &file_proto_control_controlpb_control_proto_msgTypes[7]
+	mi := &file_proto_control_controlpb_control_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -507,7 +575,7 @@ func (x *Topology) String() string {
 func (*Topology) ProtoMessage() {}
 
 func (x *Topology) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_control_controlpb_control_proto_msgTypes[7]
+	mi := &file_proto_control_controlpb_control_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -520,7 +588,7 @@ func (x *Topology) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Topology.ProtoReflect.Descriptor instead.
 func (*Topology) Descriptor() ([]byte, []int) {
-	return file_proto_control_controlpb_control_proto_rawDescGZIP(), []int{7}
+	return file_proto_control_controlpb_control_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Topology) GetVersion() int64 {
@@ -546,7 +614,7 @@ type DrainRequest struct {
 
 func (x *DrainRequest) Reset() {
 	*x = DrainRequest{}
-	mi := &file_proto_control_controlpb_control_proto_msgTypes[8]
+	mi := &file_proto_control_controlpb_control_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -558,7 +626,7 @@ func (x *DrainRequest) String() string {
 func (*DrainRequest) ProtoMessage() {}
 
 func (x *DrainRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_control_controlpb_control_proto_msgTypes[8]
+	mi := &file_proto_control_controlpb_control_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -571,7 +639,7 @@ func (x *DrainRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainRequest.ProtoReflect.Descriptor instead.
 func (*DrainRequest) Descriptor() ([]byte, []int) {
-	return file_proto_control_controlpb_control_proto_rawDescGZIP(), []int{8}
+	return file_proto_control_controlpb_control_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *DrainRequest) GetTimeoutMs() int64 {
@@ -585,7 +653,14 @@ var File_proto_control_controlpb_control_proto protoreflect.FileDescriptor
 
 const file_proto_control_controlpb_control_proto_rawDesc = "" +
 	"\n" +
-	"%proto/control/controlpb/control.proto\x12\x10shoal.control.v1\"0\n" +
+	"%proto/control/controlpb/control.proto\x12\x10shoal.control.v1\"\x84\x01\n" +
+	"\x0fHandoverRequest\x12\x1d\n" +
+	"\n" +
+	"timeout_ms\x18\x01 \x01(\x03R\ttimeoutMs\x12\x1d\n" +
+	"\n" +
+	"close_code\x18\x02 \x01(\x05R\tcloseCode\x12\x16\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\x12\x1b\n" +
+	"\twindow_ms\x18\x04 \x01(\x03R\bwindowMs\"0\n" +
 	"\rReloadRequest\x12\x1f\n" +
 	"\vconfig_json\x18\x01 \x01(\fR\n" +
 	"configJson\"\a\n" +
@@ -644,7 +719,7 @@ const file_proto_control_controlpb_control_proto_rawDesc = "" +
 	"\x05peers\x18\x02 \x03(\v2\x16.shoal.control.v1.PeerR\x05peers\"-\n" +
 	"\fDrainRequest\x12\x1d\n" +
 	"\n" +
-	"timeout_ms\x18\x01 \x01(\x03R\ttimeoutMs2\xd4\x03\n" +
+	"timeout_ms\x18\x01 \x01(\x03R\ttimeoutMs2\x9c\x04\n" +
 	"\x05Child\x12E\n" +
 	"\x05Start\x12\x1e.shoal.control.v1.StartRequest\x1a\x1c.shoal.control.v1.StartReply\x12@\n" +
 	"\x06Health\x12\x17.shoal.control.v1.Empty\x1a\x1d.shoal.control.v1.HealthReply\x12>\n" +
@@ -652,7 +727,8 @@ const file_proto_control_controlpb_control_proto_rawDesc = "" +
 	"\vSetTopology\x12\x1a.shoal.control.v1.Topology\x1a\x17.shoal.control.v1.Empty\x12@\n" +
 	"\x05Drain\x12\x1e.shoal.control.v1.DrainRequest\x1a\x17.shoal.control.v1.Empty\x128\n" +
 	"\x04Stop\x12\x17.shoal.control.v1.Empty\x1a\x17.shoal.control.v1.Empty\x12B\n" +
-	"\x06Reload\x12\x1f.shoal.control.v1.ReloadRequest\x1a\x17.shoal.control.v1.EmptyB2Z0github.com/shoalhq/shoal/proto/control/controlpbb\x06proto3"
+	"\x06Reload\x12\x1f.shoal.control.v1.ReloadRequest\x1a\x17.shoal.control.v1.Empty\x12F\n" +
+	"\bHandover\x12!.shoal.control.v1.HandoverRequest\x1a\x17.shoal.control.v1.EmptyB2Z0github.com/shoalhq/shoal/proto/control/controlpbb\x06proto3"
 
 var (
 	file_proto_control_controlpb_control_proto_rawDescOnce sync.Once
@@ -666,43 +742,46 @@ func file_proto_control_controlpb_control_proto_rawDescGZIP() []byte {
 	return file_proto_control_controlpb_control_proto_rawDescData
 }
 
-var file_proto_control_controlpb_control_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
+var file_proto_control_controlpb_control_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
 var file_proto_control_controlpb_control_proto_goTypes = []any{
-	(*ReloadRequest)(nil), // 0: shoal.control.v1.ReloadRequest
-	(*Empty)(nil),         // 1: shoal.control.v1.Empty
-	(*StartRequest)(nil),  // 2: shoal.control.v1.StartRequest
-	(*StartReply)(nil),    // 3: shoal.control.v1.StartReply
-	(*HealthReply)(nil),   // 4: shoal.control.v1.HealthReply
-	(*StatsReply)(nil),    // 5: shoal.control.v1.StatsReply
-	(*Peer)(nil),          // 6: shoal.control.v1.Peer
-	(*Topology)(nil),      // 7: shoal.control.v1.Topology
-	(*DrainRequest)(nil),  // 8: shoal.control.v1.DrainRequest
-	nil,                   // 9: shoal.control.v1.StartReply.AddrsEntry
-	nil,                   // 10: shoal.control.v1.StatsReply.CountersEntry
-	nil,                   // 11: shoal.control.v1.Peer.AddrsEntry
+	(*HandoverRequest)(nil), // 0: shoal.control.v1.HandoverRequest
+	(*ReloadRequest)(nil),   // 1: shoal.control.v1.ReloadRequest
+	(*Empty)(nil),           // 2: shoal.control.v1.Empty
+	(*StartRequest)(nil),    // 3: shoal.control.v1.StartRequest
+	(*StartReply)(nil),      // 4: shoal.control.v1.StartReply
+	(*HealthReply)(nil),     // 5: shoal.control.v1.HealthReply
+	(*StatsReply)(nil),      // 6: shoal.control.v1.StatsReply
+	(*Peer)(nil),            // 7: shoal.control.v1.Peer
+	(*Topology)(nil),        // 8: shoal.control.v1.Topology
+	(*DrainRequest)(nil),    // 9: shoal.control.v1.DrainRequest
+	nil,                     // 10: shoal.control.v1.StartReply.AddrsEntry
+	nil,                     // 11: shoal.control.v1.StatsReply.CountersEntry
+	nil,                     // 12: shoal.control.v1.Peer.AddrsEntry
 }
 var file_proto_control_controlpb_control_proto_depIdxs = []int32{
-	7,  // 0: shoal.control.v1.StartRequest.topology:type_name -> shoal.control.v1.Topology
-	9,  // 1: shoal.control.v1.StartReply.addrs:type_name -> shoal.control.v1.StartReply.AddrsEntry
-	10, // 2: shoal.control.v1.StatsReply.counters:type_name -> shoal.control.v1.StatsReply.CountersEntry
-	11, // 3: shoal.control.v1.Peer.addrs:type_name -> shoal.control.v1.Peer.AddrsEntry
-	6,  // 4: shoal.control.v1.Topology.peers:type_name -> shoal.control.v1.Peer
-	2,  // 5: shoal.control.v1.Child.Start:input_type -> shoal.control.v1.StartRequest
-	1,  // 6: shoal.control.v1.Child.Health:input_type -> shoal.control.v1.Empty
-	1,  // 7: shoal.control.v1.Child.Stats:input_type -> shoal.control.v1.Empty
-	7,  // 8: shoal.control.v1.Child.SetTopology:input_type -> shoal.control.v1.Topology
-	8,  // 9: shoal.control.v1.Child.Drain:input_type -> shoal.control.v1.DrainRequest
-	1,  // 10: shoal.control.v1.Child.Stop:input_type -> shoal.control.v1.Empty
-	0,  // 11: shoal.control.v1.Child.Reload:input_type -> shoal.control.v1.ReloadRequest
-	3,  // 12: shoal.control.v1.Child.Start:output_type -> shoal.control.v1.StartReply
-	4,  // 13: shoal.control.v1.Child.Health:output_type -> shoal.control.v1.HealthReply
-	5,  // 14: shoal.control.v1.Child.Stats:output_type -> shoal.control.v1.StatsReply
-	1,  // 15: shoal.control.v1.Child.SetTopology:output_type -> shoal.control.v1.Empty
-	1,  // 16: shoal.control.v1.Child.Drain:output_type -> shoal.control.v1.Empty
-	1,  // 17: shoal.control.v1.Child.Stop:output_type -> shoal.control.v1.Empty
-	1,  // 18: shoal.control.v1.Child.Reload:output_type -> shoal.control.v1.Empty
-	12, // [12:19] is the sub-list for method output_type
-	5,  // [5:12] is the sub-list for method input_type
+	8,  // 0: shoal.control.v1.StartRequest.topology:type_name -> shoal.control.v1.Topology
+	10, // 1: shoal.control.v1.StartReply.addrs:type_name -> shoal.control.v1.StartReply.AddrsEntry
+	11, // 2: shoal.control.v1.StatsReply.counters:type_name -> shoal.control.v1.StatsReply.CountersEntry
+	12, // 3: shoal.control.v1.Peer.addrs:type_name -> shoal.control.v1.Peer.AddrsEntry
+	7,  // 4: shoal.control.v1.Topology.peers:type_name -> shoal.control.v1.Peer
+	3,  // 5: shoal.control.v1.Child.Start:input_type -> shoal.control.v1.StartRequest
+	2,  // 6: shoal.control.v1.Child.Health:input_type -> shoal.control.v1.Empty
+	2,  // 7: shoal.control.v1.Child.Stats:input_type -> shoal.control.v1.Empty
+	8,  // 8: shoal.control.v1.Child.SetTopology:input_type -> shoal.control.v1.Topology
+	9,  // 9: shoal.control.v1.Child.Drain:input_type -> shoal.control.v1.DrainRequest
+	2,  // 10: shoal.control.v1.Child.Stop:input_type -> shoal.control.v1.Empty
+	1,  // 11: shoal.control.v1.Child.Reload:input_type -> shoal.control.v1.ReloadRequest
+	0,  // 12: shoal.control.v1.Child.Handover:input_type -> shoal.control.v1.HandoverRequest
+	4,  // 13: shoal.control.v1.Child.Start:output_type -> shoal.control.v1.StartReply
+	5,  // 14: shoal.control.v1.Child.Health:output_type -> shoal.control.v1.HealthReply
+	6,  // 15: shoal.control.v1.Child.Stats:output_type -> shoal.control.v1.StatsReply
+	2,  // 16: shoal.control.v1.Child.SetTopology:output_type -> shoal.control.v1.Empty
+	2,  // 17: shoal.control.v1.Child.Drain:output_type -> shoal.control.v1.Empty
+	2,  // 18: shoal.control.v1.Child.Stop:output_type -> shoal.control.v1.Empty
+	2,  // 19: shoal.control.v1.Child.Reload:output_type -> shoal.control.v1.Empty
+	2,  // 20: shoal.control.v1.Child.Handover:output_type -> shoal.control.v1.Empty
+	13, // [13:21] is the sub-list for method output_type
+	5,  // [5:13] is the sub-list for method input_type
 	5,  // [5:5] is the sub-list for extension type_name
 	5,  // [5:5] is the sub-list for extension extendee
 	0,  // [0:5] is the sub-list for field type_name
@@ -719,7 +798,7 @@ func file_proto_control_controlpb_control_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_proto_control_controlpb_control_proto_rawDesc), len(file_proto_control_controlpb_control_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   12,
+			NumMessages:   13,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

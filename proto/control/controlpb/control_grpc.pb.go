@@ -30,6 +30,7 @@ const (
 	Child_Drain_FullMethodName       = "/shoal.control.v1.Child/Drain"
 	Child_Stop_FullMethodName        = "/shoal.control.v1.Child/Stop"
 	Child_Reload_FullMethodName      = "/shoal.control.v1.Child/Reload"
+	Child_Handover_FullMethodName    = "/shoal.control.v1.Child/Handover"
 )
 
 // ChildClient is the client API for Child service.
@@ -51,6 +52,12 @@ type ChildClient interface {
 	// Reload applies a new config without dropping connections (SIGHUP): rules,
 	// keys, limits. Roles that cannot reload answer Unimplemented.
 	Reload(ctx context.Context, in *ReloadRequest, opts ...grpc.CallOption) (*Empty, error)
+	// Handover drains for a rolling restart: stop accepting, then close client
+	// sockets with close_code (one the official client reconnects on at once,
+	// e.g. 4000) spread evenly over window_ms, so the other workers take the
+	// reconnects in batches; return when all are closed or timeout_ms passed.
+	// Roles without it answer Unimplemented (the supervisor then uses Drain).
+	Handover(ctx context.Context, in *HandoverRequest, opts ...grpc.CallOption) (*Empty, error)
 }
 
 type childClient struct {
@@ -131,6 +138,16 @@ func (c *childClient) Reload(ctx context.Context, in *ReloadRequest, opts ...grp
 	return out, nil
 }
 
+func (c *childClient) Handover(ctx context.Context, in *HandoverRequest, opts ...grpc.CallOption) (*Empty, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Empty)
+	err := c.cc.Invoke(ctx, Child_Handover_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ChildServer is the server API for Child service.
 // All implementations must embed UnimplementedChildServer
 // for forward compatibility.
@@ -150,6 +167,12 @@ type ChildServer interface {
 	// Reload applies a new config without dropping connections (SIGHUP): rules,
 	// keys, limits. Roles that cannot reload answer Unimplemented.
 	Reload(context.Context, *ReloadRequest) (*Empty, error)
+	// Handover drains for a rolling restart: stop accepting, then close client
+	// sockets with close_code (one the official client reconnects on at once,
+	// e.g. 4000) spread evenly over window_ms, so the other workers take the
+	// reconnects in batches; return when all are closed or timeout_ms passed.
+	// Roles without it answer Unimplemented (the supervisor then uses Drain).
+	Handover(context.Context, *HandoverRequest) (*Empty, error)
 	mustEmbedUnimplementedChildServer()
 }
 
@@ -180,6 +203,9 @@ func (UnimplementedChildServer) Stop(context.Context, *Empty) (*Empty, error) {
 }
 func (UnimplementedChildServer) Reload(context.Context, *ReloadRequest) (*Empty, error) {
 	return nil, status.Error(codes.Unimplemented, "method Reload not implemented")
+}
+func (UnimplementedChildServer) Handover(context.Context, *HandoverRequest) (*Empty, error) {
+	return nil, status.Error(codes.Unimplemented, "method Handover not implemented")
 }
 func (UnimplementedChildServer) mustEmbedUnimplementedChildServer() {}
 func (UnimplementedChildServer) testEmbeddedByValue()               {}
@@ -328,6 +354,24 @@ func _Child_Reload_Handler(srv interface{}, ctx context.Context, dec func(interf
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Child_Handover_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(HandoverRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ChildServer).Handover(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Child_Handover_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ChildServer).Handover(ctx, req.(*HandoverRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Child_ServiceDesc is the grpc.ServiceDesc for Child service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -362,6 +406,10 @@ var Child_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Reload",
 			Handler:    _Child_Reload_Handler,
+		},
+		{
+			MethodName: "Handover",
+			Handler:    _Child_Handover_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
