@@ -175,6 +175,7 @@ type WorkerTuning struct {
 	SendQueueMsgs  int      `yaml:"send_queue_msgs" json:"send_queue_msgs"` // messages queued per socket
 	MaxConnections int      `yaml:"max_connections" json:"max_connections"` // per worker
 	WriteTimeout   Duration `yaml:"write_timeout" json:"write_timeout"`     // a socket that accepts no bytes this long is closed
+	DrainWindow    Duration `yaml:"drain_window" json:"drain_window"`       // rolling restart: a worker's clients are told to reconnect spread over this long
 }
 
 // Default returns the config every zero field falls back to. It matches
@@ -226,6 +227,7 @@ func Default() Config {
 			SendQueueMsgs:  4096,
 			MaxConnections: 19000,
 			WriteTimeout:   Duration(10 * time.Second),
+			DrainWindow:    Duration(2 * time.Second),
 		},
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"net"
 	"path/filepath"
 	"strings"
+	"time"
 )
 
 // Validator checks part of a config that configs does not type itself (e.g.
@@ -128,6 +129,11 @@ func (c *Config) validate() Errors {
 	}
 	if w.MaxConnections < 1 {
 		bad("worker.max_connections", "must be at least 1")
+	}
+	// A long window keeps a reload (one worker at a time) and the clients'
+	// reconnect storm small, but the supervisor waits window+5s per worker.
+	if w.DrainWindow < 0 || w.DrainWindow.D() > 5*time.Minute {
+		bad("worker.drain_window", "must be between 0 (all at once) and 5m, got %s", w.DrainWindow.D())
 	}
 	for _, v := range validators {
 		errs = append(errs, v(c)...)
