@@ -303,12 +303,24 @@ func goKindName(t reflect.Type) string {
 
 // suggest names the known key closest to a misspelt one.
 func suggest(key string, fields map[string]reflect.Type) string {
-	best, bestD := "", 3
 	names := make([]string, 0, len(fields))
 	for name := range fields {
 		names = append(names, name)
 	}
+	return Suggest(key, names)
+}
+
+// Suggest returns " (did you mean "x"?)" for the known name closest to a
+// misspelt one (edit distance under 3), or " (known keys: a, b, …)". Other
+// packages that validate config sections (middleware rules) use it so that
+// every config error reads alike.
+func Suggest(key string, known []string) string {
+	if len(known) == 0 {
+		return ""
+	}
+	names := append([]string(nil), known...)
 	sort.Strings(names)
+	best, bestD := "", 3
 	for _, name := range names {
 		if d := editDistance(key, name); d < bestD {
 			best, bestD = name, d

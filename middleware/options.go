@@ -95,43 +95,8 @@ func (o *opts) finish(known ...string) {
 	}
 }
 
-func suggestFrom(k string, known []string) string {
-	if len(known) == 0 {
-		return ""
-	}
-	sorted := append([]string(nil), known...)
-	sort.Strings(sorted)
-	best, bestD := "", 3
-	for _, n := range sorted {
-		if d := editDistance(k, n); d < bestD {
-			best, bestD = n, d
-		}
-	}
-	if best != "" {
-		return fmt.Sprintf(" (did you mean %q?)", best)
-	}
-	return " (known: " + strings.Join(sorted, ", ") + ")"
-}
-
-func editDistance(a, b string) int {
-	prev := make([]int, len(b)+1)
-	for j := range prev {
-		prev[j] = j
-	}
-	for i := 1; i <= len(a); i++ {
-		cur := make([]int, len(b)+1)
-		cur[0] = i
-		for j := 1; j <= len(b); j++ {
-			cost := 1
-			if a[i-1] == b[j-1] {
-				cost = 0
-			}
-			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
-		}
-		prev = cur
-	}
-	return prev[len(b)]
-}
+// suggestFrom names the closest known option, worded as configs does.
+func suggestFrom(k string, known []string) string { return configs.Suggest(k, known) }
 
 func (o *opts) str(name string) (string, bool) {
 	v, ok := o.get(name)
