@@ -454,8 +454,11 @@ func (c *Child) Stats(ctx context.Context) (control.Stats, error) {
 	return st, nil
 }
 
-// Drain stops accepting and closes every connection with 1001 (clients
-// reconnect to another worker), waiting at most timeout.
+// Drain stops accepting and closes every connection at once with 1001,
+// waiting at most timeout. It is the shutdown path (the whole node is going
+// away, so the official client's 10–20 s back-off on 1001 is what we want); a
+// rolling restart uses Handover instead (handover.go). After a Handover it
+// finds no socket left and returns at once.
 func (c *Child) Drain(ctx context.Context, timeout time.Duration) error {
 	c.mu.Lock()
 	if !c.started || c.stopped {
