@@ -328,9 +328,10 @@ func (s *Supervisor) ReloadConfig(ctx context.Context) (int, error) {
 }
 
 // Reload re-reads the config source (if any) and replaces the workers one at
-// a time: each is drained (the balancer stops routing to it first), stopped
-// and started again with the current config, and the next one waits until
-// it is ready, so the node never loses more than one worker's capacity.
+// a time: each is taken out of the balancer's rotation, hands its clients
+// over (see handover), is stopped and started again with the current config,
+// and the next one waits until it is ready, so the node never loses more
+// than one worker's capacity.
 // Brokers and balancers keep running; changes to listen, cluster or log need
 // a restart of `shoal run`.
 func (s *Supervisor) Reload(ctx context.Context) (ReloadResult, error) {
@@ -370,6 +371,10 @@ func (s *Supervisor) Reload(ctx context.Context) (ReloadResult, error) {
 			res.Skipped = append(res.Skipped, p.name+" ("+state+")")
 			continue
 		}
+		if !s.handover(ctx, p) {
+			res.Skipped = append(res.Skipped, p.name+" (exited during the handover; restarted as a crash)")
+			continue
+		}
 		req := &restartReq{done: make(chan error, 1)}
 		t := time.NewTimer(10 * time.Second)
 		select {
@@ -396,6 +401,56 @@ func (s *Supervisor) Reload(ctx context.Context) (ReloadResult, error) {
 	}
 	s.log.Info("rolling reload done", "restarted", strings.Join(res.Restarted, ","), "skipped", strings.Join(res.Skipped, ","))
 	return res, nil
+}
+
+// Rolling restart close code and reason: 4000 is one of the codes the
+// official client reconnects on at once (protocol reference §8), where 1001
+// (Drain, the shutdown path) costs each client a 10–20 s back-off.
+const (
+	handoverCode   = 4000
+	handoverReason = "worker restarting"
+)
+
+// handover tells a ready worker's clients to reconnect before the slot's
+// goroutine stops it: the worker is marked draining and the balancers are
+// told (so the reconnects land on the other workers), then it closes its
+// sockets with 4000 spread over worker.drain_window (control.Handoverer). A
+// worker that cannot (Unimplemented, an older binary) is left to the slot's
+// Drain, which closes with 1001 all at once. The slot's Drain and Stop follow
+// either way; after a handover Drain finds nothing left. It returns false
+// when the worker's process was replaced meanwhile (it exited and the slot
+// restarted it as a crash), so the reload must not restart it again.
+func (s *Supervisor) handover(ctx context.Context, p *proc) bool {
+	s.mu.Lock()
+	inst := p.inst
+	s.mu.Unlock()
+	if inst == nil {
+		return false
+	}
+	v := s.setState(p, control.StateDraining)
+	s.waitPushed(ctx, v, rpcTimeout+time.Second) // out of the balancer's rotation first
+	window := s.cfg().Worker.DrainWindow.D()
+	timeout := window + drainTimeout // the stragglers' close handshakes get what a Drain gets
+	start := time.Now()
+	if h, ok := inst.child.(control.Handoverer); ok {
+		hctx, cancel := context.WithTimeout(ctx, timeout+2*time.Second)
+		err := h.Handover(hctx, handoverCode, handoverReason, window, timeout)
+		cancel()
+		switch {
+		case err == nil:
+			s.log.Info("worker handed its clients over", "worker", p.name, "code", handoverCode,
+				"window", window, "took", time.Since(start).Round(time.Millisecond))
+		case status.Code(err) == codes.Unimplemented:
+			s.log.Info("worker cannot hand over; draining it (clients reconnect with back-off)", "worker", p.name)
+		default:
+			// The slot's Drain still closes whatever is left.
+			s.log.Warn("handover failed", "worker", p.name, "error", rpcErrText(err))
+		}
+	}
+	s.mu.Lock()
+	same := p.inst == inst
+	s.mu.Unlock()
+	return same
 }
 
 func sameJSON(a, b any) bool {

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -24,8 +25,12 @@ import (
 //	panic            panic 50 ms after Start
 //	start-error MSG  fail Start with MSG
 //	hang-stats       never answer Stats (a deadlocked child)
+//	no-handover      serve a child without Handover (an older worker binary:
+//	                 the control plane answers Unimplemented); read at launch
 //
-// Every SetTopology is written to <SHOAL_FAKE_DIR>/<name>.topo as JSON.
+// Every SetTopology is written to <SHOAL_FAKE_DIR>/<name>.topo as JSON, and
+// every Handover to <name>.handover (fakeHandover), with the last topology
+// the child had received by then.
 const fakeDirEnv = "SHOAL_FAKE_DIR"
 
 type fakeChild struct {
@@ -33,14 +38,36 @@ type fakeChild struct {
 	name      string
 	dir       string
 	hangStats bool
+
+	mu   sync.Mutex
+	topo control.Topology // the last SetTopology
 }
+
+// fakeHandover is what <name>.handover records of a Handover call.
+type fakeHandover struct {
+	Code    int
+	Reason  string
+	Window  time.Duration
+	Timeout time.Duration
+	Pid     int
+	Topo    control.Topology // as the child knew it when the call came
+}
+
+// plainChild hides every optional interface (Reloader, Handoverer) of the
+// child it wraps.
+type plainChild struct{ control.Child }
 
 var _ control.Child = (*fakeChild)(nil)
 
 func runFakeChild(role string) {
 	name := os.Getenv("SHOAL_PROC")
 	logger := control.NewLogger(role, os.Getenv("SHOAL_LOG_LEVEL"))
-	control.Serve(&fakeChild{log: logger, name: name, dir: os.Getenv(fakeDirEnv)}, logger)
+	fc := &fakeChild{log: logger, name: name, dir: os.Getenv(fakeDirEnv)}
+	if do, _ := os.ReadFile(filepath.Join(fc.dir, name+".do")); strings.TrimSpace(string(do)) == "no-handover" {
+		control.Serve(plainChild{fc}, logger)
+		return
+	}
+	control.Serve(fc, logger)
 }
 
 func (c *fakeChild) Start(ctx context.Context, p control.StartParams) (control.StartResult, error) {
@@ -76,6 +103,9 @@ func (c *fakeChild) Stats(ctx context.Context) (control.Stats, error) {
 }
 
 func (c *fakeChild) SetTopology(_ context.Context, t control.Topology) error {
+	c.mu.Lock()
+	c.topo = t
+	c.mu.Unlock()
 	b, err := json.Marshal(t)
 	if err != nil {
 		return err
@@ -93,6 +123,23 @@ func (c *fakeChild) Drain(context.Context, time.Duration) error {
 }
 
 func (c *fakeChild) Stop(context.Context) error { return nil }
+
+// Handover records its parameters to <name>.handover (control.Handoverer).
+func (c *fakeChild) Handover(_ context.Context, code int, reason string, window, timeout time.Duration) error {
+	c.log.Info("fake handover", "code", code, "window", window)
+	c.mu.Lock()
+	h := fakeHandover{Code: code, Reason: reason, Window: window, Timeout: timeout, Pid: os.Getpid(), Topo: c.topo}
+	c.mu.Unlock()
+	b, err := json.Marshal(h)
+	if err != nil {
+		return err
+	}
+	tmp := filepath.Join(c.dir, c.name+".handover.tmp")
+	if err := os.WriteFile(tmp, b, 0o644); err != nil {
+		return err
+	}
+	return os.Rename(tmp, filepath.Join(c.dir, c.name+".handover"))
+}
 
 // Reload writes the config it got to <name>.reload (control.Reloader).
 func (c *fakeChild) Reload(_ context.Context, config []byte) error {
