@@ -21,7 +21,9 @@ const CHANNEL = 'rolling/feed';
 // unsubscribes a socket when it sends the close, a moment before the client
 // sees it, and a publication reaches the worker a moment after its ack. Only a
 // message published within this slack of a client's time away may be missed.
-const SLACK_MS = 250;
+// Most of it is the Node process itself: with 201 clients on one event loop
+// the disconnect event is stamped late (measured 190–280 ms at most).
+const SLACK_MS = 500;
 // The official client's default back-off is 10–20 s: a reconnect that took
 // anything near that was not an immediate one.
 const MAX_RECONNECT_MS = 5000;
@@ -137,6 +139,7 @@ describe(`rolling restart with ${N} official clients against ${h.TARGET}`, {time
     let maxRunMsgs = 0;
     let maxRunMs = 0;
     let totalLost = 0;
+    let maxMargin = 0;
     let twice = 0;
     for (const [i, s] of subs.entries()) {
       const ev = s.c.events;
@@ -151,7 +154,7 @@ describe(`rolling restart with ${N} official clients against ${h.TARGET}`, {time
         if (!con || !sub) { problems.push(`client ${i}: no reconnect/resubscribe after the disconnect at ${d.t}: ${s.c.eventSummary()}`); continue; }
         reconnectGaps.push(con.t - d.t);
         resubGaps.push(sub.t - d.t);
-        away.push([d.t - SLACK_MS, sub.t + SLACK_MS]);
+        away.push([d.t, sub.t]);
       }
       const aborts = ev.filter((e) => e.name === 'connectAbort');
       if (aborts.length) problems.push(`client ${i}: ${aborts.length} failed reconnect attempt(s): ${s.c.eventSummary()}`);
@@ -169,8 +172,11 @@ describe(`rolling restart with ${N} official clients against ${h.TARGET}`, {time
         if (s.recv.has(q)) { endRun(); continue; }
         lost++;
         const r = sent[q];
-        if (!away.some(([a, b]) => r.ack >= a && r.sent <= b)) {
-          problems.push(`client ${i}: missed seq ${q} (sent ${r.sent}, acked ${r.ack}) while connected; away: ${JSON.stringify(away)}`);
+        // How far outside the nearest time away this message was published.
+        const margin = Math.min(...away.map(([a, b]) => Math.max(0, a - r.ack, r.sent - b)));
+        maxMargin = Math.max(maxMargin, margin);
+        if (margin > SLACK_MS) {
+          problems.push(`client ${i}: missed seq ${q} (sent ${r.sent}, acked ${r.ack}) ${margin} ms away from its time away ${JSON.stringify(away)}`);
         }
         if (!run) run = {n: 0, first: r.sent, last: r.ack};
         run.n++;
@@ -209,6 +215,7 @@ describe(`rolling restart with ${N} official clients against ${h.TARGET}`, {time
       publish_failed: failedPubs,
       lost_per_client_max: maxLost,
       lost_total: totalLost,
+      lost_outside_away_ms_max: maxMargin,
       longest_gap: {messages: maxRunMsgs, ms: maxRunMs}
     };
     console.log(`# rolling restart: ${JSON.stringify(report)}`);
