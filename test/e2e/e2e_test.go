@@ -426,13 +426,14 @@ func TestClusterLifecycle(t *testing.T) {
 		return resp.StatusCode == http.StatusOK
 	})
 	// `shoal reload` replaces the workers one at a time: a connected client
-	// is closed with 1001 by the drain, and traffic goes on to the new ones.
+	// is handed over with 4000 (the official client reconnects at once, not
+	// after the 1001 back-off), and traffic goes on to the new ones.
 	before := dialSocketCluster(t, c.public)
 	out, errOut, code = shoal(t, "reload", "-c", c.cfgPath)
 	if code != 0 || strings.TrimSpace(out) != "restarted worker-1, worker-2" {
 		t.Fatalf("shoal reload (%d): %q %q", code, out, errOut)
 	}
-	expectGoingAway(t, before, "reload")
+	expectClose(t, before, "reload", 4000)
 	for _, name := range []string{"worker-1", "worker-2"} {
 		p := c.proc(name)
 		if p.State != "ready" || p.Restarts != 0 {
@@ -576,11 +577,17 @@ func healthz(t *testing.T, public, when string) {
 // expectGoingAway waits for a client connection to be closed with 1001.
 func expectGoingAway(t *testing.T, closed <-chan error, when string) {
 	t.Helper()
+	expectClose(t, closed, when, ws.StatusGoingAway)
+}
+
+// expectClose waits for the connection to end with a close frame of code.
+func expectClose(t *testing.T, closed <-chan error, when string, code ws.StatusCode) {
+	t.Helper()
 	select {
 	case err := <-closed:
 		var ce wsutil.ClosedError
-		if !errors.As(err, &ce) || ce.Code != ws.StatusGoingAway {
-			t.Errorf("the WebSocket client got %v at %s, want a close with 1001", err, when)
+		if !errors.As(err, &ce) || ce.Code != code {
+			t.Errorf("the WebSocket client got %v at %s, want a close with %d", err, when, code)
 		}
 	case <-time.After(15 * time.Second):
 		t.Errorf("the WebSocket client was not closed at %s", when)
