@@ -308,12 +308,11 @@ profile_fanout() {
     echo "# server CPU $(get "$work/shoal/profile-$name.json" server_cpu_cores) cores, bench CPU $(get "$work/shoal/profile-$name.json" tool_cpu_cores) cores"
     echo "# perf record -F 999 -g -p <supervisor, balancer, workers, brokers> -- sleep $secs"
     echo
-    echo "## Samples per process (perf script -F pid), and the kernel's share of each"
-    perf script -i "$data" -F pid 2>/dev/null | awk '{ n[$1]++; t++ } END { for (p in n) printf "%d %d %.1f\n", n[p], p, 100 * n[p] / t }' |
-      sort -rn | while read -r n p pct; do
-        kern=$(perf report -i "$data" --pid "$p" --no-children --sort dso --stdio -g none --percentage relative 2>/dev/null </dev/null |
-          awk '/kernel.kallsyms/ { print $1 }')
-        printf '  %-12s %6s%% of samples (%s), in the kernel: %s\n' "$(proc_name "$p")" "$pct" "$n" "${kern:-0%}"
+    echo "## Samples per process, and the share of each in the kernel (perf script -G -F pid,ip,dso)"
+    perf script -i "$data" -G -F pid,ip,dso 2>/dev/null |
+      awk '{ n[$1]++; t++; if ($0 ~ /kernel\.kallsyms/) k[$1]++ } END { for (p in n) printf "%d %d %.1f %.1f\n", n[p], p, 100 * n[p] / t, 100 * k[p] / n[p] }' |
+      sort -rn | while read -r n p pct kern; do
+        printf '  %-12s %6s%% of samples (%s), in the kernel: %s%%\n' "$(proc_name "$p")" "$pct" "$n" "$kern"
       done
     for p in $(awk '/ ready  pid / && ($1 == "worker-1" || $1 ~ /^broker-/) { print $4 }' "$work/cluster/run.log"); do
       echo
