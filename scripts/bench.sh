@@ -358,7 +358,7 @@ if main_wanted; then
       : >"$work/profile.txt"
       profile_fanout max
       smax=$(sustained "$work/shoal/fanout-1x.json")
-      [ "$smax" -gt 1 ] && profile_fanout paced --rate "$(half "$smax")"
+      if [ "$smax" -gt 1 ]; then profile_fanout paced --rate "$(half "$smax")"; fi
     else
       log "PROFILE=1 but perf is not installed (apt-get install -y linux-perf): skipped"
     fi
@@ -399,8 +399,10 @@ fi
   echo "Node: $(node --version 2>/dev/null || echo none)"
   echo "socketcluster-server: $(awk -F'"' '/"version"/ { print $4; exit }' "$root/test/reference/node_modules/socketcluster-server/package.json" 2>/dev/null)"
   if [ -z "$COMMIT" ]; then
-    COMMIT="commit $(git -C "$root" rev-parse --short HEAD 2>/dev/null)"
-    [ -n "$(git -C "$root" status --porcelain --untracked-files=no 2>/dev/null)" ] && COMMIT="$COMMIT (the checkout had uncommitted changes)"
+    COMMIT="commit $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo "unknown (not a git checkout)")"
+    if [ -n "$(git -C "$root" status --porcelain --untracked-files=no 2>/dev/null || true)" ]; then
+      COMMIT="$COMMIT (the checkout had uncommitted changes)"
+    fi
   fi
   echo "Shoal: $COMMIT"
   echo "Shoal cluster: workers auto ($(nproc)), brokers 2, balancers 1, GOMAXPROCS 1 per worker (the default)"
