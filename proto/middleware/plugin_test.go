@@ -23,8 +23,12 @@ func (echoImpl) Decide(_ context.Context, req *middlewarepb.DecideRequest) (*mid
 // connection: the request fields arrive and the reply comes back.
 func TestGRPCRoundTrip(t *testing.T) {
 	client, server := plugin.TestPluginGRPCConn(t, false, map[string]plugin.Plugin{PluginName: &GRPCPlugin{Impl: echoImpl{}}})
+	// Stop the server from this goroutine only: client.Close() would also
+	// stop it (through go-plugin's controller Shutdown) on a server
+	// goroutine, and go-plugin's GRPCServer.Stop is not safe to run twice
+	// at once (a data race inside go-plugin under -race).
 	defer server.Stop()
-	defer client.Close()
+	defer client.Conn.Close()
 	raw, err := client.Dispense(PluginName)
 	if err != nil {
 		t.Fatal(err)
