@@ -5,7 +5,6 @@ import (
 	"errors"
 	"net"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -27,46 +26,8 @@ type wsEnv struct {
 
 func newWSEnv(t *testing.T, mod func(*configs.Protocol)) *wsEnv {
 	t.Helper()
-	env := newEnvWith(t, mod, netpoll.AppendTextFrame, netpoll.ErrQueueFull)
-	srv, err := netpoll.New(netpoll.Config{Handler: wsHandler{env.e}, MaxPayload: 1 << 20,
-		SendQueueBytes: 256 << 10, SendQueueMsgs: 64})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			conn, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			fd, err := dupFD(conn.(*net.TCPConn))
-			conn.Close()
-			if err != nil {
-				t.Errorf("dup: %v", err)
-				return
-			}
-			if err := srv.Serve(fd, nil, nil); err != nil {
-				t.Errorf("serve: %v", err)
-			}
-		}
-	}()
-	t.Cleanup(func() {
-		ln.Close()
-		wg.Wait()
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		if err := srv.Shutdown(ctx, 1001, "test over"); err != nil {
-			t.Errorf("shutdown: %v", err)
-		}
-	})
-	return &wsEnv{testEnv: env, srv: srv, addr: ln.Addr().String()}
+	// serveWS installs the upgrade hook too, as the worker always does.
+	return serveWS(t, newEnvWith(t, mod, netpoll.AppendTextFrame, netpoll.ErrQueueFull))
 }
 
 // wsClient speaks raw SocketCluster frames over a gobwas/ws client.
