@@ -14,6 +14,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"github.com/shoalhq/shoal/internal/testutil"
 	"net"
 	"os"
 	"os/exec"
@@ -76,35 +77,12 @@ func binary(t *testing.T) string {
 	return shoalBin
 }
 
-// moduleRoot walks up from the test's directory to the go.mod.
-func moduleRoot() (string, error) {
-	dir, err := os.Getwd()
-	if err != nil {
-		return "", err
-	}
-	for i := 0; i < 20; i++ {
-		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			return dir, nil
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			break
-		}
-		dir = parent
-	}
-	return "", fmt.Errorf("no go.mod above the test directory")
-}
+// moduleRoot and waitFor are shared with the other cluster test package.
+func moduleRoot() (string, error) { return testutil.ModuleRoot() }
 
-// waitFor polls cond every 20 ms until it holds or the deadline passes.
 func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", timeout, what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	testutil.WaitFor(t, timeout, what, cond)
 }
 
 type syncBuffer struct {
