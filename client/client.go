@@ -106,10 +106,15 @@ type Client struct {
 	url  string
 	opts Options
 
-	mu        sync.Mutex
-	conn      net.Conn
-	cid       int64
-	pending   map[int64]chan response
+	mu      sync.Mutex
+	conn    net.Conn
+	cid     int64
+	pending map[int64]chan response
+	// onAck runs on the reader, under mu, when the response to a pending
+	// call arrives: before any later frame is read. Resubscriptions use it
+	// so that a subscription's recovery outcome is set before the first
+	// live message after the ack reaches C.
+	onAck     map[int64]func(data json.RawMessage)
 	subs      map[string]*Subscription
 	handshake Handshake
 	token     string
@@ -196,7 +201,7 @@ func Dial(ctx context.Context, url string, opts Options) (*Client, error) {
 	}
 	c := &Client{
 		url: url, opts: opts, token: opts.AuthToken,
-		pending: map[int64]chan response{}, subs: map[string]*Subscription{},
+		pending: map[int64]chan response{}, onAck: map[int64]func(json.RawMessage){}, subs: map[string]*Subscription{},
 		connected: make(chan struct{}), done: make(chan struct{}),
 	}
 	if err := c.connect(ctx); err != nil {
@@ -283,19 +288,23 @@ func (c *Client) connect(ctx context.Context) error {
 		if r.epoch != "" {
 			req["data"] = map[string]any{"recover": map[string]any{"offset": r.offset, "epoch": r.epoch}}
 		}
-		raw, err := c.invokeOn(ctx, conn, "#subscribe", req)
-		if err != nil {
+		var rec Recovery
+		// Applied by the reader as the ack is read (c.mu held), so that
+		// LastRecovery and the position are right before any message that
+		// follows the ack is put on C.
+		apply := func(raw json.RawMessage) {
+			var a subscribeAck
+			_ = json.Unmarshal(raw, &a) // absent or foreign: no position
+			rec = Recovery{Attempted: r.epoch != "", Recovered: a.Recovered && r.epoch != "", Epoch: a.Epoch, Offset: a.Offset}
+			if sub := c.subs[r.ch]; sub != nil {
+				sub.noteAck(a)
+				sub.recovery = rec
+			}
+		}
+		if _, err := c.invokeHook(ctx, conn, "#subscribe", req, apply); err != nil {
 			return abort(fmt.Errorf("resubscribing %s: %w", r.ch, err))
 		}
-		var a subscribeAck
-		_ = json.Unmarshal(raw, &a) // absent or foreign: no position
-		rec := Recovery{Attempted: r.epoch != "", Recovered: a.Recovered && r.epoch != "", Epoch: a.Epoch, Offset: a.Offset}
-		c.mu.Lock()
-		if sub := c.subs[r.ch]; sub != nil {
-			sub.noteAck(a)
-			sub.recovery = rec
-		}
-		c.mu.Unlock()
+		// rec was set by the reader before it delivered the response.
 		if rec.Attempted && c.opts.OnRecover != nil {
 			c.opts.OnRecover(r.ch, rec)
 		}
@@ -380,6 +389,12 @@ func (c *Client) handlePacket(raw []byte) {
 		c.mu.Lock()
 		ch := c.pending[*p.RID]
 		delete(c.pending, *p.RID)
+		if hook := c.onAck[*p.RID]; hook != nil {
+			delete(c.onAck, *p.RID)
+			if len(p.Error) == 0 || string(p.Error) == "null" {
+				hook(p.Data)
+			}
+		}
 		c.mu.Unlock()
 		if ch == nil {
 			return
@@ -474,6 +489,7 @@ func (c *Client) lost(conn net.Conn, err error) {
 		ch <- response{err: err}
 		delete(c.pending, id)
 	}
+	clear(c.onAck)
 	select {
 	case <-c.connected:
 		c.connected = make(chan struct{})
@@ -588,11 +604,20 @@ func (c *Client) Invoke(ctx context.Context, event string, data any) (json.RawMe
 }
 
 func (c *Client) invokeOn(ctx context.Context, conn net.Conn, event string, data any) (json.RawMessage, error) {
+	return c.invokeHook(ctx, conn, event, data, nil)
+}
+
+// invokeHook is invokeOn with a hook the reader runs (under c.mu) when the
+// successful response arrives; see Client.onAck.
+func (c *Client) invokeHook(ctx context.Context, conn net.Conn, event string, data any, hook func(json.RawMessage)) (json.RawMessage, error) {
 	ch := make(chan response, 1)
 	c.mu.Lock()
 	c.cid++
 	id := c.cid
 	c.pending[id] = ch
+	if hook != nil {
+		c.onAck[id] = hook
+	}
 	c.mu.Unlock()
 	frame, err := json.Marshal(struct {
 		Event string `json:"event"`
@@ -605,6 +630,7 @@ func (c *Client) invokeOn(ctx context.Context, conn net.Conn, event string, data
 	if err := c.writeText(conn, frame); err != nil {
 		c.mu.Lock()
 		delete(c.pending, id)
+		delete(c.onAck, id)
 		c.mu.Unlock()
 		return nil, err
 	}
@@ -618,6 +644,7 @@ func (c *Client) invokeOn(ctx context.Context, conn net.Conn, event string, data
 	}
 	c.mu.Lock()
 	delete(c.pending, id)
+	delete(c.onAck, id)
 	c.mu.Unlock()
 	if ctx.Err() != nil {
 		return nil, ctx.Err()
