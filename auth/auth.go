@@ -4,7 +4,7 @@
 // Keys never sit in the config: an HMAC secret comes from the env var named
 // by auth.jwt.key_env (default SHOAL_AUTH_KEY) or from key_file; RSA/ECDSA
 // public keys from public_key_file (key_file may then hold the private key
-// for signing). With no usable key every token is refused; `shoal token`
+// for signing) or from a JSON Web Key Set file, jwks_file (jwks.go). With no usable key every token is refused; `shoal token`
 // and the workers agree only when they see the same key, so set
 // SHOAL_AUTH_KEY for the whole cluster.
 //
@@ -41,6 +41,7 @@ type Keys struct {
 	hmac    []byte
 	pub     crypto.PublicKey
 	priv    crypto.PrivateKey
+	jwks    []jwk // auth.jwt.jwks_file, selected by kid
 	leeway  time.Duration
 	expiry  time.Duration
 	now     func() time.Time
@@ -97,7 +98,17 @@ func New(cfg configs.JWT, getenv func(string) string, opts ...Option) (*Keys, er
 			return nil, err
 		}
 	}
+	if cfg.JWKSFile != "" {
+		set, err := loadJWKS(cfg.JWKSFile, "auth.jwt.jwks_file")
+		if err != nil {
+			return nil, err
+		}
+		k.jwks = set
+	}
 	switch {
+	case k.jwks != nil:
+		// The set may hold keys for any allowed algorithm; a token whose
+		// key is not in it fails as an invalid signature.
 	case needHMAC && k.hmac == nil && (!needPub || k.pub == nil):
 		env := cfg.KeyEnv
 		if env == "" {
@@ -105,7 +116,7 @@ func New(cfg configs.JWT, getenv func(string) string, opts ...Option) (*Keys, er
 		}
 		k.missing = fmt.Sprintf("no auth key: set %s (or auth.jwt.key_file)", env)
 	case !needHMAC && k.pub == nil:
-		k.missing = "no auth key: set auth.jwt.public_key_file"
+		k.missing = "no auth key: set auth.jwt.public_key_file or jwks_file"
 	}
 	k.parser = jwt.NewParser(jwt.WithValidMethods(k.algs), jwt.WithLeeway(k.leeway), jwt.WithTimeFunc(k.now))
 	return k, nil
@@ -196,16 +207,13 @@ func checkConfig(cfg configs.JWT) []*configs.Error {
 			pub = true
 		}
 	}
-	if cfg.JWKSFile != "" {
-		errs = append(errs, &configs.Error{Key: "auth.jwt.jwks_file", Msg: "not supported yet; use public_key_file"})
-	}
 	if hmac && pub && cfg.KeyFile != "" {
 		errs = append(errs, &configs.Error{Key: "auth.jwt.key_file",
 			Msg: "ambiguous when both HMAC and public-key algorithms are allowed (use key_env for the HMAC secret)"})
 	}
-	if pub && cfg.PublicKeyFile == "" && cfg.KeyFile == "" {
+	if pub && cfg.PublicKeyFile == "" && cfg.KeyFile == "" && cfg.JWKSFile == "" {
 		errs = append(errs, &configs.Error{Key: "auth.jwt.public_key_file",
-			Msg: "must be set for " + strings.Join(cfg.Algorithms, ", ") + " (or key_file with the private key)"})
+			Msg: "must be set for " + strings.Join(cfg.Algorithms, ", ") + " (or key_file with the private key, or jwks_file)"})
 	}
 	return errs
 }
@@ -288,14 +296,26 @@ func (k *Keys) Verify(raw string) (*Token, error) {
 }
 
 func (k *Keys) keyFor(t *jwt.Token) (any, error) {
+	// A token that names its key (kid) is checked against the key set
+	// only; one without kid uses the configured key for its algorithm,
+	// else every key of the set that fits.
+	if _, named := t.Header["kid"].(string); named && k.jwks != nil {
+		return jwksKey(k.jwks, t)
+	}
 	switch t.Method.(type) {
 	case *jwt.SigningMethodHMAC:
 		if k.hmac == nil {
+			if k.jwks != nil {
+				return jwksKey(k.jwks, t)
+			}
 			return nil, errors.New("no HMAC key")
 		}
 		return k.hmac, nil
 	case *jwt.SigningMethodRSA, *jwt.SigningMethodRSAPSS, *jwt.SigningMethodECDSA, *jwt.SigningMethodEd25519:
 		if k.pub == nil {
+			if k.jwks != nil {
+				return jwksKey(k.jwks, t)
+			}
 			return nil, errors.New("no public key")
 		}
 		return k.pub, nil
@@ -322,6 +342,8 @@ func (k *Keys) mapError(err error, claims jwt.MapClaims) *Error {
 		return &Error{Name: "AuthTokenInvalidError", Message: "invalid signature", IsBadToken: true, cause: err}
 	case errors.Is(err, jwt.ErrTokenMalformed):
 		return &Error{Name: "AuthTokenInvalidError", Message: "jwt malformed", IsBadToken: true, cause: err}
+	case errors.Is(err, errNoKey):
+		return &Error{Name: "AuthTokenInvalidError", Message: "unknown signing key", IsBadToken: true, cause: err}
 	case errors.Is(err, jwt.ErrTokenUnverifiable):
 		return &Error{Name: "AuthTokenInvalidError", Message: "invalid algorithm", IsBadToken: true, cause: err}
 	}
