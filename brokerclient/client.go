@@ -343,6 +343,20 @@ func (c *Client) Unsubscribe(channel string) {
 // the caller's goroutine. data is copied into the link's queue before
 // Publish returns.
 func (c *Client) Publish(channel string, data []byte, done func(offset uint64, err error)) {
+	c.publish(channel, data, done, nil)
+}
+
+// PublishPos is Publish whose done also gets the channel's epoch (the one
+// the broker's acknowledgement carries), so a caller that reports the
+// position — the server API — needs no extra history read. It costs one
+// closure per call: the hot path (client publishes) uses Publish.
+func (c *Client) PublishPos(channel string, data []byte, done func(offset, epoch uint64, err error)) {
+	c.publish(channel, data, func(off uint64, err error) { done(off, 0, err) }, done)
+}
+
+// publish is Publish; withEpoch, when set, is called instead of done on
+// success (done still reports failures).
+func (c *Client) publish(channel string, data []byte, done func(offset uint64, err error), withEpoch func(offset, epoch uint64, err error)) {
 	if c.isClosed.Load() {
 		c.fail(done, ErrClosed)
 		return
@@ -362,6 +376,12 @@ func (c *Client) Publish(channel string, data []byte, done func(offset uint64, e
 	var job *replJob
 	if c.rules.Lookup(channel).History() {
 		job = c.newReplJob(channel, data)
+		job.withEpoch = withEpoch
+	} else if withEpoch != nil {
+		// No replication step: the ack's epoch reaches done only through
+		// a job, so keep one without data (replicate is skipped for it).
+		job = c.newReplJob(channel, nil)
+		job.withEpoch, job.noRepl = withEpoch, true
 	}
 	if err := o.publish(channel, data, done, job); err != nil {
 		c.putReplJob(job)

@@ -134,7 +134,11 @@ func (b *bconn) serve(conn net.Conn) (wasUp bool) {
 	b.c.wg.Add(1)
 	go func() {
 		defer b.c.wg.Done()
-		if err := w.Run(); err != nil {
+		if err := w.Run(); errors.Is(err, net.ErrClosed) {
+			// Closed on purpose (shutdown, e.g. the ring swapped this
+			// link's address) or by the reader, which logged why.
+			b.c.log.Debug("broker link writer stopped", "broker", b.ep.Name, "error", err)
+		} else if err != nil {
 			b.c.log.Warn("writing to broker", "broker", b.ep.Name, "error", err)
 		}
 		// A dead writer means a dead link: wake the reader.

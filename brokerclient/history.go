@@ -248,6 +248,11 @@ func (c *Client) pruneNames(b *bconn) {
 type replJob struct {
 	channel string
 	data    []byte
+	// withEpoch (PublishPos) replaces the publish's done on success, with
+	// the epoch of the ack; noRepl: the channel has no history, the job
+	// only carries withEpoch.
+	withEpoch func(offset, epoch uint64, err error)
+	noRepl    bool
 }
 
 var replPool = sync.Pool{New: func() any { return new(replJob) }}
@@ -262,7 +267,7 @@ func (c *Client) putReplJob(j *replJob) {
 	if j == nil {
 		return
 	}
-	j.channel = ""
+	j.channel, j.withEpoch, j.noRepl = "", nil, false
 	if cap(j.data) > 64<<10 {
 		j.data = nil
 	}
@@ -289,10 +294,10 @@ func replica(members []*bconn, channel string, own *bconn) *bconn {
 // its own table (not request's) so the publish hot path allocates no
 // request, closure or frame per message.
 type replWait struct {
-	job      *replJob
-	off      uint64
-	deadline int64
-	done     func(uint64, error)
+	job        *replJob
+	off, epoch uint64
+	deadline   int64
+	done       func(uint64, error)
 }
 
 // replicate forwards an acknowledged history append to the replica and
@@ -301,16 +306,30 @@ type replWait struct {
 // is at the owner (and on disk for durable channels) but a broker loss now
 // would lose it.
 func (c *Client) replicate(from *bconn, j *replJob, off, epoch uint64, done func(uint64, error)) {
+	if j.noRepl {
+		c.succeed(j, off, epoch, done)
+		return
+	}
 	r := replica(*c.members.Load(), j.channel, from)
 	if r == nil {
-		c.putReplJob(j)
-		c.published.Add(1)
-		done(off, nil)
+		c.succeed(j, off, epoch, done)
 		return
 	}
 	if !r.sendRepl(j, off, epoch, done) {
-		c.finishRepl(replWait{job: j, off: off, done: done}, false)
+		c.finishRepl(replWait{job: j, off: off, epoch: epoch, done: done}, false)
 	}
+}
+
+// succeed releases j and reports an acknowledged publish to its caller.
+func (c *Client) succeed(j *replJob, off, epoch uint64, done func(uint64, error)) {
+	withEpoch := j.withEpoch
+	c.putReplJob(j)
+	c.published.Add(1)
+	if withEpoch != nil {
+		withEpoch(off, epoch, nil)
+		return
+	}
+	done(off, nil)
 }
 
 // sendRepl queues a repl frame; false if the replica's link is down or full.
@@ -331,7 +350,7 @@ func (b *bconn) sendRepl(j *replJob, off, epoch uint64, done func(uint64, error)
 	if b.repls == nil {
 		b.repls = map[uint64]replWait{}
 	}
-	b.repls[b.nextID] = replWait{job: j, off: off, done: done, deadline: time.Now().Add(b.c.opts.PublishTimeout).UnixNano()}
+	b.repls[b.nextID] = replWait{job: j, off: off, epoch: epoch, done: done, deadline: time.Now().Add(b.c.opts.PublishTimeout).UnixNano()}
 	return true
 }
 
@@ -341,9 +360,7 @@ func (c *Client) finishRepl(w replWait, ok bool) {
 	} else {
 		c.replicaMissed.Add(1)
 	}
-	c.putReplJob(w.job)
-	c.published.Add(1)
-	w.done(w.off, nil)
+	c.succeed(w.job, w.off, w.epoch, w.done)
 }
 
 // SubscribeRecover registers interest in channel like Subscribe and asks

@@ -50,19 +50,19 @@ func internal(channel string) error {
 	return nil
 }
 
-// Publish publishes through the owning broker. The epoch of a history
-// channel comes from a one-message history read just after the offset (the
-// publish acknowledgement carries only the offset).
+// Publish publishes through the owning broker; the acknowledgement carries
+// the offset and the epoch (PublishPos). A channel without history reports
+// no epoch (its offsets are not kept, so there is no stream to resume).
 func (b *APIBackend) Publish(ctx context.Context, channel string, data json.RawMessage) (api.StreamPosition, error) {
 	if err := internal(channel); err != nil {
 		return api.StreamPosition{}, err
 	}
 	type res struct {
-		off uint64
-		err error
+		off, epoch uint64
+		err        error
 	}
 	ch := make(chan res, 1)
-	b.bc.Publish(channel, data, func(off uint64, err error) { ch <- res{off, err} })
+	b.bc.PublishPos(channel, data, func(off, epoch uint64, err error) { ch <- res{off, epoch, err} })
 	var r res
 	select {
 	case r = <-ch:
@@ -73,10 +73,8 @@ func (b *APIBackend) Publish(ctx context.Context, channel string, data json.RawM
 		return api.StreamPosition{}, brokerErr("publishing to "+channel, r.err)
 	}
 	pos := api.StreamPosition{Offset: r.off}
-	if b.e.channelOptions(channel).History() && r.off > 0 {
-		if page, err := b.bc.History(ctx, channel, r.off-1, 1); err == nil {
-			pos.Epoch = page.Epoch
-		}
+	if b.e.channelOptions(channel).History() {
+		pos.Epoch = brokerclient.FormatEpoch(r.epoch)
 	}
 	return pos, nil
 }
