@@ -59,6 +59,9 @@ type Child struct {
 	proxyLimit int64
 	// linger is halfCloseLinger; tests shorten it before Start.
 	linger time.Duration
+	// local is set in a worker's own front end (cluster.balancers: 0,
+	// local.go): connections go to that worker, not to a pool.
+	local *LocalOptions
 }
 
 var (
@@ -109,10 +112,11 @@ func (c *Child) Start(ctx context.Context, p control.StartParams) (control.Start
 	c.cfg = cfg
 	c.pool.setTopology(p.Topology)
 
-	// Several balancers on one node share the ports with SO_REUSEPORT; a
-	// single one does not set it, so a stray process on the port is an
-	// error rather than a silent split of the traffic.
-	shared := cfg.Cluster.BalancerCount() > 1
+	// Several balancers on one node share the ports with SO_REUSEPORT, as
+	// do the workers' own front ends (balancers: 0); a single balancer does
+	// not set it, so a stray process on the port is an error rather than a
+	// silent split of the traffic.
+	shared := cfg.Cluster.BalancerCount() > 1 || c.local != nil
 	pub, err := listenTCP(ctx, "listen.public", cfg.Listen.Public, shared)
 	if err != nil {
 		return control.StartResult{}, err
@@ -246,7 +250,7 @@ func (c *Child) Health(ctx context.Context) (control.Health, error) {
 	state := c.state
 	c.mu.Unlock()
 	h := control.Health{State: state}
-	if state == control.StateReady && c.pool.live() == 0 {
+	if state == control.StateReady && c.local == nil && c.pool.live() == 0 {
 		// Still ready (it accepts and will route as soon as a worker is
 		// up), but say why connections are being closed.
 		h.Message = "no live worker"

@@ -94,6 +94,11 @@ func (c *Child) acceptPlain(lf *os.File, name string) {
 			continue
 		}
 		pause = 0
+		if c.local != nil {
+			c.stats.add(ctrHanded, 1)
+			c.local.Plain(nfd) // the worker owns it now
+			continue
+		}
 		c.routeFD(nfd)
 		_ = syscall.Close(nfd) // the balancer's copy; the worker holds its own
 	}
@@ -128,7 +133,13 @@ func (c *Child) routePlain(conn net.Conn) {
 	if err != nil {
 		return
 	}
-	_ = rc.Control(func(fd uintptr) { c.routeFD(int(fd)) })
+	_ = rc.Control(func(fd uintptr) {
+		if c.local != nil {
+			c.localPlain(int(fd))
+			return
+		}
+		c.routeFD(int(fd))
+	})
 }
 
 // routeFD hands a plain connection to the least-loaded live worker. It reads

@@ -60,13 +60,17 @@ func (c *Child) maxProxied() int64 {
 	return c.proxyLimit
 }
 
-func fdLimitProxies() int64 {
+func fdLimitProxies() int64 { return fdLimitProxiesPer(2) }
+
+// fdLimitProxiesPer is the proxied connections that fit when each costs
+// perConn fds.
+func fdLimitProxiesPer(perConn int64) int64 {
 	var rl syscall.Rlimit
 	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &rl); err != nil {
-		return 9_900
+		return 19_800 / perConn
 	}
 	const reserve = 200
-	n := (int64(rl.Cur) - reserve) / 2
+	n := (int64(rl.Cur) - reserve) / perConn
 	return max(n, 1)
 }
 
@@ -121,13 +125,21 @@ func (c *Child) serveTLS(raw net.Conn) {
 		return
 	}
 
-	up, w := c.dialWorker(raw.RemoteAddr(), raw.LocalAddr())
+	var up *net.UnixConn
+	if c.local != nil {
+		up = c.localProxy(raw.RemoteAddr(), raw.LocalAddr())
+	} else {
+		var w *worker
+		up, w = c.dialWorker(raw.RemoteAddr(), raw.LocalAddr())
+		if up != nil {
+			picked = w
+			c.stats.addWorker(ctrProxied, w.name, 1)
+		}
+	}
 	if up == nil {
 		_ = tconn.Close()
 		return
 	}
-	picked = w
-	c.stats.addWorker(ctrProxied, w.name, 1)
 	if ec != nil {
 		handedOver = true
 		c.handToLoop(loop, tconn, ec, up, done)

@@ -289,6 +289,7 @@ func (s *Supervisor) ReloadConfig(ctx context.Context) (int, error) {
 	if err != nil {
 		return 0, fmt.Errorf("reloading the config: %w", err)
 	}
+	s.ports.apply(&cfg) // port 0 stays the reserved port (balancers: 0)
 	old := s.cfg()
 	if !sameJSON(old.Listen.Public, cfg.Listen.Public) || !sameJSON(old.Cluster, cfg.Cluster) || !sameJSON(old.Log, cfg.Log) || !sameJSON(old.Storage, cfg.Storage) {
 		s.log.Warn("config reload: changes to listen addresses, cluster, log or storage take effect only after restarting shoal run")

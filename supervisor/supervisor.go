@@ -99,6 +99,9 @@ type Supervisor struct {
 	cfgMu sync.RWMutex
 	cfgV  configs.Config
 	cfgJ  []byte
+	// ports pins port-0 public addresses when workers bind them
+	// (balancers: 0, reuseport.go); set once before any child starts.
+	ports *portReservation
 
 	mu        sync.Mutex
 	procs     []*proc
@@ -177,6 +180,19 @@ func Run(ctx context.Context, cfg configs.Config, opts Options) error {
 		return err
 	}
 	if err := checkPortFree("listen.tls.listen", cfg.Listen.TLS.Listen); err != nil {
+		closeAdmin()
+		return err
+	}
+	ports, err := reservePorts(cfg)
+	if err != nil {
+		closeAdmin()
+		return err
+	}
+	defer ports.release()
+	s.cfgMu.Lock()
+	s.ports = ports
+	s.cfgMu.Unlock()
+	if err := s.setCfg(cfg); err != nil { // now with the reserved ports
 		closeAdmin()
 		return err
 	}
@@ -296,6 +312,9 @@ func (s *Supervisor) goBG(f func()) {
 }
 
 func (s *Supervisor) setCfg(cfg configs.Config) error {
+	s.cfgMu.RLock()
+	s.ports.apply(&cfg) // a reloaded config still says port 0
+	s.cfgMu.RUnlock()
 	j, err := json.Marshal(cfg)
 	if err != nil {
 		return fmt.Errorf("encoding the config for children: %w", err)

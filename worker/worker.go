@@ -32,6 +32,7 @@ import (
 
 	"github.com/shoalhq/shoal/api"
 	"github.com/shoalhq/shoal/auth"
+	"github.com/shoalhq/shoal/balancer"
 	"github.com/shoalhq/shoal/brokerclient"
 	"github.com/shoalhq/shoal/configs"
 	"github.com/shoalhq/shoal/handoff"
@@ -64,6 +65,9 @@ type Child struct {
 	api     *api.Handler
 	hand    *handoff.Listener
 	proxy   *net.UnixListener
+	// front serves the public ports in this process when the node has no
+	// balancer (cluster.balancers: 0, listen.go); nil otherwise.
+	front   *balancer.Child
 	topoVer int64
 
 	// brokersMu orders the two sources of the broker set: the supervisor's
@@ -262,14 +266,27 @@ func (c *Child) Start(ctx context.Context, p control.StartParams) (control.Start
 	go c.acceptHandoff(hand)
 	go c.acceptProxy(pl)
 
-	c.started = true
-	c.state = control.StateReady
-	log.Info("worker started", "handoff", handPath, "proxy", proxyPath, "path", cfg.Listen.Path,
-		"protocol", cfg.Protocol.Version, "gomaxprocs", runtime.GOMAXPROCS(0))
-	return control.StartResult{Addrs: map[string]string{
+	addrs := map[string]string{
 		control.AddrHandoff: handPath,
 		control.AddrProxy:   proxyPath,
-	}}, nil
+	}
+	if cfg.Cluster.BalancerCount() == 0 {
+		pub, err := c.startFrontLocked(ctx, p.Name, cfg)
+		if err != nil {
+			c.teardownLocked(ctx)
+			return control.StartResult{}, fmt.Errorf("worker %s: %w", p.Name, err)
+		}
+		for k, v := range pub {
+			addrs[k] = v
+		}
+	}
+
+	c.started = true
+	c.state = control.StateReady
+	log.Info("worker started", "handoff", handPath, "proxy", proxyPath, "public", addrs[control.AddrPublic],
+		"tls", addrs[control.AddrTLS], "path", cfg.Listen.Path,
+		"protocol", cfg.Protocol.Version, "gomaxprocs", runtime.GOMAXPROCS(0))
+	return control.StartResult{Addrs: addrs}, nil
 }
 
 func (c *Child) httpHandler(name string) http.Handler {
@@ -451,6 +468,14 @@ func (c *Child) Stats(ctx context.Context) (control.Stats, error) {
 	st.Counters["http_requests"] = int64(ns.HTTP)
 	st.Counters["refused_max_connections"] = c.refused.Load()
 	st.Counters["proxy_refused"] = c.badProxy.Load()
+	if front := c.frontOf(); front != nil {
+		// The worker's own public listeners (balancers: 0).
+		if fs, err := front.Stats(ctx); err == nil {
+			for k, v := range fs.Counters {
+				st.Counters["listen_"+k] = v
+			}
+		}
+	}
 	return st, nil
 }
 
@@ -499,6 +524,12 @@ func (c *Child) Stop(ctx context.Context) error {
 }
 
 func (c *Child) closeListenersLocked() {
+	if c.front != nil {
+		// The kernel sends new connections to the other workers once this
+		// socket is closed; open TLS connections keep flowing until netpoll
+		// closes them.
+		_ = c.front.Drain(context.Background(), 0)
+	}
 	if c.hand != nil {
 		if err := c.hand.Close(); err != nil {
 			c.log.Warn("closing handoff listener", "error", err)
@@ -519,6 +550,12 @@ func (c *Child) teardownLocked(ctx context.Context) error {
 	if c.srv != nil {
 		if e := c.srv.Shutdown(ctx, CodeGoingAway, "Worker is stopping"); e != nil {
 			err = fmt.Errorf("worker %s: stopping WebSocket server: %w", c.name, e)
+		}
+	}
+	if c.front != nil {
+		// After netpoll: the close frames of wss:// clients pass through it.
+		if e := c.front.Stop(ctx); e != nil && err == nil {
+			err = fmt.Errorf("worker %s: stopping the public listeners: %w", c.name, e)
 		}
 	}
 	if c.eng != nil {
@@ -574,6 +611,16 @@ func (c *Child) Reload(ctx context.Context, config []byte) error {
 	if !reflect.DeepEqual(cfg.Protocol, c.cfg.Protocol) || !reflect.DeepEqual(cfg.Listen, c.cfg.Listen) || !reflect.DeepEqual(cfg.Worker, c.cfg.Worker) {
 		c.log.Warn("reload: listen, protocol and worker settings apply at the next restart only")
 	}
+	if c.front != nil {
+		// Certificates and timeouts of the worker's own TLS listener.
+		data, err := frontReloadConfig(cfg, c.cfg)
+		if err == nil {
+			err = c.front.Reload(ctx, data)
+		}
+		if err != nil {
+			return fmt.Errorf("worker %s: reload: public listeners: %w", c.name, err)
+		}
+	}
 	if err := chain.StartPlugins(); err != nil {
 		c.log.Error("reload: middleware plugin did not start", "error", err)
 	}
@@ -588,4 +635,11 @@ func (c *Child) Reload(ctx context.Context, config []byte) error {
 	c.cfg.Middleware, c.cfg.Auth, c.cfg.Channels = cfg.Middleware, cfg.Auth, cfg.Channels
 	c.log.Info("config reloaded", "middleware_rules", len(chain.Stats()), "auth", keys.Enabled())
 	return nil
+}
+
+// frontOf returns the worker's public front end (nil with a balancer).
+func (c *Child) frontOf() *balancer.Child {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.front
 }

@@ -1,0 +1,91 @@
+package balancer
+
+import (
+	"errors"
+	"net"
+	"syscall"
+
+	"github.com/hashicorp/go-hclog"
+)
+
+// Local mode (cluster.balancers: 0): a worker runs this package's front end
+// in its own process instead of a separate balancer. Every worker binds the
+// public ports with SO_REUSEPORT and the kernel spreads new connections over
+// them; each worker's front end then delivers what it accepted to its own
+// WebSocket server instead of choosing a worker:
+//
+//   - plain connections: the accepted fd goes to LocalOptions.Plain (no
+//     handoff hop; the peer address is the socket's);
+//   - TLS connections: terminated exactly as in the balancer (same
+//     certificates, reload, dev certificate shared through its lock file,
+//     same epoll proxy with no idle buffer), and the plaintext is proxied
+//     into the stream LocalOptions.Proxy returns (a socketpair whose other
+//     end the worker serves), with the client's address passed directly
+//     rather than in a PROXY header.
+//
+// Start, Reload, Drain, Stop and Stats behave as for the balancer role, so
+// the worker drives its front end like the supervisor drives a balancer.
+
+// LocalOptions connects a worker's front end to the worker.
+type LocalOptions struct {
+	// Plain takes an accepted plain connection; the callee owns fd (non-
+	// blocking, close-on-exec) and closes it when done or when it refuses.
+	Plain func(fd int)
+	// Proxy returns the worker's side for a terminated TLS connection from
+	// src to dst: plaintext written to it is the client's stream. An error
+	// refuses the connection (it is closed after its handshake; counted as
+	// local_refused).
+	Proxy func(src, dst net.Addr) (*net.UnixConn, error)
+}
+
+// ctrLocalRefused counts TLS connections the local worker refused (full, or
+// stopping).
+const ctrLocalRefused = "local_refused"
+
+// NewLocal returns a front end for a worker with cluster.balancers: 0. Its
+// listeners always set SO_REUSEPORT (the workers share the ports).
+func NewLocal(log hclog.Logger, opts LocalOptions) *Child {
+	c := New(log)
+	c.local = &opts
+	// A proxied connection costs this process three fds here: the client's
+	// socket and both ends of the socketpair.
+	c.proxyLimit = fdLimitProxiesPer(3)
+	return c
+}
+
+// localPlain gives a plain connection to the local worker. fd stays the
+// caller's: the worker gets a duplicate.
+func (c *Child) localPlain(fd int) {
+	nfd, err := dupFD(fd)
+	if err != nil {
+		if isLocalExhaustion(err) {
+			c.stats.add(ctrFDExhausted, 1)
+		}
+		return
+	}
+	c.stats.add(ctrHanded, 1)
+	c.local.Plain(nfd)
+}
+
+func dupFD(fd int) (int, error) {
+	r, _, e := syscall.Syscall(syscall.SYS_FCNTL, uintptr(fd), syscall.F_DUPFD_CLOEXEC, 0)
+	if e != 0 {
+		return -1, e
+	}
+	return int(r), nil
+}
+
+// localProxy asks the local worker for the stream of a terminated TLS
+// connection.
+func (c *Child) localProxy(src, dst net.Addr) *net.UnixConn {
+	up, err := c.local.Proxy(src, dst)
+	if err != nil {
+		c.stats.add(ctrLocalRefused, 1)
+		if isLocalExhaustion(err) || errors.Is(err, syscall.EMFILE) {
+			c.stats.add(ctrFDExhausted, 1)
+		}
+		return nil
+	}
+	c.stats.add(ctrProxied, 1)
+	return up
+}
