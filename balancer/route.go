@@ -1,9 +1,11 @@
 package balancer
 
 import (
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/shoalhq/shoal/handoff"
@@ -212,10 +214,23 @@ func (p *pool) all() []*worker {
 }
 
 // send hands fd to w's handoff socket, dialling it first if needed. On any
-// error the sender is dropped, so the next attempt re-dials.
+// error the sender is dropped, so the next attempt re-dials. A cached
+// connection that turns out dead (the worker was replaced at the same
+// socket path before the topology said so: its old end is closed) is
+// redialled once and the send retried, so the new process gets the
+// connection instead of being marked dead for it.
 func (w *worker) send(fd int, prebuf []byte) error {
 	w.smu.Lock()
 	defer w.smu.Unlock()
+	cached := w.sender != nil
+	err := w.sendLocked(fd, prebuf)
+	if err != nil && cached && staleConn(err) {
+		err = w.sendLocked(fd, prebuf)
+	}
+	return err
+}
+
+func (w *worker) sendLocked(fd int, prebuf []byte) error {
 	if w.sender == nil {
 		s, err := handoff.Dial(w.handoffPath)
 		if err != nil {
@@ -230,6 +245,14 @@ func (w *worker) send(fd int, prebuf []byte) error {
 		return fmt.Errorf("hand a connection to %s: %w", w.name, err)
 	}
 	return nil
+}
+
+// staleConn reports a send error that means the peer end is gone (nothing
+// was delivered), as opposed to a stuck worker (a timeout), which a retry
+// would only make the accept loop wait for twice.
+func staleConn(err error) bool {
+	return errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET) ||
+		errors.Is(err, syscall.ENOTCONN) || errors.Is(err, syscall.ECONNREFUSED)
 }
 
 // closeSender drops w's handoff connection (worker left or balancer stops).
