@@ -27,6 +27,9 @@ import (
 
 const numShards = 64
 
+// DefaultIdleTimeout is ServerConfig.IdleTimeout's default.
+const DefaultIdleTimeout = 9 * time.Second
+
 // ServerConfig configures the link server. Zero fields take the defaults.
 type ServerConfig struct {
 	Name         string        // this broker's name, sent in hello
@@ -35,7 +38,13 @@ type ServerConfig struct {
 	MaxPending   int           // bytes queued per worker link before fan-out waits for it; default 8 MiB
 	SlowTimeout  time.Duration // a full worker link that frees no space this long is dropped; default 2 s
 	WriteTimeout time.Duration // a worker that accepts no bytes this long is dropped; default 10 s
-	IdleTimeout  time.Duration // a worker that sends nothing (not even a ping) this long is dropped; default 30 s
+	// IdleTimeout: a worker link that sends nothing (not even a ping) this
+	// long is dropped, with its interests and presence entries. Default
+	// 9 s: three of the workers' 3 s pings (brokerclient.Options
+	// PingInterval), so a node that vanishes without closing its
+	// connections (power loss, partition) leaves no presence ghosts for
+	// more than 9 s (docs/brokers.md, "Link liveness").
+	IdleTimeout time.Duration
 	ChannelIdle  time.Duration // a channel with no interest and no publish this long is forgotten; default 2 min
 	Logger       hclog.Logger
 
@@ -154,7 +163,7 @@ func NewServer(cfg ServerConfig) *Server {
 		cfg.SlowTimeout = 2 * time.Second
 	}
 	if cfg.IdleTimeout <= 0 {
-		cfg.IdleTimeout = 30 * time.Second
+		cfg.IdleTimeout = DefaultIdleTimeout
 	}
 	if cfg.ChannelIdle <= 0 {
 		cfg.ChannelIdle = 2 * time.Minute

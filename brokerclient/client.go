@@ -103,11 +103,18 @@ type Options struct {
 	// link.DefaultMaxFrame, which fits the default 1 MiB). A publish that
 	// would exceed it fails with ErrTooLarge instead of making the broker
 	// drop the link.
-	MaxFrame     int
-	DialTimeout  time.Duration // default 2 s
-	BackoffMin   time.Duration // first reconnect delay; default 20 ms
-	BackoffMax   time.Duration // default 250 ms: a restarted local broker is back within ~0.3 s, and a redial is cheap
-	PingInterval time.Duration // keepalive; the link is dropped after 3 silent intervals; default 5 s
+	MaxFrame    int
+	DialTimeout time.Duration // default 2 s
+	BackoffMin  time.Duration // first reconnect delay; default 20 ms
+	BackoffMax  time.Duration // default 250 ms: a restarted local broker is back within ~0.3 s, and a redial is cheap
+	// PingInterval is the keepalive period (default 3 s): the broker drops
+	// a link it hears nothing from for its IdleTimeout (default 9 s, three
+	// pings), which is what clears a dead node's presence entries.
+	PingInterval time.Duration
+	// LinkTimeout: a broker link that delivers nothing (not even the pong
+	// of a ping) this long is declared dead and redialled; default
+	// 3 × PingInterval (9 s).
+	LinkTimeout  time.Duration
 	WriteTimeout time.Duration // default 10 s
 }
 
@@ -150,7 +157,10 @@ func (o *Options) defaults() {
 		o.BackoffMax = 250 * time.Millisecond
 	}
 	if o.PingInterval <= 0 {
-		o.PingInterval = 5 * time.Second
+		o.PingInterval = 3 * time.Second
+	}
+	if o.LinkTimeout <= o.PingInterval {
+		o.LinkTimeout = 3 * o.PingInterval
 	}
 	if o.WriteTimeout <= 0 {
 		o.WriteTimeout = 10 * time.Second

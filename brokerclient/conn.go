@@ -162,7 +162,7 @@ func (b *bconn) read(conn net.Conn) error {
 	if b.names == nil {
 		b.names = map[string]*chanPos{}
 	}
-	return link.ReadFrames(conn, &dec, buf, 3*o.PingInterval, func(f *link.Frame) error {
+	return link.ReadFrames(conn, &dec, buf, o.LinkTimeout, func(f *link.Frame) error {
 		switch f.Type {
 		case link.TypeMsg:
 			p, ok := b.names[string(f.Channel)]
