@@ -12,6 +12,7 @@ import (
 	"github.com/shoalhq/shoal/internal/testutil"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -169,10 +170,18 @@ type cluster struct {
 
 func writeConfig(t *testing.T, public, admin, gossip string) string {
 	t.Helper()
+	return writeConfigMode(t, public, admin, gossip, 1)
+}
+
+// writeConfigMode is writeConfig with cluster.balancers set: 1 (a balancer
+// process) or 0 (kernel balancing: the workers share the public port).
+func writeConfigMode(t *testing.T, public, admin, gossip string, balancers int) string {
+	t.Helper()
 	dir := t.TempDir()
 	cfg := fmt.Sprintf(`cluster:
   workers: 2
   brokers: 2
+  balancers: %d
   gossip: %s
   restart: {backoff_min: 100ms, backoff_max: 1s}
 listen:
@@ -182,7 +191,7 @@ storage:
   dir: %s
 log:
   level: info
-`, gossip, public, admin, filepath.Join(dir, "data"))
+`, balancers, gossip, public, admin, filepath.Join(dir, "data"))
 	path := filepath.Join(dir, "shoal.yaml")
 	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
@@ -192,11 +201,22 @@ log:
 
 func startCluster(t *testing.T) *cluster {
 	t.Helper()
+	return startClusterMode(t, 1)
+}
+
+// startClusterMode starts a cluster with cluster.balancers set. With 0 the
+// public port is port 0: the supervisor reserves one port for every worker,
+// and c.public is filled in from the table by waitReady.
+func startClusterMode(t *testing.T, balancers int) *cluster {
+	t.Helper()
 	c := &cluster{t: t, public: freePort(t), admin: freePort(t), stdout: &syncBuffer{}, stderr: &syncBuffer{}, waited: make(chan error, 1)}
+	if balancers == 0 {
+		c.public = "127.0.0.1:0"
+	}
 	// Gossip on port 0: each broker binds an ephemeral port (a fixed one
 	// would be taken by consecutive ports per broker, which a parallel test
 	// run could collide with) and they find each other through the topology.
-	c.cfgPath = writeConfig(t, c.public, c.admin, "127.0.0.1:0")
+	c.cfgPath = writeConfigMode(t, c.public, c.admin, "127.0.0.1:0", balancers)
 	c.cmd = exec.Command(shoalBin, "run", "-c", c.cfgPath)
 	c.cmd.Stdout, c.cmd.Stderr = c.stdout, c.stderr
 	if err := c.cmd.Start(); err != nil {
@@ -298,6 +318,14 @@ func (c *cluster) waitReady(timeout time.Duration) clusterInfo {
 		}
 		return true
 	})
+	if strings.HasSuffix(c.public, ":0") {
+		// Port 0 (balancers: 0): the port the workers share.
+		u, err := url.Parse(ci.Public)
+		if err != nil || u.Port() == "" || u.Port() == "0" {
+			c.t.Fatalf("/api/cluster public %q: want the bound ws:// URL", ci.Public)
+		}
+		c.public = u.Host
+	}
 	return ci
 }
 
@@ -342,11 +370,26 @@ func shoal(t *testing.T, args ...string) (string, string, int) {
 	return out.String(), errb.String(), code
 }
 
+// TestClusterLifecycle runs in both balancing modes: a balancer process
+// (balancers: 1) and kernel balancing (balancers: 0, the workers share the
+// public port with SO_REUSEPORT).
 func TestClusterLifecycle(t *testing.T) {
-	c := startCluster(t)
+	for _, mode := range []struct {
+		name      string
+		balancers int
+	}{{"balancer", 1}, {"kernel", 0}} {
+		t.Run(mode.name, func(t *testing.T) { testClusterLifecycle(t, mode.balancers) })
+	}
+}
+
+func testClusterLifecycle(t *testing.T, balancers int) {
+	c := startClusterMode(t, balancers)
 	ci := c.waitReady(30 * time.Second)
 
 	want := []string{"broker-1", "broker-2", "worker-1", "worker-2", "balancer-1"}
+	if balancers == 0 {
+		want = want[:4]
+	}
 	if len(ci.Processes) != len(want) {
 		t.Fatalf("table has %d processes, want %v: %+v", len(ci.Processes), want, ci.Processes)
 	}
@@ -395,6 +438,14 @@ func TestClusterLifecycle(t *testing.T) {
 	if ci.Processes[2].Addrs["handoff"] == "" {
 		t.Fatalf("worker-1 publishes no handoff address: %+v", ci.Processes[2])
 	}
+	if balancers == 0 {
+		// Each worker bound the one public port itself.
+		for _, p := range ci.Processes[2:4] {
+			if p.Addrs["public"] != c.public {
+				t.Fatalf("%s publishes public %q, want %s: %+v", p.Name, p.Addrs["public"], c.public, p)
+			}
+		}
+	}
 	waitFor(t, 10*time.Second, "GET /healthz through the balancer", func() bool {
 		resp, err := publicClient.Get("http://" + c.public + "/healthz")
 		if err != nil {
@@ -403,6 +454,17 @@ func TestClusterLifecycle(t *testing.T) {
 		resp.Body.Close()
 		return resp.StatusCode == http.StatusOK
 	})
+	if balancers == 0 {
+		// The kernel spreads new connections (hashing the client's
+		// ephemeral port) over both workers.
+		seen := map[string]bool{}
+		for i := 0; i < 100 && len(seen) < 2; i++ {
+			seen[healthzWorker(t, c.public)] = true
+		}
+		if len(seen) < 2 {
+			t.Fatalf("100 connections all reached %v; want both workers", seen)
+		}
+	}
 	// `shoal reload` replaces the workers one at a time: a connected client
 	// is handed over with 4000 (the official client reconnects at once, not
 	// after the 1001 back-off), and traffic goes on to the new ones.
@@ -538,6 +600,24 @@ func TestClusterLifecycle(t *testing.T) {
 // lives in the worker it was handed to and dies with it, which says nothing
 // about where the balancer routes new connections.
 var publicClient = &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+
+// healthzWorker GETs /healthz on a new connection and returns the name of
+// the worker that answered.
+func healthzWorker(t *testing.T, public string) string {
+	t.Helper()
+	resp, err := publicClient.Get("http://" + public + "/healthz")
+	if err != nil {
+		t.Fatalf("GET /healthz: %v", err)
+	}
+	defer resp.Body.Close()
+	var body struct {
+		Worker string `json:"worker"`
+	}
+	if resp.StatusCode != http.StatusOK || json.NewDecoder(resp.Body).Decode(&body) != nil || body.Worker == "" {
+		t.Fatalf("GET /healthz: %s without a worker name", resp.Status)
+	}
+	return body.Worker
+}
 
 // healthz expects GET /healthz through the balancer to answer 200 now.
 func healthz(t *testing.T, public, when string) {
