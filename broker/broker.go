@@ -157,8 +157,10 @@ func StorePath(dir, name string) string { return filepath.Join(dir, "broker-"+na
 
 // openStore opens the bbolt file when some channel rule is durable (nil
 // otherwise: no file is created for a config without durable channels).
+// The internal ban log (chanopts) is durable, so today every broker opens
+// its file.
 func openStore(cfg configs.Config, name string) (store.Store, error) {
-	durable := false
+	durable := chanopts.InternalDurable()
 	for _, r := range cfg.Channels {
 		durable = durable || r.Durable
 	}

@@ -2,27 +2,70 @@ package worker
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"net/netip"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/shoalhq/shoal/api"
+	"github.com/shoalhq/shoal/broker/chanopts"
+	"github.com/shoalhq/shoal/brokerclient"
 )
 
-// Cluster-wide bans. Each worker keeps the bans in an api.MemoryBans; a ban
-// or unban made through any worker's API is published on the internal
-// channel "#bans", which every worker follows, and applied by each (the
-// asker included, when its own message comes back). A worker that starts
-// publishes {"op":"sync"}; every worker that holds bans answers with its
-// list, so a restarted worker enforces the bans of the running cluster.
+// Cluster-wide, persisted bans. Each worker keeps the bans in an
+// api.MemoryBans; a ban or unban made through any worker's API is published
+// on the internal channel "#bans", which every worker follows, and applied
+// by each (the asker applied it at once).
+//
+// "#bans" is also the ban log: chanopts gives it a durable history of
+// chanopts.BansHistory messages, which its owning broker keeps in bbolt and
+// replicates like any durable channel. A starting worker subscribes, then
+// replays that history (replayBans): from the last complete "snapshot"
+// (every ban in force at the snapshot's base offset) it applies every op
+// after the base, in log order. Ops are idempotent per target (ban
+// replaces, unban deletes), so ops between the base and the snapshot itself
+// are simply applied again; live ops that arrive during the replay are held
+// and applied after it, in order. Thus bans survive a restart of the whole
+// cluster, whatever the number of workers and nodes.
+//
+// Compaction: a worker whose own publish lands BansHistory/2 offsets past
+// the last snapshot base folds the log from that snapshot and publishes a
+// new snapshot (split in parts of snapshotPart bans), so the log never
+// loses the ops a replay needs. Two workers may both do it; snapshots are
+// idempotent too. A new epoch of the channel (its storage lost) restarts
+// the count.
+//
+// Without a broker history (a replay that fails for its whole bounded
+// retry window), the worker falls back to the old "sync": it asks the
+// running workers for their lists.
+//
 // Bans are checked at the handshake: the user (token sub) and the client's
-// address. Persistence: bans live as long as one worker of the cluster
-// does; a restart of the whole cluster forgets them (docs/api.md).
+// address, by the `ban` middleware rule or, without one, after the
+// handshake rules (docs/middleware.md).
+
+// snapshotPart bounds the bans per snapshot message, so one message stays
+// far below any payload limit (a ban is about 100 bytes of JSON).
+const snapshotPart = 2000
+
+// banHistory is what the ban log needs of the broker client beyond Broker
+// (*brokerclient.Client has it; tests' fakes may not).
+type banHistory interface {
+	History(ctx context.Context, channel string, since uint64, limit int) (brokerclient.HistoryPage, error)
+}
 
 // ClusterBans is the worker's api.BanStore.
 type ClusterBans struct {
 	e     *Engine
 	local *api.MemoryBans
+
+	mu        sync.Mutex
+	replaying bool
+	held      []ctrlMsg // live ops that arrived during the replay
+	snapBase  uint64    // base offset of the newest snapshot seen
+	compact   atomic.Bool
 }
 
 var _ api.BanStore = (*ClusterBans)(nil)
@@ -71,7 +114,7 @@ func (c *ClusterBans) Ban(ctx context.Context, b api.Ban) error {
 		return err
 	}
 	if c.e != nil && c.e.cfg.Broker != nil {
-		c.e.publishControl(bansChannel, ctrlMsg{Op: "ban", From: c.e.cfg.Name, Bans: []wireBan{toWire(b)}})
+		c.e.publishBanOp(ctrlMsg{Op: "ban", From: c.e.cfg.Name, Bans: []wireBan{toWire(b)}})
 	}
 	return nil
 }
@@ -87,7 +130,7 @@ func (c *ClusterBans) Unban(ctx context.Context, t api.BanTarget) (bool, error) 
 		if t.IP.IsValid() {
 			w.IP = t.IP.String()
 		}
-		c.e.publishControl(bansChannel, ctrlMsg{Op: "unban", From: c.e.cfg.Name, Bans: []wireBan{w}})
+		c.e.publishBanOp(ctrlMsg{Op: "unban", From: c.e.cfg.Name, Bans: []wireBan{w}})
 	}
 	return ok, nil
 }
@@ -102,6 +145,21 @@ func (c *ClusterBans) Banned(user string, addr netip.Addr) (api.Ban, bool) {
 
 // applyBanControl applies a message of the "#bans" channel.
 func (e *Engine) applyBanControl(c ctrlMsg) {
+	if store := e.cfg.Bans; store != nil && (c.Op == "ban" || c.Op == "unban") {
+		store.mu.Lock()
+		if store.replaying {
+			store.held = append(store.held, c)
+			store.mu.Unlock()
+			return
+		}
+		store.mu.Unlock()
+	}
+	e.applyBanOp(c, false)
+}
+
+// applyBanOp applies one op; replay also applies this worker's own ops
+// (a live one is stored already when it comes back).
+func (e *Engine) applyBanOp(c ctrlMsg, replay bool) {
 	ctx := context.Background()
 	store := e.cfg.Bans
 	switch c.Op {
@@ -115,8 +173,16 @@ func (e *Engine) applyBanControl(c ctrlMsg) {
 		if c.Reply != "" && c.ID != "" {
 			e.publishControl(c.Reply, ctrlMsg{Op: "reply", ID: c.ID, N: n})
 		}
+	case "snapshot":
+		// A running worker has the state already; it only notes where the
+		// log was compacted.
+		if store != nil {
+			store.mu.Lock()
+			store.snapBase = max(store.snapBase, c.Base)
+			store.mu.Unlock()
+		}
 	case "ban":
-		if store == nil || c.From == e.cfg.Name { // ours is stored already
+		if store == nil || (c.From == e.cfg.Name && !replay) { // ours is stored already
 			return
 		}
 		for _, w := range c.Bans {
@@ -130,7 +196,7 @@ func (e *Engine) applyBanControl(c ctrlMsg) {
 			}
 		}
 	case "unban":
-		if store == nil || c.From == e.cfg.Name {
+		if store == nil || (c.From == e.cfg.Name && !replay) {
 			return
 		}
 		for _, w := range c.Bans {
@@ -175,4 +241,305 @@ func (e *Engine) banned(user string, addr netip.Addr) (string, bool) {
 		return "Banned", true
 	}
 	return b.Reason, true
+}
+
+// publishBanOp appends an op to the ban log and compacts the log when this
+// op lands far enough past the last snapshot.
+func (e *Engine) publishBanOp(c ctrlMsg) {
+	b, err := json.Marshal(c)
+	if err != nil { // cannot happen: plain fields
+		e.log.Error("encoding ban op", "error", err)
+		return
+	}
+	e.cfg.Broker.Publish(bansChannel, b, func(off uint64, err error) {
+		if err != nil {
+			e.log.Warn("publishing ban op", "op", c.Op, "error", err)
+			return
+		}
+		e.maybeCompactBans(off)
+	})
+}
+
+// maybeCompactBans starts a compaction when off is half the log's size past
+// the last snapshot base (or the log restarted below it: a new epoch).
+func (e *Engine) maybeCompactBans(off uint64) {
+	store := e.cfg.Bans
+	if store == nil {
+		return
+	}
+	store.mu.Lock()
+	if off < store.snapBase {
+		store.snapBase = 0
+	}
+	due := off-store.snapBase >= chanopts.BansHistory/2
+	store.mu.Unlock()
+	if !due || !store.compact.CompareAndSwap(false, true) {
+		return
+	}
+	hist, ok := e.cfg.Broker.(banHistory)
+	if !ok {
+		store.compact.Store(false)
+		return
+	}
+	e.bg.Add(1)
+	go func() {
+		defer e.bg.Done()
+		defer store.compact.Store(false)
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		go func() {
+			select {
+			case <-e.stop:
+				cancel()
+			case <-ctx.Done():
+			}
+		}()
+		if err := e.compactBans(ctx, hist); err != nil {
+			e.log.Warn("compacting the ban log", "error", err)
+		}
+	}()
+}
+
+// compactBans folds the log and publishes the result as a snapshot whose
+// base is the last offset folded.
+func (e *Engine) compactBans(ctx context.Context, hist banHistory) error {
+	fold := api.NewMemoryBans(nil)
+	last, err := e.foldBanLog(ctx, hist, func(c ctrlMsg) { applyToStore(fold, c) })
+	if err != nil {
+		return err
+	}
+	list, _ := fold.Bans(ctx)
+	parts := max(1, (len(list)+snapshotPart-1)/snapshotPart)
+	for i := 0; i < parts; i++ {
+		chunk := list[i*snapshotPart : min(len(list), (i+1)*snapshotPart)]
+		out := make([]wireBan, 0, len(chunk))
+		for _, b := range chunk {
+			out = append(out, toWire(b))
+		}
+		msg, _ := json.Marshal(ctrlMsg{Op: "snapshot", From: e.cfg.Name, Base: last, Part: i, Parts: parts, Bans: out})
+		res := make(chan error, 1)
+		e.cfg.Broker.Publish(bansChannel, msg, func(_ uint64, err error) { res <- err })
+		select {
+		case err := <-res:
+			if err != nil {
+				return fmt.Errorf("publishing snapshot part %d/%d: %w", i+1, parts, err)
+			}
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	e.log.Info("compacted the ban log", "base", last, "bans", len(list), "parts", parts)
+	return nil
+}
+
+// applyToStore applies a ban/unban/snapshot op to a store being rebuilt.
+func applyToStore(m *api.MemoryBans, c ctrlMsg) {
+	ctx := context.Background()
+	switch c.Op {
+	case "ban", "snapshot":
+		for _, w := range c.Bans {
+			if b, err := fromWire(w); err == nil {
+				_ = m.Ban(ctx, b)
+			}
+		}
+	case "unban":
+		for _, w := range c.Bans {
+			t := api.BanTarget{User: w.User}
+			if w.IP != "" {
+				p, err := netip.ParsePrefix(w.IP)
+				if err != nil {
+					continue
+				}
+				t.IP = p
+			}
+			_, _ = m.Unban(ctx, t)
+		}
+	}
+}
+
+// maxBanLogPages bounds a replay's reads (a page is what the broker sends;
+// the log holds at most chanopts.BansHistory messages).
+const maxBanLogPages = 1000
+
+// foldBanLog reads the whole ban log and calls apply, in log order, with
+// the last complete snapshot (its parts, as one op each) and every ban and
+// unban after its base. It returns the last offset read.
+func (e *Engine) foldBanLog(ctx context.Context, hist banHistory, apply func(ctrlMsg)) (uint64, error) {
+	type entry struct {
+		off uint64
+		c   ctrlMsg
+	}
+	var log []entry
+	var since uint64
+	for page := 0; ; page++ {
+		if page == maxBanLogPages {
+			return 0, errors.New("ban log: too many pages")
+		}
+		p, err := hist.History(ctx, bansChannel, since, 0)
+		if err != nil {
+			return 0, fmt.Errorf("reading the ban log: %w", err)
+		}
+		for _, m := range p.Messages {
+			var c ctrlMsg
+			if err := json.Unmarshal(m.Data, &c); err != nil {
+				e.log.Warn("malformed ban log entry", "offset", m.Offset, "error", err)
+				continue
+			}
+			log = append(log, entry{m.Offset, c})
+			since = m.Offset
+		}
+		if !p.More || len(p.Messages) == 0 {
+			if since == 0 {
+				since = p.Offset
+			}
+			break
+		}
+	}
+	// The newest snapshot whose parts are all in the log.
+	var base uint64
+	var snap []ctrlMsg
+	for i := len(log) - 1; i >= 0 && snap == nil; i-- {
+		c := log[i].c
+		if c.Op != "snapshot" || c.Part != c.Parts-1 {
+			continue
+		}
+		parts := make([]ctrlMsg, c.Parts)
+		have := 0
+		for j := i; j >= 0 && have < c.Parts; j-- {
+			d := log[j].c
+			if d.Op == "snapshot" && d.Base == c.Base && d.From == c.From && d.Parts == c.Parts && d.Part >= 0 && d.Part < d.Parts && parts[d.Part].Op == "" {
+				parts[d.Part] = d
+				have++
+			}
+		}
+		if have == c.Parts {
+			snap, base = parts, c.Base
+		}
+	}
+	for _, c := range snap {
+		apply(c)
+	}
+	// Ops after the base, including those between the base and the
+	// snapshot (they may be missing from it).
+	for _, en := range log {
+		if en.off > base && (en.c.Op == "ban" || en.c.Op == "unban") {
+			apply(en.c)
+		}
+	}
+	if e.cfg.Bans != nil {
+		e.cfg.Bans.mu.Lock()
+		e.cfg.Bans.snapBase = max(e.cfg.Bans.snapBase, base)
+		e.cfg.Bans.mu.Unlock()
+	}
+	return since, nil
+}
+
+// startBans replays the ban log (or, without one, asks the running workers
+// for their bans), with bounded retries while the broker links come up.
+func (e *Engine) startBans() {
+	store := e.cfg.Bans
+	if store == nil {
+		return
+	}
+	hist, hasHist := e.cfg.Broker.(banHistory)
+	if hasHist {
+		store.mu.Lock()
+		store.replaying = true
+		store.mu.Unlock()
+	}
+	e.bg.Add(1)
+	go func() {
+		defer e.bg.Done()
+		if hasHist {
+			ok := e.replayBans(hist)
+			// Live ops held meanwhile come after the log's: apply them now.
+			store.mu.Lock()
+			held := store.held
+			store.held, store.replaying = nil, false
+			store.mu.Unlock()
+			for _, c := range held {
+				e.applyBanOp(c, true)
+			}
+			if ok {
+				return
+			}
+		}
+		e.syncBans()
+	}()
+}
+
+// replayBans applies the ban log to the worker's store, retrying for a
+// bounded time while the brokers come up. It reports whether it succeeded.
+func (e *Engine) replayBans(hist banHistory) bool {
+	store := e.cfg.Bans
+	delay := 100 * time.Millisecond
+	for attempt := 0; attempt < 15; attempt++ {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		stopWatch := make(chan struct{})
+		go func() {
+			select {
+			case <-e.stop:
+				cancel()
+			case <-stopWatch:
+			}
+		}()
+		n := 0
+		_, err := e.foldBanLog(ctx, hist, func(c ctrlMsg) {
+			n++
+			applyToStore(store.local, c)
+		})
+		close(stopWatch)
+		cancel()
+		if err == nil {
+			list, _ := store.local.Bans(context.Background())
+			e.log.Debug("replayed the ban log", "ops", n, "bans", len(list))
+			return true
+		}
+		select {
+		case <-e.stop:
+			return false
+		default:
+		}
+		t := time.NewTimer(delay)
+		select {
+		case <-t.C:
+		case <-e.stop:
+			t.Stop()
+			return false
+		}
+		delay = min(2*delay, 2*time.Second)
+		if attempt == 14 {
+			e.log.Warn("could not read the ban log; asking the running workers instead", "error", err)
+		}
+	}
+	return false
+}
+
+// syncBans asks the running workers for the bans they hold (a cluster
+// without the ban log's history), retrying until a publish is acknowledged.
+func (e *Engine) syncBans() {
+	b, _ := json.Marshal(ctrlMsg{Op: "sync", From: e.cfg.Name})
+	delay := 100 * time.Millisecond
+	for attempt := 0; attempt < 12; attempt++ {
+		res := make(chan error, 1)
+		e.cfg.Broker.Publish(bansChannel, b, func(_ uint64, err error) { res <- err })
+		var err error
+		select {
+		case err = <-res:
+		case <-e.stop:
+			return
+		}
+		if err == nil {
+			return
+		}
+		t := time.NewTimer(delay)
+		select {
+		case <-t.C:
+		case <-e.stop:
+			t.Stop()
+			return
+		}
+		delay = min(2*delay, 2*time.Second)
+	}
+	e.log.Warn("could not ask the other workers for their bans; this worker enforces only bans made from now on")
 }

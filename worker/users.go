@@ -52,6 +52,11 @@ type ctrlMsg struct {
 	Prefix  string    `json:"prefix,omitempty"`
 	Bans    []wireBan `json:"bans,omitempty"`
 	N       int       `json:"n"` // a reply's count
+	// A "snapshot" of the ban log (bans.go): the offset it folds up to,
+	// and its part of a snapshot split over several messages.
+	Base  uint64 `json:"base,omitempty"`
+	Part  int    `json:"part,omitempty"`
+	Parts int    `json:"parts,omitempty"`
 }
 
 // users maps user ids (token sub) to this worker's sessions of them.
@@ -132,39 +137,7 @@ func (e *Engine) StartControl() {
 	}
 	e.cfg.Broker.Subscribe(replyChannelPrefix + e.cfg.Name)
 	e.cfg.Broker.Subscribe(bansChannel)
-	if e.cfg.Bans == nil {
-		return
-	}
-	// The broker links come up asynchronously after Start: retry the sync
-	// request a bounded number of times until a publish is acknowledged.
-	b, _ := json.Marshal(ctrlMsg{Op: "sync", From: e.cfg.Name})
-	e.bg.Add(1)
-	go func() {
-		defer e.bg.Done()
-		delay := 100 * time.Millisecond
-		for attempt := 0; attempt < 12; attempt++ {
-			res := make(chan error, 1)
-			e.cfg.Broker.Publish(bansChannel, b, func(_ uint64, err error) { res <- err })
-			var err error
-			select {
-			case err = <-res:
-			case <-e.stop:
-				return
-			}
-			if err == nil {
-				return
-			}
-			t := time.NewTimer(delay)
-			select {
-			case <-t.C:
-			case <-e.stop:
-				t.Stop()
-				return
-			}
-			delay = min(2*delay, 2*time.Second)
-		}
-		e.log.Warn("could not ask the other workers for their bans; this worker enforces only bans made from now on")
-	}()
+	e.startBans()
 }
 
 func (e *Engine) publishControl(channel string, c ctrlMsg) {

@@ -46,11 +46,35 @@ type Rules struct {
 	rules []rule
 }
 
+// Internal channels whose options do not come from the config. "#bans"
+// (the workers' ban log, worker/bans.go) keeps a durable history so the
+// bans survive a restart of the whole cluster; these rules come before the
+// config's, so a user pattern such as "**" cannot turn that off.
+var internal = []rule{
+	{segs: []string{"#bans"}, opts: Options{HistorySize: BansHistory, Durable: true, Recover: DefaultRecover, Matched: true}},
+}
+
+// InternalDurable reports whether an internal channel is durable, so a
+// broker opens its store even when no config rule is.
+func InternalDurable() bool {
+	for _, r := range internal {
+		if r.opts.Durable {
+			return true
+		}
+	}
+	return false
+}
+
+// BansHistory is how many messages the "#bans" log keeps. Workers write a
+// snapshot of every ban once half of it has been used since the last one,
+// so a replay always finds the latest snapshot in it.
+const BansHistory = 4096
+
 // Compile prepares rules. A durable rule without a history size keeps
 // nothing, so durable implies history; such a rule gets size 100 (the
 // example config's) rather than silently storing nothing.
 func Compile(rs []configs.ChannelRule) *Rules {
-	out := &Rules{}
+	out := &Rules{rules: append([]rule(nil), internal...)}
 	for _, r := range rs {
 		o := Options{
 			HistorySize: max(r.History.Size, 0),
@@ -86,8 +110,9 @@ func (r *Rules) Lookup(channel string) Options {
 	return Options{}
 }
 
-// Empty reports whether there are no rules (no channel has any option).
-func (r *Rules) Empty() bool { return r == nil || len(r.rules) == 0 }
+// Empty reports whether there are no rules from the config (no channel
+// other than the internal ones has any option).
+func (r *Rules) Empty() bool { return r == nil || len(r.rules) <= len(internal) }
 
 // match reports whether name (a "/"-separated channel) matches segs. "**"
 // backtracks; the loop is bounded by segments × name length.
