@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"slices"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/shoalhq/shoal/proto/link"
@@ -126,27 +127,131 @@ func (l *blink) presLeave(channel, conn string) {
 }
 
 // dropPresence removes one entry if this link owns it (a connection that
-// moved to another worker keeps the newer entry).
-func (s *Server) dropPresence(l *blink, channel, conn string) {
+// moved to another worker keeps the newer entry). It reports whether that
+// removed the channel's last entry.
+func (s *Server) dropPresence(l *blink, channel, conn string) (emptied bool) {
 	sh := s.shard([]byte(channel))
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
 	st := sh.chans[channel]
 	if st == nil || st.pres == nil {
-		return
+		return false
 	}
 	e := st.pres[conn]
 	if e == nil || e.l != l {
-		return
+		return false
 	}
 	delete(st.pres, conn)
 	if len(st.pres) == 0 {
 		st.pres = nil
 		st.idleSince = time.Now().UnixNano()
+		emptied = true
 	}
 	if st.opts.JoinLeave {
 		s.event(st, link.EventLeave, channel, e.raw)
 	}
+	return emptied
+}
+
+// Vacated notices (link.EventVacated).
+//
+// The workers turn their local changes into cluster-wide webhook events by
+// keeping one presence entry each on internal channels ("#user/<id>",
+// "#chan/<channel>"; worker/clusterevents.go): the worker whose leave
+// empties such a channel reports user.offline / channel.vacated. A worker
+// that dies cannot; its entries are removed here, when its link dies
+// (at once for a crashed process, after IdleTimeout for a vanished node).
+// So when that removal empties an internal channel, the broker — which
+// survives — hands a vacated notice to exactly one other live worker link,
+// which reports the event. With no such link (a one-worker node whose
+// worker is restarting) the notices wait, bounded, for the next worker
+// link that says ready.
+
+// maxOrphans bounds the vacated notices waiting for a worker link.
+const maxOrphans = 10000
+
+// HandbackPrefix starts the hello name of a broker's own hand-back client
+// (handback.go): such links are not workers and get no vacated notices.
+const HandbackPrefix = "handback:"
+
+// vacated hands a vacated notice per channel to one live worker link other
+// than dead, or queues them.
+func (s *Server) vacated(dead *blink, channels []string) {
+	if len(channels) == 0 {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, ch := range channels {
+		s.orphans = append(s.orphans, link.AppendEvent(nil, link.EventVacated, ch, nil))
+	}
+	if n := len(s.orphans) - maxOrphans; n > 0 {
+		s.log.Warn("dropping vacated notices: no worker link took them", "dropped", n)
+		s.orphans = append(s.orphans[:0], s.orphans[n:]...)
+	}
+	s.norphans.Store(int64(len(s.orphans)))
+	for l := range s.links {
+		if l != dead && s.flushOrphansLocked(l) {
+			return
+		}
+	}
+	s.log.Debug("vacated notices wait for a worker link", "pending", len(s.orphans))
+}
+
+// flushOrphansLocked queues the waiting vacated notices on l if it is an
+// eligible worker link; it reports whether none is left waiting. s.mu held.
+//
+// Eligible: a worker (not a hand-back client) that sent ready and whose
+// last ping is recent (within half the IdleTimeout, i.e. 1.5 of the
+// workers' ping intervals by default). The freshness check matters when a
+// whole node vanished: its workers' links time out one after the other,
+// and the first one's notices must not go to a sibling that is just as
+// dead but not yet timed out.
+func (s *Server) flushOrphansLocked(l *blink) bool {
+	fresh := time.Now().UnixNano()-l.lastPing.Load() < int64(s.cfg.IdleTimeout/2)
+	if !l.ready.Load() || !fresh || strings.HasPrefix(l.name(), HandbackPrefix) {
+		return len(s.orphans) == 0
+	}
+	sent := 0
+	for _, f := range s.orphans {
+		if l.w.WriteRaw(f) != nil {
+			break // full or closing: the rest go to another link
+		}
+		sent++
+	}
+	if sent > 0 {
+		s.log.Debug("vacated notices handed to a worker", "worker", l.name(), "notices", sent)
+	}
+	clear(s.orphans[:sent])
+	s.orphans = s.orphans[sent:]
+	s.norphans.Store(int64(len(s.orphans)))
+	if len(s.orphans) == 0 {
+		s.orphans = nil
+		return true
+	}
+	return false
+}
+
+// linkReady marks l as a worker whose interests are registered and gives
+// it the vacated notices that wait.
+func (l *blink) linkReady() {
+	l.ready.Store(true)
+	l.pinged()
+}
+
+// pinged records a sign of life of the worker (its ping, every few
+// seconds whatever the traffic) and hands it the waiting notices.
+func (l *blink) pinged() {
+	l.lastPing.Store(time.Now().UnixNano())
+	s := l.s
+	if s.norphans.Load() == 0 {
+		return
+	}
+	s.mu.Lock()
+	if len(s.orphans) > 0 {
+		s.flushOrphansLocked(l)
+	}
+	s.mu.Unlock()
 }
 
 // event queues a join/leave event to every interested link; a full link

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -45,8 +47,8 @@ type ServerConfig struct {
 	// connections (power loss, partition) leaves no presence ghosts for
 	// more than 9 s (docs/brokers.md, "Link liveness").
 	IdleTimeout time.Duration
-	ChannelIdle  time.Duration // a channel with no interest and no publish this long is forgotten; default 2 min
-	Logger       hclog.Logger
+	ChannelIdle time.Duration // a channel with no interest and no publish this long is forgotten; default 2 min
+	Logger      hclog.Logger
 
 	// Rules give channels their options (history, durable, presence,
 	// join/leave); nil: no channel has any.
@@ -98,6 +100,8 @@ type Server struct {
 	listeners []net.Listener
 	links     map[*blink]struct{}
 	members   []link.Member // latest ring view, sent to every link
+	orphans   [][]byte      // vacated notices waiting for a worker link (presence.go)
+	norphans  atomic.Int64  // len(orphans), read without mu on every ping
 	wg        sync.WaitGroup
 	stopSweep chan struct{}
 
@@ -135,14 +139,16 @@ type chanState struct {
 
 // blink is one worker's link.
 type blink struct {
-	s       *Server
-	conn    net.Conn
-	w       *link.Writer
-	worker  atomic.Pointer[string]         // from hello; read by other goroutines' logs
-	chans   map[string]struct{}            // interests; reader goroutine only
-	pres    map[string]map[string]struct{} // channel → conn ids announced on this link; reader goroutine only
-	scratch []byte                         // reply encoding; reader goroutine only
-	once    sync.Once
+	s        *Server
+	conn     net.Conn
+	w        *link.Writer
+	worker   atomic.Pointer[string]         // from hello; read by other goroutines' logs
+	chans    map[string]struct{}            // interests; reader goroutine only
+	pres     map[string]map[string]struct{} // channel → conn ids announced on this link; reader goroutine only
+	scratch  []byte                         // reply encoding; reader goroutine only
+	ready    atomic.Bool                    // sent ready: a worker with its interests registered
+	lastPing atomic.Int64                   // unix ns of its last ping (or ready)
+	once     sync.Once
 }
 
 // NewServer returns a server; call Serve with a listener.
@@ -309,7 +315,9 @@ func (l *blink) serve() {
 			l.unsubscribe(f.Channel)
 		case link.TypeReady:
 			s.workerReady(l.name())
+			l.linkReady()
 		case link.TypePing:
+			l.pinged()
 			if err := l.w.WriteEmpty(link.TypePong); err != nil && !errors.Is(err, link.ErrQueueFull) {
 				return err
 			}
@@ -570,9 +578,12 @@ func (l *blink) cleanup() {
 	}
 	l.chans = nil
 	// A dead worker's connections are gone: no ghosts.
+	var emptied []string
 	for ch, conns := range l.pres {
 		for conn := range conns {
-			l.s.dropPresence(l, ch, conn)
+			if l.s.dropPresence(l, ch, conn) && strings.HasPrefix(ch, "#") {
+				emptied = append(emptied, ch)
+			}
 		}
 	}
 	l.pres = nil
@@ -580,6 +591,10 @@ func (l *blink) cleanup() {
 	s.mu.Lock()
 	delete(s.links, l)
 	s.mu.Unlock()
+	// Internal channels it left empty: a surviving worker reports them
+	// (presence.go, "Vacated notices").
+	sort.Strings(emptied)
+	s.vacated(l, emptied)
 	s.nlinks.Add(-1)
 }
 

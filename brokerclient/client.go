@@ -78,6 +78,11 @@ type Options struct {
 	// worker is interested in whose rule has join_leave on. entry is the
 	// entry's JSON (PresenceEntry's shape), valid only during the call.
 	OnJoinLeave func(channel string, join bool, entry []byte)
+	// OnVacated receives a broker's notice that an internal ("#")
+	// channel's last presence entry went with a dead worker's link (reader
+	// goroutine; one live worker gets each notice). The worker reports the
+	// webhook event the dead worker could not (worker/clusterevents.go).
+	OnVacated func(channel string)
 	// OnResync reports the re-registration of a history channel after this
 	// worker's link to its owner came back (reader goroutine): when
 	// res.Recovered, the messages the worker missed were delivered to
@@ -134,6 +139,9 @@ func (o *Options) defaults() {
 	}
 	if o.OnJoinLeave == nil {
 		o.OnJoinLeave = func(string, bool, []byte) {}
+	}
+	if o.OnVacated == nil {
+		o.OnVacated = func(string) {}
 	}
 	if o.PublishTimeout <= 0 {
 		o.PublishTimeout = 5 * time.Second

@@ -181,6 +181,10 @@ func (b *bconn) read(conn net.Conn) error {
 		case link.TypeHist, link.TypeReply:
 			b.reply(f)
 		case link.TypeEvent:
+			if f.Op == link.EventVacated {
+				o.OnVacated(string(f.Channel))
+				break
+			}
 			o.OnJoinLeave(string(f.Channel), f.Op == link.EventJoin, f.Data)
 		case link.TypePubAck:
 			b.ack(f)

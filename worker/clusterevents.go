@@ -2,6 +2,7 @@ package worker
 
 import (
 	"context"
+	"strings"
 	"time"
 
 	"github.com/shoalhq/shoal/brokerclient"
@@ -42,6 +43,9 @@ type clusterEvent struct {
 	user bool // user event (else channel)
 	key  string
 	up   bool
+	// orphan: a broker's vacated notice for a dead worker's key (Vacated);
+	// this worker holds no entry there, so it only counts.
+	orphan bool
 }
 
 // presenceCounter is the broker client's PresenceCount.
@@ -144,10 +148,37 @@ func (e *Engine) decide(ev clusterEvent, rb RecoveryBroker, me brokerclient.Pres
 		}
 		return
 	}
-	rb.PresenceLeave(ch, me.Conn)
+	if !ev.orphan {
+		rb.PresenceLeave(ch, me.Conn)
+	}
 	if n, err := count(ch); err != nil || n == 0 {
 		e.emitEvent(ev)
 	}
+}
+
+// Vacated is the broker client's OnVacated: a worker died (SIGKILL, or its
+// node vanished) while it was the last one holding a user or a channel, so
+// it could not report user.offline / channel.vacated itself. The broker
+// that removed its entries hands the notice to one live worker — this one
+// — which reports the event after checking, in the same ordered queue as
+// its own changes, that nobody took the key meanwhile. The notice reaches
+// exactly one worker; if this worker dies before deciding it, it is lost
+// (a double failure).
+func (e *Engine) Vacated(channel string) {
+	var ev clusterEvent
+	switch {
+	case strings.HasPrefix(channel, userChannelPrefix):
+		ev = clusterEvent{user: true, key: channel[len(userChannelPrefix):], orphan: true}
+	case strings.HasPrefix(channel, chanPresencePrefix):
+		ev = clusterEvent{key: channel[len(chanPresencePrefix):], orphan: true}
+	default:
+		return
+	}
+	if ev.key == "" || e.cfg.Webhooks == nil {
+		return
+	}
+	e.log.Debug("reporting for a dead worker", "channel", channel)
+	e.clusterEvent(ev)
 }
 
 // FlushEvents waits until the changes queued for a cluster-wide decision

@@ -187,6 +187,7 @@ func (c *Child) Start(ctx context.Context, p control.StartParams) (control.Start
 			eng.DeliverPub(channel, data, offset, epoch)
 		},
 		OnJoinLeave: func(channel string, join bool, entry []byte) { eng.JoinLeave(channel, join, entry) },
+		OnVacated:   func(channel string) { eng.Vacated(channel) }, // clusterevents.go (issue #6)
 		OnResync:    func(channel string, res brokerclient.RecoverResult, err error) { eng.Resync(channel, res, err) },
 		Channels:    cfg.Channels,
 		// Runs on a link's reader goroutine; SetBrokers does not wait for

@@ -26,7 +26,7 @@
 //	pres    u64 request id, u8 op, u16 channel length, channel, data rest (worker → broker: presence, channel list)
 //	hist    u64 request id, u64 offset, u64 unix ns, data rest            (broker → worker: one stored message of a reply)
 //	reply   u64 request id, u64 offset, u64 epoch, u8 flags, data rest    (broker → worker: ends a request)
-//	event   u8 kind, u16 channel length, channel, data rest               (broker → worker: presence join/leave)
+//	event   u8 kind, u16 channel length, channel, data rest               (broker → worker: presence join/leave/vacated)
 //
 // A request (subrec, histreq, repl, pres) is answered by zero or more hist
 // frames with its id and then exactly one reply; replies may come in any
@@ -105,6 +105,10 @@ const (
 const (
 	EventJoin  uint8 = 1
 	EventLeave uint8 = 2
+	// EventVacated (no data): the channel's last presence entry went with
+	// a dead worker link; sent to one other worker, which reports it
+	// (webhooks for internal "#" channels; see broker/presence.go).
+	EventVacated uint8 = 3
 )
 
 func (t Type) String() string {
