@@ -219,6 +219,7 @@ func NewEngine(cfg EngineConfig) (*Engine, error) {
 			"ping_interval", p.PingInterval.D(), "ping_timeout", p.PingTimeout.D())
 	}
 	go e.sweep()
+	e.hub.flushq.start()
 	e.startClusterEvents()
 	return e, nil
 }
@@ -228,6 +229,7 @@ func (e *Engine) Close() {
 	e.once.Do(func() { close(e.stop) })
 	<-e.done
 	e.bg.Wait()
+	e.hub.flushq.stop()
 }
 
 // Hub is the engine's channel table.

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"hash/maphash"
 	"sync"
+
+	"github.com/shoalhq/shoal/worker/netpoll"
 )
 
 // hubShards spreads channels over independently locked maps so subscribes
@@ -27,6 +29,9 @@ type Hub struct {
 	// so the calls for one channel come in order. Internal ("#") channels
 	// never have hub subscribers.
 	occupied func(channel string, occupied bool)
+	// flushq writes the sockets a fan-out queued frames on (flushQueue).
+	flushq   flushQueue
+	owedBufs sync.Pool // *[]*netpoll.Conn, one fan-out's owed flushes
 }
 
 type hubShard struct {
@@ -85,6 +90,8 @@ func newHub(b Broker, full error) *Hub {
 	for i := range h.shards {
 		h.shards[i].subs = make(map[string]*subSet)
 	}
+	h.flushq.init()
+	h.owedBufs.New = func() any { b := make([]*netpoll.Conn, 0, 64); return &b }
 	return h
 }
 
@@ -191,12 +198,26 @@ func (h *Hub) fanout(channel string, frame []byte, pol slowPolicy, over func(*Se
 	if set := sh.subs[channel]; set != nil {
 		list = set.list
 	}
+	bp := h.owedBufs.Get().(*[]*netpoll.Conn)
+	owed := (*bp)[:0]
 	for _, s := range list {
 		if s.backlogged.Load() {
 			full = append(full, s)
 			continue
 		}
-		switch err := s.c.WriteFrame(frame); {
+		var err error
+		if nc, ok := s.c.(*netpoll.Conn); ok {
+			// Queue only: the sockets are written together afterwards
+			// (flushQueue), so frames that arrive close together leave in
+			// one writev per socket instead of one per frame.
+			var flush bool
+			if flush, err = nc.QueueFrame(frame); flush {
+				owed = append(owed, nc)
+			}
+		} else {
+			err = s.c.WriteFrame(frame)
+		}
+		switch {
 		case err == nil:
 			n++
 		case errors.Is(err, h.full):
@@ -204,6 +225,12 @@ func (h *Hub) fanout(channel string, frame []byte, pol slowPolicy, over func(*Se
 		}
 	}
 	sh.mu.RUnlock()
+	if len(owed) > 0 {
+		h.flushq.add(owed)
+		clear(owed)
+	}
+	*bp = owed[:0]
+	h.owedBufs.Put(bp)
 	for _, s := range full {
 		if over(s, channel, frame, pol) {
 			n++
@@ -221,4 +248,108 @@ func (h *Hub) subscribers(dst []*Session, channel string) []*Session {
 	}
 	sh.mu.RUnlock()
 	return dst
+}
+
+// flushQueue is the fan-out's writer: one goroutine that writes, on its
+// own, every socket a fan-out queued frames on (netpoll's QueueFrame), in
+// rounds. A round writes each pending socket once, with everything queued
+// on it so far; what fan-outs queue during a round waits for the next one.
+// So the cost of a delivery falls as the load rises: at low rates every
+// message goes out alone at once (no delay is ever added), and when a round
+// takes longer than the gap between messages, the messages that arrived
+// meanwhile leave in one writev per socket instead of one each (the paced
+// profile showed one system call per subscriber per message, 5–12 µs of
+// server CPU per delivery, against ~1 µs when batched). With the worker's
+// GOMAXPROCS=1 the round runs when the link reader has fanned out all it
+// read, which is exactly the end of a read batch.
+type flushQueue struct {
+	mu      sync.Mutex
+	pending []*netpoll.Conn // each owes exactly one Flush (QueueFrame's contract)
+	stopped bool
+	kick    chan struct{} // cap 1: pending became non-empty, or stop
+	done    chan struct{} // closed when run returns
+	started bool
+}
+
+func (q *flushQueue) init() {
+	q.kick = make(chan struct{}, 1)
+	q.done = make(chan struct{})
+}
+
+// start runs the writer goroutine (the engine owns it: stop joins it).
+func (q *flushQueue) start() {
+	q.mu.Lock()
+	q.started = true
+	q.mu.Unlock()
+	go q.run()
+}
+
+// add takes over the flushes owed for cs (the caller clears its slice).
+// Without a running writer (stopped, or a Hub without an engine) it
+// flushes them at once on the caller's goroutine, so none is ever left
+// owed: a connection whose flush is owed and never done would keep its
+// frames, and its fd, forever.
+func (q *flushQueue) add(cs []*netpoll.Conn) {
+	q.mu.Lock()
+	if q.stopped || !q.started {
+		q.mu.Unlock()
+		f := netpoll.NewFlusher()
+		for _, c := range cs {
+			f.Flush(c)
+		}
+		return
+	}
+	kick := len(q.pending) == 0
+	q.pending = append(q.pending, cs...)
+	q.mu.Unlock()
+	if kick {
+		select {
+		case q.kick <- struct{}{}:
+		default:
+		}
+	}
+}
+
+func (q *flushQueue) run() {
+	defer close(q.done)
+	f := netpoll.NewFlusher()
+	var round []*netpoll.Conn
+	for range q.kick {
+		for {
+			q.mu.Lock()
+			round, q.pending = q.pending, round[:0]
+			stopped := q.stopped
+			q.mu.Unlock()
+			if len(round) == 0 {
+				if stopped {
+					return
+				}
+				break
+			}
+			for i, c := range round {
+				f.Flush(c)
+				round[i] = nil
+			}
+		}
+	}
+}
+
+// stop writes what is pending and ends the writer; later adds flush inline.
+func (q *flushQueue) stop() {
+	q.mu.Lock()
+	if q.stopped {
+		q.mu.Unlock()
+		return
+	}
+	q.stopped = true
+	started := q.started
+	q.mu.Unlock()
+	if !started {
+		return
+	}
+	select {
+	case q.kick <- struct{}{}:
+	default:
+	}
+	<-q.done
 }

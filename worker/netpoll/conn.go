@@ -106,29 +106,66 @@ func (c *Conn) SetData(v any) {
 // over its bounds (the frame was dropped) and ErrClosed once the connection
 // is closing.
 func (c *Conn) WriteFrame(frame []byte) error {
+	flush, err := c.queueFrame(frame)
+	if flush {
+		c.srv.flushers.push(c, taskFlush)
+	}
+	return err
+}
+
+// QueueFrame is WriteFrame for a caller that writes many frames to many
+// connections and flushes them afterwards, all together (fan-out): it
+// queues the frame but schedules no flush task. When it returns owed, the
+// connection is marked as being flushed and the caller must pass it to
+// (*Flusher).Flush soon, exactly once; until then no other goroutine
+// writes its queue, so every frame queued meanwhile (by this caller or
+// others) leaves in that one writev. Errors are WriteFrame's.
+func (c *Conn) QueueFrame(frame []byte) (owed bool, err error) {
+	return c.queueFrame(frame)
+}
+
+// queueFrame queues frame and reports whether the caller must have the
+// connection flushed (c.flushing was set for it).
+func (c *Conn) queueFrame(frame []byte) (bool, error) {
 	if len(frame) == 0 {
-		return nil
+		return false, nil
 	}
 	s := c.srv
 	c.mu.Lock()
 	if c.phase != phaseOpen {
 		c.mu.Unlock()
-		return ErrClosed
+		return false, ErrClosed
 	}
 	if queued := c.queuedLocked(); queued > 0 &&
 		(c.outBytes+len(frame) > s.cfg.SendQueueBytes || queued >= s.cfg.SendQueueMsgs) {
 		c.mu.Unlock()
 		s.stats.queueFull.Add(1)
-		return ErrQueueFull
+		return false, ErrQueueFull
 	}
 	c.enqueueLocked(frame)
 	flush := c.scheduleFlushLocked()
 	c.mu.Unlock()
 	s.stats.msgsOut.Add(1)
-	if flush {
-		s.flushers.push(c, taskFlush)
-	}
-	return nil
+	return flush, nil
+}
+
+// Flusher writes send queues on its caller's goroutine: the flushes that
+// QueueFrame left to the caller. It holds the iovec batch a pool goroutine
+// has of its own. Not safe for concurrent use; one per flushing goroutine.
+type Flusher struct {
+	sc scratch
+}
+
+// NewFlusher returns a Flusher (16 KiB of iovecs).
+func NewFlusher() *Flusher {
+	return &Flusher{sc: scratch{iovs: make([]unix.Iovec, maxIovecs)}}
+}
+
+// Flush writes c's send queue (as a flush task would: until it is empty,
+// the socket would block, or a round limit sends the rest to the pool).
+// Call it once for each QueueFrame that returned owed.
+func (f *Flusher) Flush(c *Conn) {
+	c.flush(&f.sc)
 }
 
 // WriteText frames a private copy of payload as a text message and queues it.
@@ -388,6 +425,7 @@ func (c *Conn) flush(sc *scratch) {
 		fd := c.fd
 		c.mu.Unlock()
 		w, errno := writev(int(fd), sc.iovs[:n])
+		s.stats.writes.Add(1)
 		// Drop the references so the pool does not keep frames alive.
 		for i := range sc.iovs[:n] {
 			sc.iovs[i].Base = nil

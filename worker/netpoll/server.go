@@ -64,7 +64,7 @@ type counters struct {
 	accepted, upgraded, rejected, http         atomic.Uint64
 	msgsIn, bytesIn, msgsOut, bytesOut         atomic.Uint64
 	queueFull, timeouts, protoErrors, released atomic.Uint64
-	panics                                     atomic.Uint64
+	panics, writes                             atomic.Uint64
 }
 
 // Stats is a snapshot of a Server's counters.
@@ -78,6 +78,7 @@ type Stats struct {
 	BytesIn     uint64 // bytes read, HTTP heads included
 	MsgsOut     uint64 // frames accepted by WriteFrame/WriteText
 	BytesOut    uint64 // bytes written
+	Writes      uint64 // writev calls: MsgsOut ÷ Writes is how well frames coalesce
 	QueueFull   uint64 // writes refused with ErrQueueFull
 	Timeouts    uint64 // handshake, write and close timeouts
 	ProtoErrors uint64 // connections closed for a protocol violation
@@ -92,7 +93,7 @@ func (s *Server) Stats() Stats {
 		Rejected: c.rejected.Load(), HTTP: c.http.Load(),
 		MsgsIn: c.msgsIn.Load(), BytesIn: c.bytesIn.Load(), MsgsOut: c.msgsOut.Load(), BytesOut: c.bytesOut.Load(),
 		QueueFull: c.queueFull.Load(), Timeouts: c.timeouts.Load(), ProtoErrors: c.protoErrors.Load(),
-		Panics: c.panics.Load(),
+		Panics: c.panics.Load(), Writes: c.writes.Load(),
 	}
 }
 
