@@ -169,8 +169,13 @@ func (c *Child) Start(ctx context.Context, p control.StartParams) (control.Start
 		c.wg.Add(1)
 		go c.acceptLoop(c.tlsLn, c.startTLS)
 	}
-	c.log.Info("balancer listening", "public", addrs[control.AddrPublic], "tls", addrs[control.AddrTLS],
-		"workers", len(c.pool.all()))
+	if c.local != nil {
+		c.log.Info("worker listening on the public ports (SO_REUSEPORT, shared with the other workers)",
+			"public", addrs[control.AddrPublic], "tls", addrs[control.AddrTLS])
+	} else {
+		c.log.Info("balancer listening", "public", addrs[control.AddrPublic], "tls", addrs[control.AddrTLS],
+			"workers", len(c.pool.all()))
+	}
 	return control.StartResult{Addrs: addrs}, nil
 }
 

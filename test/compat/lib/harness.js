@@ -31,6 +31,11 @@ const AUTH_KEY_ENV = 'SHOAL_COMPAT_AUTH_KEY';
 const AUTH_KEY = process.env[AUTH_KEY_ENV] || crypto.randomBytes(32).toString('hex');
 const API_KEY_ENV = 'SHOAL_COMPAT_API_KEY';
 const API_KEY = crypto.randomBytes(24).toString('hex');
+// cluster.balancers for every target of the run (default 1, a balancer
+// process); `npm test` runs the TLS and real-address files a second time with
+// SHOAL_COMPAT_BALANCERS=0 (kernel balancing: the workers share the ports).
+const BALANCERS = process.env.SHOAL_COMPAT_BALANCERS === undefined ? 1 : Number(process.env.SHOAL_COMPAT_BALANCERS);
+const MODE = BALANCERS === 0 ? 'kernel balancing (balancers: 0)' : `balancers: ${BALANCERS}`;
 const CLUSTER_ONLY = IS_REFERENCE ? 'cluster-only: needs the shoal process table / several workers (reference target is one process)' : false;
 // Whole-file watchdog: a test file never outlives this, whatever hangs.
 const FILE_DEADLINE_MS = Number(process.env.SHOAL_COMPAT_FILE_DEADLINE_MS || 200000);
@@ -249,7 +254,7 @@ function yamlConfig(o) {
 cluster:
   workers: ${o.workers}
   brokers: ${o.brokers}
-  balancers: 1
+  balancers: ${o.balancers}
   gossip: "127.0.0.1:${o.gossipPort}"
   restart: {backoff_min: 100ms, backoff_max: 1s, crash_loop: {crashes: 20, window: 60s}}
 listen:
@@ -277,7 +282,7 @@ storage:
   dir: "${o.dataDir}"
 log:
   level: ${o.logLevel}
-`;
+${o.extraYaml || ''}`;
 }
 
 // Normalise the admin API's process table: accepts a bare array or an object
@@ -385,7 +390,7 @@ class Target {
           if (this.exited) throw fatal(`target exited early: ${JSON.stringify(this.exited)}`);
           const procs = await this.processes();
           return this.allReady(procs);
-        }, {timeout: o.startTimeout, interval: 100, what: `GET ${this.adminBase}/api/cluster → ${o.workers} workers + ${o.brokers} brokers + balancer ready`});
+        }, {timeout: o.startTimeout, interval: 100, what: `GET ${this.adminBase}/api/cluster → ${o.workers} workers + ${o.brokers} brokers${o.balancers === 0 ? '' : ' + balancer'} ready`});
       }
     } catch (e) {
       this.printLogs('start failed');
@@ -399,7 +404,7 @@ class Target {
   allReady(procs) {
     if (!procs) return false;
     const ready = (role) => procs.filter((p) => p.role === role && p.state === 'ready').length;
-    return ready('worker') >= this.opts.workers && ready('broker') >= this.opts.brokers && ready('balancer') >= 1 &&
+    return ready('worker') >= this.opts.workers && ready('broker') >= this.opts.brokers && ready('balancer') >= (this.opts.balancers === 0 ? 0 : 1) &&
       procs.every((p) => p.state === 'ready') && procs;
   }
 
@@ -497,7 +502,9 @@ const DEFAULTS = {
   tls: false,
   origins: ['*'],
   logLevel: 'info',
-  startTimeout: 20000
+  startTimeout: 20000,
+  balancers: BALANCERS,
+  extraYaml: '' // appended to the generated config (top-level keys, e.g. middleware)
 };
 
 async function startTarget(opts = {}) {
@@ -716,7 +723,7 @@ function wrap(target, fn) {
 }
 
 module.exports = {
-  TARGET, IS_REFERENCE, CLUSTER_ONLY, AUTH_KEY, AUTH_KEY_ENV, API_KEY,
+  TARGET, IS_REFERENCE, CLUSTER_ONLY, BALANCERS, MODE, AUTH_KEY, AUTH_KEY_ENV, API_KEY,
   sleep, waitFor, short, freePort, stamp,
   tap, signToken, nowSec,
   startTarget, normaliseProcesses,
