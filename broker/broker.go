@@ -157,10 +157,15 @@ func StorePath(dir, name string) string { return filepath.Join(dir, "broker-"+na
 
 // openStore opens the bbolt file when some channel rule is durable (nil
 // otherwise: no file is created for a config without durable channels).
-// The internal ban log (chanopts) is durable, so today every broker opens
-// its file.
+// The internal ban log (chanopts) is durable too. Bans are made through the
+// server API, which works only with its key in the environment (the
+// cluster's processes share it): with that key set the file is opened.
 func openStore(cfg configs.Config, name string) (store.Store, error) {
-	durable := chanopts.InternalDurable()
+	keyEnv := cfg.API.KeyEnv
+	if keyEnv == "" {
+		keyEnv = configs.Default().API.KeyEnv
+	}
+	durable := keyEnv != "" && os.Getenv(keyEnv) != "" && chanopts.InternalDurable()
 	for _, r := range cfg.Channels {
 		durable = durable || r.Durable
 	}

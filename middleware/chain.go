@@ -34,6 +34,9 @@ type Options struct {
 	// than the configured hook timeouts. Default: a client with a private
 	// transport.
 	HTTPClient *http.Client
+	// Bans answers the `ban` rule; nil: ban rules pass (config check). A
+	// reload without it keeps the previous chain's.
+	Bans BanChecker
 	// Previous is the chain this one replaces (config reload). The new chain
 	// keeps its connection counts, and the per-IP and per-user rate buckets
 	// of every rate rule whose stage and options did not change.
@@ -54,6 +57,9 @@ type Chain struct {
 	client  *http.Client
 
 	socketSlots int // per-socket buckets (rate per_socket rules)
+
+	bans   BanChecker // for ban rules
+	hasBan bool
 
 	inflight sync.WaitGroup // asynchronous decisions (hooks) under way
 }
@@ -106,7 +112,8 @@ type builder struct {
 	p     *problems
 	c     *Chain
 	stage Stage
-	key   string         // "middleware.inbound[1].rate"
+	key   string // "middleware.inbound[1].rate"
+	cfg   *configs.Config
 	prev  *shared        // state of the replaced chain, or nil
 	fps   map[string]int // fingerprints seen in this compile (for duplicates)
 }
@@ -126,6 +133,8 @@ func init() {
 		"hook":        buildHook,
 		"rpc":         buildRPC,
 		"plugin":      buildPlugin,
+		"jwt":         buildJWT,
+		"ban":         buildBan,
 	}
 }
 
@@ -133,13 +142,14 @@ func init() {
 // yet. They are refused rather than ignored: a security rule that silently
 // does nothing is worse than a config that does not load.
 var notBuilt = map[string]string{
-	"jwt":                  "token verification is configured under auth.jwt",
-	"ban":                  "bans (persisted, cluster-wide) are not built yet",
 	"socket_channel_limit": "use protocol.socket_channel_limit",
 }
 
 func compile(cfg configs.Config, o Options) (*Chain, []*configs.Error) {
-	c := &Chain{now: o.Now, log: o.Logger, client: o.HTTPClient}
+	c := &Chain{now: o.Now, log: o.Logger, client: o.HTTPClient, bans: o.Bans}
+	if c.bans == nil && o.Previous != nil {
+		c.bans = o.Previous.bans
+	}
 	if c.now == nil {
 		c.now = time.Now
 	}
@@ -161,7 +171,7 @@ func compile(cfg configs.Config, o Options) (*Chain, []*configs.Error) {
 	c.logLim = logLimiter{perSec: 5, burst: 20}
 
 	p := &problems{}
-	b := &builder{p: p, c: c, prev: prev, fps: map[string]int{}}
+	b := &builder{p: p, c: c, prev: prev, fps: map[string]int{}, cfg: &cfg}
 	stages := [numStages][]map[string]any{cfg.Middleware.Handshake, cfg.Middleware.Inbound, cfg.Middleware.Outbound}
 	for st, list := range stages {
 		for i, item := range list {
@@ -195,6 +205,7 @@ func compile(cfg configs.Config, o Options) (*Chain, []*configs.Error) {
 					e.slow = s
 				}
 				c.entries = append(c.entries, e)
+				c.hasBan = c.hasBan || kind == "ban"
 				for _, a := range acts {
 					c.lists[a] = append(c.lists[a], e)
 				}

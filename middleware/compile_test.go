@@ -17,7 +17,7 @@ func TestCompileErrorsNameTheKey(t *testing.T) {
 		msg  string
 	}{
 		{"unknown rule", "middleware:\n  inbound:\n    - rates: {per_socket: 1/s}\n", "middleware.inbound[0].rates", `did you mean "rate"`},
-		{"not built rule", "middleware:\n  inbound:\n    - ban: {users: [x]}\n", "middleware.inbound[0].ban", "not available"},
+		{"not built rule", "middleware:\n  inbound:\n    - socket_channel_limit: 10\n", "middleware.inbound[0].socket_channel_limit", "not available"},
 		{"plugin binary missing", "middleware:\n  inbound:\n    - plugin: {path: ./no-such-plugin}\n", "middleware.inbound[0].plugin.path", "no such file"},
 		{"plugin bad stage", "middleware:\n  inbound:\n    - plugin: {path: ./no-such-plugin, stages: [publishOut]}\n", "middleware.inbound[0].plugin.stages[0]", "not an action"},
 		{"two keys", "middleware:\n  inbound:\n    - {rate: {per_socket: 1/s}, cidr: {deny: [1.2.3.4]}}\n", "middleware.inbound[0]", "exactly one key"},

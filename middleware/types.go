@@ -119,6 +119,10 @@ type Input struct {
 
 	// Token is the signed token (HandshakeSC, Authenticate), passed to hooks.
 	Token string
+	// BadToken (HandshakeSC) is a token the client sent that auth.jwt
+	// refused: jwt rules tell "no token" from "a bad one" with it. Hooks
+	// do not get it.
+	BadToken string
 }
 
 // ip returns the client address of the input.

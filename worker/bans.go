@@ -13,6 +13,7 @@ import (
 	"github.com/shoalhq/shoal/api"
 	"github.com/shoalhq/shoal/broker/chanopts"
 	"github.com/shoalhq/shoal/brokerclient"
+	"github.com/shoalhq/shoal/middleware"
 )
 
 // Cluster-wide, persisted bans. Each worker keeps the bans in an
@@ -228,9 +229,18 @@ func (e *Engine) applyBanOp(c ctrlMsg, replay bool) {
 	}
 }
 
-// banned is the handshake's check; reason is the ban's.
+// BannedReason is the `ban` middleware rule's check (middleware.BanChecker).
+func (c *ClusterBans) BannedReason(user string, addr netip.Addr) (string, bool) {
+	b, ok := c.local.Banned(user, addr)
+	return b.Reason, ok
+}
+
+var _ middleware.BanChecker = (*ClusterBans)(nil)
+
+// banned is the handshake's check; reason is the ban's. A chain with a
+// `ban` rule checks bans where the config puts it, so this one stands down.
 func (e *Engine) banned(user string, addr netip.Addr) (string, bool) {
-	if e.cfg.Bans == nil {
+	if e.cfg.Bans == nil || e.chain.Load().ChecksBans() {
 		return "", false
 	}
 	b, ok := e.cfg.Bans.Banned(user, addr)

@@ -345,3 +345,17 @@ func (s *Session) isClosed() bool {
 	defer s.mu.Unlock()
 	return s.state >= stateClosing
 }
+
+// sentToken is the token string a #handshake carried ("" when none, or not
+// a string).
+func sentToken(p *sc.Packet) string {
+	raw, ok := sc.Field(p.Data, "authToken")
+	if !ok || sc.IsNull(raw) {
+		return ""
+	}
+	str, ok := sc.String(raw)
+	if !ok {
+		return ""
+	}
+	return string(str)
+}

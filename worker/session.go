@@ -402,6 +402,8 @@ func (s *Session) handshakeSC(p *sc.Packet, tok *auth.Token, authErr *sc.Error, 
 	*in = middleware.Input{Action: middleware.HandshakeSC, Socket: s.wouldBe(tok)}
 	if tok != nil {
 		in.Token = tok.Raw
+	} else {
+		in.BadToken = sentToken(p) // for jwt rules (mw.go)
 	}
 	s.pendMu.Lock()
 	if u := s.upgrade; u != nil {

@@ -161,7 +161,8 @@ func (c *Child) Start(ctx context.Context, p control.StartParams) (control.Start
 		log.Warn("auth: no key configured, every client token will be refused", "reason", keys.Missing())
 	}
 
-	chain, err := middleware.CompileWith(cfg, middleware.Options{Logger: log.Named("middleware")})
+	bans := NewClusterBans()
+	chain, err := middleware.CompileWith(cfg, middleware.Options{Logger: log.Named("middleware"), Bans: bans})
 	if err != nil {
 		return control.StartResult{}, fmt.Errorf("worker %s: compiling middleware: %w", p.Name, err)
 	}
@@ -176,7 +177,6 @@ func (c *Child) Start(ctx context.Context, p control.StartParams) (control.Start
 	if err != nil {
 		return control.StartResult{}, fmt.Errorf("worker %s: webhooks: %w", p.Name, err)
 	}
-	bans := NewClusterBans()
 
 	var eng *Engine
 	var bc *brokerclient.Client
