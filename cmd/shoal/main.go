@@ -15,6 +15,7 @@ commands:
   logs      print or follow the central log
   reload    replace workers one at a time (rolling restart)
   token     mint a development JWT with the configured key
+  ban       add, remove or list bans: shoal ban add --user ID
   config    check a config file: shoal config check FILE
   bench     load-test a cluster
   version   print the version
@@ -42,6 +43,8 @@ func run(args []string) int {
 		return cmdReload(rest)
 	case "token":
 		return cmdToken(rest)
+	case "ban":
+		return cmdBan(rest)
 	case "config":
 		return cmdConfig(rest)
 	case "bench":

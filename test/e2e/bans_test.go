@@ -173,4 +173,69 @@ log:
 	if msg, err := handshakeFrom(t, public, "127.0.0.1"); err != nil || !strings.Contains(msg, `"rid":1`) || strings.Contains(msg, "error") {
 		t.Fatalf("127.0.0.1 (not banned) handshake: %q, %v", msg, err)
 	}
+	t.Run("shoal ban", func(t *testing.T) { testBanCLI(t, cfgPath, public) })
+}
+
+// shoalEnv runs a CLI command with extra environment variables.
+func shoalEnv(t *testing.T, env []string, args ...string) (string, string, int) {
+	t.Helper()
+	cmd := exec.Command(shoalBin, args...)
+	cmd.Env = append(os.Environ(), env...)
+	var out, errb strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatalf("running shoal %v: %v", args, err)
+	}
+	return out.String(), errb.String(), code
+}
+
+// testBanCLI drives `shoal ban` against the running cluster of cfgPath.
+func testBanCLI(t *testing.T, cfgPath, public string) {
+	keyEnv := []string{"SHOAL_API_KEY=" + testAPIKey}
+	out, errOut, code := shoalEnv(t, keyEnv, "ban", "list", "-c", cfgPath)
+	if code != 0 || !strings.Contains(out, "user mallory") || !strings.Contains(out, "ip 127.0.0.2/32") || !strings.Contains(out, "spam") {
+		t.Fatalf("shoal ban list: exit %d\n%s%s", code, out, errOut)
+	}
+	out, errOut, code = shoalEnv(t, nil, "ban", "add", "--user", "eve", "--reason", "cli test", "--for", "1h", "-c", cfgPath, "--api-key", testAPIKey)
+	if code != 0 || !strings.Contains(out, "banned user eve until ") {
+		t.Fatalf("shoal ban add: exit %d\n%s%s", code, out, errOut)
+	}
+	waitFor(t, 10*time.Second, "eve refused after shoal ban add", func() bool { return userRefused(t, public, "eve") })
+	out, errOut, code = shoalEnv(t, keyEnv, "ban", "remove", "--user", "eve", "--url", "http://"+public)
+	if code != 0 || !strings.Contains(out, "removed the ban on user eve") {
+		t.Fatalf("shoal ban remove: exit %d\n%s%s", code, out, errOut)
+	}
+	waitFor(t, 10*time.Second, "eve admitted after shoal ban remove", func() bool {
+		for i := 0; i < 4; i++ { // on every worker the balancer picks
+			if userRefused(t, public, "eve") {
+				return false
+			}
+		}
+		return true
+	})
+	out, _, code = shoalEnv(t, keyEnv, "ban", "remove", "--user", "eve", "-c", cfgPath)
+	if code != 0 || !strings.Contains(out, "user eve was not banned") {
+		t.Fatalf("second remove: exit %d %q", code, out)
+	}
+	// Clear errors: a wrong key, no key, a bad target.
+	_, errOut, code = shoalEnv(t, nil, "ban", "list", "-c", cfgPath, "--api-key", "wrong")
+	if code != 1 || !strings.Contains(errOut, "401") {
+		t.Fatalf("wrong key: exit %d %q", code, errOut)
+	}
+	_, errOut, code = shoalEnv(t, []string{"SHOAL_API_KEY="}, "ban", "list", "-c", cfgPath)
+	if code != 1 || !strings.Contains(errOut, "no API key: set SHOAL_API_KEY") {
+		t.Fatalf("no key: exit %d %q", code, errOut)
+	}
+	_, errOut, code = shoalEnv(t, keyEnv, "ban", "add", "--ip", "not-an-ip", "-c", cfgPath)
+	if code != 1 || !strings.Contains(errOut, "the server refused (400") {
+		t.Fatalf("bad ip: exit %d %q", code, errOut)
+	}
+	_, errOut, code = shoalEnv(t, keyEnv, "ban", "add", "-c", cfgPath)
+	if code != 2 || !strings.Contains(errOut, "exactly one of --user or --ip") {
+		t.Fatalf("no target: exit %d %q", code, errOut)
+	}
 }
