@@ -142,6 +142,8 @@ func New(cfg Config, b Backend) (*Handler, error) {
 		"unsubscribe":    h.unsubscribe,
 		"kick":           h.unsubscribe, // SocketCluster's word for the same action
 		"push_token":     h.pushToken,
+		"update_info":    h.updateInfo,
+		"user_channels":  h.userChannels,
 		"ban":            h.ban,
 		"unban":          h.unban,
 		"bans":           h.listBans,
@@ -231,6 +233,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // audited are the methods logged on success.
 var audited = map[string]bool{
 	"disconnect": true, "unsubscribe": true, "kick": true, "push_token": true, "ban": true, "unban": true,
+	"update_info": true,
 }
 
 func truncate(b []byte, n int) string {

@@ -48,6 +48,22 @@ type Backend interface {
 	PushToken(ctx context.Context, user string, t Token) (int, error)
 }
 
+// InfoUpdater is an optional Backend capability (the update_info method;
+// without it the method answers 501): it replaces the presence info
+// (conn_info) of every session of user in the cluster and returns how
+// many sessions it reached. info is a JSON value; null goes back to each
+// session's own info (its token's "info" claim).
+type InfoUpdater interface {
+	UpdateInfo(ctx context.Context, user string, info json.RawMessage) (int, error)
+}
+
+// UserChanneler is an optional Backend capability (the user_channels
+// method; without it the method answers 501): the presence channels where
+// user has at least one session, sorted.
+type UserChanneler interface {
+	UserChannels(ctx context.Context, user string) ([]string, error)
+}
+
 // IPDisconnecter is an optional Backend capability, found by type
 // assertion: when it is present, banning an IP or CIDR also closes the
 // connections that come from it.

@@ -316,6 +316,69 @@ func (h *Handler) pushToken(ctx context.Context, _ *http.Request, body []byte) (
 	return map[string]int{"sessions": n}, nil
 }
 
+// MaxInfoLen bounds update_info's info: presence lists carry it for every
+// session of the user.
+const MaxInfoLen = 4096
+
+type updateInfoRequest struct {
+	User string          `json:"user"`
+	Info json.RawMessage `json:"info"`
+}
+
+// updateInfo replaces the presence info (conn_info) of every session of a
+// user, wherever it is connected.
+func (h *Handler) updateInfo(ctx context.Context, _ *http.Request, body []byte) (any, *Error) {
+	var req updateInfoRequest
+	if e := decode(body, &req); e != nil {
+		return nil, e
+	}
+	if e := checkUser(req.User); e != nil {
+		return nil, e
+	}
+	if len(req.Info) == 0 {
+		return nil, badRequest("info", `"info" is required (any JSON value; null goes back to the token's "info" claim)`)
+	}
+	if len(req.Info) > MaxInfoLen {
+		return nil, badRequest("info", fmt.Sprintf(`"info" is longer than %d bytes`, MaxInfoLen))
+	}
+	iu, ok := h.backend.(InfoUpdater)
+	if !ok {
+		return nil, &Error{Status: http.StatusNotImplemented, Code: CodeNotSupported, Message: "update_info is not available on this server"}
+	}
+	n, err := iu.UpdateInfo(ctx, req.User, req.Info)
+	if err != nil {
+		return nil, fromBackend(err)
+	}
+	return map[string]int{"sessions": n}, nil
+}
+
+type userRequest struct {
+	User string `json:"user"`
+}
+
+// userChannels lists the presence channels where a user has a session.
+func (h *Handler) userChannels(ctx context.Context, _ *http.Request, body []byte) (any, *Error) {
+	var req userRequest
+	if e := decode(body, &req); e != nil {
+		return nil, e
+	}
+	if e := checkUser(req.User); e != nil {
+		return nil, e
+	}
+	uc, ok := h.backend.(UserChanneler)
+	if !ok {
+		return nil, &Error{Status: http.StatusNotImplemented, Code: CodeNotSupported, Message: "user_channels is not available on this server"}
+	}
+	chans, err := uc.UserChannels(ctx, req.User)
+	if err != nil {
+		return nil, fromBackend(err)
+	}
+	if chans == nil {
+		chans = []string{}
+	}
+	return map[string]any{"channels": chans}, nil
+}
+
 type banRequest struct {
 	User     string `json:"user"`
 	IP       string `json:"ip"`

@@ -31,11 +31,12 @@ type PresenceEntry struct {
 
 // ChannelInfo is one channel in a channel list.
 type ChannelInfo struct {
-	Channel  string `json:"channel"`
-	Workers  int    `json:"workers"`  // worker links with interest
-	Presence int    `json:"presence"` // presence entries
-	Offset   uint64 `json:"offset"`
-	Epoch    uint64 `json:"epoch"`
+	Channel  string   `json:"channel"`
+	Workers  int      `json:"workers"`  // worker links with interest
+	Names    []string `json:"names"`    // their workers' names (the API asks them for socket counts)
+	Presence int      `json:"presence"` // presence entries
+	Offset   uint64   `json:"offset"`
+	Epoch    uint64   `json:"epoch"`
 }
 
 type presEntry struct {
@@ -317,7 +318,12 @@ func (s *Server) channelList() []ChannelInfo {
 			if len(st.links) == 0 && len(st.pres) == 0 {
 				continue // a replica's or an idle channel's state
 			}
-			out = append(out, ChannelInfo{Channel: name, Workers: len(st.links), Presence: len(st.pres), Offset: st.offset, Epoch: st.epoch})
+			names := make([]string, 0, len(st.links))
+			for _, l := range st.links {
+				names = append(names, l.name())
+			}
+			sort.Strings(names)
+			out = append(out, ChannelInfo{Channel: name, Workers: len(st.links), Names: names, Presence: len(st.pres), Offset: st.offset, Epoch: st.epoch})
 		}
 		sh.mu.Unlock()
 	}

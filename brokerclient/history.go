@@ -53,11 +53,12 @@ type PresenceEntry struct {
 
 // ChannelInfo is one channel in Channels' list.
 type ChannelInfo struct {
-	Channel  string `json:"channel"`
-	Workers  int    `json:"workers"`  // workers with at least one subscriber
-	Presence int    `json:"presence"` // presence entries
-	Offset   uint64 `json:"offset"`
-	Epoch    string `json:"epoch"`
+	Channel     string   `json:"channel"`
+	Workers     int      `json:"workers"`      // workers with at least one subscriber
+	WorkerNames []string `json:"worker_names"` // their names (hello names), sorted
+	Presence    int      `json:"presence"`     // presence entries
+	Offset      uint64   `json:"offset"`
+	Epoch       string   `json:"epoch"`
 }
 
 // ErrRequest wraps an error a broker answered to a request.
@@ -635,11 +636,12 @@ func (c *Client) UserChannels(ctx context.Context, user string) ([]string, error
 // is taken from its current owner.
 func (c *Client) Channels(ctx context.Context) ([]ChannelInfo, error) {
 	type wire struct {
-		Channel  string `json:"channel"`
-		Workers  int    `json:"workers"`
-		Presence int    `json:"presence"`
-		Offset   uint64 `json:"offset"`
-		Epoch    uint64 `json:"epoch"`
+		Channel  string   `json:"channel"`
+		Workers  int      `json:"workers"`
+		Names    []string `json:"names"`
+		Presence int      `json:"presence"`
+		Offset   uint64   `json:"offset"`
+		Epoch    uint64   `json:"epoch"`
 	}
 	members := *c.members.Load()
 	byName := map[string]ChannelInfo{}
@@ -652,7 +654,7 @@ func (c *Client) Channels(ctx context.Context) ([]ChannelInfo, error) {
 			if _, ok := byName[w.Channel]; ok && owner(members, w.Channel) != b {
 				continue
 			}
-			byName[w.Channel] = ChannelInfo{Channel: w.Channel, Workers: w.Workers, Presence: w.Presence, Offset: w.Offset, Epoch: FormatEpoch(w.Epoch)}
+			byName[w.Channel] = ChannelInfo{Channel: w.Channel, Workers: w.Workers, WorkerNames: w.Names, Presence: w.Presence, Offset: w.Offset, Epoch: FormatEpoch(w.Epoch)}
 		}
 		return nil
 	})

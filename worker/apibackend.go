@@ -2,11 +2,14 @@ package worker
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"net/netip"
 	"sort"
+	"time"
 
 	"github.com/shoalhq/shoal/api"
 	"github.com/shoalhq/shoal/brokerclient"
@@ -24,6 +27,8 @@ type APIBackend struct {
 var (
 	_ api.Backend        = (*APIBackend)(nil)
 	_ api.IPDisconnecter = (*APIBackend)(nil)
+	_ api.InfoUpdater    = (*APIBackend)(nil)
+	_ api.UserChanneler  = (*APIBackend)(nil)
 )
 
 // NewAPIBackend returns the backend of e's worker over its broker client.
@@ -177,10 +182,13 @@ func (b *APIBackend) PresenceStats(ctx context.Context, channel string) (api.Pre
 	return api.PresenceStats{NumClients: len(entries), NumUsers: len(users)}, nil
 }
 
-// Channels lists the active channels. Only presence channels have an exact
-// client count at the brokers (their presence entries); for the others the
-// brokers know how many workers have subscribers, which is reported as a
-// lower bound of the clients (see docs/api.md).
+// Channels lists the active channels with the number of subscribed
+// sockets. The brokers know which workers have subscribers on each channel
+// (not how many sockets); each of those workers is asked for its local
+// counts over its "#reply/<name>" channel (socketCounts) and the answers
+// are summed. A worker that does not answer within countWindow counts as
+// one socket (a lower bound), or the channel's presence count when that is
+// larger. Channels left with no socket are not listed.
 func (b *APIBackend) Channels(ctx context.Context, pattern string) ([]api.ChannelInfo, error) {
 	var pat middleware.ChannelPattern
 	if pattern != "" {
@@ -194,7 +202,8 @@ func (b *APIBackend) Channels(ctx context.Context, pattern string) ([]api.Channe
 	if err != nil {
 		return nil, brokerErr("listing channels", err)
 	}
-	out := make([]api.ChannelInfo, 0, len(list))
+	active := list[:0]
+	byWorker := map[string][]string{}
 	for _, c := range list {
 		if internal(c.Channel) != nil || c.Workers == 0 {
 			continue
@@ -202,13 +211,173 @@ func (b *APIBackend) Channels(ctx context.Context, pattern string) ([]api.Channe
 		if pattern != "" && !pat.Match(c.Channel) {
 			continue
 		}
-		n := c.Workers
-		if b.e.channelOptions(c.Channel).Presence {
-			n = c.Presence
+		active = append(active, c)
+		for _, w := range c.WorkerNames {
+			if w != "" {
+				byWorker[w] = append(byWorker[w], c.Channel)
+			}
 		}
-		out = append(out, api.ChannelInfo{Channel: c.Channel, NumClients: n})
+	}
+	counts, silent := b.e.socketCounts(ctx, byWorker)
+	out := make([]api.ChannelInfo, 0, len(active))
+	for _, c := range active {
+		n := counts[c.Channel] + silent[c.Channel]
+		if silent[c.Channel] > 0 && b.e.channelOptions(c.Channel).Presence {
+			n = max(n, c.Presence)
+		}
+		if n > 0 {
+			out = append(out, api.ChannelInfo{Channel: c.Channel, NumClients: n})
+		}
 	}
 	return out, nil
+}
+
+// Socket counts (the API's channel list): control messages on the
+// workers' reply channels, answered by countControl.
+const (
+	opCounts      = "counts"       // {"op","id","reply","channels":[...]}: count these channels' local sockets
+	opCountsReply = "counts_reply" // {"op","id","counts":[...]}: in the request's order
+	// countsChunk bounds the channels of one request, so a request and its
+	// answer stay far below a link frame's size whatever the channel count.
+	countsChunk = 1000
+	// countWindow bounds the wait for the workers' answers; they come in a
+	// few ms (one broker round trip each way).
+	countWindow = time.Second
+)
+
+type countMsg struct {
+	Op       string   `json:"op"`
+	ID       string   `json:"id"`
+	Reply    string   `json:"reply,omitempty"`
+	Channels []string `json:"channels,omitempty"`
+	Counts   []int    `json:"counts"`
+}
+
+// countControl handles a counts request (answers it) or answer (hands it to
+// the waiting socketCounts) that arrived on this worker's reply channel.
+func (e *Engine) countControl(op string, data []byte) {
+	var m countMsg
+	if err := json.Unmarshal(data, &m); err != nil || m.ID == "" {
+		e.log.Warn("malformed counts message", "error", err)
+		return
+	}
+	if op == opCounts {
+		if m.Reply == "" {
+			return
+		}
+		counts := make([]int, len(m.Channels))
+		for i, ch := range m.Channels {
+			counts[i] = e.hub.Subscribers(ch)
+		}
+		b, err := json.Marshal(countMsg{Op: opCountsReply, ID: m.ID, Counts: counts})
+		if err != nil { // cannot happen: plain fields
+			return
+		}
+		e.cfg.Broker.Publish(m.Reply, b, func(_ uint64, err error) {
+			if err != nil {
+				e.log.Warn("answering a socket count request", "error", err)
+			}
+		})
+		return
+	}
+	e.users.rmu.Lock()
+	ch := e.users.counts[m.ID]
+	e.users.rmu.Unlock()
+	if ch != nil {
+		select {
+		case ch <- m.Counts:
+		default: // a second answer (duplicate worker name): the first counts
+		}
+	}
+}
+
+// socketCounts asks each worker of byWorker (name → channels where it has
+// subscribers) for its local socket counts and sums them per channel.
+// silent counts, per channel, the workers whose answer did not arrive
+// within countWindow (or before ctx ended); this worker counts its own
+// sockets directly.
+func (e *Engine) socketCounts(ctx context.Context, byWorker map[string][]string) (counts, silent map[string]int) {
+	counts, silent = map[string]int{}, map[string]int{}
+	type req struct {
+		worker string
+		chans  []string
+		id     string
+		reply  chan []int
+	}
+	var reqs []*req
+	for w, chans := range byWorker {
+		if w == e.cfg.Name {
+			for _, ch := range chans {
+				counts[ch] += e.hub.Subscribers(ch)
+			}
+			continue
+		}
+		if e.cfg.Broker == nil {
+			for _, ch := range chans {
+				silent[ch]++
+			}
+			continue
+		}
+		for len(chans) > 0 {
+			n := min(len(chans), countsChunk)
+			var id [12]byte
+			_, _ = rand.Read(id[:])
+			reqs = append(reqs, &req{worker: w, chans: chans[:n], id: hex.EncodeToString(id[:]), reply: make(chan []int, 1)})
+			chans = chans[n:]
+		}
+	}
+	if len(reqs) == 0 {
+		return counts, silent
+	}
+	e.users.rmu.Lock()
+	if e.users.counts == nil {
+		e.users.counts = map[string]chan []int{}
+	}
+	for _, r := range reqs {
+		e.users.counts[r.id] = r.reply
+	}
+	e.users.rmu.Unlock()
+	defer func() {
+		e.users.rmu.Lock()
+		for _, r := range reqs {
+			delete(e.users.counts, r.id)
+		}
+		e.users.rmu.Unlock()
+	}()
+	for _, r := range reqs {
+		b, err := json.Marshal(countMsg{Op: opCounts, ID: r.id, Reply: replyChannelPrefix + e.cfg.Name, Channels: r.chans})
+		if err != nil {
+			continue
+		}
+		e.cfg.Broker.Publish(replyChannelPrefix+r.worker, b, func(_ uint64, err error) {
+			if err != nil {
+				e.log.Debug("asking a worker for socket counts", "worker", r.worker, "error", err)
+			}
+		})
+	}
+	wait, cancel := context.WithTimeout(ctx, countWindow)
+	defer cancel()
+	for _, r := range reqs {
+		var got []int
+		select {
+		case got = <-r.reply:
+		case <-wait.Done():
+			select { // the window is over: take only what already arrived
+			case got = <-r.reply:
+			default:
+			}
+		}
+		if len(got) != len(r.chans) {
+			for _, ch := range r.chans {
+				silent[ch]++
+			}
+			continue
+		}
+		for i, ch := range r.chans {
+			counts[ch] += got[i]
+		}
+	}
+	return counts, silent
 }
 
 // Disconnect closes the user's sessions on every worker.
@@ -254,6 +423,27 @@ func (b *APIBackend) PushToken(ctx context.Context, user string, t api.Token) (i
 		return 0, fmt.Errorf("push_token: %w: the token's sub %q is not the user %q", api.ErrInvalid, tok.Subject(), user)
 	}
 	return b.e.PushToken(ctx, user, signed)
+}
+
+// UpdateInfo replaces the presence info of user's sessions on every worker.
+func (b *APIBackend) UpdateInfo(ctx context.Context, user string, info json.RawMessage) (int, error) {
+	return b.e.UpdateInfo(ctx, user, info)
+}
+
+// UserChannels lists the presence channels where user has a session (the
+// brokers' presence entries; internal channels left out).
+func (b *APIBackend) UserChannels(ctx context.Context, user string) ([]string, error) {
+	chans, err := b.bc.UserChannels(ctx, user)
+	if err != nil {
+		return nil, brokerErr("listing the channels of user "+user, err)
+	}
+	out := chans[:0]
+	for _, ch := range chans {
+		if internal(ch) == nil {
+			out = append(out, ch)
+		}
+	}
+	return out, nil
 }
 
 // DisconnectIP closes the sessions from prefix on every worker.

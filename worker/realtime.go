@@ -1,6 +1,8 @@
 package worker
 
 import (
+	"encoding/json"
+	"slices"
 	"strconv"
 
 	"github.com/shoalhq/shoal/broker/chanopts"
@@ -154,8 +156,94 @@ func (s *Session) presenceJoinLocked(channel string) {
 	if rb == nil || !s.e.channelOptions(channel).Presence {
 		return
 	}
-	if err := rb.PresenceJoin(channel, brokerclient.PresenceEntry{Conn: s.id, User: s.user, Worker: s.e.cfg.Name}); err != nil {
+	ent := brokerclient.PresenceEntry{Conn: s.id, User: s.user, Worker: s.e.cfg.Name, Info: s.presenceInfoLocked()}
+	if err := rb.PresenceJoin(channel, ent); err != nil {
 		s.e.log.Warn("presence join failed", "channel", channel, "error", err)
+	}
+}
+
+// maxPresenceInfo bounds a presence entry's info: every presence list
+// carries it for every client.
+const maxPresenceInfo = 4096
+
+// presenceInfoLocked is the info of the session's presence entries (the
+// API's conn_info): what the server API's update_info set for its user, or
+// else the token's "info" claim (as in Centrifugo's connection token); nil
+// without either, or when it is larger than maxPresenceInfo. Under s.mu.
+func (s *Session) presenceInfoLocked() json.RawMessage {
+	if s.user != "" {
+		if info := s.e.userInfo(s.user); info != nil {
+			return info
+		}
+	}
+	if s.token == nil {
+		return nil
+	}
+	v, ok := s.token.Claims["info"]
+	if !ok || v == nil {
+		return nil
+	}
+	b, err := json.Marshal(v)
+	if err != nil || len(b) > maxPresenceInfo {
+		s.e.log.Debug("token info claim not used for presence", "bytes", len(b), "error", err)
+		return nil
+	}
+	return b
+}
+
+// setUserInfo records (or, with null/empty, forgets) the API's presence
+// info for user's sessions on this worker.
+func (e *Engine) setUserInfo(user string, info json.RawMessage) {
+	u := &e.users
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if len(info) == 0 || string(info) == "null" {
+		delete(u.info, user)
+		return
+	}
+	if _, hosted := u.m[user]; !hosted {
+		return
+	}
+	if u.info == nil {
+		u.info = map[string]json.RawMessage{}
+	}
+	u.info[user] = slices.Clone(info)
+}
+
+func (e *Engine) userInfo(user string) json.RawMessage {
+	e.users.mu.Lock()
+	defer e.users.mu.Unlock()
+	return e.users.info[user]
+}
+
+// presenceUpdater is the broker client's PresenceUpdate.
+type presenceUpdater interface {
+	PresenceUpdate(channel string, e brokerclient.PresenceEntry) error
+}
+
+// refreshPresence re-announces the session's presence entries with its
+// current info (update_info). Only channels where it is in the local
+// fan-out have an entry (the join happens with the hub add, under s.mu).
+func (s *Session) refreshPresence() {
+	pu, ok := s.e.cfg.Broker.(presenceUpdater)
+	if !ok {
+		return
+	}
+	var arr [64]*Session
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.state != stateOpen {
+		return
+	}
+	info := s.presenceInfoLocked()
+	for ch := range s.channels {
+		if !s.e.channelOptions(ch).Presence || !slices.Contains(s.e.hub.subscribers(arr[:0], ch), s) {
+			continue
+		}
+		ent := brokerclient.PresenceEntry{Conn: s.id, User: s.user, Worker: s.e.cfg.Name, Info: info}
+		if err := pu.PresenceUpdate(ch, ent); err != nil {
+			s.e.log.Warn("presence update failed", "channel", ch, "error", err)
+		}
 	}
 }
 

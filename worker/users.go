@@ -52,6 +52,9 @@ type ctrlMsg struct {
 	Prefix  string    `json:"prefix,omitempty"`
 	Bans    []wireBan `json:"bans,omitempty"`
 	N       int       `json:"n"` // a reply's count
+	// Info is the presence info of an "info" op (null: back to the
+	// token's "info" claim).
+	Info json.RawMessage `json:"info,omitempty"`
 	// A "snapshot" of the ban log (bans.go): the offset it folds up to,
 	// and its part of a snapshot split over several messages.
 	Base  uint64 `json:"base,omitempty"`
@@ -66,6 +69,13 @@ type users struct {
 
 	rmu     sync.Mutex
 	replies map[string]chan int // request id → counts from workers
+	// counts: request id → per-channel socket counts from workers (the
+	// API's channel list, apibackend.go); under rmu.
+	counts map[string]chan []int
+
+	// info: presence info set by the API's update_info for users hosted
+	// here (realtime.go); under mu, dropped with the user's last session.
+	info map[string]json.RawMessage
 }
 
 // setUser moves s from user old to user new in the registry. Called under
@@ -83,6 +93,7 @@ func (e *Engine) setUser(s *Session, old, new string) {
 			delete(set, s)
 			if len(set) == 0 {
 				delete(u.m, old)
+				delete(u.info, old)
 				if e.cfg.Broker != nil {
 					e.cfg.Broker.Unsubscribe(userChannelPrefix + old)
 				}
@@ -161,6 +172,9 @@ func (e *Engine) deliverControl(channel string, data []byte) {
 		return
 	}
 	switch {
+	case strings.HasPrefix(channel, replyChannelPrefix) && (c.Op == opCounts || c.Op == opCountsReply):
+		e.countControl(c.Op, data)
+		return
 	case strings.HasPrefix(channel, replyChannelPrefix):
 		e.users.rmu.Lock()
 		ch := e.users.replies[c.ID]
@@ -201,6 +215,9 @@ func (e *Engine) applyUserControl(user string, c ctrlMsg) int {
 		}
 		tok = t
 	}
+	if c.Op == "info" {
+		e.setUserInfo(user, c.Info)
+	}
 	for _, s := range e.userSessions(user) {
 		switch c.Op {
 		case "disconnect":
@@ -214,6 +231,9 @@ func (e *Engine) applyUserControl(user string, c ctrlMsg) int {
 			if s.setSignedToken(c.Token, tok) {
 				n++
 			}
+		case "info":
+			s.refreshPresence()
+			n++
 		}
 	}
 	return n
@@ -284,6 +304,12 @@ func (e *Engine) DisconnectUser(ctx context.Context, user string, code int, reas
 // KickUser removes every session of user in the cluster from channel.
 func (e *Engine) KickUser(ctx context.Context, user, channel, reason string) (int, error) {
 	return e.userAction(ctx, user, ctrlMsg{Op: "kick", Channel: channel, Reason: reason})
+}
+
+// UpdateInfo replaces the presence info of every session of user in the
+// cluster (null: back to each token's "info" claim).
+func (e *Engine) UpdateInfo(ctx context.Context, user string, info json.RawMessage) (int, error) {
+	return e.userAction(ctx, user, ctrlMsg{Op: "info", Info: info})
 }
 
 // PushToken sends a signed token to every session of user in the cluster.
