@@ -42,10 +42,14 @@ type ProcessInfo struct {
 
 // ClusterInfo is GET /api/cluster.
 type ClusterInfo struct {
-	Node            string        `json:"node"`
-	Config          string        `json:"config"`
-	Public          string        `json:"public"`
-	TLS             string        `json:"tls,omitempty"`
+	Node   string `json:"node"`
+	Config string `json:"config"`
+	Public string `json:"public"`
+	TLS    string `json:"tls,omitempty"`
+	// Balancing is how connections reach workers: "balancer" (balancer
+	// processes) or "kernel" (cluster.balancers: 0, workers share the ports
+	// with SO_REUSEPORT).
+	Balancing       string        `json:"balancing"`
 	Admin           string        `json:"admin"`
 	Log             string        `json:"log"` // absolute path of the central log
 	SupervisorPid   int           `json:"supervisor_pid"`
@@ -111,7 +115,10 @@ func (s *Supervisor) Cluster() ClusterInfo {
 	ci := ClusterInfo{
 		Node: host, Config: s.opts.ConfigName, Public: s.publicURL, TLS: s.tlsURL, Admin: s.adminURL, Log: logPath,
 		SupervisorPid: os.Getpid(), SupervisorRSS: procstat.RSS(os.Getpid()),
-		Uptime: now.Sub(s.started).Seconds(), TopologyVersion: s.version,
+		Uptime: now.Sub(s.started).Seconds(), TopologyVersion: s.version, Balancing: "balancer",
+	}
+	if cfg.Cluster.BalancerCount() == 0 {
+		ci.Balancing = "kernel"
 	}
 	for _, p := range s.procs {
 		pi := ProcessInfo{

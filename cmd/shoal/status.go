@@ -101,7 +101,16 @@ func cmdStatus(args []string) int {
 func printStatus(w io.Writer, ci supervisor.ClusterInfo) {
 	fmt.Fprintf(w, "node %s  supervisor pid %d  up %s  config %s\n", ci.Node, ci.SupervisorPid,
 		fmtSeconds(ci.Uptime), ci.Config)
-	fmt.Fprintf(w, "public %s  admin %s  log %s\n\n", ci.Public, ci.Admin, ci.Log)
+	fmt.Fprintf(w, "public %s  admin %s  log %s\n", ci.Public, ci.Admin, ci.Log)
+	if ci.TLS != "" {
+		fmt.Fprintf(w, "tls %s  ", ci.TLS)
+	}
+	if ci.Balancing == "kernel" {
+		fmt.Fprint(w, "balancing kernel (workers share the ports with SO_REUSEPORT)")
+	} else if ci.Balancing != "" {
+		fmt.Fprint(w, "balancing balancer process")
+	}
+	fmt.Fprint(w, "\n\n")
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "NAME\tROLE\tPID\tSTATE\tRESTARTS\tUPTIME\tCONNS\tRSS\tLAST EXIT")
 	for _, p := range ci.Processes {

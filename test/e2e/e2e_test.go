@@ -412,6 +412,9 @@ func testClusterLifecycle(t *testing.T, balancers int) {
 	if code != 0 || !strings.Contains(out, "worker-2") || !strings.Contains(out, "ready") {
 		t.Fatalf("shoal status (%d): %s %s", code, out, errOut)
 	}
+	if balancers == 0 && !strings.Contains(out, "balancing kernel") {
+		t.Errorf("shoal status does not say the workers share the port:\n%s", out)
+	}
 
 	// The children's own log lines are in the central log under their
 	// names and pids (not only what the supervisor says about them).
