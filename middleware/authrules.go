@@ -170,8 +170,17 @@ func (r *jwtRule) check(_ *Chain, in *Input) (Decision, bool) {
 		name, msg := "AuthTokenInvalidError", "The auth token was not accepted"
 		if r.global != nil && in.BadToken != "" {
 			var ae *auth.Error
-			if _, err := r.global.Verify(in.BadToken); errors.As(err, &ae) {
+			_, err := r.global.Verify(in.BadToken)
+			if errors.As(err, &ae) {
 				name, msg = ae.Name, ae.Message
+			} else if err == nil {
+				// auth.jwt accepted it: the authenticate rules refused it,
+				// and the handshake carries their authError. A socket
+				// that may connect without a token may connect so.
+				if !r.require {
+					return Decision{}, false
+				}
+				name, msg = "AuthError", "Authentication required"
 			}
 		}
 		return r.fail(in, name, msg), true
