@@ -264,8 +264,22 @@ func BenchmarkEchoRoundTrip(b *testing.B) {
 // accept, Serve, HTTP upgrade until the client has the 101, then the client
 // hangs up. The client uses net.Conn (Go's netpoller).
 func BenchmarkConnect(b *testing.B) {
+	b.Run("nohook", func(b *testing.B) { benchConnect(b, nil) })
+	// With an upgrade hook, as the worker always installs one: the request
+	// head is parsed into an UpgradeRequest for it.
+	b.Run("hook", func(b *testing.B) {
+		benchConnect(b, func(r *UpgradeRequest) (any, int, string) {
+			if r.Origin == "forbidden" || len(r.Header) == 0 {
+				return nil, 403, "no"
+			}
+			return nil, 0, ""
+		})
+	})
+}
+
+func benchConnect(b *testing.B, hook func(*UpgradeRequest) (any, int, string)) {
 	h := &recorder{}
-	srv, err := New(Config{Handler: HandlerFuncs{}})
+	srv, err := New(Config{Handler: HandlerFuncs{}, Upgrade: hook})
 	if err != nil {
 		b.Fatal(err)
 	}
