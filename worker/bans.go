@@ -48,8 +48,12 @@ import (
 // handshake rules (docs/middleware.md).
 
 // snapshotPart bounds the bans per snapshot message, so one message stays
-// far below any payload limit (a ban is about 100 bytes of JSON).
-const snapshotPart = 2000
+// far below any payload limit (a ban is about 100 bytes of JSON). A
+// variable for tests, as is banLogSize (the log's history, chanopts').
+var (
+	snapshotPart = 2000
+	banLogSize   = uint64(chanopts.BansHistory)
+)
 
 // banHistory is what the ban log needs of the broker client beyond Broker
 // (*brokerclient.Client has it; tests' fakes may not).
@@ -281,7 +285,7 @@ func (e *Engine) maybeCompactBans(off uint64) {
 	if off < store.snapBase {
 		store.snapBase = 0
 	}
-	due := off-store.snapBase >= chanopts.BansHistory/2
+	due := off-store.snapBase >= banLogSize/2
 	store.mu.Unlock()
 	if !due || !store.compact.CompareAndSwap(false, true) {
 		return
