@@ -276,6 +276,7 @@ func (c *Child) startRing(cfg configs.Config, p control.StartParams, srv *Server
 		meta.Link = link.ListenerAddr(ln)
 	}
 	c.ringName = plan.Name
+	srv.SetRingName(plan.Name)
 	c.contacts = len(plan.Join) > 0
 	r, err := ring.Start(ring.Config{
 		Name:     plan.Name,

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/shoalhq/shoal/brokerclient"
 	"github.com/shoalhq/shoal/proto/link"
 )
 
@@ -57,6 +58,10 @@ func (l *blink) presence(f *link.Frame) error {
 		err = l.presJoin(string(f.Channel), f.Data)
 	case link.PresLeave:
 		l.presLeave(string(f.Channel), string(f.Data))
+	case link.PresShadowJoin:
+		err = l.shadowJoin(string(f.Channel), f.Data)
+	case link.PresShadowLeave:
+		l.shadowLeave(string(f.Channel), string(f.Data))
 	case link.PresList:
 		data, count = l.s.presList(string(f.Channel))
 	case link.PresCount:
@@ -127,6 +132,69 @@ func (l *blink) presLeave(channel, conn string) {
 	l.s.dropPresence(l, channel, conn)
 }
 
+// shadowJoin keeps a shadow entry (link.PresShadowJoin): not listed, not
+// counted, no events; it only lets this broker notice, should it become the
+// channel's owner, that a dead worker's entry was the channel's last.
+func (l *blink) shadowJoin(channel string, raw []byte) error {
+	if !strings.HasPrefix(channel, "#") {
+		return fmt.Errorf("%w: shadow entries are for internal channels, not %q", errBadPresence, channel)
+	}
+	var e PresenceEntry
+	if err := json.Unmarshal(raw, &e); err != nil || e.Conn == "" {
+		return fmt.Errorf("%w: %v", errBadPresence, err)
+	}
+	s := l.s
+	sh := s.shard([]byte(channel))
+	sh.mu.Lock()
+	st := sh.chans[channel]
+	if st == nil {
+		st = s.newChan(channel)
+		sh.chans[channel] = st
+	}
+	if st.shadow == nil {
+		st.shadow = map[string]*presEntry{}
+	}
+	st.shadow[e.Conn] = &presEntry{user: e.User, l: l}
+	sh.mu.Unlock()
+	if l.shadows == nil {
+		l.shadows = map[string]map[string]struct{}{}
+	}
+	if l.shadows[channel] == nil {
+		l.shadows[channel] = map[string]struct{}{}
+	}
+	l.shadows[channel][e.Conn] = struct{}{}
+	return nil
+}
+
+func (l *blink) shadowLeave(channel, conn string) {
+	if cs := l.shadows[channel]; cs != nil {
+		delete(cs, conn)
+		if len(cs) == 0 {
+			delete(l.shadows, channel)
+		}
+	}
+	l.s.dropShadow(l, channel, conn)
+}
+
+// dropShadow removes a shadow entry this link owns; it reports whether the
+// channel is then left with no entry at all (shadow or not).
+func (s *Server) dropShadow(l *blink, channel, conn string) bool {
+	sh := s.shard([]byte(channel))
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	st := sh.chans[channel]
+	if st == nil || st.shadow[conn] == nil || st.shadow[conn].l != l {
+		return false
+	}
+	delete(st.shadow, conn)
+	if len(st.shadow) > 0 {
+		return false
+	}
+	st.shadow = nil
+	st.idleSince = time.Now().UnixNano()
+	return len(st.pres) == 0
+}
+
 // dropPresence removes one entry if this link owns it (a connection that
 // moved to another worker keeps the newer entry). It reports whether that
 // removed the channel's last entry.
@@ -146,7 +214,7 @@ func (s *Server) dropPresence(l *blink, channel, conn string) (emptied bool) {
 	if len(st.pres) == 0 {
 		st.pres = nil
 		st.idleSince = time.Now().UnixNano()
-		emptied = true
+		emptied = len(st.shadow) == 0
 	}
 	if st.opts.JoinLeave {
 		s.event(st, link.EventLeave, channel, e.raw)
@@ -167,6 +235,44 @@ func (s *Server) dropPresence(l *blink, channel, conn string) (emptied bool) {
 // which reports the event. With no such link (a one-worker node whose
 // worker is restarting) the notices wait, bounded, for the next worker
 // link that says ready.
+
+// Which broker reports: the channel's owner in this broker's ring view.
+// While the owner lives, it holds the entries and reports (the others only
+// hold shadows and stay quiet). When a whole node vanished with the owner
+// of a key, its workers' links to the surviving brokers time out after
+// IdleTimeout — by then the ring has dropped the dead brokers and one of
+// the survivors is the owner in everyone's view: it held shadows of the
+// dead workers' entries and the survivors' re-announced entries, so it
+// knows when the last one went. Without a ring view (no gossip) a broker
+// reports what it holds as owner only.
+//
+// The limit: two brokers whose ring views disagree at that moment may both
+// report, or neither; and a worker that dies before its entries reached
+// the brokers is never reported.
+
+// reportsVacated tells whether this broker reports channel's vacancy: it
+// owns channel in its ring view; without a ring view, only for the entries
+// it holds as owner (not for shadows).
+func (s *Server) reportsVacated(channel string, shadow bool) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.members) == 0 || s.ringName == "" {
+		return !shadow
+	}
+	names := make([]string, len(s.members))
+	for i, m := range s.members {
+		names[i] = m.Name
+	}
+	return brokerclient.Owner(names, channel) == s.ringName
+}
+
+// SetRingName tells the server its own name in the ring view (SetMembers),
+// which may differ from its link name (name@host:port across hosts).
+func (s *Server) SetRingName(name string) {
+	s.mu.Lock()
+	s.ringName = name
+	s.mu.Unlock()
+}
 
 // maxOrphans bounds the vacated notices waiting for a worker link.
 const maxOrphans = 10000

@@ -100,6 +100,7 @@ type Server struct {
 	listeners []net.Listener
 	links     map[*blink]struct{}
 	members   []link.Member // latest ring view, sent to every link
+	ringName  string        // this broker's name in the ring view (SetRingName)
 	orphans   [][]byte      // vacated notices waiting for a worker link (presence.go)
 	norphans  atomic.Int64  // len(orphans), read without mu on every ping
 	wg        sync.WaitGroup
@@ -135,6 +136,7 @@ type chanState struct {
 	prevTop   uint64
 	foreign   bool                  // history not written by this run: the first own publish starts a new epoch
 	pres      map[string]*presEntry // by conn id
+	shadow    map[string]*presEntry // internal channels: entries whose owner is another broker (presence.go)
 }
 
 // blink is one worker's link.
@@ -145,6 +147,7 @@ type blink struct {
 	worker   atomic.Pointer[string]         // from hello; read by other goroutines' logs
 	chans    map[string]struct{}            // interests; reader goroutine only
 	pres     map[string]map[string]struct{} // channel → conn ids announced on this link; reader goroutine only
+	shadows  map[string]map[string]struct{} // the same for shadow entries; reader goroutine only
 	scratch  []byte                         // reply encoding; reader goroutine only
 	ready    atomic.Bool                    // sent ready: a worker with its interests registered
 	lastPing atomic.Int64                   // unix ns of its last ping (or ready)
@@ -581,12 +584,20 @@ func (l *blink) cleanup() {
 	var emptied []string
 	for ch, conns := range l.pres {
 		for conn := range conns {
-			if l.s.dropPresence(l, ch, conn) && strings.HasPrefix(ch, "#") {
+			if l.s.dropPresence(l, ch, conn) && strings.HasPrefix(ch, "#") && l.s.reportsVacated(ch, false) {
 				emptied = append(emptied, ch)
 			}
 		}
 	}
 	l.pres = nil
+	for ch, conns := range l.shadows {
+		for conn := range conns {
+			if l.s.dropShadow(l, ch, conn) && l.s.reportsVacated(ch, true) {
+				emptied = append(emptied, ch)
+			}
+		}
+	}
+	l.shadows = nil
 	s := l.s
 	s.mu.Lock()
 	delete(s.links, l)
@@ -709,7 +720,7 @@ func (s *Server) sweep() {
 					// history channel is forgotten only once its messages
 					// have expired.
 					st.hist.expire(st.opts.HistoryTTL, now.UnixNano())
-					if len(st.links) == 0 && len(st.pres) == 0 && st.hist.n == 0 && st.idleSince < cutoff {
+					if len(st.links) == 0 && len(st.pres) == 0 && len(st.shadow) == 0 && st.hist.n == 0 && st.idleSince < cutoff {
 						delete(sh.chans, name)
 					}
 				}

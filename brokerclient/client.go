@@ -300,8 +300,14 @@ func (c *Client) SetBrokers(eps []Endpoint) {
 		for conn, raw := range conns {
 			if was != nil && c.conns[was.ep.Name] == was {
 				was.sendPres(link.PresLeave, ch, []byte(conn))
+				if shadowed(ch) { // the old owner keeps a shadow, as every non-owner
+					was.sendPres(link.PresShadowJoin, ch, raw)
+				}
 			}
 			if now != nil {
+				if shadowed(ch) {
+					now.sendPres(link.PresShadowLeave, ch, []byte(conn))
+				}
 				now.sendPres(link.PresJoin, ch, raw)
 			}
 		}

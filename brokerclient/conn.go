@@ -241,10 +241,15 @@ func (c *Client) linkUp(b *bconn) {
 	// Presence entries of this worker for channels this broker owns (a
 	// restarted broker, or a new owner, rebuilds presence from these).
 	for ch, conns := range c.pres {
-		if owner(members, ch) == b {
-			for _, raw := range conns {
-				_ = b.w.WriteRawAlways(link.AppendPres(nil, 0, link.PresJoin, ch, raw))
+		op := link.PresJoin
+		if owner(members, ch) != b {
+			if !shadowed(ch) {
+				continue
 			}
+			op = link.PresShadowJoin // history.go
+		}
+		for _, raw := range conns {
+			_ = b.w.WriteRawAlways(link.AppendPres(nil, 0, op, ch, raw))
 		}
 	}
 	// Tells a starting broker that this worker's interest is complete (it

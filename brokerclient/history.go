@@ -513,11 +513,27 @@ func (c *Client) presenceSet(channel string, e PresenceEntry, op uint8) error {
 		c.pres[channel] = map[string][]byte{}
 	}
 	c.pres[channel][e.Conn] = raw
-	if o := owner(*c.members.Load(), channel); o != nil {
+	members := *c.members.Load()
+	o := owner(members, channel)
+	if o != nil {
 		o.sendPres(op, channel, raw)
+	}
+	if shadowed(channel) {
+		for _, b := range members {
+			if b != o {
+				b.sendPres(link.PresShadowJoin, channel, raw)
+			}
+		}
 	}
 	return nil
 }
+
+// shadowed reports whether channel's presence entries are also kept, as
+// shadows, by every broker other than the owner: the internal channels
+// whose entries stand for workers (webhook occupancy), so that the broker
+// owning the channel after its owner died can report the vacancy a dead
+// worker leaves (broker/presence.go, "Vacated notices").
+func shadowed(channel string) bool { return len(channel) > 0 && channel[0] == '#' }
 
 // PresenceLeave removes a connection's entry from channel.
 func (c *Client) PresenceLeave(channel, conn string) {
@@ -529,8 +545,17 @@ func (c *Client) PresenceLeave(channel, conn string) {
 			delete(c.pres, channel)
 		}
 	}
-	if o := owner(*c.members.Load(), channel); o != nil {
+	members := *c.members.Load()
+	o := owner(members, channel)
+	if o != nil {
 		o.sendPres(link.PresLeave, channel, []byte(conn))
+	}
+	if shadowed(channel) {
+		for _, b := range members {
+			if b != o {
+				b.sendPres(link.PresShadowLeave, channel, []byte(conn))
+			}
+		}
 	}
 }
 

@@ -1,12 +1,15 @@
 package brokerclient_test
 
 import (
+	"context"
+	"fmt"
 	"slices"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/shoalhq/shoal/brokerclient"
+	"github.com/shoalhq/shoal/proto/link"
 )
 
 // vacRec records OnVacated notices.
@@ -84,4 +87,86 @@ func TestVacatedNoticeAfterWorkerDeath(t *testing.T) {
 	newWorker("w4", &r4)
 	want = []string{"#user/bob", "#user/carol"}
 	waitFor(t, 5*time.Second, "the waiting notices at the next worker", func() bool { return slices.Equal(r4.list(), want) })
+}
+
+// TestVacatedNoticeAfterNodeDeath: a whole node dies — a broker and a
+// worker together. Keys whose owner survived are reported by their owner;
+// a key whose owner died with the node is reported by the broker that owns
+// it in the new ring view, from the shadow entries every non-owner keeps
+// (exactly once); a key another worker still holds is not reported.
+func TestVacatedNoticeAfterNodeDeath(t *testing.T) {
+	dir := runDir(t)
+	brokers := []*testBroker{
+		startHistoryBroker(t, dir, "broker-1"),
+		startHistoryBroker(t, dir, "broker-2"),
+		startHistoryBroker(t, dir, "broker-3"),
+	}
+	ring := func(bs ...*testBroker) {
+		var ms []link.Member
+		for _, b := range bs {
+			ms = append(ms, link.Member{Name: b.ep.Name, Addr: b.ep.Addr})
+		}
+		for _, b := range bs {
+			b.child.Server().SetRingName(b.ep.Name)
+			b.child.Server().SetMembers(ms)
+		}
+	}
+	ring(brokers...)
+	all := []brokerclient.Endpoint{brokers[0].ep, brokers[1].ep, brokers[2].ep}
+	var rDead, rAlive vacRec
+	dead, _ := newClient(t, "dead-node-worker", withRules, func(o *brokerclient.Options) { o.OnVacated = rDead.on })
+	alive, _ := newClient(t, "live-node-worker", withRules, func(o *brokerclient.Options) { o.OnVacated = rAlive.on })
+	for _, c := range []*brokerclient.Client{dead, alive} {
+		c.SetBrokers(all)
+		waitConnected(t, c, 3)
+	}
+	// Keys by owner: lost (owned by broker-1, which dies), kept (owned by
+	// a survivor), shared (owned by broker-1, also held by the live worker).
+	names := []string{"broker-1", "broker-2", "broker-3"}
+	pick := func(want string, not ...string) string {
+		for i := 0; i < 1000; i++ {
+			ch := fmt.Sprintf("#user/u%d", i)
+			if brokerclient.Owner(names, ch) == want && !slices.Contains(not, ch) {
+				return ch
+			}
+		}
+		t.Fatalf("no channel owned by %s", want)
+		return ""
+	}
+	lost := pick("broker-1")
+	shared := pick("broker-1", lost)
+	kept := pick("broker-2")
+	for _, ch := range []string{lost, shared, kept} {
+		if err := dead.PresenceJoin(ch, brokerclient.PresenceEntry{Conn: "dead-node-worker"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := alive.PresenceJoin(shared, brokerclient.PresenceEntry{Conn: "live-node-worker"}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "entries and shadows in place", func() bool {
+		return brokers[0].child.Server().Presence(shared) == 2 && brokers[1].child.Server().Presence(kept) == 1
+	})
+
+	// The node dies: its broker first (the ring notices within ~1 s), its
+	// worker's links to the survivors later (their idle timeout).
+	_ = brokers[0].child.Stop(context.Background())
+	ring(brokers[1], brokers[2])
+	alive.SetBrokers(all[1:])
+	waitFor(t, 5*time.Second, "the shared key re-announced at its new owner", func() bool {
+		for _, b := range brokers[1:] {
+			if b.child.Server().Presence(shared) == 1 {
+				return true
+			}
+		}
+		return false
+	})
+	dead.Close()
+	want := []string{kept, lost}
+	slices.Sort(want)
+	waitFor(t, 5*time.Second, "notices for the lost and kept keys", func() bool { return len(rAlive.list()) >= 2 })
+	time.Sleep(100 * time.Millisecond) // a duplicate would show up by now
+	if got := rAlive.list(); !slices.Equal(got, want) {
+		t.Fatalf("notices %v, want %v once each (not the shared key %s)", got, want, shared)
+	}
 }

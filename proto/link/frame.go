@@ -99,6 +99,12 @@ const (
 	PresUser     uint8 = 6 // channel field carries the user id; reply data: JSON array of channels
 	PresChannels uint8 = 7 // channel field "-"; reply data: JSON array of channel infos
 	PresHistory  uint8 = 8 // channel field "-"; reply data: JSON array of the history states held (hand-back)
+	// Shadow entries: a worker's entry on an internal ("#") channel, also
+	// kept by every broker other than the owner, so that whichever broker
+	// owns the channel after the owner died can tell when a dead worker's
+	// entry was the last (broker/presence.go, "Vacated notices").
+	PresShadowJoin  uint8 = 9  // data: JSON entry
+	PresShadowLeave uint8 = 10 // data: conn id
 )
 
 // Event kinds.
