@@ -1,10 +1,18 @@
 package worker
 
 import (
+	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/json"
+	"encoding/pem"
 	"errors"
+	"math/big"
 	"net"
 	"os"
 	"path/filepath"
@@ -116,5 +124,113 @@ func TestChildListensWithoutBalancer(t *testing.T) {
 			conn.Close()
 			t.Fatalf("%s still accepts after Drain", a)
 		}
+	}
+}
+
+// writeSelfSigned writes a fresh self-signed pair for 127.0.0.1 and returns
+// the certificate's DER.
+func writeSelfSigned(t *testing.T, certPath, keyPath string) []byte {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(time.Now().UnixNano()),
+		Subject:      pkix.Name{CommonName: "127.0.0.1"},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kder, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(certPath, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(keyPath, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kder}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return der
+}
+
+// servedCert does a TLS handshake with addr and returns the leaf's DER.
+func servedCert(t *testing.T, addr string) []byte {
+	t.Helper()
+	conn, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", addr, &tls.Config{InsecureSkipVerify: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	return conn.ConnectionState().PeerCertificates[0].Raw
+}
+
+// SIGHUP with balancers: 0: the worker's Reload gives its TLS listener the
+// new certificate; new handshakes get it and open wss:// sockets go on.
+func TestChildReloadsCertificateWithoutBalancer(t *testing.T) {
+	dir := t.TempDir()
+	certA, keyA := filepath.Join(dir, "a.pem"), filepath.Join(dir, "a-key.pem")
+	certB, keyB := filepath.Join(dir, "b.pem"), filepath.Join(dir, "b-key.pem")
+	derA := writeSelfSigned(t, certA, keyA)
+	derB := writeSelfSigned(t, certB, keyB)
+	var cfg configs.Config
+	c, res, _ := startChild(t, func(c *configs.Config) {
+		zero := 0
+		c.Cluster.Balancers = &zero
+		c.Listen.Public = "127.0.0.1:0"
+		c.Listen.TLS = configs.TLS{Listen: "127.0.0.1:0", Cert: certA, Key: keyA}
+		c.Storage.Dir = dir
+		cfg = *c
+	})
+	addr := res.Addrs[control.AddrTLS]
+	if got := servedCert(t, addr); !bytes.Equal(got, derA) {
+		t.Fatal("not serving certificate A")
+	}
+	roots := x509.NewCertPool()
+	for _, der := range [][]byte{derA, derB} {
+		cert, err := x509.ParseCertificate(der)
+		if err != nil {
+			t.Fatal(err)
+		}
+		roots.AddCert(cert)
+	}
+	open, err := dialFrom(t, "wss://"+addr+"/socketcluster/", "127.0.0.1", roots)
+	if err != nil {
+		t.Fatal(err)
+	}
+	open.handshake("")
+
+	// The ports in the reloaded config say 0 again; the worker keeps its own.
+	cfg.Listen.TLS.Cert, cfg.Listen.TLS.Key = certB, keyB
+	js, err := json.Marshal(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Reload(context.Background(), js); err != nil {
+		t.Fatalf("Reload: %v", err)
+	}
+	if got := servedCert(t, addr); !bytes.Equal(got, derB) {
+		t.Fatal("not serving certificate B after Reload")
+	}
+	open.send(`{"event":"#subscribe","data":{"channel":"a"},"cid":2}`)
+	if r := open.recvData(); r != `{"rid":2}` {
+		t.Fatalf("open socket after Reload: %s", r)
+	}
+
+	// A config whose certificate does not load changes nothing.
+	cfg.Listen.TLS.Cert = filepath.Join(dir, "missing.pem")
+	js, _ = json.Marshal(cfg)
+	if err := c.Reload(context.Background(), js); err == nil {
+		t.Fatal("Reload with a missing certificate succeeded")
+	}
+	if got := servedCert(t, addr); !bytes.Equal(got, derB) {
+		t.Fatal("a failed Reload changed the certificate")
 	}
 }

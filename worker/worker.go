@@ -609,7 +609,12 @@ func (c *Child) Reload(ctx context.Context, config []byte) error {
 	if err := probe.SetChannels(cfg.Channels); err != nil {
 		return fmt.Errorf("worker %s: reload: %w", c.name, err)
 	}
-	if !reflect.DeepEqual(cfg.Protocol, c.cfg.Protocol) || !reflect.DeepEqual(cfg.Listen, c.cfg.Listen) || !reflect.DeepEqual(cfg.Worker, c.cfg.Worker) {
+	newListen, oldListen := cfg.Listen, c.cfg.Listen
+	if c.front != nil {
+		// The worker's own TLS listener takes new certificates in place.
+		newListen.TLS.Cert, newListen.TLS.Key, newListen.TLS.Auto = oldListen.TLS.Cert, oldListen.TLS.Key, oldListen.TLS.Auto
+	}
+	if !reflect.DeepEqual(cfg.Protocol, c.cfg.Protocol) || !reflect.DeepEqual(newListen, oldListen) || !reflect.DeepEqual(cfg.Worker, c.cfg.Worker) {
 		c.log.Warn("reload: listen, protocol and worker settings apply at the next restart only")
 	}
 	if c.front != nil {
