@@ -3,6 +3,9 @@ package worker
 import (
 	"bufio"
 	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"encoding/base64"
 	"encoding/json"
 	"io"
 	"net"
@@ -878,4 +881,63 @@ func TestMWPluginProcessLifecycle(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, 5*time.Second, "the plugin process to end", func() bool { return len(pluginPIDs(t, bin)) == 0 })
+}
+
+// TestMWReloadRotatesJWKS: auth.jwt.jwks_file is read again on reload, so
+// a key added to the set verifies tokens on a live connection, and a key
+// removed from it no longer does.
+func TestMWReloadRotatesJWKS(t *testing.T) {
+	pubA, privA, _ := ed25519.GenerateKey(rand.Reader)
+	pubB, privB, _ := ed25519.GenerateKey(rand.Reader)
+	path := filepath.Join(t.TempDir(), "jwks.json")
+	writeSet := func(keys map[string]ed25519.PublicKey) {
+		var list []map[string]string
+		for kid, k := range keys {
+			list = append(list, map[string]string{"kty": "OKP", "crv": "Ed25519", "kid": kid, "x": base64.RawURLEncoding.EncodeToString(k)})
+		}
+		b, _ := json.Marshal(map[string]any{"keys": list})
+		if err := os.WriteFile(path, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sign := func(kid string, key ed25519.PrivateKey) string {
+		tk := jwt.NewWithClaims(jwt.SigningMethodEdDSA, jwt.MapClaims{"sub": "alice", "exp": time.Now().Add(time.Hour).Unix()})
+		tk.Header["kid"] = kid
+		s, err := tk.SignedString(key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	writeSet(map[string]ed25519.PublicKey{"a": pubA})
+	setKeys := func(c *configs.Config) {
+		c.Auth.JWT.Algorithms = []string{"EdDSA"}
+		c.Auth.JWT.JWKSFile = path
+	}
+	child, _, addr := startChild(t, setKeys)
+	tokA, tokB := sign("a", privA), sign("b", privB)
+	c := dialWS(t, addr)
+	c.handshake("")
+	c.send(`{"event":"#authenticate","data":"` + tokA + `","cid":2}`)
+	c.expect(`{"rid":2,"data":{"isAuthenticated":true,"authError":null}}`)
+	c.send(`{"event":"#authenticate","data":"` + tokB + `","cid":3}`)
+	if r := c.recvData(); !strings.Contains(r, `unknown signing key`) {
+		t.Fatalf("key b before it is in the set: %s", r)
+	}
+	c.expect(`{"event":"#removeAuthToken"}`)
+
+	writeSet(map[string]ed25519.PublicKey{"b": pubB}) // a rotated out, b in
+	cfg := configs.Default()
+	cfg.Worker.GoMaxProcs = 0
+	setKeys(&cfg)
+	js, _ := json.Marshal(cfg)
+	if err := child.Reload(context.Background(), js); err != nil {
+		t.Fatal(err)
+	}
+	c.send(`{"event":"#authenticate","data":"` + tokB + `","cid":4}`)
+	c.expect(`{"rid":4,"data":{"isAuthenticated":true,"authError":null}}`)
+	c.send(`{"event":"#authenticate","data":"` + tokA + `","cid":5}`)
+	if r := c.recvData(); !strings.Contains(r, `unknown signing key`) {
+		t.Fatalf("key a after it left the set: %s", r)
+	}
 }
