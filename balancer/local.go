@@ -89,3 +89,8 @@ func (c *Child) localProxy(src, dst net.Addr) *net.UnixConn {
 	c.stats.add(ctrProxied, 1)
 	return up
 }
+
+// ActiveTLS is how many TLS connections the front end holds now
+// (handshaking or proxied); each holds two fds of this process besides the
+// worker's own socketpair end.
+func (c *Child) ActiveTLS() int64 { return c.stats.active.Load() }

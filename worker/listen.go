@@ -30,12 +30,32 @@ import (
 // errFull refuses a connection at worker.max_connections.
 var errFull = errors.New("worker is at worker.max_connections")
 
+// errFDs refuses a TLS connection that would take the process past its
+// file limit.
+var errFDs = errors.New("worker: no file descriptors left for another TLS connection")
+
+// fdReserve is the fds kept for everything but client connections:
+// listeners, broker links, epoll, logs, plugins.
+const fdReserve = 200
+
+// clientFDCap is how many fds client connections may use in this process.
+func clientFDCap() int64 {
+	var rl unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &rl); err != nil || rl.Cur > 1<<31 {
+		return 0 // unknown or unlimited: no cap of our own
+	}
+	return int64(rl.Cur) - fdReserve
+}
+
 // startFrontLocked binds the public ports when the node has no balancer and
 // returns the bound addresses (control.AddrPublic, control.AddrTLS).
 func (c *Child) startFrontLocked(ctx context.Context, name string, cfg configs.Config) (map[string]string, error) {
-	front := balancer.NewLocal(c.log.Named("listen"), balancer.LocalOptions{
+	// Both are set before Start starts the goroutines that read them.
+	c.fdCap = clientFDCap()
+	var front *balancer.Child
+	front = balancer.NewLocal(c.log.Named("listen"), balancer.LocalOptions{
 		Plain: func(fd int) { c.serve(fd, nil, nil) },
-		Proxy: c.localProxy,
+		Proxy: func(src, dst net.Addr) (*net.UnixConn, error) { return c.localProxy(front, src) },
 	})
 	data, err := json.Marshal(cfg)
 	if err != nil {
@@ -60,10 +80,17 @@ func (c *Child) startFrontLocked(ctx context.Context, name string, cfg configs.C
 // terminated: one end of a socketpair goes to netpoll with the client's
 // address (the middleware sees the real peer, as with a PROXY header), the
 // other is returned for the front end's proxy loop.
-func (c *Child) localProxy(src, _ net.Addr) (*net.UnixConn, error) {
+func (c *Child) localProxy(front *balancer.Child, src net.Addr) (*net.UnixConn, error) {
 	if max := c.cfg.Worker.MaxConnections; max > 0 && c.srv.Len() >= max {
 		c.refused.Add(1)
 		return nil, errFull
+	}
+	// The front end caps TLS alone at a third of the file limit; with
+	// plain connections in the same process the sum must fit too: every
+	// socket netpoll holds is one fd, every TLS connection two more here.
+	if c.fdCap > 0 && int64(c.srv.Len())+2*front.ActiveTLS()+2 > c.fdCap {
+		c.refused.Add(1)
+		return nil, errFDs
 	}
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
