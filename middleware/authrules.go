@@ -292,6 +292,7 @@ func (r *banRule) check(c *Chain, in *Input) (Decision, bool) {
 	return spec.decide(in), true
 }
 
-// ChecksBans reports whether the chain has a ban rule; without one the
-// worker checks bans itself after the handshake rules.
+// ChecksBans reports whether the chain has a ban rule in its handshake
+// stage; without one the worker checks bans itself after the handshake
+// rules.
 func (c *Chain) ChecksBans() bool { return c.hasBan }

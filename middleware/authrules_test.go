@@ -217,4 +217,8 @@ func TestBanRule(t *testing.T) {
 	if load(t, "middleware:\n  handshake:\n    - cidr: {deny: [10.0.0.0/8]}\n", Options{}).ChecksBans() {
 		t.Fatal("ChecksBans without a ban rule")
 	}
+	// A ban rule only in inbound leaves the handshake check to the worker.
+	if load(t, "middleware:\n  inbound:\n    - ban: {}\n", Options{}).ChecksBans() {
+		t.Fatal("ChecksBans with a ban rule in inbound only")
+	}
 }

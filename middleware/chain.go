@@ -205,7 +205,9 @@ func compile(cfg configs.Config, o Options) (*Chain, []*configs.Error) {
 					e.slow = s
 				}
 				c.entries = append(c.entries, e)
-				c.hasBan = c.hasBan || kind == "ban"
+				// Only a handshake ban rule replaces the worker's own
+				// check; one in inbound covers authenticate alone.
+				c.hasBan = c.hasBan || (kind == "ban" && Stage(st) == StageHandshake)
 				for _, a := range acts {
 					c.lists[a] = append(c.lists[a], e)
 				}

@@ -78,7 +78,10 @@ var _ api.BanStore = (*ClusterBans)(nil)
 // NewClusterBans returns the ban store of e's worker; set it as
 // EngineConfig.Bans so the engine applies what other workers publish.
 func NewClusterBans() *ClusterBans {
-	return &ClusterBans{local: api.NewMemoryBans(nil)}
+	// Replaying from the start: ops delivered between the worker's
+	// subscription to "#bans" and the end of its replay are held
+	// (startBans releases them).
+	return &ClusterBans{local: api.NewMemoryBans(nil), replaying: true}
 }
 
 // wireBan is a ban on the "#bans" channel.
@@ -456,29 +459,21 @@ func (e *Engine) startBans() {
 		return
 	}
 	hist, hasHist := e.cfg.Broker.(banHistory)
-	if hasHist {
-		store.mu.Lock()
-		store.replaying = true
-		store.mu.Unlock()
-	}
 	e.bg.Add(1)
 	go func() {
 		defer e.bg.Done()
-		if hasHist {
-			ok := e.replayBans(hist)
-			// Live ops held meanwhile come after the log's: apply them now.
-			store.mu.Lock()
-			held := store.held
-			store.held, store.replaying = nil, false
-			store.mu.Unlock()
-			for _, c := range held {
-				e.applyBanOp(c, true)
-			}
-			if ok {
-				return
-			}
+		ok := hasHist && e.replayBans(hist)
+		// Live ops held meanwhile come after the log's: apply them now.
+		store.mu.Lock()
+		held := store.held
+		store.held, store.replaying = nil, false
+		store.mu.Unlock()
+		for _, c := range held {
+			e.applyBanOp(c, true)
 		}
-		e.syncBans()
+		if !ok {
+			e.syncBans()
+		}
 	}()
 }
 
