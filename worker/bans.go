@@ -473,6 +473,19 @@ func (e *Engine) startBans() {
 		}
 		if !ok {
 			e.syncBans()
+			return
+		}
+		// Sockets that connected before the replay ended were checked
+		// against a partial list: close those the full list bans.
+		if n := e.disconnectLocal(func(s *Session) bool {
+			var user string
+			if id := s.ident.Load(); id != nil {
+				user = id.UserID
+			}
+			_, banned := store.local.Banned(user, s.remoteIP())
+			return banned
+		}, int(CodeBanned), "Banned"); n > 0 {
+			e.log.Info("closed sockets that connected before the ban log was replayed", "sockets", n)
 		}
 	}()
 }

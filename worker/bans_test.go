@@ -255,3 +255,42 @@ func TestBanLogCompaction(t *testing.T) {
 	c := banWorker(t, b, "worker-c")
 	waitBans(t, c, want)
 }
+
+// TestBanLogClosesEarlySockets: a socket admitted before the replay ended
+// (checked against a partial list) is closed once the log bans it.
+func TestBanLogClosesEarlySockets(t *testing.T) {
+	b := &logBroker{}
+	a := banWorker(t, b, "worker-a")
+	if err := a.cfg.Bans.Ban(context.Background(), api.Ban{IP: netip.MustParsePrefix("127.0.0.1/32"), Created: time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	gate := make(chan struct{})
+	b.mu.Lock()
+	b.gate = gate
+	b.mu.Unlock()
+	c := banWorker(t, b, "worker-c")
+	conn := &fakeConn{e: c}
+	conn.s = c.Open(conn)
+	c.Message(conn.s, []byte(`{"event":"#handshake","data":{},"cid":1}`))
+	if _, closed := conn.closeCode(); closed {
+		t.Fatal("closed before the replay: the test proves nothing")
+	}
+	b.mu.Lock()
+	b.gate = nil
+	b.mu.Unlock()
+	close(gate)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		code, closed := conn.closeCode()
+		if closed {
+			if code != CodeBanned {
+				t.Fatalf("closed with %d, want %d", code, CodeBanned)
+			}
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the early socket of a banned address is still open after the replay")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
