@@ -97,6 +97,11 @@ func buildJWT(b *builder, v any) (rule, []Action) {
 			b.p.add(b.key, "%s", strings.Replace(err.Error(), "auth.jwt.", b.key+".", 1))
 		} else {
 			r.keys = k
+			if !k.Enabled() {
+				// Not a config error (the variable may be set where the
+				// worker runs), but every token will fail this rule.
+				b.c.log.Warn("jwt rule has no usable key: it refuses every token", "rule", b.key, "reason", strings.Replace(k.Missing(), "auth.jwt.", b.key+".", 1))
+			}
 		}
 	}
 	if g, err := auth.New(b.cfg.Auth.JWT, os.Getenv); err == nil {
