@@ -53,6 +53,7 @@ func (l *blink) presence(f *link.Frame) error {
 	var data []byte
 	var count uint64
 	var err error
+	flags := uint8(0)
 	switch f.Op {
 	case link.PresJoin, link.PresUpdate:
 		err = l.presJoin(string(f.Channel), f.Data)
@@ -70,13 +71,21 @@ func (l *blink) presence(f *link.Frame) error {
 	case link.PresUser:
 		data, err = json.Marshal(l.s.userChannels(string(f.Channel)))
 	case link.PresChannels:
-		data, err = json.Marshal(l.s.channelList())
+		var more bool
+		data, more, err = l.s.channelPage(string(f.Data), l.s.replyBudget())
+		if more {
+			flags = link.FlagMore
+		}
 	case link.PresHistory:
 		data, err = json.Marshal(l.s.historyStates())
 	default:
 		err = fmt.Errorf("broker: unknown presence op %d", f.Op)
 	}
-	flags := uint8(0)
+	if err == nil && link.HeaderSize+replyOverhead+len(data) > l.s.cfg.MaxFrame {
+		// The worker's decoder would refuse the frame and drop the link:
+		// answer an error instead (a presence list of a huge channel).
+		err = fmt.Errorf("broker: the answer (%d bytes) does not fit a link frame (%d); ask for counts instead", len(data), l.s.cfg.MaxFrame)
+	}
 	if err != nil {
 		flags, data = link.FlagError, []byte(err.Error())
 	}
@@ -415,7 +424,40 @@ func (s *Server) userChannels(user string) []string {
 	return out
 }
 
-func (s *Server) channelList() []ChannelInfo {
+// replyOverhead is a reply frame's size beyond its data and header.
+const replyOverhead = 8 + 8 + 8 + 1
+
+// replyBudget is how many bytes of channel list one reply carries: far
+// below the link's frame limit, so a broker with many channels answers in
+// pages instead of one frame the worker would refuse.
+func (s *Server) replyBudget() int { return min(256<<10, s.cfg.MaxFrame/2) }
+
+// channelPage is the channel list after channel name after (sorted by
+// name), as a JSON array of at most budget bytes (at least one entry);
+// more reports that entries were left for the next page.
+func (s *Server) channelPage(after string, budget int) (data []byte, more bool, err error) {
+	list := s.channelList(after)
+	data = append(make([]byte, 0, 256), '[')
+	for i, ci := range list {
+		b, err := json.Marshal(ci)
+		if err != nil {
+			return nil, false, fmt.Errorf("broker: encoding the channel list: %w", err)
+		}
+		if i > 0 && len(data)+len(b)+2 > budget {
+			more = true
+			break
+		}
+		if i > 0 {
+			data = append(data, ',')
+		}
+		data = append(data, b...)
+	}
+	return append(data, ']'), more, nil
+}
+
+// channelList lists the channels with interest or presence whose name
+// sorts after after ("" = all), sorted by name.
+func (s *Server) channelList(after string) []ChannelInfo {
 	out := []ChannelInfo{}
 	for i := range s.shards {
 		sh := &s.shards[i]
@@ -423,6 +465,9 @@ func (s *Server) channelList() []ChannelInfo {
 		for name, st := range sh.chans {
 			if len(st.links) == 0 && len(st.pres) == 0 {
 				continue // a replica's or an idle channel's state
+			}
+			if after != "" && name <= after {
+				continue
 			}
 			names := make([]string, 0, len(st.links))
 			for _, l := range st.links {

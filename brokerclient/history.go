@@ -561,26 +561,34 @@ func (c *Client) PresenceLeave(channel, conn string) {
 
 // presQuery sends a query to one broker and waits.
 func (c *Client) presQuery(ctx context.Context, b *bconn, op uint8, channel string) (uint64, []byte, error) {
+	n, data, _, err := c.presPage(ctx, b, op, channel, nil)
+	return n, data, err
+}
+
+// presPage is presQuery with an argument (a page cursor) and the reply's
+// more flag.
+func (c *Client) presPage(ctx context.Context, b *bconn, op uint8, channel string, arg []byte) (uint64, []byte, bool, error) {
 	type res struct {
 		n    uint64
 		data []byte
+		more bool
 		err  error
 	}
 	ch := make(chan res, 1)
 	b.request(func(dst []byte, id uint64) []byte {
-		return link.AppendPres(dst, id, op, channel, nil)
+		return link.AppendPres(dst, id, op, channel, arg)
 	}, func(_ *request, f *link.Frame, err error) {
 		if err != nil {
 			ch <- res{err: err}
 			return
 		}
-		ch <- res{n: f.Offset, data: slices.Clone(f.Data)}
+		ch <- res{n: f.Offset, data: slices.Clone(f.Data), more: f.Flags&link.FlagMore != 0}
 	})
 	select {
 	case r := <-ch:
-		return r.n, r.data, r.err
+		return r.n, r.data, r.more, r.err
 	case <-ctx.Done():
-		return 0, nil, fmt.Errorf("brokerclient: presence query: %w", ctx.Err())
+		return 0, nil, false, fmt.Errorf("brokerclient: presence query: %w", ctx.Err())
 	}
 }
 
@@ -669,22 +677,37 @@ func (c *Client) Channels(ctx context.Context) ([]ChannelInfo, error) {
 		Epoch    uint64   `json:"epoch"`
 	}
 	members := *c.members.Load()
+	if len(members) == 0 {
+		return nil, fmt.Errorf("brokerclient: channel list: %w", ErrNoBrokers)
+	}
 	byName := map[string]ChannelInfo{}
-	err := c.everyBroker(ctx, link.PresChannels, "-", func(b *bconn, data []byte) error {
-		var list []wire
-		if err := json.Unmarshal(data, &list); err != nil {
-			return err
-		}
-		for _, w := range list {
-			if _, ok := byName[w.Channel]; ok && owner(members, w.Channel) != b {
-				continue
+	for _, b := range members {
+		// A broker answers in pages (each a bounded reply frame); the
+		// cursor is the last channel of the previous page.
+		cursor := ""
+		for page := 0; ; page++ {
+			_, data, more, err := c.presPage(ctx, b, link.PresChannels, "-", []byte(cursor))
+			if err != nil {
+				return nil, fmt.Errorf("brokerclient: channel list: broker %s: %w", b.ep.Name, err)
 			}
-			byName[w.Channel] = ChannelInfo{Channel: w.Channel, Workers: w.Workers, WorkerNames: w.Names, Presence: w.Presence, Offset: w.Offset, Epoch: FormatEpoch(w.Epoch)}
+			var list []wire
+			if err := json.Unmarshal(data, &list); err != nil {
+				return nil, fmt.Errorf("brokerclient: channel list: broker %s: %w", b.ep.Name, err)
+			}
+			for _, w := range list {
+				if _, ok := byName[w.Channel]; ok && owner(members, w.Channel) != b {
+					continue
+				}
+				byName[w.Channel] = ChannelInfo{Channel: w.Channel, Workers: w.Workers, WorkerNames: w.Names, Presence: w.Presence, Offset: w.Offset, Epoch: FormatEpoch(w.Epoch)}
+			}
+			if !more || len(list) == 0 {
+				break
+			}
+			if page >= 1<<20 { // bounded: a broker that keeps saying "more"
+				return nil, fmt.Errorf("brokerclient: channel list: broker %s: too many pages", b.ep.Name)
+			}
+			cursor = list[len(list)-1].Channel
 		}
-		return nil
-	})
-	if err != nil {
-		return nil, fmt.Errorf("brokerclient: channel list: %w", err)
 	}
 	out := make([]ChannelInfo, 0, len(byName))
 	for _, ci := range byName {

@@ -1,0 +1,63 @@
+package brokerclient_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/shoalhq/shoal/brokerclient"
+)
+
+// TestChannelListPagedAndBigAnswersRefused: a broker with more channels
+// than one reply frame can carry answers the channel list in pages; a
+// presence list too large for a frame is an error answer, not a frame the
+// worker must refuse (which would drop the link).
+func TestChannelListPagedAndBigAnswersRefused(t *testing.T) {
+	dir := runDir(t)
+	b := startHistoryBroker(t, dir, "broker-1")
+	c, _ := newClient(t, "w", withRules)
+	c.SetBrokers([]brokerclient.Endpoint{b.ep})
+	waitConnected(t, c, 1)
+
+	// ~5000 × 250 B of list: several 256 KiB pages.
+	const n = 5000
+	pad := strings.Repeat("x", 150)
+	for i := range n {
+		c.Subscribe(fmt.Sprintf("plain/%s/%05d", pad, i))
+	}
+	waitFor(t, 10*time.Second, "every interest registered", func() bool {
+		return b.child.Server().Interest(fmt.Sprintf("plain/%s/%05d", pad, n-1)) == 1
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	list, err := c.Channels(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(list) != n {
+		t.Fatalf("%d channels listed, want %d", len(list), n)
+	}
+	for i, ci := range list {
+		if want := fmt.Sprintf("plain/%s/%05d", pad, i); ci.Channel != want || ci.Workers != 1 || len(ci.WorkerNames) != 1 || ci.WorkerNames[0] != "w" {
+			t.Fatalf("entry %d: %+v", i, ci)
+		}
+	}
+
+	// ~1.5 MiB of presence entries in one channel.
+	info := []byte(`"` + strings.Repeat("i", 500) + `"`)
+	for i := range 3000 {
+		if err := c.PresenceJoin("hist/big", brokerclient.PresenceEntry{Conn: fmt.Sprintf("c%05d", i), Info: info}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, 10*time.Second, "3000 entries", func() bool { return b.child.Server().Presence("hist/big") == 3000 })
+	if _, err := c.Presence(ctx, "hist/big"); !errors.Is(err, brokerclient.ErrRequest) {
+		t.Fatalf("oversized presence list: %v, want an error answer", err)
+	}
+	if n, err := c.PresenceCount(ctx, "hist/big"); err != nil || n != 3000 {
+		t.Fatalf("count after the refused list: %d %v (the link must have stayed up)", n, err)
+	}
+}
