@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/shoalhq/shoal/api"
+	"github.com/shoalhq/shoal/broker/chanopts"
 	"github.com/shoalhq/shoal/brokerclient"
 	"github.com/shoalhq/shoal/configs"
 )
@@ -292,5 +293,20 @@ func TestBanLogClosesEarlySockets(t *testing.T) {
 			t.Fatal("the early socket of a banned address is still open after the replay")
 		}
 		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestBanLogChannelOptions: "#bans" keeps a durable history whatever the
+// config's channel rules say, and those rules still decide for the rest.
+func TestBanLogChannelOptions(t *testing.T) {
+	r := chanopts.Compile([]configs.ChannelRule{{Match: "**"}})
+	if o := r.Lookup(bansChannel); !o.Durable || o.HistorySize != chanopts.BansHistory {
+		t.Fatalf("#bans options %+v", o)
+	}
+	if o := r.Lookup("chat/a"); o.Durable || o.History() || !o.Matched {
+		t.Fatalf("chat/a options %+v", o)
+	}
+	if !chanopts.Compile(nil).Empty() {
+		t.Fatal("the internal rule makes an empty config non-empty")
 	}
 }
