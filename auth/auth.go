@@ -2,9 +2,9 @@
 // (#handshake authToken, #authenticate, #setAuthToken), with golang-jwt.
 //
 // Keys never sit in the config: an HMAC secret comes from the env var named
-// by auth.jwt.key_env (default SHOAL_AUTH_KEY) or from key_file; RSA/ECDSA
-// public keys from public_key_file (key_file may then hold the private key
-// for signing) or from a JSON Web Key Set file, jwks_file (jwks.go). With no usable key every token is refused; `shoal token`
+// by auth.jwt.key_env (default SHOAL_AUTH_KEY) or from key_file; RSA/ECDSA/
+// Ed25519 public keys from public_key_file or public_key_env (key_file may
+// then hold the private key for signing) or from a JSON Web Key Set file, jwks_file (jwks.go). With no usable key every token is refused; `shoal token`
 // and the workers agree only when they see the same key, so set
 // SHOAL_AUTH_KEY for the whole cluster.
 //
@@ -94,7 +94,7 @@ func New(cfg configs.JWT, getenv func(string) string, opts ...Option) (*Keys, er
 		}
 	}
 	if needPub {
-		if err := k.loadPublic(cfg); err != nil {
+		if err := k.loadPublic(cfg, getenv); err != nil {
 			return nil, err
 		}
 	}
@@ -115,6 +115,8 @@ func New(cfg configs.JWT, getenv func(string) string, opts ...Option) (*Keys, er
 			env = DefaultKeyEnv
 		}
 		k.missing = fmt.Sprintf("no auth key: set %s (or auth.jwt.key_file)", env)
+	case !needHMAC && k.pub == nil && cfg.PublicKeyEnv != "":
+		k.missing = fmt.Sprintf("no auth key: set %s (auth.jwt.public_key_env)", cfg.PublicKeyEnv)
 	case !needHMAC && k.pub == nil:
 		k.missing = "no auth key: set auth.jwt.public_key_file or jwks_file"
 	}
@@ -146,12 +148,23 @@ func (k *Keys) loadHMAC(cfg configs.JWT, getenv func(string) string) error {
 	return nil
 }
 
-func (k *Keys) loadPublic(cfg configs.JWT) error {
-	if cfg.PublicKeyFile != "" {
-		b, err := os.ReadFile(cfg.PublicKeyFile)
-		if err != nil {
+func (k *Keys) loadPublic(cfg configs.JWT, getenv func(string) string) error {
+	var b []byte
+	var from string
+	switch {
+	case cfg.PublicKeyFile != "":
+		var err error
+		if b, err = os.ReadFile(cfg.PublicKeyFile); err != nil {
 			return fmt.Errorf("reading auth.jwt.public_key_file: %w", err)
 		}
+		from = "auth.jwt.public_key_file " + cfg.PublicKeyFile
+	case cfg.PublicKeyEnv != "":
+		// Unset is not an error (as key_env): the worker warns and
+		// refuses every token until it is set.
+		b = []byte(getenv(cfg.PublicKeyEnv))
+		from = "auth.jwt.public_key_env " + cfg.PublicKeyEnv
+	}
+	if len(b) > 0 {
 		if pk, err := jwt.ParseRSAPublicKeyFromPEM(b); err == nil {
 			k.pub = pk
 		} else if pk, err := jwt.ParseECPublicKeyFromPEM(b); err == nil {
@@ -159,7 +172,7 @@ func (k *Keys) loadPublic(cfg configs.JWT) error {
 		} else if pk, err := jwt.ParseEdPublicKeyFromPEM(b); err == nil {
 			k.pub = pk
 		} else {
-			return fmt.Errorf("auth.jwt.public_key_file %s: not an RSA, ECDSA or Ed25519 public key in PEM", cfg.PublicKeyFile)
+			return fmt.Errorf("%s: not an RSA, ECDSA or Ed25519 public key in PEM", from)
 		}
 	}
 	if cfg.KeyFile != "" {
@@ -211,9 +224,12 @@ func checkConfig(cfg configs.JWT) []*configs.Error {
 		errs = append(errs, &configs.Error{Key: "auth.jwt.key_file",
 			Msg: "ambiguous when both HMAC and public-key algorithms are allowed (use key_env for the HMAC secret)"})
 	}
-	if pub && cfg.PublicKeyFile == "" && cfg.KeyFile == "" && cfg.JWKSFile == "" {
+	if cfg.PublicKeyFile != "" && cfg.PublicKeyEnv != "" {
+		errs = append(errs, &configs.Error{Key: "auth.jwt.public_key_env", Msg: "set public_key_file or public_key_env, not both"})
+	}
+	if pub && cfg.PublicKeyFile == "" && cfg.PublicKeyEnv == "" && cfg.KeyFile == "" && cfg.JWKSFile == "" {
 		errs = append(errs, &configs.Error{Key: "auth.jwt.public_key_file",
-			Msg: "must be set for " + strings.Join(cfg.Algorithms, ", ") + " (or key_file with the private key, or jwks_file)"})
+			Msg: "must be set for " + strings.Join(cfg.Algorithms, ", ") + " (or public_key_env, key_file with the private key, or jwks_file)"})
 	}
 	return errs
 }

@@ -6,8 +6,10 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
+	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
+	"encoding/pem"
 	"math/big"
 	"os"
 	"path/filepath"
@@ -180,5 +182,42 @@ func TestJWKSFileErrors(t *testing.T) {
 	// config check accepts jwks_file for public-key algorithms.
 	if errs := checkConfig(configs.JWT{JWKSFile: "x.json", Algorithms: []string{"ES256"}}); len(errs) != 0 {
 		t.Fatalf("checkConfig: %v", errs)
+	}
+}
+
+func TestPublicKeyEnv(t *testing.T) {
+	key, err := ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	der, err := x509.MarshalPKIXPublicKey(&key.PublicKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pemText := string(pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der}))
+	env := map[string]string{"ISSUER_PUB": pemText, "GARBAGE": "not a pem"}
+	getenv := func(n string) string { return env[n] }
+	cfg := configs.JWT{Algorithms: []string{"ES384"}, PublicKeyEnv: "ISSUER_PUB"}
+	k, err := New(cfg, getenv, WithClock(func() time.Time { return t0 }))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok := signKid(t, jwt.SigningMethodES384, "", key, jwt.MapClaims{"sub": "alice", "exp": t0.Add(time.Hour).Unix()})
+	if got, err := k.Verify(tok); err != nil || got.Subject() != "alice" {
+		t.Fatalf("verify: %v", err)
+	}
+	// Unset: not an error, but no key (every token refused, said why).
+	k, err = New(configs.JWT{Algorithms: []string{"ES384"}, PublicKeyEnv: "UNSET"}, getenv)
+	if err != nil || k.Enabled() || !strings.Contains(k.Missing(), "set UNSET") {
+		t.Fatalf("unset env: %v, enabled=%v, %q", err, k.Enabled(), k.Missing())
+	}
+	if _, err := New(configs.JWT{Algorithms: []string{"ES384"}, PublicKeyEnv: "GARBAGE"}, getenv); err == nil || !strings.Contains(err.Error(), "auth.jwt.public_key_env GARBAGE") {
+		t.Fatalf("garbage: %v", err)
+	}
+	if errs := checkConfig(configs.JWT{Algorithms: []string{"ES384"}, PublicKeyEnv: "A", PublicKeyFile: "/b"}); len(errs) != 1 || errs[0].Key != "auth.jwt.public_key_env" {
+		t.Fatalf("both set: %v", errs)
+	}
+	if errs := checkConfig(configs.JWT{Algorithms: []string{"ES384"}, PublicKeyEnv: "A"}); len(errs) != 0 {
+		t.Fatalf("env only: %v", errs)
 	}
 }

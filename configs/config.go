@@ -107,7 +107,8 @@ type JWT struct {
 	Algorithms    []string `yaml:"algorithms" json:"algorithms"`
 	KeyEnv        string   `yaml:"key_env" json:"key_env"`                 // HMAC secret in this env var
 	KeyFile       string   `yaml:"key_file" json:"key_file"`               // HMAC secret or private key file
-	PublicKeyFile string   `yaml:"public_key_file" json:"public_key_file"` // RSA/ECDSA public key (PEM)
+	PublicKeyFile string   `yaml:"public_key_file" json:"public_key_file"` // RSA/ECDSA/Ed25519 public key (PEM)
+	PublicKeyEnv  string   `yaml:"public_key_env" json:"public_key_env"`   // the same PEM in this env var
 	JWKSFile      string   `yaml:"jwks_file" json:"jwks_file"`
 	Leeway        Duration `yaml:"leeway" json:"leeway"`
 	DefaultExpiry Duration `yaml:"default_expiry" json:"default_expiry"`

@@ -39,7 +39,7 @@ type jwtRule struct {
 	err      errSpec
 }
 
-var jwtOptions = []string{"require", "algorithms", "key_env", "key_file", "public_key_file", "jwks_file", "leeway", "required_claims", "claims", "error"}
+var jwtOptions = []string{"require", "algorithms", "key_env", "key_file", "public_key_file", "public_key_env", "jwks_file", "leeway", "required_claims", "claims", "error"}
 
 func buildJWT(b *builder, v any) (rule, []Action) {
 	o, ok := newOpts(b.p, b.key, v)
@@ -76,11 +76,12 @@ func buildJWT(b *builder, v any) (rule, []Action) {
 	kc.KeyEnv, _ = o.str("key_env")
 	kc.KeyFile, _ = o.str("key_file")
 	kc.PublicKeyFile, _ = o.str("public_key_file")
+	kc.PublicKeyEnv, _ = o.str("public_key_env")
 	kc.JWKSFile, _ = o.str("jwks_file")
 	leeway, hasLeeway := o.duration("leeway")
-	ownKeys := kc.KeyEnv != "" || kc.KeyFile != "" || kc.PublicKeyFile != "" || kc.JWKSFile != ""
+	ownKeys := kc.KeyEnv != "" || kc.KeyFile != "" || kc.PublicKeyFile != "" || kc.PublicKeyEnv != "" || kc.JWKSFile != ""
 	if hasLeeway && !ownKeys {
-		b.p.add(o.sub("leeway"), "applies to the rule's own key (key_env, key_file, public_key_file or jwks_file); without one auth.jwt.leeway applies")
+		b.p.add(o.sub("leeway"), "applies to the rule's own key (key_env, key_file, public_key_file, public_key_env or jwks_file); without one auth.jwt.leeway applies")
 	}
 	if ownKeys {
 		kc.Leeway = configs.Duration(leeway)

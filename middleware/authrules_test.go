@@ -42,6 +42,7 @@ func TestJWTRule(t *testing.T) {
 	if err := os.WriteFile(pubPath, pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der}), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	t.Setenv("ISSUER_PUB", string(pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der})))
 	esTok := func(claims jwt.MapClaims) string {
 		s, err := jwt.NewWithClaims(jwt.SigningMethodES256, claims).SignedString(ecKey)
 		if err != nil {
@@ -116,6 +117,9 @@ func TestJWTRule(t *testing.T) {
 			Input{Action: Authenticate, Socket: sock(carol), Token: partner}, Allow, "", "", 0},
 		{"inbound authenticate: public key file",
 			"middleware:\n  inbound:\n    - jwt: {algorithms: [ES256], public_key_file: " + pubPath + ", required_claims: [sub]}\n",
+			Input{Action: Authenticate, Socket: sock(carol), Token: esTok(jwt.MapClaims{"sub": "carol", "exp": exp})}, Allow, "", "", 0},
+		{"inbound authenticate: public key from env",
+			"middleware:\n  inbound:\n    - jwt: {algorithms: [ES256], public_key_env: ISSUER_PUB}\n",
 			Input{Action: Authenticate, Socket: sock(carol), Token: esTok(jwt.MapClaims{"sub": "carol", "exp": exp})}, Allow, "", "", 0},
 		{"inbound authenticate: own key with leeway accepts a just-expired token",
 			"middleware:\n  inbound:\n    - jwt: {algorithms: [ES256], public_key_file: " + pubPath + ", leeway: 1m}\n",
