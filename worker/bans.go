@@ -47,12 +47,14 @@ import (
 // address, by the `ban` middleware rule or, without one, after the
 // handshake rules (docs/middleware.md).
 
-// snapshotPart bounds the bans per snapshot message, so one message stays
-// far below any payload limit (a ban is about 100 bytes of JSON). A
-// variable for tests, as is banLogSize (the log's history, chanopts').
+// snapshotPart and snapshotBytes bound a snapshot message, so it stays far
+// below the broker link's 1 MiB frame. Variables for tests, as is
+// banLogSize (the log's history, chanopts').
 var (
-	snapshotPart = 2000
-	banLogSize   = uint64(chanopts.BansHistory)
+	snapshotPart  = 2000
+	snapshotBytes = 256 << 10
+	banLogSize    = uint64(chanopts.BansHistory)
+	banLogPage    = 256 // messages per history read: the owner builds a page in one buffer
 )
 
 // banHistory is what the ban log needs of the broker client beyond Broker
@@ -326,13 +328,27 @@ func (e *Engine) compactBans(ctx context.Context, hist banHistory) error {
 		return err
 	}
 	list, _ := fold.Bans(ctx)
-	parts := max(1, (len(list)+snapshotPart-1)/snapshotPart)
-	for i := 0; i < parts; i++ {
-		chunk := list[i*snapshotPart : min(len(list), (i+1)*snapshotPart)]
-		out := make([]wireBan, 0, len(chunk))
-		for _, b := range chunk {
-			out = append(out, toWire(b))
+	// Parts of at most snapshotPart bans and about snapshotBytes of JSON:
+	// a broker link frame holds 1 MiB, and a ban's JSON is 100 bytes
+	// typically but up to a few KiB (user and reason escaped).
+	var chunks [][]wireBan
+	var cur []wireBan
+	size := 0
+	for _, b := range list {
+		w := toWire(b)
+		wb, _ := json.Marshal(w)
+		if len(cur) > 0 && (len(cur) >= snapshotPart || size+len(wb) > snapshotBytes) {
+			chunks = append(chunks, cur)
+			cur, size = nil, 0
 		}
+		cur = append(cur, w)
+		size += len(wb) + 1
+	}
+	if len(cur) > 0 || len(chunks) == 0 {
+		chunks = append(chunks, cur)
+	}
+	parts := len(chunks)
+	for i, out := range chunks {
 		msg, _ := json.Marshal(ctrlMsg{Op: "snapshot", From: e.cfg.Name, Base: last, Part: i, Parts: parts, Bans: out})
 		res := make(chan error, 1)
 		e.cfg.Broker.Publish(bansChannel, msg, func(_ uint64, err error) { res <- err })
@@ -392,7 +408,7 @@ func (e *Engine) foldBanLog(ctx context.Context, hist banHistory, apply func(ctr
 		if page == maxBanLogPages {
 			return 0, errors.New("ban log: too many pages")
 		}
-		p, err := hist.History(ctx, bansChannel, since, 0)
+		p, err := hist.History(ctx, bansChannel, since, banLogPage)
 		if err != nil {
 			return 0, fmt.Errorf("reading the ban log: %w", err)
 		}

@@ -209,11 +209,12 @@ func TestBanLogHoldsLiveOps(t *testing.T) {
 // snapshot, so a worker that starts after the log overflowed still gets
 // every ban.
 func TestBanLogCompaction(t *testing.T) {
-	// A small log and small snapshot parts, so the log overflows several
-	// times and snapshots come in several parts.
-	oldSize, oldPart := banLogSize, snapshotPart
-	banLogSize, snapshotPart = 64, 10
-	t.Cleanup(func() { banLogSize, snapshotPart = oldSize, oldPart })
+	// A small log, small snapshot parts and small history pages, so the
+	// log overflows several times, snapshots come in several parts and
+	// replays read several pages.
+	oldSize, oldPart, oldPage := banLogSize, snapshotPart, banLogPage
+	banLogSize, snapshotPart, banLogPage = 64, 10, 16
+	t.Cleanup(func() { banLogSize, snapshotPart, banLogPage = oldSize, oldPart, oldPage })
 	b := &logBroker{}
 	a := banWorker(t, b, "worker-a")
 	ctx := context.Background()
