@@ -290,14 +290,118 @@ const maxOrphans = 10000
 // (handback.go): such links are not workers and get no vacated notices.
 const HandbackPrefix = "handback:"
 
-// vacated hands a vacated notice per channel to one live worker link other
-// than dead, or queues them.
-func (s *Server) vacated(dead *blink, channels []string) {
+// vacated schedules a vacated notice per channel, for one live worker link
+// (handOut), once the grace below has passed.
+//
+// A link that drops is not always a dead worker: a network blip or a slow
+// link that was cut reconnects within the client's back-off (≤ 250 ms) and
+// re-announces its entries. So a notice waits VacatedGrace (default 2 s)
+// and is handed out only if the channel is still empty then.
+func (s *Server) vacated(channels []string) {
+	if len(channels) == 0 {
+		return
+	}
+	due := time.Now().Add(s.cfg.VacatedGrace)
+	s.mu.Lock()
+	if s.closed {
+		// This broker is stopping: its links close because of that, not
+		// because their workers died, and the keys move to other brokers.
+		s.mu.Unlock()
+		return
+	}
+	for _, ch := range channels {
+		s.graced = append(s.graced, gracedVacancy{channel: ch, due: due})
+	}
+	if n := len(s.graced) - maxOrphans; n > 0 {
+		s.log.Warn("dropping vacated notices: too many waiting", "dropped", n)
+		s.graced = append(s.graced[:0], s.graced[n:]...)
+	}
+	s.mu.Unlock()
+	select {
+	case s.vacKick <- struct{}{}:
+	default: // the loop is already due to look
+	}
+}
+
+// gracedVacancy is a vacated notice waiting out VacatedGrace.
+type gracedVacancy struct {
+	channel string
+	due     time.Time
+}
+
+// vacatedLoop hands out the notices whose grace has passed and whose
+// channel is still empty (no entry, no shadow). One goroutine per server,
+// joined by Close.
+func (s *Server) vacatedLoop() {
+	defer s.wg.Done()
+	t := time.NewTimer(time.Hour)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.stopSweep:
+			return
+		case <-s.vacKick:
+		case <-t.C:
+		}
+		now := time.Now()
+		var ready []string
+		next := time.Duration(-1)
+		s.mu.Lock()
+		keep := s.graced[:0]
+		for _, g := range s.graced {
+			if g.due.After(now) {
+				keep = append(keep, g)
+				if d := g.due.Sub(now); next < 0 || d < next {
+					next = d
+				}
+				continue
+			}
+			ready = append(ready, g.channel)
+		}
+		clear(s.graced[len(keep):])
+		s.graced = keep
+		s.mu.Unlock()
+		if !t.Stop() {
+			select {
+			case <-t.C:
+			default:
+			}
+		}
+		if next >= 0 {
+			t.Reset(next)
+		}
+		var still []string
+		for _, ch := range ready {
+			if s.emptyChannel(ch) {
+				still = append(still, ch)
+			} else {
+				s.log.Debug("vacancy refilled within the grace; not reported", "channel", ch)
+			}
+		}
+		s.handOut(still)
+	}
+}
+
+// emptyChannel reports whether channel has no presence entry and no shadow.
+func (s *Server) emptyChannel(channel string) bool {
+	sh := s.shard([]byte(channel))
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	st := sh.chans[channel]
+	return st == nil || (len(st.pres) == 0 && len(st.shadow) == 0)
+}
+
+// handOut queues vacated notices and gives them to the first eligible
+// worker link.
+func (s *Server) handOut(channels []string) {
 	if len(channels) == 0 {
 		return
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.closed {
+		return
+	}
 	for _, ch := range channels {
 		s.orphans = append(s.orphans, link.AppendEvent(nil, link.EventVacated, ch, nil))
 	}
@@ -307,7 +411,7 @@ func (s *Server) vacated(dead *blink, channels []string) {
 	}
 	s.norphans.Store(int64(len(s.orphans)))
 	for l := range s.links {
-		if l != dead && s.flushOrphansLocked(l) {
+		if s.flushOrphansLocked(l) {
 			return
 		}
 	}

@@ -56,6 +56,11 @@ type ServerConfig struct {
 	// Store persists durable channels (nil: durable channels are kept in
 	// memory only). The server closes it.
 	Store store.Store
+	// VacatedGrace is how long a vacated notice (presence.go) waits before
+	// it is handed to a worker, so that a link that dropped and came back
+	// (a blip, not a dead worker) re-announces its entries first; default
+	// 2 s.
+	VacatedGrace time.Duration
 	// CommitDelay makes the group commit wait this long after the first
 	// queued durable write to gather more in one fsync (default 0: a batch
 	// is whatever queued while the previous fsync ran).
@@ -102,7 +107,9 @@ type Server struct {
 	members   []link.Member // latest ring view, sent to every link
 	ringName  string        // this broker's name in the ring view (SetRingName)
 	orphans   [][]byte      // vacated notices waiting for a worker link (presence.go)
-	norphans  atomic.Int64  // len(orphans), read without mu on every ping
+	graced    []gracedVacancy
+	vacKick   chan struct{}
+	norphans  atomic.Int64 // len(orphans), read without mu on every ping
 	wg        sync.WaitGroup
 	stopSweep chan struct{}
 
@@ -174,6 +181,9 @@ func NewServer(cfg ServerConfig) *Server {
 	if cfg.IdleTimeout <= 0 {
 		cfg.IdleTimeout = DefaultIdleTimeout
 	}
+	if cfg.VacatedGrace <= 0 {
+		cfg.VacatedGrace = 2 * time.Second
+	}
 	if cfg.ChannelIdle <= 0 {
 		cfg.ChannelIdle = 2 * time.Minute
 	}
@@ -185,7 +195,7 @@ func NewServer(cfg ServerConfig) *Server {
 	}
 	s := &Server{
 		cfg: cfg, log: cfg.Logger, links: map[*blink]struct{}{}, stopSweep: make(chan struct{}),
-		started: time.Now(), expected: map[string]bool{}, ready: map[string]bool{},
+		started: time.Now(), expected: map[string]bool{}, ready: map[string]bool{}, vacKick: make(chan struct{}, 1),
 	}
 	for i := range s.shards {
 		s.shards[i].chans = map[string]*chanState{}
@@ -194,8 +204,9 @@ func NewServer(cfg ServerConfig) *Server {
 		s.commit = newCommitter(cfg.Store, cfg.CommitDelay)
 		go s.commit.run(s)
 	}
-	s.wg.Add(1)
+	s.wg.Add(2)
 	go s.sweep()
+	go s.vacatedLoop()
 	return s
 }
 
@@ -605,7 +616,7 @@ func (l *blink) cleanup() {
 	// Internal channels it left empty: a surviving worker reports them
 	// (presence.go, "Vacated notices").
 	sort.Strings(emptied)
-	s.vacated(l, emptied)
+	s.vacated(emptied)
 	s.nlinks.Add(-1)
 }
 

@@ -133,3 +133,14 @@ func TestSilentLinkDeclaredDead(t *testing.T) {
 		t.Fatalf("presence ghosts lived %v (bound 10 s)", gone)
 	}
 }
+
+// cut closes every connection the proxy carries now (a network blip: the
+// peers see the close and the worker redials through the proxy).
+func (p *blackHole) cut() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, c := range p.conns {
+		c.Close()
+	}
+	p.conns = nil
+}

@@ -82,6 +82,10 @@ func TestVacatedNoticeAfterWorkerDeath(t *testing.T) {
 	join(w2, "#user/carol", "w2")
 	waitFor(t, 5*time.Second, "carol's entry", func() bool { return b.child.Server().Presence("#user/carol") == 1 })
 	w3.Close()
+	// Only once the broker has dropped w3: a link closed a moment ago but
+	// not yet noticed would still look alive and could be handed the
+	// notices (a double failure, lost by design).
+	waitFor(t, 5*time.Second, "w3's link dropped", func() bool { return b.child.Server().Stats().Links == 1 })
 	w2.Close()
 	var r4 vacRec
 	newWorker("w4", &r4)
@@ -168,5 +172,32 @@ func TestVacatedNoticeAfterNodeDeath(t *testing.T) {
 	time.Sleep(100 * time.Millisecond) // a duplicate would show up by now
 	if got := rAlive.list(); !slices.Equal(got, want) {
 		t.Fatalf("notices %v, want %v once each (not the shared key %s)", got, want, shared)
+	}
+}
+
+// TestNoVacatedNoticeForABlip: a worker whose link drops and comes back
+// (it redials and re-announces its entries) within the broker's grace is
+// not reported gone.
+func TestNoVacatedNoticeForABlip(t *testing.T) {
+	dir := runDir(t)
+	b := startHistoryBroker(t, dir, "broker-1")
+	hole := newBlackHole(t, b.ep.Addr)
+	var rFlaky, rOther vacRec
+	flaky, _ := newClient(t, "flaky", withRules, func(o *brokerclient.Options) { o.OnVacated = rFlaky.on })
+	flaky.SetBrokers([]brokerclient.Endpoint{{Name: "broker-1", Addr: hole.addr()}})
+	other, _ := newClient(t, "other", withRules, func(o *brokerclient.Options) { o.OnVacated = rOther.on })
+	other.SetBrokers([]brokerclient.Endpoint{b.ep})
+	waitConnected(t, flaky, 1)
+	waitConnected(t, other, 1)
+	if err := flaky.PresenceJoin("#user/blip", brokerclient.PresenceEntry{Conn: "flaky"}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "the entry", func() bool { return b.child.Server().Presence("#user/blip") == 1 })
+	hole.cut()
+	waitFor(t, 5*time.Second, "the entry dropped with the link", func() bool { return b.child.Server().Presence("#user/blip") == 0 })
+	waitFor(t, 5*time.Second, "the entry re-announced", func() bool { return b.child.Server().Presence("#user/blip") == 1 })
+	time.Sleep(2500 * time.Millisecond) // past the 2 s grace
+	if got := append(rFlaky.list(), rOther.list()...); len(got) != 0 {
+		t.Fatalf("a blip was reported as a vacancy: %v", got)
 	}
 }
