@@ -239,7 +239,8 @@ func (c *Client) linkUp(b *bconn) {
 		}
 	}
 	// Presence entries of this worker for channels this broker owns (a
-	// restarted broker, or a new owner, rebuilds presence from these).
+	// restarted broker, or a new owner, rebuilds presence from these), and
+	// shadows of the internal ones it does not own (history.go, shadowed).
 	for ch, conns := range c.pres {
 		op := link.PresJoin
 		if owner(members, ch) != b {
