@@ -423,6 +423,11 @@ func (s *Supervisor) printReady() {
 	fmt.Fprintf(w, "  public  %s\n", publicURL)
 	if tlsURL != "" {
 		fmt.Fprintf(w, "  tls     %s\n", tlsURL)
+		if path, fp := devCertFingerprint(cfg); fp != "" {
+			// Whoever terminates TLS (balancers or workers) serves this one
+			// file: one fingerprint for the node.
+			fmt.Fprintf(w, "  cert    %s (self-signed, trust it explicitly) sha256 %s\n", path, fp)
+		}
 	}
 	if adminURL != "" {
 		fmt.Fprintf(w, "  admin   %s\n", adminURL)

@@ -6,7 +6,12 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/hex"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"github.com/shoalhq/shoal/internal/testutil"
@@ -159,6 +164,7 @@ type cluster struct {
 	t       *testing.T
 	cfgPath string
 	public  string
+	tls     string // wss:// address (startClusterMode)
 	admin   string
 	cmd     *exec.Cmd
 	stdout  *syncBuffer
@@ -170,14 +176,18 @@ type cluster struct {
 
 func writeConfig(t *testing.T, public, admin, gossip string) string {
 	t.Helper()
-	return writeConfigMode(t, public, admin, gossip, 1)
+	return writeConfigMode(t, public, admin, gossip, 1, "")
 }
 
 // writeConfigMode is writeConfig with cluster.balancers set: 1 (a balancer
-// process) or 0 (kernel balancing: the workers share the public port).
-func writeConfigMode(t *testing.T, public, admin, gossip string, balancers int) string {
+// process) or 0 (kernel balancing: the workers share the public port), and
+// wss:// with the generated development certificate on tlsAddr if set.
+func writeConfigMode(t *testing.T, public, admin, gossip string, balancers int, tlsAddr string) string {
 	t.Helper()
 	dir := t.TempDir()
+	if tlsAddr != "" {
+		admin += "\n  tls: {listen: " + tlsAddr + ", auto: true}"
+	}
 	cfg := fmt.Sprintf(`cluster:
   workers: 2
   brokers: 2
@@ -201,13 +211,14 @@ log:
 
 func startCluster(t *testing.T) *cluster {
 	t.Helper()
-	return startClusterMode(t, 1)
+	return startClusterMode(t, 1, false)
 }
 
 // startClusterMode starts a cluster with cluster.balancers set. With 0 the
 // public port is port 0: the supervisor reserves one port for every worker,
-// and c.public is filled in from the table by waitReady.
-func startClusterMode(t *testing.T, balancers int) *cluster {
+// and c.public is filled in from the table by waitReady. withTLS adds
+// wss:// with the generated certificate on c.tls.
+func startClusterMode(t *testing.T, balancers int, withTLS bool) *cluster {
 	t.Helper()
 	c := &cluster{t: t, public: freePort(t), admin: freePort(t), stdout: &syncBuffer{}, stderr: &syncBuffer{}, waited: make(chan error, 1)}
 	if balancers == 0 {
@@ -216,7 +227,12 @@ func startClusterMode(t *testing.T, balancers int) *cluster {
 	// Gossip on port 0: each broker binds an ephemeral port (a fixed one
 	// would be taken by consecutive ports per broker, which a parallel test
 	// run could collide with) and they find each other through the topology.
-	c.cfgPath = writeConfigMode(t, c.public, c.admin, "127.0.0.1:0", balancers)
+	// wss:// on a fixed free port (in kernel mode the workers bind it
+	// directly, next to the port-0 public port the supervisor reserves).
+	if withTLS {
+		c.tls = freePort(t)
+	}
+	c.cfgPath = writeConfigMode(t, c.public, c.admin, "127.0.0.1:0", balancers, c.tls)
 	c.cmd = exec.Command(shoalBin, "run", "-c", c.cfgPath)
 	c.cmd.Stdout, c.cmd.Stderr = c.stdout, c.stderr
 	if err := c.cmd.Start(); err != nil {
@@ -267,14 +283,15 @@ func (c *cluster) wait(timeout time.Duration) error {
 }
 
 type procInfo struct {
-	Name     string            `json:"name"`
-	Role     string            `json:"role"`
-	Pid      int               `json:"pid"`
-	State    string            `json:"state"`
-	Restarts int               `json:"restarts"`
-	Uptime   float64           `json:"uptime"`
-	RSS      uint64            `json:"rss_bytes"`
-	Addrs    map[string]string `json:"addrs"`
+	Name        string            `json:"name"`
+	Connections int64             `json:"connections"`
+	Role        string            `json:"role"`
+	Pid         int               `json:"pid"`
+	State       string            `json:"state"`
+	Restarts    int               `json:"restarts"`
+	Uptime      float64           `json:"uptime"`
+	RSS         uint64            `json:"rss_bytes"`
+	Addrs       map[string]string `json:"addrs"`
 }
 
 type clusterInfo struct {
@@ -383,7 +400,7 @@ func TestClusterLifecycle(t *testing.T) {
 }
 
 func testClusterLifecycle(t *testing.T, balancers int) {
-	c := startClusterMode(t, balancers)
+	c := startClusterMode(t, balancers, true)
 	ci := c.waitReady(30 * time.Second)
 
 	want := []string{"broker-1", "broker-2", "worker-1", "worker-2", "balancer-1"}
@@ -411,6 +428,9 @@ func testClusterLifecycle(t *testing.T, balancers int) {
 	out, errOut, code := shoal(t, "status", "-c", c.cfgPath)
 	if code != 0 || !strings.Contains(out, "worker-2") || !strings.Contains(out, "ready") {
 		t.Fatalf("shoal status (%d): %s %s", code, out, errOut)
+	}
+	if !strings.Contains(out, "tls wss://"+c.tls+"/socketcluster/") {
+		t.Errorf("shoal status lacks the wss:// URL:\n%s", out)
 	}
 	if balancers == 0 && !strings.Contains(out, "balancing kernel") {
 		t.Errorf("shoal status does not say the workers share the port:\n%s", out)
@@ -457,16 +477,47 @@ func testClusterLifecycle(t *testing.T, balancers int) {
 		resp.Body.Close()
 		return resp.StatusCode == http.StatusOK
 	})
+	// wss://: one development certificate for the node, its fingerprint
+	// printed once in the ready lines; trusted explicitly here.
+	certPEM, err := os.ReadFile(filepath.Join(filepath.Dir(c.cfgPath), "data", "tls", "dev-cert.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	block, _ := pem.Decode(certPEM)
+	if block == nil {
+		t.Fatal("dev-cert.pem holds no PEM block")
+	}
+	sum := sha256.Sum256(block.Bytes)
+	var hexes []string
+	for _, b := range sum {
+		hexes = append(hexes, strings.ToUpper(hex.EncodeToString([]byte{b})))
+	}
+	fp := strings.Join(hexes, ":")
+	if n := strings.Count(c.stdout.String(), "  cert    "); n != 1 || !strings.Contains(c.stdout.String(), "sha256 "+fp+"\n") {
+		t.Errorf("ready lines: want one cert line with sha256 %s, got %d:\n%s", fp, n, c.stdout)
+	}
+	roots := x509.NewCertPool()
+	roots.AppendCertsFromPEM(certPEM)
+	tlsClient := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true,
+		TLSClientConfig: &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12}}}
+	defer tlsClient.CloseIdleConnections()
 	if balancers == 0 {
 		// The kernel spreads new connections (hashing the client's
-		// ephemeral port) over both workers.
-		seen := map[string]bool{}
-		for i := 0; i < 100 && len(seen) < 2; i++ {
-			seen[healthzWorker(t, c.public)] = true
+		// ephemeral port) over both workers, on both ports.
+		for _, base := range []struct {
+			url    string
+			client *http.Client
+		}{{"http://" + c.public, publicClient}, {"https://" + c.tls, tlsClient}} {
+			seen := map[string]bool{}
+			for i := 0; i < 60 && len(seen) < 2; i++ {
+				seen[healthzWorkerAt(t, base.client, base.url)] = true
+			}
+			if len(seen) < 2 {
+				t.Fatalf("60 connections to %s all reached %v; want both workers", base.url, seen)
+			}
 		}
-		if len(seen) < 2 {
-			t.Fatalf("100 connections all reached %v; want both workers", seen)
-		}
+	} else {
+		healthzWorkerAt(t, tlsClient, "https://"+c.tls)
 	}
 	// `shoal reload` replaces the workers one at a time: a connected client
 	// is handed over with 4000 (the official client reconnects at once, not
@@ -506,8 +557,24 @@ func testClusterLifecycle(t *testing.T, balancers int) {
 		<-followDone
 	}()
 
-	// SIGKILL a worker: a new pid within a few seconds, restarts=1.
-	old := c.proc("worker-1")
+	// SIGKILL a worker: a new pid within a few seconds, restarts=1. The
+	// victim is the worker not holding wsClosed (which must live until the
+	// shutdown): with kernel balancing it may be on either.
+	var victim string
+	waitFor(t, 10*time.Second, "wsClosed counted by its worker", func() bool {
+		ci, err := c.table()
+		if err != nil {
+			return false
+		}
+		for _, p := range ci.Processes {
+			if p.Role == "worker" && p.Connections > 0 {
+				victim = map[string]string{"worker-1": "worker-2", "worker-2": "worker-1"}[p.Name]
+				return true
+			}
+		}
+		return false
+	})
+	old := c.proc(victim)
 	if err := syscall.Kill(old.Pid, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
@@ -522,27 +589,30 @@ func testClusterLifecycle(t *testing.T, balancers int) {
 		return err != nil
 	})
 	for i := 0; i < 20; i++ {
-		healthz(t, c.public, fmt.Sprintf("request %d after SIGKILL of worker-1", i))
+		healthz(t, c.public, fmt.Sprintf("request %d after SIGKILL of %s", i, victim))
 	}
-	waitFor(t, 10*time.Second, "worker-1 restarted", func() bool {
+	for i := 0; i < 5; i++ {
+		healthzWorkerAt(t, tlsClient, "https://"+c.tls)
+	}
+	waitFor(t, 10*time.Second, victim+" restarted", func() bool {
 		ci, err := c.table()
 		if err != nil {
 			return false
 		}
 		for _, p := range ci.Processes {
-			if p.Name == "worker-1" {
+			if p.Name == victim {
 				return p.State == "ready" && p.Pid != old.Pid && p.Restarts == 1
 			}
 		}
 		return false
 	})
-	tree[old.Pid] = "killed worker-1"
-	tree[c.proc("worker-1").Pid] = "worker-1 (restarted)"
+	tree[old.Pid] = "killed " + victim
+	tree[c.proc(victim).Pid] = victim + " (restarted)"
 	healthz(t, c.public, "after a worker crash")
 
 	// The crash is in the central log, at error level.
 	out, errOut, code = shoal(t, "logs", "-c", c.cfgPath, "--level", "error")
-	if code != 0 || !strings.Contains(out, "worker-1["+strconv.Itoa(old.Pid)+"]") || !strings.Contains(out, "crashed") || !strings.Contains(out, "SIGKILL") {
+	if code != 0 || !strings.Contains(out, victim+"["+strconv.Itoa(old.Pid)+"]") || !strings.Contains(out, "crashed") || !strings.Contains(out, "SIGKILL") {
 		t.Fatalf("shoal logs --level error (%d) lacks the crash:\n%s\n%s", code, out, errOut)
 	}
 	if strings.Contains(out, " INFO ") {
@@ -559,7 +629,7 @@ func testClusterLifecycle(t *testing.T, balancers int) {
 	}
 
 	waitFor(t, 10*time.Second, "shoal logs -f to print the crash", func() bool {
-		return strings.Contains(followOut.String(), "worker-1["+strconv.Itoa(old.Pid)+"]") && strings.Contains(followOut.String(), "crashed")
+		return strings.Contains(followOut.String(), victim+"["+strconv.Itoa(old.Pid)+"]") && strings.Contains(followOut.String(), "crashed")
 	})
 	if err := follow.Process.Signal(syscall.SIGINT); err != nil {
 		t.Fatal(err)
@@ -604,11 +674,11 @@ func testClusterLifecycle(t *testing.T, balancers int) {
 // about where the balancer routes new connections.
 var publicClient = &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
 
-// healthzWorker GETs /healthz on a new connection and returns the name of
-// the worker that answered.
-func healthzWorker(t *testing.T, public string) string {
+// healthzWorkerAt GETs base/healthz with client (new connections) and
+// returns the name of the worker that answered.
+func healthzWorkerAt(t *testing.T, client *http.Client, base string) string {
 	t.Helper()
-	resp, err := publicClient.Get("http://" + public + "/healthz")
+	resp, err := client.Get(base + "/healthz")
 	if err != nil {
 		t.Fatalf("GET /healthz: %v", err)
 	}

@@ -1,0 +1,41 @@
+package supervisor
+
+import (
+	"crypto/sha256"
+	"encoding/pem"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/shoalhq/shoal/configs"
+)
+
+// devCertFingerprint reads the development certificate that the process
+// terminating TLS (the balancers, or with balancers: 0 every worker) shares
+// under <storage.dir>/tls/ when listen.tls.auto is on, and returns its path
+// and SHA-256 fingerprint, so the ready lines print it once for the whole
+// node. Empty when TLS auto is off or the file cannot be read.
+func devCertFingerprint(cfg configs.Config) (path, fp string) {
+	if cfg.Listen.TLS.Listen == "" || !cfg.Listen.TLS.Auto || cfg.Listen.TLS.Cert != "" {
+		return "", ""
+	}
+	path = filepath.Join(cfg.Storage.Dir, "tls", "dev-cert.pem")
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return "", ""
+	}
+	block, _ := pem.Decode(data)
+	if block == nil || block.Type != "CERTIFICATE" {
+		return "", ""
+	}
+	sum := sha256.Sum256(block.Bytes)
+	var b strings.Builder
+	for i, x := range sum {
+		if i > 0 {
+			b.WriteByte(':')
+		}
+		fmt.Fprintf(&b, "%02X", x)
+	}
+	return path, b.String()
+}
