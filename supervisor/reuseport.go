@@ -3,7 +3,9 @@ package supervisor
 import (
 	"fmt"
 	"net"
+	"os"
 	"strconv"
+	"strings"
 
 	"golang.org/x/sys/unix"
 
@@ -137,4 +139,20 @@ func reserveReusePort(host string) (string, int, error) {
 		port = a.Port
 	}
 	return net.JoinHostPort(host, strconv.Itoa(port)), fd, nil
+}
+
+// migrateReqHint explains, once at start with balancers: 0, what a worker
+// closing its listener (drain, rolling reload) does to connections still in
+// its accept queue on this kernel: without net.ipv4.tcp_migrate_req (Linux
+// 5.14+) they are reset rather than moved to another worker's socket.
+func migrateReqHint(cfg configs.Config) string {
+	if cfg.Cluster.BalancerCount() != 0 {
+		return ""
+	}
+	b, err := os.ReadFile("/proc/sys/net/ipv4/tcp_migrate_req")
+	if err == nil && strings.TrimSpace(string(b)) == "1" {
+		return ""
+	}
+	return "balancers: 0: a draining worker's not yet accepted connections are reset (the client retries); " +
+		"sysctl net.ipv4.tcp_migrate_req=1 (Linux 5.14+) moves them to another worker instead"
 }

@@ -207,6 +207,9 @@ func Run(ctx context.Context, cfg configs.Config, opts Options) error {
 	defer os.RemoveAll(s.runDir)
 
 	s.buildTable(cfg)
+	if hint := migrateReqHint(cfg); hint != "" {
+		s.log.Info(hint)
+	}
 	s.log.Info("starting node", "config", opts.ConfigName, "brokers", cfg.Cluster.Brokers,
 		"workers", cfg.Cluster.Workers.N(), "balancers", cfg.Cluster.BalancerCount(),
 		"run_dir", s.runDir, "log", cfg.Log.File)
