@@ -85,6 +85,9 @@ func buildJWT(b *builder, v any) (rule, []Action) {
 	}
 	if ownKeys {
 		kc.Leeway = configs.Duration(leeway)
+		if !hasLeeway {
+			kc.Leeway = b.cfg.Auth.JWT.Leeway
+		}
 		if hasLeeway && leeway < 0 {
 			b.p.add(o.sub("leeway"), "must not be negative")
 		}

@@ -124,8 +124,11 @@ func TestJWTRule(t *testing.T) {
 		{"inbound authenticate: own key with leeway accepts a just-expired token",
 			"middleware:\n  inbound:\n    - jwt: {algorithms: [ES256], public_key_file: " + pubPath + ", leeway: 1m}\n",
 			Input{Action: Authenticate, Socket: sock(carol), Token: esTok(jwt.MapClaims{"sub": "carol", "exp": time.Now().Add(-10 * time.Second).Unix()})}, Allow, "", "", 0},
-		{"inbound authenticate: own key without leeway refuses it",
-			"middleware:\n  inbound:\n    - jwt: {algorithms: [ES256], public_key_file: " + pubPath + "}\n",
+		{"inbound authenticate: own key takes auth.jwt.leeway by default",
+			"auth:\n  jwt: {leeway: 1m}\nmiddleware:\n  inbound:\n    - jwt: {algorithms: [ES256], public_key_file: " + pubPath + "}\n",
+			Input{Action: Authenticate, Socket: sock(carol), Token: esTok(jwt.MapClaims{"sub": "carol", "exp": time.Now().Add(-10 * time.Second).Unix()})}, Allow, "", "", 0},
+		{"inbound authenticate: own key with a short leeway refuses it",
+			"middleware:\n  inbound:\n    - jwt: {algorithms: [ES256], public_key_file: " + pubPath + ", leeway: 1s}\n",
 			Input{Action: Authenticate, Socket: sock(carol), Token: esTok(jwt.MapClaims{"sub": "carol", "exp": time.Now().Add(-10 * time.Second).Unix()})}, Deny, "AuthTokenExpiredError", "jwt expired", 0},
 	}
 	for _, tc := range cases {
