@@ -9,10 +9,13 @@
 // - a protocol smoke over both schemes with the official client: handshake,
 //   authenticate, pub/sub across ws and wss, invoke error, clients on both
 //   workers;
+// - `shoal reload`: ws:// and wss:// clients handed over with 4000 (the
+//   draining worker closes its listener first in kernel mode);
 // - SIGKILL of a worker mid-stream: new connections succeed right after, and
 //   its clients reconnect, resubscribe and receive again.
 const {describe, it, before, after} = require('node:test');
 const assert = require('node:assert/strict');
+const {execFile} = require('node:child_process');
 const fs = require('node:fs');
 const path = require('node:path');
 const h = require('../lib/harness');
@@ -125,6 +128,35 @@ describe(`real client address, protocol smoke and worker SIGKILL (${h.MODE}) aga
       const ws = (await target.processes()).filter((p) => p.role === 'worker');
       return ws.length === 2 && ws.every((w) => w.connections >= 1) && ws;
     }, {timeout: 8000, interval: 200, what: 'admin API: both workers hold connections'});
+  }));
+
+  it('shoal reload: ws:// and wss:// clients are handed over with 4000, reconnect and receive', tc(async () => {
+    const name = chan('reload');
+    const subs = [];
+    for (let i = 0; i < 6; i++) {
+      const c = await client(i % 2 ? 'wss' : 'ws', '127.0.0.2');
+      subs.push({c, e: await c.subscribe(name)});
+    }
+    const t0 = h.stamp();
+    const out = await new Promise((resolve, reject) => {
+      execFile(process.env.SHOAL_BIN, ['reload', '--admin', `127.0.0.1:${target.adminPort}`, '--timeout', '60s'],
+        {timeout: 70000}, (err, stdout, stderr) => {
+          if (err) reject(new Error(`shoal reload failed: ${err.message}\nstdout: ${stdout}\nstderr: ${stderr}`));
+          else resolve(stdout.trim());
+        });
+    });
+    assert.equal(out, 'restarted worker-1, worker-2');
+    for (const s of subs) {
+      const closes = s.c.eventsOf('close', t0).map((e) => e.data.code);
+      assert.ok(closes.length >= 1 && closes.every((code) => code === 4000), `${s.c.ws ? s.c.ws.url : ''} closes ${short(closes)}`);
+    }
+    await waitFor(() => subs.every((s) => s.c.socket.state === 'open' && s.c.channels.get(name).channel.state === 'subscribed'),
+      {timeout: 10000, what: 'every client open and subscribed again'});
+    const pub = await client('ws', '127.0.0.2');
+    await waitFor(async () => {
+      await pub.socket.invokePublish(name, 'after reload');
+      return subs.every((s) => s.e.messages.includes('after reload'));
+    }, {timeout: 10000, interval: 300, what: 'every client receives after the reload'});
   }));
 
   it('SIGKILL of a worker mid-stream: new connections succeed right after, its clients reconnect and receive', tc(async () => {
