@@ -310,7 +310,11 @@ func (c *Child) Reload(ctx context.Context, config []byte) error {
 	for _, l := range c.loops {
 		l.setWriteTimeout(cfg.Worker.WriteTimeout.D())
 	}
-	c.log.Info("balancer config reloaded")
+	if c.local != nil {
+		c.log.Info("public listeners reloaded (TLS certificate, timeouts)")
+	} else {
+		c.log.Info("balancer config reloaded")
+	}
 	return nil
 }
 

@@ -1,7 +1,6 @@
 package balancer
 
 import (
-	"errors"
 	"net"
 	"syscall"
 
@@ -81,7 +80,7 @@ func (c *Child) localProxy(src, dst net.Addr) *net.UnixConn {
 	up, err := c.local.Proxy(src, dst)
 	if err != nil {
 		c.stats.add(ctrLocalRefused, 1)
-		if isLocalExhaustion(err) || errors.Is(err, syscall.EMFILE) {
+		if isLocalExhaustion(err) {
 			c.stats.add(ctrFDExhausted, 1)
 		}
 		return nil
