@@ -93,3 +93,7 @@ func (c *Child) localProxy(src, dst net.Addr) *net.UnixConn {
 // (handshaking or proxied); each holds two fds of this process besides the
 // worker's own socketpair end.
 func (c *Child) ActiveTLS() int64 { return c.stats.active.Load() }
+
+// Counters are the front end's counters (Stats without the process
+// figures, which the worker reports for itself).
+func (c *Child) Counters() map[string]int64 { return c.stats.snapshot() }

@@ -472,10 +472,8 @@ func (c *Child) Stats(ctx context.Context) (control.Stats, error) {
 	st.Counters["proxy_refused"] = c.badProxy.Load()
 	if front := c.frontOf(); front != nil {
 		// The worker's own public listeners (balancers: 0).
-		if fs, err := front.Stats(ctx); err == nil {
-			for k, v := range fs.Counters {
-				st.Counters["listen_"+k] = v
-			}
+		for k, v := range front.Counters() {
+			st.Counters["listen_"+k] = v
 		}
 	}
 	return st, nil
