@@ -161,9 +161,9 @@ func (l *blink) shadowJoin(channel string, raw []byte) error {
 		sh.chans[channel] = st
 	}
 	if st.shadow == nil {
-		st.shadow = map[string]*presEntry{}
+		st.shadow = map[string]*blink{}
 	}
-	st.shadow[e.Conn] = &presEntry{user: e.User, l: l}
+	st.shadow[e.Conn] = l // the link only: shadows are never listed
 	sh.mu.Unlock()
 	if l.shadows == nil {
 		l.shadows = map[string]map[string]struct{}{}
@@ -192,7 +192,7 @@ func (s *Server) dropShadow(l *blink, channel, conn string) bool {
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
 	st := sh.chans[channel]
-	if st == nil || st.shadow[conn] == nil || st.shadow[conn].l != l {
+	if st == nil || st.shadow[conn] != l {
 		return false
 	}
 	delete(st.shadow, conn)

@@ -143,7 +143,7 @@ type chanState struct {
 	prevTop   uint64
 	foreign   bool                  // history not written by this run: the first own publish starts a new epoch
 	pres      map[string]*presEntry // by conn id
-	shadow    map[string]*presEntry // internal channels: entries whose owner is another broker (presence.go)
+	shadow    map[string]*blink     // internal channels: conn id → link of entries owned by another broker (presence.go)
 }
 
 // blink is one worker's link.
