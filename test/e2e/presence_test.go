@@ -4,6 +4,9 @@ import (
 	"context"
 	"encoding/json"
 	"net/http"
+	"net/http/httptest"
+	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -143,5 +146,72 @@ func TestPresenceInfoAndSocketCounts(t *testing.T) {
 	}
 	if st := callAPI(t, c.public, "user_channels", map[string]any{"user": "alice"}, &uc); st != http.StatusOK || len(uc.Channels) != 1 || uc.Channels[0] != pres {
 		t.Fatalf("user_channels alice: %d %v", st, uc.Channels)
+	}
+}
+
+// TestNoGhostsAfterWorkerFreezes: a worker that stops answering without
+// closing anything (SIGSTOP: its sockets stay open and silent, as when its
+// node loses power) is dropped by the brokers' link timeout: its client
+// leaves presence within 10 s, and the surviving worker reports the user
+// offline. (The supervisor would kill a hung child only after ≥10 s of
+// failed polls, so the presence drop measured here is the brokers'.)
+func TestNoGhostsAfterWorkerFreezes(t *testing.T) {
+	sink := &hookSink{}
+	srv := httptest.NewServer(sink)
+	defer srv.Close()
+	c := startRealtimeCluster(t, srv.URL)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+
+	const channel = "chat/freeze"
+	frozen := joinOn(t, ctx, c.public, "frozen", channel, "")
+	joinOn(t, ctx, c.public, "watcher", channel, frozen.worker)
+	waitFor(t, 10*time.Second, "both in presence", func() bool {
+		return sameUsers(presenceUsers(t, c.public, channel), "frozen", "watcher")
+	})
+	waitFor(t, 10*time.Second, "frozen online", func() bool { return sink.has("user.online", "frozen") })
+
+	victim := c.proc(frozen.worker)
+	if err := syscall.Kill(victim.Pid, syscall.SIGSTOP); err != nil {
+		t.Fatalf("SIGSTOP %s: %v", frozen.worker, err)
+	}
+	// Whatever happens, do not leave a stopped process behind: the
+	// supervisor may be killing it already; SIGCONT lets it go on or die.
+	defer func() { _ = syscall.Kill(victim.Pid, syscall.SIGCONT) }()
+	stopped := time.Now()
+	// The balancer may still send an API call to the frozen worker: poll
+	// with a short timeout so such a call is just another miss.
+	quick := &http.Client{Timeout: 500 * time.Millisecond, Transport: &http.Transport{DisableKeepAlives: true}}
+	presentUsers := func() []string {
+		req, err := http.NewRequest(http.MethodPost, "http://"+c.public+"/api/v1/presence", strings.NewReader(`{"channel":"`+channel+`"}`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("X-API-Key", testAPIKey)
+		resp, err := quick.Do(req)
+		if err != nil {
+			return nil
+		}
+		defer resp.Body.Close()
+		var p presenceAnswer
+		if resp.StatusCode != http.StatusOK || json.NewDecoder(resp.Body).Decode(&p) != nil {
+			return nil
+		}
+		users := []string{}
+		for _, e := range p.Presence {
+			users = append(users, e.User)
+		}
+		return users
+	}
+	waitFor(t, 10*time.Second, "the frozen worker's client out of presence", func() bool {
+		return sameUsers(presentUsers(), "watcher")
+	})
+	gone := time.Since(stopped)
+	waitFor(t, 10*time.Second, "user.offline for the frozen worker's user", func() bool { return sink.has("user.offline", "frozen") })
+	t.Logf("presence without the frozen worker's client %v after SIGSTOP; user.offline after %v",
+		gone.Round(time.Millisecond), time.Since(stopped).Round(time.Millisecond))
+	if sink.has("user.offline", "watcher") || sink.has("channel.vacated", channel) {
+		t.Fatal("the watcher's user or the channel was reported gone")
 	}
 }
