@@ -19,6 +19,7 @@ import (
 	"os"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -59,6 +60,9 @@ type Child struct {
 	proxyLimit int64
 	// linger is halfCloseLinger; tests shorten it before Start.
 	linger time.Duration
+	// unlistened is set when the listeners are being closed: an accept
+	// error from then on is the end of the loop, not a failure to report.
+	unlistened atomic.Bool
 	// local is set in a worker's own front end (cluster.balancers: 0,
 	// local.go): connections go to that worker, not to a pool.
 	local *LocalOptions
@@ -335,6 +339,16 @@ func (c *Child) Drain(ctx context.Context, timeout time.Duration) error {
 }
 
 func (c *Child) closeListenersLocked() {
+	c.unlistened.Store(true)
+	if c.local != nil {
+		// Sharing the ports with other workers: leave the SO_REUSEPORT
+		// group now, synchronously, so that once Drain returns the kernel
+		// sends every new connection to the others. Close alone may defer
+		// the close(2) until the accept loop wakes up.
+		for _, l := range []any{c.publicFile, c.public, c.tlsLn} {
+			unlisten(l)
+		}
+	}
 	if c.publicFile != nil {
 		_ = c.publicFile.Close()
 	}
@@ -397,4 +411,18 @@ func (c *Child) untrack(conn net.Conn) {
 	c.mu.Lock()
 	delete(c.conns, conn)
 	c.mu.Unlock()
+}
+
+// unlisten stops a listening socket (shutdown(2) takes it out of its
+// SO_REUSEPORT group at once); x is an *os.File or a net.Listener, or nil.
+func unlisten(x any) {
+	sc, ok := x.(syscall.Conn)
+	if !ok || sc == nil {
+		return
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return // closed already
+	}
+	_ = rc.Control(func(fd uintptr) { _ = syscall.Shutdown(int(fd), syscall.SHUT_RD) })
 }

@@ -25,7 +25,7 @@ func (c *Child) acceptLoop(ln net.Listener, handle func(net.Conn)) {
 	for {
 		conn, err := ln.Accept()
 		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
+			if errors.Is(err, net.ErrClosed) || c.unlistened.Load() {
 				return
 			}
 			c.stats.add(ctrAcceptErrors, 1)
@@ -78,6 +78,9 @@ func (c *Child) acceptPlain(lf *os.File, name string) {
 		if aerr != nil {
 			if aerr == syscall.ECONNABORTED || aerr == syscall.EINTR {
 				continue // that client gave up; nothing to pause for
+			}
+			if c.unlistened.Load() {
+				return // Drain or Stop shut the socket down
 			}
 			c.stats.add(ctrAcceptErrors, 1)
 			if pause == 0 {

@@ -301,6 +301,7 @@ func (s *Supervisor) ReloadConfig(ctx context.Context) (int, error) {
 	if !sameJSON(old.Listen.Public, cfg.Listen.Public) || !sameJSON(old.Cluster, cfg.Cluster) || !sameJSON(old.Log, cfg.Log) || !sameJSON(old.Storage, cfg.Storage) {
 		s.log.Warn("config reload: changes to listen addresses, cluster, log or storage take effect only after restarting shoal run")
 	}
+	keepRunningLayout(old, &cfg)
 	if err := s.setCfg(cfg); err != nil {
 		return 0, err
 	}
@@ -353,10 +354,12 @@ func (s *Supervisor) Reload(ctx context.Context) (ReloadResult, error) {
 		if err != nil {
 			return res, fmt.Errorf("reloading the config: %w", err)
 		}
+		s.ports.apply(&cfg) // port 0 stays the reserved port (balancers: 0)
 		old := s.cfg()
 		if !sameJSON(old.Listen, cfg.Listen) || !sameJSON(old.Cluster, cfg.Cluster) || !sameJSON(old.Log, cfg.Log) || !sameJSON(old.Storage, cfg.Storage) {
 			s.log.Warn("reload: changes to listen, cluster, log or storage take effect only after restarting shoal run")
 		}
+		keepRunningLayout(old, &cfg)
 		if err := s.setCfg(cfg); err != nil {
 			return res, err
 		}

@@ -156,3 +156,18 @@ func migrateReqHint(cfg configs.Config) string {
 	return "balancers: 0: a draining worker's not yet accepted connections are reset (the client retries); " +
 		"sysctl net.ipv4.tcp_migrate_req=1 (Linux 5.14+) moves them to another worker instead"
 }
+
+// keepRunningLayout keeps, in a re-read config, what the running node was
+// laid out with and children must agree on: cluster.balancers (workers
+// started by a rolling reload with another value would either fight the
+// balancer for the port or leave it unserved) and, when the workers bind
+// the public ports themselves, those addresses (moving a port needs a
+// restart of shoal run, as with a balancer). The caller warns about the
+// difference first.
+func keepRunningLayout(old configs.Config, cfg *configs.Config) {
+	cfg.Cluster.Balancers = old.Cluster.Balancers
+	if old.Cluster.BalancerCount() == 0 {
+		cfg.Listen.Public = old.Listen.Public
+		cfg.Listen.TLS.Listen = old.Listen.TLS.Listen
+	}
+}

@@ -76,3 +76,30 @@ func TestReservePortsForWorkers(t *testing.T) {
 		t.Fatalf("fixed port reserved %v, %v", r, err)
 	}
 }
+
+// A re-read config cannot switch balancing modes or, with the workers on
+// the ports, move them under a rolling reload.
+func TestKeepRunningLayout(t *testing.T) {
+	zero, one := 0, 1
+	old := configs.Default()
+	old.Cluster.Balancers = &zero
+	old.Listen.Public, old.Listen.TLS.Listen = "127.0.0.1:4100", "127.0.0.1:4101"
+	next := configs.Default()
+	next.Cluster.Balancers = &one
+	next.Listen.Public, next.Listen.TLS.Listen = "127.0.0.1:4200", ""
+	next.Listen.TLS.Cert = "new.pem"
+	keepRunningLayout(old, &next)
+	if next.Cluster.BalancerCount() != 0 || next.Listen.Public != old.Listen.Public || next.Listen.TLS.Listen != old.Listen.TLS.Listen {
+		t.Fatalf("kept %d %q %q", next.Cluster.BalancerCount(), next.Listen.Public, next.Listen.TLS.Listen)
+	}
+	if next.Listen.TLS.Cert != "new.pem" {
+		t.Fatal("a new certificate was dropped")
+	}
+	// With a balancer, addresses pass through (the balancer refuses a move).
+	old.Cluster.Balancers = &one
+	next.Listen.Public = "127.0.0.1:4200"
+	keepRunningLayout(old, &next)
+	if next.Listen.Public != "127.0.0.1:4200" || next.Cluster.BalancerCount() != 1 {
+		t.Fatalf("balancer mode: %q %d", next.Listen.Public, next.Cluster.BalancerCount())
+	}
+}
