@@ -55,10 +55,14 @@ type Conn struct {
 	// in one writev without a hand-off to another pool goroutine.
 	batching      bool
 	flushDeferred bool
-	pendFlush     bool // set under mu: unlockAndRun pushes a flush task
-	pendRead      bool // set under mu: unlockAndRun pushes a read task
-	closeCode     ws.StatusCode
-	closeReason   string
+	// stalled: reads are paused by inbound flow control (stall.go); EPOLLIN
+	// stays disarmed until the server releases the connection.
+	stalled     bool
+	deep        bool // counted in Server.deep (isDeepLocked)
+	pendFlush   bool // set under mu: unlockAndRun pushes a flush task
+	pendRead    bool // set under mu: unlockAndRun pushes a read task
+	closeCode   ws.StatusCode
+	closeReason string
 	// q is the send queue (frames shared read-only with other conns), nil
 	// when empty; outBytes counts its unwritten bytes.
 	q        *queue
@@ -204,6 +208,18 @@ func (c *Conn) enqueueLocked(b []byte) {
 	}
 	c.q = c.q.push(b)
 	c.outBytes += len(b)
+	if !c.deep && c.isDeepLocked() {
+		c.deep = true
+		c.srv.deep.Add(1)
+	}
+}
+
+// isDeepLocked reports whether the send queue holds over a quarter of its
+// bounds (inbound flow control, stall.go). Connections change state only
+// when they cross the mark, so the shared counter is touched rarely.
+func (c *Conn) isDeepLocked() bool {
+	cfg := &c.srv.cfg
+	return c.q != nil && (4*c.q.len() > cfg.SendQueueMsgs || 4*c.outBytes > cfg.SendQueueBytes)
 }
 
 // queuedLocked is the number of frames not yet completely written.
@@ -313,6 +329,10 @@ func (c *Conn) finish() {
 		c.timer.Stop()
 		c.timer = nil
 	}
+	if c.deep {
+		c.deep = false
+		s.deep.Add(-1)
+	}
 	if c.q != nil {
 		putQueue(c.q)
 		c.q, c.outBytes = nil, 0
@@ -380,7 +400,7 @@ func (c *Conn) armLocked() {
 		return
 	}
 	ev := uint32(unix.EPOLLONESHOT)
-	if !c.reading {
+	if !c.reading && !(c.stalled && c.phase == phaseOpen) {
 		ev |= unix.EPOLLIN | unix.EPOLLRDHUP
 	}
 	if c.waitOut {
@@ -462,6 +482,9 @@ func (c *Conn) flush(sc *scratch) {
 	}
 	c.flushing = false
 	c.unlockAndRun()
+	if s.nstalled.Load() > 0 && !s.pressured() {
+		s.releaseStalled()
+	}
 }
 
 // maxFlushRounds bounds the writev calls of one flush task.
@@ -502,5 +525,10 @@ func (c *Conn) consumeLocked(w int) {
 	if c.q.consume(w) {
 		putQueue(c.q)
 		c.q = nil
+	}
+	// Hysteresis: a deep queue counts until it is down to half the mark.
+	if c.deep && (c.q == nil || (8*c.q.len() <= c.srv.cfg.SendQueueMsgs && 8*c.outBytes <= c.srv.cfg.SendQueueBytes)) {
+		c.deep = false
+		c.srv.deep.Add(-1)
 	}
 }

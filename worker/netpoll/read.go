@@ -17,6 +17,9 @@ const maxReadRounds = 8
 // Only one runs per connection at a time (Conn.reading).
 func (c *Conn) readTask(sc *scratch) {
 	s := c.srv
+	if s.stall(c) {
+		return
+	}
 	for round := 0; round < maxReadRounds; round++ {
 		c.endBatch(sc)
 		if c.deliverOnClose() {

@@ -50,6 +50,17 @@ type Server struct {
 	idle   chan struct{}
 	stats  counters
 
+	// Inbound flow control (stall.go): how many connections have a deep
+	// send queue, and the open connections whose reads are paused.
+	deep         atomic.Int64
+	nstalled     atomic.Int32
+	stallMu      sync.Mutex
+	stalled      []*Conn
+	stallSince   int64 // unix ns: when the current stall began
+	noStallUntil int64 // unix ns: no pause before this (after a stall ran out)
+	stallTimer   *time.Timer
+	stallArmed   bool
+
 	httpSrv *http.Server
 	httpLn  *memListener
 
@@ -64,7 +75,7 @@ type counters struct {
 	accepted, upgraded, rejected, http         atomic.Uint64
 	msgsIn, bytesIn, msgsOut, bytesOut         atomic.Uint64
 	queueFull, timeouts, protoErrors, released atomic.Uint64
-	panics, writes                             atomic.Uint64
+	panics, writes, stalls                     atomic.Uint64
 }
 
 // Stats is a snapshot of a Server's counters.
@@ -79,6 +90,7 @@ type Stats struct {
 	MsgsOut     uint64 // frames accepted by WriteFrame/WriteText
 	BytesOut    uint64 // bytes written
 	Writes      uint64 // writev calls: MsgsOut ÷ Writes is how well frames coalesce
+	Stalls      uint64 // reads paused because the send queues were over the pressure mark
 	QueueFull   uint64 // writes refused with ErrQueueFull
 	Timeouts    uint64 // handshake, write and close timeouts
 	ProtoErrors uint64 // connections closed for a protocol violation
@@ -93,7 +105,7 @@ func (s *Server) Stats() Stats {
 		Rejected: c.rejected.Load(), HTTP: c.http.Load(),
 		MsgsIn: c.msgsIn.Load(), BytesIn: c.bytesIn.Load(), MsgsOut: c.msgsOut.Load(), BytesOut: c.bytesOut.Load(),
 		QueueFull: c.queueFull.Load(), Timeouts: c.timeouts.Load(), ProtoErrors: c.protoErrors.Load(),
-		Panics: c.panics.Load(), Writes: c.writes.Load(),
+		Panics: c.panics.Load(), Writes: c.writes.Load(), Stalls: c.stalls.Load(),
 	}
 }
 
@@ -392,6 +404,7 @@ func (s *Server) shutdown(ctx context.Context, code ws.StatusCode, reason string
 	} else {
 		<-s.pollDone
 	}
+	s.stopStalls()
 	s.readers.stop()
 	s.flushers.stop()
 	// After a Shutdown deadline, tasks can still be pushed by connections
