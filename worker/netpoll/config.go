@@ -115,6 +115,12 @@ type Config struct {
 	// It runs on a pool goroutine: a slow decision holds one of them, so
 	// bound it (the worker bounds backend hooks with their timeout).
 	Upgrade func(r *UpgradeRequest) (data any, status int, reason string)
+	// FlowControl pauses reads while most connections have deep send
+	// queues (stall.go). Off by default: in the issue #8 maximum-rate runs
+	// it did not prevent slow-consumer closes (the backlog sits in the
+	// kernel's socket buffers and on the other workers), so it is not yet
+	// shown to help.
+	FlowControl bool
 	// Logger is optional (default: discard).
 	Logger hclog.Logger
 }

@@ -35,7 +35,7 @@ func (s *Server) pressured() bool {
 // whether it did (the read task then ends at once). Only open connections
 // pause: a closing one must keep reading to see its peer's close frame.
 func (s *Server) stall(c *Conn) bool {
-	if !s.pressured() {
+	if !s.cfg.FlowControl || !s.pressured() {
 		return false
 	}
 	now := time.Now().UnixNano()

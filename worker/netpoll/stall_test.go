@@ -10,7 +10,7 @@ import (
 // pressure is gone.
 func TestStallPausesReadsUnderPressure(t *testing.T) {
 	h := &recorder{}
-	ts := startServer(t, Config{Handler: h})
+	ts := startServer(t, Config{Handler: h, FlowControl: true})
 	c := ts.dial(t)
 	waitFor(t, 5*time.Second, "open", func() bool { return h.openCount() == 1 })
 	// White box: pretend every connection has a full queue.
@@ -36,7 +36,7 @@ func TestStallPausesReadsUnderPressure(t *testing.T) {
 // maxStall anyway, and the slow-consumer bounds apply as before.
 func TestStallIsBounded(t *testing.T) {
 	h := &recorder{}
-	ts := startServer(t, Config{Handler: h})
+	ts := startServer(t, Config{Handler: h, FlowControl: true})
 	c := ts.dial(t)
 	waitFor(t, 5*time.Second, "open", func() bool { return h.openCount() == 1 })
 	const fake = int64(1) << 40
