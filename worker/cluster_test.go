@@ -18,7 +18,9 @@ import (
 // process: a publish on one worker reaches the subscribers of both, once
 // each and in order, and the publisher gets its own messages.
 func TestClusterPublishAcrossWorkers(t *testing.T) {
-	js, _ := json.Marshal(configs.Default())
+	cfg := configs.Default()
+	cfg.Cluster.Gossip = "" // no ring: never the default port 7946
+	js, _ := json.Marshal(cfg)
 	b := broker.New(hclog.NewNullLogger())
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()

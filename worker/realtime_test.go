@@ -27,6 +27,7 @@ var realtimeRules = []configs.ChannelRule{
 func startBroker(t *testing.T) control.Topology {
 	t.Helper()
 	cfg := configs.Default()
+	cfg.Cluster.Gossip = "" // no ring: never the default port 7946
 	cfg.Channels = realtimeRules
 	js, _ := json.Marshal(cfg)
 	b := broker.New(hclog.NewNullLogger())
