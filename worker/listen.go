@@ -51,7 +51,7 @@ func clientFDCap() int64 {
 // returns the bound addresses (control.AddrPublic, control.AddrTLS).
 func (c *Child) startFrontLocked(ctx context.Context, name string, cfg configs.Config) (map[string]string, error) {
 	// Both are set before Start starts the goroutines that read them.
-	c.fdCap = clientFDCap()
+	c.fdCap.Store(clientFDCap())
 	var front *balancer.Child
 	front = balancer.NewLocal(c.log.Named("listen"), balancer.LocalOptions{
 		Plain: func(fd int) { c.serve(fd, nil, nil) },
@@ -88,7 +88,7 @@ func (c *Child) localProxy(front *balancer.Child, src net.Addr) (*net.UnixConn, 
 	// The front end caps TLS alone at a third of the file limit; with
 	// plain connections in the same process the sum must fit too: every
 	// socket netpoll holds is one fd, every TLS connection two more here.
-	if c.fdCap > 0 && int64(c.srv.Len())+2*front.ActiveTLS()+2 > c.fdCap {
+	if fdCap := c.fdCap.Load(); fdCap > 0 && int64(c.srv.Len())+2*front.ActiveTLS()+2 > fdCap {
 		c.refused.Add(1)
 		return nil, errFDs
 	}

@@ -234,3 +234,43 @@ func TestChildReloadsCertificateWithoutBalancer(t *testing.T) {
 		t.Fatal("a failed Reload changed the certificate")
 	}
 }
+
+// The fd guard (balancers: 0): a TLS connection costs the worker three fds,
+// so one is refused once the worker's sockets plus two fds per TLS
+// connection would pass the file limit, whatever max_connections says.
+func TestChildTLSRefusedAtFDLimit(t *testing.T) {
+	storage := t.TempDir()
+	c, res, _ := startChild(t, func(cfg *configs.Config) {
+		zero := 0
+		cfg.Cluster.Balancers = &zero
+		cfg.Listen.Public = "127.0.0.1:0"
+		cfg.Listen.TLS = configs.TLS{Listen: "127.0.0.1:0", Auto: true}
+		cfg.Storage.Dir = storage
+	})
+	c.fdCap.Store(4) // room for exactly one TLS connection (1 + 2 + the new one's 1)
+	addr := res.Addrs[control.AddrTLS]
+	pem, err := os.ReadFile(filepath.Join(storage, "tls", "dev-cert.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots := x509.NewCertPool()
+	roots.AppendCertsFromPEM(pem)
+	first, err := dialFrom(t, "wss://"+addr+"/socketcluster/", "127.0.0.1", roots)
+	if err != nil {
+		t.Fatalf("first wss: %v", err)
+	}
+	first.handshake("")
+	if _, err := dialFrom(t, "wss://"+addr+"/socketcluster/", "127.0.0.1", roots); err == nil {
+		t.Fatal("a second wss connection was admitted past the fd cap")
+	}
+	st, _ := c.Stats(context.Background())
+	if st.Counters["refused_max_connections"] != 1 || st.Counters["listen_local_refused"] != 1 {
+		t.Fatalf("counters %v", st.Counters)
+	}
+	// Plain connections cost one fd and are not held to it.
+	plain, err := dialFrom(t, "ws://"+addr+"/socketcluster/", "127.0.0.1", roots)
+	if err != nil {
+		t.Fatalf("plain: %v", err)
+	}
+	plain.handshake("")
+}

@@ -68,7 +68,7 @@ type Child struct {
 	// front serves the public ports in this process when the node has no
 	// balancer (cluster.balancers: 0, listen.go); nil otherwise.
 	front   *balancer.Child
-	fdCap   int64 // fds client connections may use (balancers: 0; 0 = no cap)
+	fdCap   atomic.Int64 // fds client connections may use (balancers: 0; 0 = no cap)
 	topoVer int64
 
 	// brokersMu orders the two sources of the broker set: the supervisor's
