@@ -7,6 +7,10 @@
 // for it. A TLS connection is terminated here and proxied to the worker's
 // proxy socket behind a PROXY v2 header (package proxyproto) that names the
 // real client. See docs/balancer.md.
+//
+// With cluster.balancers: 0 there is no balancer process: each worker runs
+// the same front end in-process (NewLocal, local.go) on ports shared with
+// SO_REUSEPORT.
 package balancer
 
 import (

@@ -30,10 +30,11 @@ type LocalOptions struct {
 	// Plain takes an accepted plain connection; the callee owns fd (non-
 	// blocking, close-on-exec) and closes it when done or when it refuses.
 	Plain func(fd int)
-	// Proxy returns the worker's side for a terminated TLS connection from
-	// src to dst: plaintext written to it is the client's stream. An error
-	// refuses the connection (it is closed after its handshake; counted as
-	// local_refused).
+	// Proxy opens a stream into the worker for a terminated TLS connection
+	// from src to dst and returns the front end's end of it: the client's
+	// plaintext is written to it and the worker's answer read from it (the
+	// worker serves the other end). An error refuses the connection (it is
+	// closed after its handshake; counted as local_refused).
 	Proxy func(src, dst net.Addr) (*net.UnixConn, error)
 }
 
