@@ -22,6 +22,7 @@ import (
 	"net"
 	"os"
 	"runtime"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -119,6 +120,18 @@ func (c *Child) Start(ctx context.Context, p control.StartParams) (control.Start
 	}
 	c.cfg = cfg
 	c.pool.setTopology(p.Topology)
+	if c.local == nil && os.Getenv("GOGC") == "" {
+		// A balancer process's live heap is almost all long-lived TLS
+		// state (~8 KB per wss:// connection, mostly crypto/tls's AES-GCM
+		// states and read buffers), and its garbage comes from handshakes.
+		// Go's default target (GOGC=100: heap up to twice the live data)
+		// made that ~12.7 KB of RSS per idle connection; 25 keeps it at
+		// ~8.8 KB for a few percent more CPU per handshake
+		// (SHOAL_BALANCER_COST=1 go test -run TestBalancerCost -v
+		// ./balancer). A worker's front end (balancers: 0) leaves the
+		// worker's own setting alone: its hot path allocates per message.
+		debug.SetGCPercent(balancerGCPercent)
+	}
 
 	// Several balancers on one node share the ports with SO_REUSEPORT, as
 	// do the workers' own front ends (balancers: 0); a single balancer does
@@ -430,3 +443,7 @@ func unlisten(x any) {
 	}
 	_ = rc.Control(func(fd uintptr) { _ = syscall.Shutdown(int(fd), syscall.SHUT_RD) })
 }
+
+// balancerGCPercent is the balancer process's GC target unless GOGC is set
+// in its environment (see Start).
+const balancerGCPercent = 25
