@@ -16,7 +16,18 @@ import (
 // would: every subscriber gets every message of its channels once, in
 // order per channel.
 func TestFanoutFlushQueueOrderAndLoss(t *testing.T) {
+	// The worker's GOMAXPROCS=1 mode (one writer goroutine) and the
+	// several-core one (netpoll's flush pool).
+	for _, async := range []bool{false, true} {
+		t.Run(map[bool]string{false: "writer", true: "pool"}[async], func(t *testing.T) {
+			testFanoutFlushQueue(t, async)
+		})
+	}
+}
+
+func testFanoutFlushQueue(t *testing.T, async bool) {
 	env := newWSEnv(t, nil)
+	env.e.hub.flushq.async = async // before any fan-out
 	const clients = 8
 	cs := make([]*wsClient, clients)
 	for i := range cs {
@@ -32,9 +43,9 @@ func TestFanoutFlushQueueOrderAndLoss(t *testing.T) {
 		}
 		cs[i] = c
 	}
-	// Rounds of 2×25 messages stay under the test server's queue bound
+	// Rounds of 2×10 messages stay well under the test server's queue bound
 	// (the clients read only between rounds).
-	const rounds, per = 12, 25
+	const rounds, per = 30, 10
 	next := make([]map[string]int, clients)
 	for i := range next {
 		next[i] = map[string]int{"a": 0, "b": 0}
@@ -82,6 +93,7 @@ func TestFanoutFlushQueueOrderAndLoss(t *testing.T) {
 // no socket is left owing a flush.
 func TestFanoutAfterEngineClose(t *testing.T) {
 	env := newWSEnv(t, nil)
+	env.e.hub.flushq.async = false // the writer's path, stopped
 	c := dialWS(t, env.addr)
 	c.handshake("")
 	c.send(`{"event":"#subscribe","data":{"channel":"a"},"cid":2}`)

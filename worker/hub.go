@@ -3,6 +3,7 @@ package worker
 import (
 	"errors"
 	"hash/maphash"
+	"runtime"
 	"sync"
 
 	"github.com/shoalhq/shoal/worker/netpoll"
@@ -91,6 +92,7 @@ func newHub(b Broker, full error) *Hub {
 		h.shards[i].subs = make(map[string]*subSet)
 	}
 	h.flushq.init()
+	h.flushq.async = runtime.GOMAXPROCS(0) > 1
 	h.owedBufs.New = func() any { b := make([]*netpoll.Conn, 0, 64); return &b }
 	return h
 }
@@ -261,7 +263,8 @@ func (h *Hub) subscribers(dst []*Session, channel string) []*Session {
 // profile showed one system call per subscriber per message, 5–12 µs of
 // server CPU per delivery, against ~1 µs when batched). With the worker's
 // GOMAXPROCS=1 the round runs when the link reader has fanned out all it
-// read, which is exactly the end of a read batch.
+// read, which is exactly the end of a read batch. With more cores (async)
+// the flushes go to netpoll's flush pool, as WriteFrame's do.
 type flushQueue struct {
 	mu      sync.Mutex
 	pending []*netpoll.Conn // each owes exactly one Flush (QueueFrame's contract)
@@ -269,6 +272,10 @@ type flushQueue struct {
 	kick    chan struct{} // cap 1: pending became non-empty, or stop
 	done    chan struct{} // closed when run returns
 	started bool
+	// async hands the flushes to netpoll's flush pool (several goroutines)
+	// instead: with GOMAXPROCS > 1 one writer goroutine would keep the
+	// fan-out's writes on one core. Set before the first add.
+	async bool
 }
 
 func (q *flushQueue) init() {
@@ -290,6 +297,12 @@ func (q *flushQueue) start() {
 // owed: a connection whose flush is owed and never done would keep its
 // frames, and its fd, forever.
 func (q *flushQueue) add(cs []*netpoll.Conn) {
+	if q.async {
+		for _, c := range cs {
+			c.FlushAsync()
+		}
+		return
+	}
 	q.mu.Lock()
 	if q.stopped || !q.started {
 		q.mu.Unlock()

@@ -153,6 +153,13 @@ func (c *Conn) queueFrame(frame []byte) (bool, error) {
 	return flush, nil
 }
 
+// FlushAsync hands a flush that QueueFrame left to the caller (owed) to
+// the server's flush pool instead, as WriteFrame would have: for callers
+// that run on several cores and want the writes spread over the pool.
+func (c *Conn) FlushAsync() {
+	c.srv.flushers.push(c, taskFlush)
+}
+
 // Flusher writes send queues on its caller's goroutine: the flushes that
 // QueueFrame left to the caller. It holds the iovec batch a pool goroutine
 // has of its own. Not safe for concurrent use; one per flushing goroutine.
