@@ -200,8 +200,10 @@ func (h *Hub) fanout(channel string, frame []byte, pol slowPolicy, over func(*Se
 	if set := sh.subs[channel]; set != nil {
 		list = set.list
 	}
-	bp := h.owedBufs.Get().(*[]*netpoll.Conn)
-	owed := (*bp)[:0]
+	// Taken from the pool at the first netpoll socket only, so a fan-out
+	// to other Conns (tests, benchmarks) costs no pool round trip.
+	var bp *[]*netpoll.Conn
+	var owed []*netpoll.Conn
 	for _, s := range list {
 		if s.backlogged.Load() {
 			full = append(full, s)
@@ -214,6 +216,10 @@ func (h *Hub) fanout(channel string, frame []byte, pol slowPolicy, over func(*Se
 			// one writev per socket instead of one per frame.
 			var flush bool
 			if flush, err = nc.QueueFrame(frame); flush {
+				if bp == nil {
+					bp = h.owedBufs.Get().(*[]*netpoll.Conn)
+					owed = (*bp)[:0]
+				}
 				owed = append(owed, nc)
 			}
 		} else {
@@ -227,12 +233,12 @@ func (h *Hub) fanout(channel string, frame []byte, pol slowPolicy, over func(*Se
 		}
 	}
 	sh.mu.RUnlock()
-	if len(owed) > 0 {
+	if bp != nil {
 		h.flushq.add(owed)
 		clear(owed)
+		*bp = owed[:0]
+		h.owedBufs.Put(bp)
 	}
-	*bp = owed[:0]
-	h.owedBufs.Put(bp)
 	for _, s := range full {
 		if over(s, channel, frame, pol) {
 			n++
