@@ -468,6 +468,10 @@ func (c *Child) Stats(ctx context.Context) (control.Stats, error) {
 	st.Counters["ws_timeouts"] = int64(ns.Timeouts)
 	st.Counters["ws_protocol_errors"] = int64(ns.ProtoErrors)
 	st.Counters["http_requests"] = int64(ns.HTTP)
+	// Frames per writev (how well writes coalesce): ws_frames_out ÷ ws_writes.
+	st.Counters["ws_frames_out"] = int64(ns.MsgsOut)
+	st.Counters["ws_writes"] = int64(ns.Writes)
+	st.Counters["ws_stalls"] = int64(ns.Stalls)
 	st.Counters["refused_max_connections"] = c.refused.Load()
 	st.Counters["proxy_refused"] = c.badProxy.Load()
 	if front := c.frontOf(); front != nil {
