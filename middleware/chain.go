@@ -61,6 +61,10 @@ type Chain struct {
 	bans   BanChecker // for ban rules
 	hasBan bool
 
+	// conn_limit scope: cluster rules: which keys sockets join in the
+	// ConnCounter (connlimit.go).
+	clusterIP, clusterUser bool
+
 	inflight sync.WaitGroup // asynchronous decisions (hooks) under way
 }
 
@@ -76,6 +80,13 @@ type slowRule interface {
 	rule
 	wants(in *Input) bool // whether this input goes to the backend at all
 	call(ctx context.Context, c *Chain, in *Input) (d Decision, decided bool)
+}
+
+// slowFallback is a slow rule that still decides something synchronously
+// when wants is false (conn_limit: the worker's own count when no round
+// trip is needed or possible).
+type slowFallback interface {
+	fast(c *Chain, in *Input) (d Decision, decided bool)
 }
 
 // entry is one rule at one place in the config.
@@ -240,6 +251,11 @@ func (c *Chain) Run(in *Input, done func(Decision)) (d Decision, pending bool) {
 	for i, e := range list {
 		if e.slow != nil {
 			if !e.slow.wants(in) {
+				if f, ok := e.slow.(slowFallback); ok {
+					if d, decided := f.fast(c, in); decided {
+						return c.finish(e, in, d, Decision{}), false
+					}
+				}
 				e.allowed.Add(1)
 				continue
 			}

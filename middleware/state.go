@@ -119,6 +119,11 @@ type socketState struct {
 	opened      bool
 	countedIP   netip.Addr
 	countedUser string
+
+	// The ConnCounter keys this socket joined (conn_limit scope: cluster),
+	// and the counter that holds them; under mu.
+	cIP, cUser string
+	cBy        ConnCounter
 }
 
 // shared is the state a chain hands to its successor on reload.
@@ -126,7 +131,10 @@ type shared struct {
 	base   time.Time      // origin of the rate-limit clock
 	conns  *connCounts    // the same counts for every generation
 	stores map[string]any // this chain's per-IP / per-user stores by fingerprint
-	client *http.Client   // hook client, handed on so reloads reuse connections
+	// counter is the cluster-wide registry (conn_limit scope: cluster),
+	// the same for every generation.
+	counter *counterBox
+	client  *http.Client // hook client, handed on so reloads reuse connections
 	// plugins are the go-plugin processes, handed on so a reload keeps them.
 	plugins *pluginSet
 }
@@ -134,9 +142,9 @@ type shared struct {
 func newShared(prev *shared, now time.Time) *shared {
 	if prev == nil {
 		return &shared{base: now, conns: &connCounts{ip: map[netip.Addr]int{}, user: map[string]int{}}, stores: map[string]any{},
-			plugins: &pluginSet{m: map[string]*pluginHost{}}}
+			plugins: &pluginSet{m: map[string]*pluginHost{}}, counter: &counterBox{}}
 	}
-	return &shared{base: prev.base, conns: prev.conns, stores: map[string]any{}, plugins: prev.plugins}
+	return &shared{base: prev.base, conns: prev.conns, stores: map[string]any{}, plugins: prev.plugins, counter: prev.counter}
 }
 
 // connCounts counts open sockets per IP and per user on this worker.
@@ -179,8 +187,8 @@ func (c *Chain) Open(s *Socket) {
 	st := s.stateFor()
 	cc := c.shared.conns
 	cc.mu.Lock()
-	defer cc.mu.Unlock()
 	if st.opened {
+		cc.mu.Unlock()
 		return
 	}
 	st.opened = true
@@ -190,6 +198,8 @@ func (c *Chain) Open(s *Socket) {
 		st.countedUser = s.UserID
 		cc.user[s.UserID]++
 	}
+	cc.mu.Unlock()
+	c.syncCluster(s, st, true)
 }
 
 // UserChanged moves the socket's per-user count to s.UserID; call it after
@@ -199,17 +209,21 @@ func (c *Chain) UserChanged(s *Socket) {
 	st := s.stateFor()
 	cc := c.shared.conns
 	cc.mu.Lock()
-	defer cc.mu.Unlock()
-	if !st.opened || st.countedUser == s.UserID {
+	if !st.opened {
+		cc.mu.Unlock()
 		return
 	}
-	if st.countedUser != "" {
-		dec(cc.user, st.countedUser)
+	if st.countedUser != s.UserID {
+		if st.countedUser != "" {
+			dec(cc.user, st.countedUser)
+		}
+		st.countedUser = s.UserID
+		if s.UserID != "" {
+			cc.user[s.UserID]++
+		}
 	}
-	st.countedUser = s.UserID
-	if s.UserID != "" {
-		cc.user[s.UserID]++
-	}
+	cc.mu.Unlock()
+	c.syncCluster(s, st, true)
 }
 
 // Close undoes Open. Safe to call for a socket never opened, and twice.
@@ -220,8 +234,8 @@ func (c *Chain) Close(s *Socket) {
 	}
 	cc := c.shared.conns
 	cc.mu.Lock()
-	defer cc.mu.Unlock()
 	if !st.opened {
+		cc.mu.Unlock()
 		return
 	}
 	st.opened = false
@@ -230,6 +244,8 @@ func (c *Chain) Close(s *Socket) {
 		dec(cc.user, st.countedUser)
 		st.countedUser = ""
 	}
+	cc.mu.Unlock()
+	c.syncCluster(s, st, false)
 }
 
 // stateFor returns the socket's state, making it on first use. The worker
@@ -254,4 +270,49 @@ func (c *Chain) socketBucket(s *Socket, slot int, lim limit, now int64) bool {
 		st.buckets = make([]bucket, c.socketSlots)
 	}
 	return st.buckets[slot].take(now, lim.perSec, lim.burst)
+}
+
+// syncCluster makes the socket's ConnCounter entries match the chain's
+// cluster-scoped conn_limit rules: joined under its IP and user while open,
+// left when closed or when the user changed. Called after cc.mu is
+// released (Join and Leave talk to the broker client); the worker calls
+// Open, UserChanged and Close of one socket one at a time, which keeps them
+// in order.
+func (c *Chain) syncCluster(s *Socket, st *socketState, open bool) {
+	counter := c.shared.counter.get()
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if st.cBy == nil && (counter == nil || !open || (!c.clusterIP && !c.clusterUser)) {
+		return // nothing joined, nothing to join
+	}
+	var wantIP, wantUser string
+	if open && counter != nil {
+		if c.clusterIP && s.RemoteIP.IsValid() {
+			wantIP = ConnKeyIP(s.RemoteIP)
+		}
+		if c.clusterUser && s.UserID != "" {
+			wantUser = ConnKeyUser(s.UserID)
+		}
+	}
+	if st.cIP != "" && st.cIP != wantIP {
+		st.cBy.Leave(st.cIP, s.ID)
+		st.cIP = ""
+	}
+	if st.cUser != "" && st.cUser != wantUser {
+		st.cBy.Leave(st.cUser, s.ID)
+		st.cUser = ""
+	}
+	if wantIP != "" && st.cIP == "" {
+		counter.Join(wantIP, s.ID)
+		st.cIP = wantIP
+	}
+	if wantUser != "" && st.cUser == "" {
+		counter.Join(wantUser, s.ID)
+		st.cUser = wantUser
+	}
+	if st.cIP == "" && st.cUser == "" {
+		st.cBy = nil
+	} else if counter != nil {
+		st.cBy = counter
+	}
 }
