@@ -387,6 +387,10 @@ func (c *Child) Stats(ctx context.Context) (control.Stats, error) {
 		"slow_links": s.SlowLinks,
 		"bad_frames": s.BadFrames,
 		"refused":    s.Refused,
+		"acks_held":  s.AcksHeld,
+
+		"acks_held_expired": s.AcksHeldExpired,
+		"links_behind":      s.LinksBehind,
 
 		"history_channels": s.HistoryChannels,
 		"presence_entries": s.PresenceEntries,

@@ -71,6 +71,15 @@ type ServerConfig struct {
 	// least WarmUpMin (remote workers the broker cannot list). Defaults 0
 	// and 1 s.
 	WarmUpMin, WarmUpMax time.Duration
+
+	// Publisher flow control (flow section below, docs/brokers.md "Flow
+	// control"): the ack of a publish to a channel an interested worker
+	// reports behind is held until no worker is behind any more, or for at
+	// most FlowMaxHold (default 1 s; negative: acks are never held).
+	// FlowMaxHeld bounds the acks held at once (default 65536); beyond it
+	// acks go out at once.
+	FlowMaxHold time.Duration
+	FlowMaxHeld int
 }
 
 // ServerStats are the broker's counters.
@@ -82,6 +91,10 @@ type ServerStats struct {
 	SlowLinks  int64 // links dropped because their queue was full
 	BadFrames  int64 // links dropped because of a malformed frame or protocol error
 	Refused    int64 // publishes refused during warm-up
+	// Flow control: publishes whose ack was held because an interested
+	// worker was behind, of which released by FlowMaxHold rather than by
+	// the workers catching up; links currently reporting behind.
+	AcksHeld, AcksHeldExpired, LinksBehind int64
 
 	HistoryChannels int64 // channel states holding history (owned or replica copies)
 	PresenceEntries int64
@@ -114,6 +127,8 @@ type Server struct {
 	stopSweep chan struct{}
 
 	publishes, deliveries, slowLinks, badFrames, nlinks, refused atomic.Int64
+
+	flow flowHold
 
 	started  time.Time
 	handback atomic.Int64 // unix ns until which a hand-back holds publishes (0: none)
@@ -157,6 +172,7 @@ type blink struct {
 	shadows  map[string]map[string]struct{} // the same for shadow entries; reader goroutine only
 	scratch  []byte                         // reply encoding; reader goroutine only
 	ready    atomic.Bool                    // sent ready: a worker with its interests registered
+	behind   atomic.Bool                    // reported behind (flow control); set by its reader
 	lastPing atomic.Int64                   // unix ns of its last ping (or ready)
 	once     sync.Once
 }
@@ -193,6 +209,12 @@ func NewServer(cfg ServerConfig) *Server {
 	if cfg.WarmUpMax <= 0 {
 		cfg.WarmUpMax = time.Second
 	}
+	if cfg.FlowMaxHold == 0 {
+		cfg.FlowMaxHold = time.Second
+	}
+	if cfg.FlowMaxHeld <= 0 {
+		cfg.FlowMaxHeld = 1 << 16
+	}
 	s := &Server{
 		cfg: cfg, log: cfg.Logger, links: map[*blink]struct{}{}, stopSweep: make(chan struct{}),
 		started: time.Now(), expected: map[string]bool{}, ready: map[string]bool{}, vacKick: make(chan struct{}, 1),
@@ -204,9 +226,11 @@ func NewServer(cfg ServerConfig) *Server {
 		s.commit = newCommitter(cfg.Store, cfg.CommitDelay)
 		go s.commit.run(s)
 	}
-	s.wg.Add(2)
+	s.flow.kick = make(chan struct{}, 1)
+	s.wg.Add(3)
 	go s.sweep()
 	go s.vacatedLoop()
+	go s.flowLoop()
 	return s
 }
 
@@ -336,6 +360,10 @@ func (l *blink) serve() {
 				return err
 			}
 		case link.TypePong:
+		case link.TypeBehind:
+			l.setBehind(true)
+		case link.TypeCaughtUp:
+			l.setBehind(false)
 		default:
 			return fmt.Errorf("broker: unexpected %s frame from a worker: %w", f.Type, errProtocol)
 		}
@@ -381,7 +409,7 @@ func (l *blink) publish(f *link.Frame) error {
 	}
 	sh := s.shard(f.Channel)
 	var slow []*blink
-	deferred := false
+	deferred, hold := false, false
 	sh.mu.Lock()
 	st := sh.chans[string(f.Channel)]
 	if st == nil {
@@ -407,6 +435,7 @@ func (l *blink) publish(f *link.Frame) error {
 	if n := len(st.links); n > 0 {
 		sh.scratch = link.AppendMsg(sh.scratch[:0], off, epoch, f.Channel, f.Data)
 		for _, dl := range st.links {
+			hold = hold || dl.behind.Load()
 			err := dl.w.WriteRaw(sh.scratch)
 			if errors.Is(err, link.ErrQueueFull) {
 				err = s.waitAndWrite(dl, sh.scratch)
@@ -431,6 +460,9 @@ func (l *blink) publish(f *link.Frame) error {
 		dl.fail("worker link queue full (slow worker)", link.ErrQueueFull)
 	}
 	if deferred {
+		return nil
+	}
+	if hold && s.holdAck(l, f.ReqID, off, epoch) {
 		return nil
 	}
 	// The ack goes to the publisher's own link with backpressure: if that
@@ -587,6 +619,7 @@ func (s *Server) dropInterest(l *blink, ch []byte) {
 // interest, then closes.
 func (l *blink) cleanup() {
 	l.fail("", nil)
+	l.setBehind(false)
 	for ch := range l.chans {
 		l.s.dropInterest(l, []byte(ch))
 	}
@@ -704,6 +737,9 @@ func (s *Server) Stats() ServerStats {
 		Channels:        chans,
 		Links:           s.nlinks.Load(),
 		Publishes:       s.publishes.Load(),
+		AcksHeld:        s.flow.held.Load(),
+		AcksHeldExpired: s.flow.expired.Load(),
+		LinksBehind:     s.flow.behind.Load(),
 		Deliveries:      s.deliveries.Load(),
 		SlowLinks:       s.slowLinks.Load(),
 		BadFrames:       s.badFrames.Load(),
@@ -788,4 +824,149 @@ func (s *Server) Interest(channel string) int {
 		return len(st.links)
 	}
 	return 0
+}
+
+// Publisher flow control. A publish is acknowledged as soon as this broker
+// has it, so a publisher that keeps a window of invokes in flight (the
+// SocketCluster client's invokePublish) could outrun delivery: the
+// backlog grows in the workers' send queues until subscribers that are
+// merely behind, because the whole machine is busy, are cut off as slow
+// consumers. So a worker whose local delivery is behind says so on its
+// link (behind / caughtup frames, worker/flow.go), and the ack of a
+// publish to a channel whose interested workers include one that is
+// behind is held: the publisher's window stays full and it waits. The
+// message itself is delivered at once as always; only the ack waits.
+//
+// Bounds: an ack is held at most FlowMaxHold (then it goes out anyway, so
+// a worker that never catches up cannot stall publishers for good, and
+// the slow-consumer policy decides), and at most FlowMaxHeld acks are held
+// at once (beyond that they go out at once). Held acks are released when
+// no link of this broker is behind any more (not per channel: simpler,
+// and a worker is behind for its machine's sake, rarely for one channel)
+// or when their hold expires. Durable publishes are not held (their ack
+// already waits for the group commit). A publisher that does not wait for
+// acks (transmitPublish) is not slowed.
+
+// flowHold is the set of held acks, in the order they were held (so
+// their deadlines are in order too).
+type flowHold struct {
+	mu       sync.Mutex
+	q        []heldAck
+	kick     chan struct{} // cap 1: a link caught up, or the first ack was held
+	behind   atomic.Int64  // links reporting behind
+	held     atomic.Int64
+	expired  atomic.Int64
+	nq       atomic.Int64 // len(q), for the lock-free fast path of setBehind
+	stopping bool
+}
+
+type heldAck struct {
+	l          *blink
+	id         uint64
+	off, epoch uint64
+	until      int64 // unix ns
+}
+
+// setBehind records a link's flow state (its reader, or cleanup).
+func (l *blink) setBehind(v bool) {
+	if l.behind.Swap(v) == v {
+		return
+	}
+	f := &l.s.flow
+	if v {
+		f.behind.Add(1)
+		return
+	}
+	if f.behind.Add(-1) == 0 && f.nq.Load() > 0 {
+		select {
+		case f.kick <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// holdAck queues the ack of a publish instead of writing it; false: not
+// held (disabled, the bound is reached, or nobody is behind any more).
+func (s *Server) holdAck(l *blink, id, off, epoch uint64) bool {
+	if s.cfg.FlowMaxHold < 0 {
+		return false
+	}
+	f := &s.flow
+	f.mu.Lock()
+	if f.stopping || len(f.q) >= s.cfg.FlowMaxHeld || f.behind.Load() == 0 {
+		f.mu.Unlock()
+		return false
+	}
+	first := len(f.q) == 0
+	f.q = append(f.q, heldAck{l: l, id: id, off: off, epoch: epoch, until: time.Now().Add(s.cfg.FlowMaxHold).UnixNano()})
+	f.nq.Store(int64(len(f.q)))
+	f.mu.Unlock()
+	f.held.Add(1)
+	if first {
+		select {
+		case f.kick <- struct{}{}:
+		default:
+		}
+	}
+	return true
+}
+
+// flowLoop releases held acks: all of them when no link is behind, else
+// those whose hold expired. It ends (releasing everything) on Close.
+func (s *Server) flowLoop() {
+	defer s.wg.Done()
+	f := &s.flow
+	t := time.NewTimer(time.Hour)
+	defer t.Stop()
+	var out []heldAck
+	for {
+		stop := false
+		select {
+		case <-f.kick:
+		case <-t.C:
+		case <-s.stopSweep:
+			stop = true
+		}
+		now := time.Now().UnixNano()
+		f.mu.Lock()
+		n := len(f.q)
+		if !stop && f.behind.Load() > 0 {
+			n = 0
+			for n < len(f.q) && f.q[n].until <= now {
+				n++
+			}
+			f.expired.Add(int64(n))
+		}
+		out = append(out[:0], f.q[:n]...)
+		rest := copy(f.q, f.q[n:])
+		clear(f.q[rest:])
+		f.q = f.q[:rest]
+		f.nq.Store(int64(rest))
+		var next int64
+		if rest > 0 {
+			next = f.q[0].until
+		}
+		if stop {
+			f.stopping = true
+		}
+		f.mu.Unlock()
+		for i, h := range out {
+			// Unbounded write: the ack is a few dozen bytes, and this
+			// goroutine must not wait on one slow publisher's link.
+			_ = h.l.w.WriteRawAlways(link.AppendPubAck(nil, h.id, h.off, h.epoch, ""))
+			out[i] = heldAck{}
+		}
+		if stop {
+			return
+		}
+		if !t.Stop() {
+			select {
+			case <-t.C:
+			default:
+			}
+		}
+		if next != 0 {
+			t.Reset(time.Duration(max(next-time.Now().UnixNano(), int64(time.Millisecond))))
+		}
+	}
 }

@@ -202,6 +202,7 @@ type Client struct {
 	pres    map[string]map[string][]byte // channel → conn → entry JSON announced by this worker
 	pos     map[string]*chanPos          // last delivered positions (history channels)
 	rules   *chanopts.Rules
+	behind  bool                     // flow control: the last SetBehind
 	members atomic.Pointer[[]*bconn] // snapshot of conns for the lock-free Publish path
 
 	isClosed atomic.Bool
@@ -498,5 +499,32 @@ func (c *Client) housekeeping() {
 				}
 			}
 		}
+	}
+}
+
+// SetBehind tells every broker whether this worker's local delivery is
+// behind (publisher flow control, docs/brokers.md): while it is, brokers
+// hold the acks of publishes to channels this worker is interested in, for
+// a bounded time. Call it on transitions only; a link that comes up later
+// is told in linkUp. Never blocks on a link (the frame is tiny and bypasses
+// the queue bound).
+func (c *Client) SetBehind(behind bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed || c.behind == behind {
+		return
+	}
+	c.behind = behind
+	t := link.TypeCaughtUp
+	if behind {
+		t = link.TypeBehind
+	}
+	frame := link.AppendEmpty(nil, t)
+	for _, b := range c.conns {
+		b.mu.Lock()
+		if b.up && b.w != nil {
+			_ = b.w.WriteRawAlways(frame)
+		}
+		b.mu.Unlock()
 	}
 }

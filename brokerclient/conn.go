@@ -256,6 +256,9 @@ func (c *Client) linkUp(b *bconn) {
 	// Tells a starting broker that this worker's interest is complete (it
 	// refuses publishes until every worker has said so; see broker).
 	_ = b.w.WriteEmpty(link.TypeReady)
+	if c.behind {
+		_ = b.w.WriteRawAlways(link.AppendEmpty(nil, link.TypeBehind)) // flow control (SetBehind)
+	}
 	c.log.Debug("broker link up", "broker", b.ep.Name, "channels", n)
 }
 

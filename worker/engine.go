@@ -230,6 +230,7 @@ func (e *Engine) Close() {
 	<-e.done
 	e.bg.Wait()
 	e.hub.flushq.stop()
+	e.hub.flow.stop()
 }
 
 // Hub is the engine's channel table.

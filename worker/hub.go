@@ -5,6 +5,8 @@ import (
 	"hash/maphash"
 	"runtime"
 	"sync"
+	"sync/atomic"
+	"time"
 
 	"github.com/shoalhq/shoal/worker/netpoll"
 )
@@ -33,6 +35,7 @@ type Hub struct {
 	// flushq writes the sockets a fan-out queued frames on (flushQueue).
 	flushq   flushQueue
 	owedBufs sync.Pool // *[]*netpoll.Conn, one fan-out's owed flushes
+	flow     flowState
 }
 
 type hubShard struct {
@@ -94,6 +97,9 @@ func newHub(b Broker, full error) *Hub {
 	h.flushq.init()
 	h.flushq.async = runtime.GOMAXPROCS(0) > 1
 	h.owedBufs.New = func() any { b := make([]*netpoll.Conn, 0, 64); return &b }
+	if fb, ok := b.(interface{ SetBehind(bool) }); ok {
+		h.flow.set = fb.SetBehind
+	}
 	return h
 }
 
@@ -204,6 +210,7 @@ func (h *Hub) fanout(channel string, frame []byte, pol slowPolicy, over func(*Se
 	// to other Conns (tests, benchmarks) costs no pool round trip.
 	var bp *[]*netpoll.Conn
 	var owed []*netpoll.Conn
+	var anyNC *netpoll.Conn // for the flow control's server
 	for _, s := range list {
 		if s.backlogged.Load() {
 			full = append(full, s)
@@ -211,6 +218,7 @@ func (h *Hub) fanout(channel string, frame []byte, pol slowPolicy, over func(*Se
 		}
 		var err error
 		if nc, ok := s.c.(*netpoll.Conn); ok {
+			anyNC = nc
 			// Queue only: the sockets are written together afterwards
 			// (flushQueue), so frames that arrive close together leave in
 			// one writev per socket instead of one per frame.
@@ -243,6 +251,9 @@ func (h *Hub) fanout(channel string, frame []byte, pol slowPolicy, over func(*Se
 		if over(s, channel, frame, pol) {
 			n++
 		}
+	}
+	if h.flow.set != nil {
+		h.flow.check(anyNC)
 	}
 	return n
 }
@@ -371,4 +382,102 @@ func (q *flushQueue) stop() {
 	default:
 	}
 	<-q.done
+}
+
+// Publisher flow control (docs/brokers.md, "Flow control"). A publish is
+// acknowledged when its broker has it, so a publisher that keeps a window
+// of invokes in flight can outrun delivery; the send queues then grow
+// until the slow-consumer policy cuts off subscribers that are merely
+// behind because the whole machine is busy. So the worker tells its
+// brokers when its delivery is behind (brokerclient SetBehind: a behind /
+// caughtup link frame on each transition), and they hold the acks of
+// publishes to channels it is interested in, for a bounded time, which
+// slows publishers that wait for acks.
+//
+// "Behind" is about the worker, not one socket: at least flowMinDeep
+// connections, and at least a quarter of the open ones, have a deep send
+// queue (netpoll: over a quarter of its bounds). One stuck subscriber never
+// makes it, so it still meets the slow-consumer policy and slows nobody.
+// It stays behind until fewer than an eighth are deep (hysteresis). The
+// state is checked after every fan-out (two atomic loads) and, while
+// behind, every flowTick, since the queues drain without fan-outs once
+// publishers wait.
+type flowState struct {
+	set    func(behind bool) // the broker client's SetBehind; nil: off
+	srv    atomic.Pointer[netpoll.Server]
+	behind atomic.Bool // the last state sent; changed under mu
+
+	mu      sync.Mutex
+	timer   *time.Timer
+	stopped bool
+}
+
+const (
+	flowMinDeep = 2
+	flowTick    = 5 * time.Millisecond
+)
+
+// flowBehind decides the state from netpoll's counters, with hysteresis.
+func flowBehind(deep, open int64, was bool) bool {
+	if deep < flowMinDeep {
+		return false
+	}
+	if was {
+		return 8*deep >= open
+	}
+	return 4*deep >= open
+}
+
+// check is the fan-out's test: nc is any netpoll socket of this worker
+// (nil: none seen in this fan-out).
+func (f *flowState) check(nc *netpoll.Conn) {
+	srv := f.srv.Load()
+	if srv == nil {
+		if nc == nil {
+			return
+		}
+		srv = nc.Server()
+		f.srv.Store(srv)
+	}
+	was := f.behind.Load()
+	deep, open := srv.Pressure()
+	if flowBehind(deep, open, was) == was {
+		return
+	}
+	f.update()
+}
+
+// update re-evaluates the state under mu and sends a transition.
+func (f *flowState) update() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	srv := f.srv.Load()
+	if f.stopped || srv == nil {
+		return
+	}
+	was := f.behind.Load()
+	deep, open := srv.Pressure()
+	now := flowBehind(deep, open, was)
+	if now != was {
+		f.behind.Store(now)
+		f.set(now)
+	}
+	if now {
+		if f.timer == nil {
+			f.timer = time.AfterFunc(flowTick, f.update)
+		} else {
+			f.timer.Reset(flowTick)
+		}
+	}
+}
+
+// stop ends the timer (engine close); the state is left as it is (the
+// links close with the worker).
+func (f *flowState) stop() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.stopped = true
+	if f.timer != nil {
+		f.timer.Stop()
+	}
 }

@@ -121,7 +121,7 @@ func (d *Decoder) startFrame() error {
 	if n > d.maxFrame() {
 		return d.fail(&FrameError{Type: t, Reason: fmt.Sprintf("length %d exceeds the limit %d", n, d.maxFrame()), Snippet: snip(d.hdr[:], nil)})
 	}
-	if t < TypeHello || t > TypeEvent {
+	if t < TypeHello || t > TypeCaughtUp {
 		return d.fail(&FrameError{Reason: fmt.Sprintf("unknown frame type %d", uint8(t)), Snippet: snip(d.hdr[:], nil)})
 	}
 	d.need = n - 1
@@ -284,7 +284,7 @@ func parseBody(f *Frame, b []byte) string {
 		}
 		f.Channel = b[eventFixed : eventFixed+cl]
 		f.Data = b[eventFixed+cl:]
-	case TypePing, TypePong, TypeReady:
+	case TypePing, TypePong, TypeReady, TypeBehind, TypeCaughtUp:
 		if len(b) != 0 {
 			return fmt.Sprintf("body of %d bytes, must be empty", len(b))
 		}

@@ -27,6 +27,8 @@
 //	hist    u64 request id, u64 offset, u64 unix ns, data rest            (broker → worker: one stored message of a reply)
 //	reply   u64 request id, u64 offset, u64 epoch, u8 flags, data rest    (broker → worker: ends a request)
 //	event   u8 kind, u16 channel length, channel, data rest               (broker → worker: presence join/leave/vacated)
+//	behind  (empty)                                (worker → broker: its local delivery is behind; flow control)
+//	caughtup (empty)                               (worker → broker: no longer behind)
 //
 // A request (subrec, histreq, repl, pres) is answered by zero or more hist
 // frames with its id and then exactly one reply; replies may come in any
@@ -80,6 +82,13 @@ const (
 	TypeHist    Type = 15
 	TypeReply   Type = 16
 	TypeEvent   Type = 17
+	// Publisher flow control (docs/brokers.md, "Flow control"): a worker
+	// whose local delivery is behind says so, and the broker holds the
+	// acks of publishes to the channels that worker is interested in
+	// until it sends caughtup (or a bounded hold passes). Empty bodies.
+	// A broker older than these kinds drops a link that sends them.
+	TypeBehind   Type = 18
+	TypeCaughtUp Type = 19
 )
 
 // Reply flags.
@@ -153,6 +162,10 @@ func (t Type) String() string {
 		return "reply"
 	case TypeEvent:
 		return "event"
+	case TypeBehind:
+		return "behind"
+	case TypeCaughtUp:
+		return "caughtup"
 	}
 	return fmt.Sprintf("type(%d)", uint8(t))
 }

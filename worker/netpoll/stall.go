@@ -130,3 +130,12 @@ func (s *Server) stopStalls() {
 	s.stallMu.Unlock()
 	s.releaseStalled()
 }
+
+// Pressure reports how many open connections have a deep send queue (over
+// a quarter of its bounds, counted until it is down to an eighth) and how
+// many are open. The worker's publisher flow control (worker/hub.go,
+// flowState) reads it after each fan-out: two atomic loads.
+func (s *Server) Pressure() (deep, open int64) { return s.deep.Load(), s.open.Load() }
+
+// Server returns the server that owns c.
+func (c *Conn) Server() *Server { return c.srv }
