@@ -90,6 +90,24 @@ type Protocol struct {
 	AllowClientPublish *bool    `yaml:"allow_client_publish" json:"allow_client_publish"`
 	SocketChannelLimit int      `yaml:"socket_channel_limit" json:"socket_channel_limit"`
 	Origins            []string `yaml:"origins" json:"origins"`
+	// PublishAck is when a client's #publish invoke is answered for a
+	// channel without history: PublishAckLocal (default, as
+	// socketcluster-server) once the publish passed the inbound middleware
+	// and was queued on the owning broker's link; PublishAckBroker once
+	// that broker acknowledged it. Channels with history always use broker.
+	PublishAck string `yaml:"publish_ack" json:"publish_ack"`
+}
+
+// The values of protocol.publish_ack.
+const (
+	PublishAckLocal  = "local"
+	PublishAckBroker = "broker"
+)
+
+// PublishAckIsLocal reports whether history-less publishes are acknowledged
+// once queued on the broker link (publish_ack: local, also when unset).
+func (p Protocol) PublishAckIsLocal() bool {
+	return p.PublishAck != PublishAckBroker
 }
 
 // ClientPublishAllowed resolves allow_client_publish (default true).
@@ -208,6 +226,7 @@ func Default() Config {
 			MaxPayload:         1 << 20,
 			SocketChannelLimit: 1000,
 			Origins:            []string{"*"},
+			PublishAck:         PublishAckLocal,
 		},
 		Auth: Auth{JWT: JWT{
 			Algorithms:    []string{"HS256"},

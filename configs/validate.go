@@ -91,6 +91,11 @@ func (c *Config) validate() Errors {
 	if p.SocketChannelLimit < 0 {
 		bad("protocol.socket_channel_limit", "must not be negative (0 = no limit)")
 	}
+	switch p.PublishAck {
+	case PublishAckLocal, PublishAckBroker:
+	default:
+		bad("protocol.publish_ack", "must be %q or %q, got %q", PublishAckLocal, PublishAckBroker, p.PublishAck)
+	}
 	for i, a := range c.Auth.JWT.Algorithms {
 		switch a {
 		case "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "EdDSA":

@@ -790,6 +790,10 @@ func (s *Session) finishPublish(p *sc.Packet, name string, data []byte, d middle
 		}
 		return
 	}
+	if invoke && e.proto.PublishAckIsLocal() && !e.channelOptions(name).History() {
+		s.publishLocalAck(p.CID, name, data)
+		return
+	}
 	var ack, cidCopy []byte
 	if invoke {
 		// Built now: p aliases the frame, which is gone when done runs.
@@ -811,4 +815,80 @@ func (s *Session) finishPublish(p *sc.Packet, name string, data []byte, d middle
 			s.sendFrame(ack)
 		}
 	})
+}
+
+// localAck is the broker callback of a client #publish acknowledged
+// locally (protocol.publish_ack: local, a channel without history). The
+// client's ack goes out once Publish returned without calling done: the
+// publish passed the inbound middleware and sits on the owning broker's link,
+// which delivers in order. This is what socketcluster-server does: its
+// #publish is answered once the in-process broker engine took the message
+// (the SCC broker client forwards it to the cluster afterwards and reports
+// failures only as 'error' events). A publish refused before it was queued
+// (no broker, broker down, queue full, too large) calls done before Publish
+// returns and is answered with the error, as with publish_ack: broker.
+//
+// Every reply is sent by the session's goroutine. Whoever of the two sides
+// (publishLocalAck after Publish returned, done) comes second puts the
+// localAck back in its pool.
+type localAck struct {
+	e     *Engine
+	state atomic.Int32 // localPending, localAcked or localDone
+	err   error        // done's verdict, written before state becomes localDone
+	fn    func(uint64, error)
+}
+
+const (
+	localPending = iota
+	localAcked   // the client has its ack; done only counts a failure
+	localDone    // done ran before Publish returned: the session replies with err
+)
+
+var localAcks sync.Pool // *localAck; New is set in init (it refers to release)
+
+func init() {
+	localAcks.New = func() any {
+		a := new(localAck)
+		a.fn = a.done
+		return a
+	}
+}
+
+func (a *localAck) done(_ uint64, err error) {
+	a.err = err
+	if a.state.CompareAndSwap(localPending, localDone) {
+		return // publishLocalAck reads err and recycles a
+	}
+	if err != nil {
+		// Already acknowledged: counted (pub_errors), as the reference
+		// emits an 'error' event the client never sees.
+		a.e.stats.pubErrors.Add(1)
+	}
+	a.release()
+}
+
+func (a *localAck) release() {
+	a.e, a.err = nil, nil
+	a.state.Store(localPending)
+	localAcks.Put(a)
+}
+
+func (s *Session) publishLocalAck(cid []byte, name string, data []byte) {
+	e := s.e
+	a := localAcks.Get().(*localAck)
+	a.e = e
+	e.stats.publishesIn.Add(1)
+	e.cfg.Broker.Publish(name, data, a.fn)
+	if a.state.CompareAndSwap(localPending, localAcked) {
+		s.replyOK(cid) // a belongs to done now
+		return
+	}
+	err := a.err
+	a.release()
+	if err != nil {
+		e.stats.pubErrors.Add(1)
+		s.replyError(cid, sc.NewError("BrokerError", "Failed to publish: "+err.Error()))
+		return
+	}
+	s.replyOK(cid)
 }
