@@ -151,3 +151,32 @@ func TestPublishAckLocalBrokerAnswersFirst(t *testing.T) {
 	env.send(c, publishFrame(3, "plain", `"x"`))
 	wantFrames(t, c.take(), `{"event":"#publish","data":{"channel":"plain","data":"x"}}`, `{"rid":3}`)
 }
+
+// A socket gets at most maxAheadOfBroker acks ahead of its broker: beyond
+// that its publishes wait for the broker's ack, so brokers that hold acks
+// (publisher flow control) still slow a publisher with a wide window.
+func TestPublishAckLocalBoundedAheadOfBroker(t *testing.T) {
+	env, b := newHeldEnv(t, configs.PublishAckLocal)
+	c := env.handshake("")
+	const extra = 3
+	for i := 0; i < maxAheadOfBroker+extra; i++ {
+		env.send(c, publishFrame(2+i, "plain", itoa(i)))
+	}
+	if got := c.take(); len(got) != maxAheadOfBroker {
+		t.Fatalf("%d acks before the broker answered, want %d", len(got), maxAheadOfBroker)
+	}
+	if held := b.release(nil); len(held) != maxAheadOfBroker+extra {
+		t.Fatalf("broker got %d publishes, want %d", len(held), maxAheadOfBroker+extra)
+	}
+	var want []string
+	for i := maxAheadOfBroker; i < maxAheadOfBroker+extra; i++ {
+		want = append(want, `{"rid":`+itoa(2+i)+`}`)
+	}
+	wantFrames(t, c.take(), want...)
+	if n := c.s.aheadOfBroker.Load(); n != 0 {
+		t.Fatalf("aheadOfBroker = %d after every broker ack", n)
+	}
+	env.send(c, publishFrame(1000, "plain", "1"))
+	wantFrames(t, c.take(), `{"rid":1000}`)
+	b.release(nil)
+}

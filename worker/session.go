@@ -61,6 +61,10 @@ type Session struct {
 	pend    *pendingAction // the pending action's context; nil when none
 	upgrade *UpgradeInfo   // the upgrade request, until the handshake is decided
 
+	// Publishes acknowledged locally whose broker acknowledgement has not
+	// come back yet (publish_ack: local; see localAck).
+	aheadOfBroker atomic.Int32
+
 	// Slow-consumer backlog (slow.go).
 	backlogged atomic.Bool
 	blMu       sync.Mutex
@@ -790,7 +794,7 @@ func (s *Session) finishPublish(p *sc.Packet, name string, data []byte, d middle
 		}
 		return
 	}
-	if invoke && e.proto.PublishAckIsLocal() && !e.channelOptions(name).History() {
+	if invoke && e.proto.PublishAckIsLocal() && s.aheadOfBroker.Load() < maxAheadOfBroker && !e.channelOptions(name).History() {
 		s.publishLocalAck(p.CID, name, data)
 		return
 	}
@@ -828,15 +832,23 @@ func (s *Session) finishPublish(p *sc.Packet, name string, data []byte, d middle
 // (no broker, broker down, queue full, too large) calls done before Publish
 // returns and is answered with the error, as with publish_ack: broker.
 //
+// At most maxAheadOfBroker publishes of one socket are acknowledged ahead of
+// their broker; beyond that a publish waits for the broker's ack like with
+// publish_ack: broker. So a publisher with a window of invokes in flight is
+// still slowed when brokers hold acks (publisher flow control,
+// docs/brokers.md), with this much slack; a window-1 publisher never waits.
+//
 // Every reply is sent by the session's goroutine. Whoever of the two sides
 // (publishLocalAck after Publish returned, done) comes second puts the
 // localAck back in its pool.
 type localAck struct {
-	e     *Engine
+	s     *Session
 	state atomic.Int32 // localPending, localAcked or localDone
 	err   error        // done's verdict, written before state becomes localDone
 	fn    func(uint64, error)
 }
+
+const maxAheadOfBroker = 64
 
 const (
 	localPending = iota
@@ -859,16 +871,17 @@ func (a *localAck) done(_ uint64, err error) {
 	if a.state.CompareAndSwap(localPending, localDone) {
 		return // publishLocalAck reads err and recycles a
 	}
+	a.s.aheadOfBroker.Add(-1)
 	if err != nil {
 		// Already acknowledged: counted (pub_errors), as the reference
 		// emits an 'error' event the client never sees.
-		a.e.stats.pubErrors.Add(1)
+		a.s.e.stats.pubErrors.Add(1)
 	}
 	a.release()
 }
 
 func (a *localAck) release() {
-	a.e, a.err = nil, nil
+	a.s, a.err = nil, nil
 	a.state.Store(localPending)
 	localAcks.Put(a)
 }
@@ -876,13 +889,15 @@ func (a *localAck) release() {
 func (s *Session) publishLocalAck(cid []byte, name string, data []byte) {
 	e := s.e
 	a := localAcks.Get().(*localAck)
-	a.e = e
+	a.s = s
 	e.stats.publishesIn.Add(1)
+	s.aheadOfBroker.Add(1) // before Publish: done may run at once
 	e.cfg.Broker.Publish(name, data, a.fn)
 	if a.state.CompareAndSwap(localPending, localAcked) {
 		s.replyOK(cid) // a belongs to done now
 		return
 	}
+	s.aheadOfBroker.Add(-1)
 	err := a.err
 	a.release()
 	if err != nil {
