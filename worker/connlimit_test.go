@@ -192,3 +192,45 @@ func TestConnChannel(t *testing.T) {
 		t.Fatalf("long key: %q", long)
 	}
 }
+
+// TestConnLimitClusterWorkerGone: a worker that stops takes its sockets'
+// entries with it (its leaves, or the broker dropping its link's presence),
+// so its users can connect to the other worker.
+func TestConnLimitClusterWorkerGone(t *testing.T) {
+	w1, w2, addr1, addr2 := startConnLimitPair(t, `
+middleware:
+  handshake:
+    - conn_limit: {per_user: 2}
+`)
+	tok := connLimitToken(t, "alice")
+	a1, a2 := dialWS(t, addr1), dialWS(t, addr1)
+	a1.handshake(tok)
+	a2.handshake(tok)
+	waitFor(t, 5*time.Second, "both sockets counted by the broker", func() bool { return brokerCount(t, w2, "user/alice") == 2 })
+	if c, code := tryHandshake(t, addr2, tok); c != nil || code != 4008 {
+		t.Fatalf("third socket on the other worker: admitted=%v code=%d", c != nil, code)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	stopped := make(chan error, 1)
+	go func() { stopped <- w1.Stop(ctx) }()
+	// The clients answer the worker's close (read until the connection
+	// ends), so the graceful stop completes.
+	for _, c := range []*wsClient{a1, a2} {
+		for range 1000 {
+			if _, err := c.recvWithin(5 * time.Second); err != nil {
+				break
+			}
+		}
+		c.c.Close()
+	}
+	if err := <-stopped; err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "the stopped worker's entries to go", func() bool { return brokerCount(t, w2, "user/alice") == 0 })
+	dialWS(t, addr2).handshake(tok)
+	dialWS(t, addr2).handshake(tok)
+	if c, code := tryHandshake(t, addr2, tok); c != nil || code != 4008 {
+		t.Fatalf("third socket after the move: admitted=%v code=%d", c != nil, code)
+	}
+}
