@@ -80,6 +80,11 @@ type ServerConfig struct {
 	// acks go out at once.
 	FlowMaxHold time.Duration
 	FlowMaxHeld int
+	// FlowLinkMark: a worker link with more than this many bytes queued
+	// (link.Writer.Pending: messages the worker has not read yet) counts
+	// as behind too, until it is down to a quarter of it. Default 256 KiB;
+	// negative: only the workers' own reports count.
+	FlowLinkMark int
 }
 
 // ServerStats are the broker's counters.
@@ -214,6 +219,9 @@ func NewServer(cfg ServerConfig) *Server {
 	}
 	if cfg.FlowMaxHeld <= 0 {
 		cfg.FlowMaxHeld = 1 << 16
+	}
+	if cfg.FlowLinkMark == 0 {
+		cfg.FlowLinkMark = 256 << 10
 	}
 	s := &Server{
 		cfg: cfg, log: cfg.Logger, links: map[*blink]struct{}{}, stopSweep: make(chan struct{}),
@@ -435,7 +443,7 @@ func (l *blink) publish(f *link.Frame) error {
 	if n := len(st.links); n > 0 {
 		sh.scratch = link.AppendMsg(sh.scratch[:0], off, epoch, f.Channel, f.Data)
 		for _, dl := range st.links {
-			hold = hold || dl.behind.Load()
+			hold = hold || dl.behind.Load() || s.linkBacklogged(dl, s.cfg.FlowLinkMark)
 			err := dl.w.WriteRaw(sh.scratch)
 			if errors.Is(err, link.ErrQueueFull) {
 				err = s.waitAndWrite(dl, sh.scratch)
@@ -826,6 +834,36 @@ func (s *Server) Interest(channel string) int {
 	return 0
 }
 
+// flowPoll is how often held acks are re-checked against the links'
+// backlogs.
+const flowPoll = 5 * time.Millisecond
+
+// linkBacklogged reports whether dl has more than mark bytes queued (mark
+// <= 0: never).
+func (s *Server) linkBacklogged(dl *blink, mark int) bool {
+	return mark > 0 && dl.w.Pending() > mark
+}
+
+// flowClear reports whether held acks may go: no worker reports behind and
+// no link has more than a quarter of FlowLinkMark queued.
+func (s *Server) flowClear() bool {
+	if s.flow.behind.Load() > 0 {
+		return false
+	}
+	mark := s.cfg.FlowLinkMark / 4
+	if mark <= 0 {
+		return true
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for l := range s.links {
+		if s.linkBacklogged(l, mark) {
+			return false
+		}
+	}
+	return true
+}
+
 // Publisher flow control. A publish is acknowledged as soon as this broker
 // has it, so a publisher that keeps a window of invokes in flight (the
 // SocketCluster client's invokePublish) could outrun delivery: the
@@ -843,7 +881,11 @@ func (s *Server) Interest(channel string) int {
 // at once (beyond that they go out at once). Held acks are released when
 // no link of this broker is behind any more (not per channel: simpler,
 // and a worker is behind for its machine's sake, rarely for one channel)
-// or when their hold expires. Durable publishes are not held (their ack
+// or when their hold expires. A worker link whose queue at this broker
+// holds more than FlowLinkMark bytes (the worker does not read its
+// messages as fast as they come: its machine is busy) counts as behind
+// too, since those messages, already acknowledged, would land in its
+// sockets' send queues next. Durable publishes are not held (their ack
 // already waits for the group commit). A publisher that does not wait for
 // acks (transmitPublish) is not slowed.
 
@@ -893,7 +935,7 @@ func (s *Server) holdAck(l *blink, id, off, epoch uint64) bool {
 	}
 	f := &s.flow
 	f.mu.Lock()
-	if f.stopping || len(f.q) >= s.cfg.FlowMaxHeld || f.behind.Load() == 0 {
+	if f.stopping || len(f.q) >= s.cfg.FlowMaxHeld {
 		f.mu.Unlock()
 		return false
 	}
@@ -927,10 +969,11 @@ func (s *Server) flowLoop() {
 		case <-s.stopSweep:
 			stop = true
 		}
+		free := stop || s.flowClear()
 		now := time.Now().UnixNano()
 		f.mu.Lock()
 		n := len(f.q)
-		if !stop && f.behind.Load() > 0 {
+		if !free {
 			n = 0
 			for n < len(f.q) && f.q[n].until <= now {
 				n++
@@ -966,7 +1009,9 @@ func (s *Server) flowLoop() {
 			}
 		}
 		if next != 0 {
-			t.Reset(time.Duration(max(next-time.Now().UnixNano(), int64(time.Millisecond))))
+			// Re-checked every flowPoll: a link's backlog drains without
+			// telling us.
+			t.Reset(min(time.Duration(max(next-time.Now().UnixNano(), int64(time.Millisecond))), flowPoll))
 		}
 	}
 }
