@@ -180,3 +180,25 @@ func TestPublishAckLocalBoundedAheadOfBroker(t *testing.T) {
 	wantFrames(t, c.take(), `{"rid":1000}`)
 	b.release(nil)
 }
+
+// The bound also counts bytes: past maxAheadBytes of unconfirmed data a
+// publish waits for its broker, but one publish may always go ahead alone.
+func TestPublishAckLocalBoundedBytes(t *testing.T) {
+	env, b := newHeldEnv(t, configs.PublishAckLocal)
+	c := env.handshake("")
+	big := `"` + strings.Repeat("x", maxAheadBytes/2) + `"`
+	for i := 0; i < 3; i++ {
+		env.send(c, publishFrame(2+i, "plain", big))
+	}
+	// The first fits, the second would pass the byte bound, the third too.
+	wantFrames(t, c.take(), `{"rid":2}`)
+	b.release(nil)
+	wantFrames(t, c.take(), `{"rid":3}`, `{"rid":4}`)
+	if n, by := c.s.aheadOfBroker.Load(), c.s.aheadBytes.Load(); n != 0 || by != 0 {
+		t.Fatalf("ahead %d publishes, %d bytes after every broker ack", n, by)
+	}
+	huge := `"` + strings.Repeat("y", maxAheadBytes+10) + `"`
+	env.send(c, publishFrame(5, "plain", huge))
+	wantFrames(t, c.take(), `{"rid":5}`)
+	b.release(nil)
+}

@@ -64,6 +64,7 @@ type Session struct {
 	// Publishes acknowledged locally whose broker acknowledgement has not
 	// come back yet (publish_ack: local; see localAck).
 	aheadOfBroker atomic.Int32
+	aheadBytes    atomic.Int64 // their data bytes
 
 	// Slow-consumer backlog (slow.go).
 	backlogged atomic.Bool
@@ -794,7 +795,7 @@ func (s *Session) finishPublish(p *sc.Packet, name string, data []byte, d middle
 		}
 		return
 	}
-	if invoke && e.proto.PublishAckIsLocal() && s.aheadOfBroker.Load() < maxAheadOfBroker && !e.channelOptions(name).History() {
+	if invoke && e.proto.PublishAckIsLocal() && s.mayAckAhead(len(data)) && !e.channelOptions(name).History() {
 		s.publishLocalAck(p.CID, name, data)
 		return
 	}
@@ -832,9 +833,9 @@ func (s *Session) finishPublish(p *sc.Packet, name string, data []byte, d middle
 // (no broker, broker down, queue full, too large) calls done before Publish
 // returns and is answered with the error, as with publish_ack: broker.
 //
-// At most maxAheadOfBroker publishes of one socket are acknowledged ahead of
-// their broker; beyond that a publish waits for the broker's ack like with
-// publish_ack: broker. So a publisher with a window of invokes in flight is
+// At most maxAheadOfBroker publishes (and maxAheadBytes of data) of one
+// socket are acknowledged ahead of their broker; beyond that a publish
+// waits for the broker's ack like with publish_ack: broker. So a publisher with a window of invokes in flight is
 // still slowed when brokers hold acks (publisher flow control,
 // docs/brokers.md), with this much slack; a window-1 publisher never waits.
 //
@@ -845,10 +846,21 @@ type localAck struct {
 	s     *Session
 	state atomic.Int32 // localPending, localAcked or localDone
 	err   error        // done's verdict, written before state becomes localDone
+	n     int64        // data bytes, counted in Session.aheadBytes
 	fn    func(uint64, error)
 }
 
-const maxAheadOfBroker = 64
+const (
+	maxAheadOfBroker = 64
+	maxAheadBytes    = 1 << 20 // one publish of any size may go ahead alone
+)
+
+// mayAckAhead reports whether a publish of n data bytes may be
+// acknowledged ahead of its broker (see localAck).
+func (s *Session) mayAckAhead(n int) bool {
+	ahead := s.aheadOfBroker.Load()
+	return ahead == 0 || (ahead < maxAheadOfBroker && s.aheadBytes.Load()+int64(n) <= maxAheadBytes)
+}
 
 const (
 	localPending = iota
@@ -872,6 +884,7 @@ func (a *localAck) done(_ uint64, err error) {
 		return // publishLocalAck reads err and recycles a
 	}
 	a.s.aheadOfBroker.Add(-1)
+	a.s.aheadBytes.Add(-a.n)
 	if err != nil {
 		// Already acknowledged: counted (pub_errors), as the reference
 		// emits an 'error' event the client never sees.
@@ -881,7 +894,7 @@ func (a *localAck) done(_ uint64, err error) {
 }
 
 func (a *localAck) release() {
-	a.s, a.err = nil, nil
+	a.s, a.err, a.n = nil, nil, 0
 	a.state.Store(localPending)
 	localAcks.Put(a)
 }
@@ -889,15 +902,17 @@ func (a *localAck) release() {
 func (s *Session) publishLocalAck(cid []byte, name string, data []byte) {
 	e := s.e
 	a := localAcks.Get().(*localAck)
-	a.s = s
+	a.s, a.n = s, int64(len(data))
 	e.stats.publishesIn.Add(1)
 	s.aheadOfBroker.Add(1) // before Publish: done may run at once
+	s.aheadBytes.Add(a.n)
 	e.cfg.Broker.Publish(name, data, a.fn)
 	if a.state.CompareAndSwap(localPending, localAcked) {
 		s.replyOK(cid) // a belongs to done now
 		return
 	}
 	s.aheadOfBroker.Add(-1)
+	s.aheadBytes.Add(-a.n)
 	err := a.err
 	a.release()
 	if err != nil {
