@@ -75,7 +75,7 @@ type ServerConfig struct {
 	// Publisher flow control (flow section below, docs/brokers.md "Flow
 	// control"): the ack of a publish to a channel an interested worker
 	// reports behind is held until no worker is behind any more, or for at
-	// most FlowMaxHold (default 1 s; negative: acks are never held).
+	// most FlowMaxHold (default 2 s; negative: acks are never held).
 	// FlowMaxHeld bounds the acks held at once (default 65536); beyond it
 	// acks go out at once.
 	FlowMaxHold time.Duration
@@ -215,7 +215,7 @@ func NewServer(cfg ServerConfig) *Server {
 		cfg.WarmUpMax = time.Second
 	}
 	if cfg.FlowMaxHold == 0 {
-		cfg.FlowMaxHold = time.Second
+		cfg.FlowMaxHold = 2 * time.Second
 	}
 	if cfg.FlowMaxHeld <= 0 {
 		cfg.FlowMaxHeld = 1 << 16

@@ -395,10 +395,13 @@ func (q *flushQueue) stop() {
 // slows publishers that wait for acks.
 //
 // "Behind" is about the worker, not one socket: at least flowMinDeep
-// connections, and at least a quarter of the open ones, have a deep send
+// connections, and at least a sixteenth of the open ones, have a deep send
 // queue (netpoll: over a quarter of its bounds). One stuck subscriber never
 // makes it, so it still meets the slow-consumer policy and slows nobody.
-// It stays behind until fewer than an eighth are deep (hysteresis). The
+// It stays behind until fewer than a thirty-second are deep (hysteresis)
+// or fewer than flowMinDeep. A quarter (the first try) came too late at
+// the maximum rate: the sockets of the slower bench agent were near their
+// bound before a quarter of all were deep. The
 // state is checked after every fan-out (two atomic loads) and, while
 // behind, every flowTick, since the queues drain without fan-outs once
 // publishers wait.
@@ -413,7 +416,7 @@ type flowState struct {
 }
 
 const (
-	flowMinDeep = 2
+	flowMinDeep = 4
 	flowTick    = 5 * time.Millisecond
 )
 
@@ -423,9 +426,9 @@ func flowBehind(deep, open int64, was bool) bool {
 		return false
 	}
 	if was {
-		return 8*deep >= open
+		return 32*deep >= open
 	}
-	return 4*deep >= open
+	return 16*deep >= open
 }
 
 // check is the fan-out's test: nc is any netpoll socket of this worker
