@@ -9,7 +9,7 @@ import (
 
 // TestFlowControlHoldsAcks: while a worker interested in a channel reports
 // behind, the broker delivers publishes to it at once but holds their acks;
-// they go out when it catches up, or after the maximum hold (1 s by
+// they go out when it catches up, or after the maximum hold (2 s by
 // default); publishes to channels it is not interested in are not held.
 func TestFlowControlHoldsAcks(t *testing.T) {
 	dir := runDir(t)
