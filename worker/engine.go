@@ -198,6 +198,9 @@ func NewEngine(cfg EngineConfig) (*Engine, error) {
 		cfg.Bans.e = e
 	}
 	e.chain.Store(chain)
+	// Before the first session: the first upgrade's cluster conn_limit
+	// check must already count across workers (connlimit.go).
+	e.installConnCounter(chain)
 	e.keys.Store(cfg.Keys)
 	if err := e.SetChannels(cfg.Channels); err != nil {
 		return nil, err
@@ -461,6 +464,9 @@ func (e *Engine) addRuleStats(counters map[string]int64) {
 		counters["middleware."+r.Rule+".allowed"] = int64(r.Allowed)
 		counters["middleware."+r.Rule+".denied"] = int64(r.Denied)
 	}
+	// conn_limit count queries the brokers could not answer (the rule fell
+	// back to this worker's own count).
+	counters["middleware.conn_limit.unavailable"] = int64(e.chain.Load().ConnLimitUnavailable())
 }
 
 // Chain is the current middleware chain.
@@ -470,6 +476,7 @@ func (e *Engine) Chain() *middleware.Chain { return e.chain.Load() }
 // next action; connection counts live in the chain's shared state.
 func (e *Engine) SetChain(c *middleware.Chain) {
 	if c != nil {
+		e.installConnCounter(c)
 		e.chain.Store(c)
 	}
 }
