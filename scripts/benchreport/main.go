@@ -316,7 +316,7 @@ var sections = []section{
 	{label: "conns-max", title: "Idle memory: the most connections this run allows (Shoal only)",
 		text: "A cluster with more workers, since each worker holds at most ~19,000 connections (`worker.max_connections`). The reference cannot go past ~19,900 in one process."},
 	{label: "conns-wss", title: "Idle memory and connection rate: wss:// through the balancer (Shoal only)",
-		text: "TLS is terminated by the balancer (`listen.tls: {auto: true}`, a generated development certificate; the bench tool does not verify certificates) and proxied to the workers over unix sockets, so the balancer holds two descriptors per connection and one balancer tops out near 9,900 wss:// connections. Every connection pays a full TLS handshake (no resumption). The reference server here has no TLS listener."},
+		text: "TLS is terminated by the balancer (`listen.tls: {auto: true}`, a generated development certificate; the bench tool does not verify certificates) and proxied to the workers over unix sockets, so the balancer holds two descriptors per connection and one balancer tops out near 9,900 wss:// connections. Every connection pays a full TLS handshake (no resumption). Measured on a fresh cluster of the same shape, so that no heap left over from the fan-out scenarios is counted. The reference server here has no TLS listener."},
 	{label: "fanout-1x", title: "Fan-out: 1 channel × subscribers, 100-byte payloads, maximum rate",
 		text: "Publishes are invokes (`#publish` with a cid) with at most 64 unacknowledged per publisher."},
 	{label: "fanout-100x", title: "Fan-out: 100 channels × N subscribers × 10 publishers, maximum rate",
