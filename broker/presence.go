@@ -121,24 +121,35 @@ func (l *blink) presJoin(channel string, raw []byte) error {
 		s.event(st, link.EventJoin, channel, raw)
 	}
 	sh.mu.Unlock()
-	if l.pres == nil {
-		l.pres = map[string]map[string]struct{}{}
-	}
-	if l.pres[channel] == nil {
-		l.pres[channel] = map[string]struct{}{}
-	}
-	l.pres[channel][e.Conn] = struct{}{}
+	connSetAdd(&l.pres, channel, e.Conn)
 	return nil
 }
 
 func (l *blink) presLeave(channel, conn string) {
-	if cs := l.pres[channel]; cs != nil {
+	connSetRemove(l.pres, channel, conn)
+	l.s.dropPresence(l, channel, conn)
+}
+
+// connSetAdd and connSetRemove keep a link's channel → connections index
+// (its presence entries, or its shadows), so that a dead link's entries can
+// be found without scanning every channel.
+func connSetAdd(m *map[string]map[string]struct{}, channel, conn string) {
+	if *m == nil {
+		*m = map[string]map[string]struct{}{}
+	}
+	if (*m)[channel] == nil {
+		(*m)[channel] = map[string]struct{}{}
+	}
+	(*m)[channel][conn] = struct{}{}
+}
+
+func connSetRemove(m map[string]map[string]struct{}, channel, conn string) {
+	if cs := m[channel]; cs != nil {
 		delete(cs, conn)
 		if len(cs) == 0 {
-			delete(l.pres, channel)
+			delete(m, channel)
 		}
 	}
-	l.s.dropPresence(l, channel, conn)
 }
 
 // shadowJoin keeps a shadow entry (link.PresShadowJoin): not listed, not
@@ -165,23 +176,12 @@ func (l *blink) shadowJoin(channel string, raw []byte) error {
 	}
 	st.shadow[e.Conn] = l // the link only: shadows are never listed
 	sh.mu.Unlock()
-	if l.shadows == nil {
-		l.shadows = map[string]map[string]struct{}{}
-	}
-	if l.shadows[channel] == nil {
-		l.shadows[channel] = map[string]struct{}{}
-	}
-	l.shadows[channel][e.Conn] = struct{}{}
+	connSetAdd(&l.shadows, channel, e.Conn)
 	return nil
 }
 
 func (l *blink) shadowLeave(channel, conn string) {
-	if cs := l.shadows[channel]; cs != nil {
-		delete(cs, conn)
-		if len(cs) == 0 {
-			delete(l.shadows, channel)
-		}
-	}
+	connSetRemove(l.shadows, channel, conn)
 	l.s.dropShadow(l, channel, conn)
 }
 
