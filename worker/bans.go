@@ -210,15 +210,9 @@ func (e *Engine) applyBanOp(c ctrlMsg, replay bool) {
 			return
 		}
 		for _, w := range c.Bans {
-			t := api.BanTarget{User: w.User}
-			if w.IP != "" {
-				p, err := netip.ParsePrefix(w.IP)
-				if err != nil {
-					continue
-				}
-				t.IP = p
+			if t, ok := unbanTarget(w); ok {
+				_, _ = store.local.Unban(ctx, t)
 			}
-			_, _ = store.local.Unban(ctx, t)
 		}
 	case "sync":
 		if store == nil || c.From == e.cfg.Name {
@@ -377,15 +371,9 @@ func applyToStore(m *api.MemoryBans, c ctrlMsg) {
 		}
 	case "unban":
 		for _, w := range c.Bans {
-			t := api.BanTarget{User: w.User}
-			if w.IP != "" {
-				p, err := netip.ParsePrefix(w.IP)
-				if err != nil {
-					continue
-				}
-				t.IP = p
+			if t, ok := unbanTarget(w); ok {
+				_, _ = m.Unban(ctx, t)
 			}
-			_, _ = m.Unban(ctx, t)
 		}
 	}
 }
@@ -580,4 +568,18 @@ func (e *Engine) syncBans() {
 		delay = min(2*delay, 2*time.Second)
 	}
 	e.log.Warn("could not ask the other workers for their bans; this worker enforces only bans made from now on")
+}
+
+// unbanTarget is what an "unban" op on "#bans" lifts; ok is false for an
+// address that does not parse (an op from a newer or broken peer: skipped).
+func unbanTarget(w wireBan) (api.BanTarget, bool) {
+	t := api.BanTarget{User: w.User}
+	if w.IP != "" {
+		p, err := netip.ParsePrefix(w.IP)
+		if err != nil {
+			return t, false
+		}
+		t.IP = p
+	}
+	return t, true
 }
