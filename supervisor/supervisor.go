@@ -198,8 +198,12 @@ func Run(ctx context.Context, cfg configs.Config, opts Options) error {
 	}
 
 	// Unix socket paths must stay under 108 bytes: a short private directory
-	// under the system temp dir, not under storage.dir.
-	s.runDir, err = os.MkdirTemp("", "shoal-")
+	// under the system temp dir, not under storage.dir. Those of supervisors
+	// that were SIGKILLed are removed first (rundir.go).
+	if stale := sweepRunDirs(os.TempDir()); len(stale) > 0 {
+		s.log.Info("removed run directories of supervisors that are gone", "count", len(stale))
+	}
+	s.runDir, err = makeRunDir()
 	if err != nil {
 		closeAdmin()
 		return fmt.Errorf("creating the run directory for unix sockets: %w", err)
