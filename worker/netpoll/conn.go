@@ -110,7 +110,7 @@ func (c *Conn) SetData(v any) {
 // over its bounds (the frame was dropped) and ErrClosed once the connection
 // is closing.
 func (c *Conn) WriteFrame(frame []byte) error {
-	flush, err := c.queueFrame(frame)
+	flush, err := c.QueueFrame(frame)
 	if flush {
 		c.srv.flushers.push(c, taskFlush)
 	}
@@ -125,12 +125,6 @@ func (c *Conn) WriteFrame(frame []byte) error {
 // writes its queue, so every frame queued meanwhile (by this caller or
 // others) leaves in that one writev. Errors are WriteFrame's.
 func (c *Conn) QueueFrame(frame []byte) (owed bool, err error) {
-	return c.queueFrame(frame)
-}
-
-// queueFrame queues frame and reports whether the caller must have the
-// connection flushed (c.flushing was set for it).
-func (c *Conn) queueFrame(frame []byte) (bool, error) {
 	if len(frame) == 0 {
 		return false, nil
 	}
