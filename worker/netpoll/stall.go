@@ -82,14 +82,14 @@ func (s *Server) checkStalls() {
 		s.stallMu.Unlock()
 		return
 	}
-	now := time.Now().UnixNano()
-	if !s.pressured() {
-		// Released by the timer rather than a flush: nothing to add.
-	} else if now-s.stallSince <= int64(maxStall) {
-		s.stallTimer.Reset(stallTick)
-		s.stallMu.Unlock()
-		return
-	} else {
+	// Without pressure the timer, rather than a flush, releases them.
+	if s.pressured() {
+		now := time.Now().UnixNano()
+		if now-s.stallSince <= int64(maxStall) {
+			s.stallTimer.Reset(stallTick)
+			s.stallMu.Unlock()
+			return
+		}
 		// The writers did not catch up within maxStall: read freely for
 		// as long, so the cluster is never deaf for good and the
 		// slow-consumer policy decides meanwhile.
