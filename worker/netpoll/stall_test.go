@@ -40,16 +40,26 @@ func TestStallIsBounded(t *testing.T) {
 	c := ts.dial(t)
 	waitFor(t, 5*time.Second, "open", func() bool { return h.openCount() == 1 })
 	const fake = int64(1) << 40
+	// Before the pressure: any stall begins after start.
+	start := time.Now()
 	ts.deep.Add(fake)
 	defer ts.deep.Add(-fake)
-	start := time.Now()
 	c.send(t, "late")
 	waitFor(t, 5*time.Second, "the message after maxStall", func() bool {
 		h.mu.Lock()
 		defer h.mu.Unlock()
 		return len(h.messages) == 1
 	})
-	if d := time.Since(start); d > 5*maxStall {
+	d := time.Since(start)
+	// The read was paused (not simply never stalled) for maxStall, and not
+	// much longer.
+	if ts.Stats().Stalls == 0 {
+		t.Error("the read was never paused")
+	}
+	if d < maxStall {
+		t.Errorf("read after %v, before maxStall %v: the stall did not hold", d, maxStall)
+	}
+	if d > 5*maxStall {
 		t.Errorf("held for %v", d)
 	}
 }
