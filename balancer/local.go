@@ -53,10 +53,10 @@ func NewLocal(log hclog.Logger, opts LocalOptions) *Child {
 	return c
 }
 
-// localPlain gives a plain connection to the local worker. fd stays the
-// caller's: the worker gets a duplicate.
-func (c *Child) localPlain(fd int) {
-	nfd, err := dupFD(fd)
+// localPlain gives a plain connection to the local worker. The conn stays
+// the caller's: the worker gets a duplicate of its fd.
+func (c *Child) localPlain(sc syscall.Conn) {
+	nfd, err := dupConn(sc)
 	if err != nil {
 		if isLocalExhaustion(err) {
 			c.stats.add(ctrFDExhausted, 1)
@@ -65,14 +65,6 @@ func (c *Child) localPlain(fd int) {
 	}
 	c.stats.add(ctrHanded, 1)
 	c.local.Plain(nfd)
-}
-
-func dupFD(fd int) (int, error) {
-	r, _, e := syscall.Syscall(syscall.SYS_FCNTL, uintptr(fd), syscall.F_DUPFD_CLOEXEC, 0)
-	if e != 0 {
-		return -1, e
-	}
-	return int(r), nil
 }
 
 // localProxy asks the local worker for the stream of a terminated TLS

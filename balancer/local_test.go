@@ -158,3 +158,32 @@ func TestLocalProxyRefusal(t *testing.T) {
 		return tb.counter(t, ctrLocalRefused) == 1 && tb.counter(t, "active_tls") == 0
 	})
 }
+
+// A worker's front end with listen.tls.listen equal to listen.public: the
+// sniffed plain connection goes to the worker (a duplicate of its fd, with
+// the client's address) and TLS is proxied, as on separate ports.
+func TestLocalSharedPort(t *testing.T) {
+	w := startFakeWorker(t, t.TempDir(), "worker-a")
+	cfg := testConfig(t, true)
+	cfg.Listen.TLS.Listen = cfg.Listen.Public
+	c, addrs := startLocal(t, cfg, w)
+	if addrs[control.AddrTLS] != addrs[control.AddrPublic] {
+		t.Fatalf("addrs %v: want one port", addrs)
+	}
+	body, local, err := get(t, "http://"+addrs[control.AddrPublic]+"/", "127.0.0.2", nil)
+	if err != nil || body != "worker-a "+local {
+		t.Fatalf("plain on the shared port: %q, %v", body, err)
+	}
+	conf := &tls.Config{RootCAs: devCertPool(t, cfg.Storage.Dir), MinVersion: tls.VersionTLS12}
+	body, local, err = get(t, "https://"+addrs[control.AddrPublic]+"/", "127.0.0.2", conf)
+	if err != nil || body != "worker-a "+local {
+		t.Fatalf("TLS on the shared port: %q, %v", body, err)
+	}
+	if w.handed.Load() != 1 || w.proxied.Load() != 1 {
+		t.Errorf("handed %d, proxied %d; want 1 each", w.handed.Load(), w.proxied.Load())
+	}
+	tb := &testBalancer{Child: c}
+	if tb.counter(t, ctrHanded) != 1 || tb.counter(t, ctrProxied) != 1 {
+		t.Errorf("counters handed %d, proxied %d; want 1 each", tb.counter(t, ctrHanded), tb.counter(t, ctrProxied))
+	}
+}

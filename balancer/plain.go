@@ -132,17 +132,15 @@ func (c *Child) routePlain(conn net.Conn) {
 	if !ok {
 		return // cannot happen for TCP; nothing to hand over
 	}
+	if c.local != nil {
+		c.localPlain(sc)
+		return
+	}
 	rc, err := sc.SyscallConn()
 	if err != nil {
 		return
 	}
-	_ = rc.Control(func(fd uintptr) {
-		if c.local != nil {
-			c.localPlain(int(fd))
-			return
-		}
-		c.routeFD(int(fd))
-	})
+	_ = rc.Control(func(fd uintptr) { c.routeFD(int(fd)) })
 }
 
 // routeFD hands a plain connection to the least-loaded live worker. It reads
