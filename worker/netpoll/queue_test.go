@@ -3,6 +3,7 @@ package netpoll
 import (
 	"bytes"
 	"fmt"
+	"runtime"
 	"testing"
 )
 
@@ -55,4 +56,36 @@ func collect(q *queue, n int) []byte {
 		b = append(b, f...)
 	}
 	return b
+}
+
+// The reserve keeps put queues through garbage collections (a sync.Pool
+// alone drops them after two), up to reserveCap of a class and no more.
+func TestQueueReserve(t *testing.T) {
+	const k = 1 // a small class, with a reserve
+	r := &queueReserve[k]
+	limit := reserveCap(k)
+	if limit == 0 {
+		t.Fatal("no reserve for a small class")
+	}
+	qs := make([]*queue, limit+4)
+	for i := range qs {
+		qs[i] = &queue{frames: make([][]byte, 0, minQueueCap<<k)}
+	}
+	for _, q := range qs {
+		putQueue(q)
+	}
+	if n := r.n.Load(); n != limit {
+		t.Fatalf("reserve holds %d queues, want its cap %d", n, limit)
+	}
+	runtime.GC()
+	runtime.GC()
+	if q := getQueue(minQueueCap << k); cap(q.frames) != minQueueCap<<k {
+		t.Fatalf("got a queue of capacity %d, want %d", cap(q.frames), minQueueCap<<k)
+	}
+	if n := r.n.Load(); n != limit-1 {
+		t.Fatalf("after two collections and a get the reserve holds %d queues, want %d", n, limit-1)
+	}
+	if reserveCap(6) != 0 {
+		t.Fatal("big classes have a reserve")
+	}
 }
