@@ -810,10 +810,7 @@ func (s *Session) finishPublish(p *sc.Packet, name string, data []byte, d middle
 	e.stats.publishesIn.Add(1)
 	e.cfg.Broker.Publish(name, data, func(_ uint64, err error) {
 		if err != nil {
-			e.stats.pubErrors.Add(1)
-			if invoke {
-				s.replyError(cidCopy, sc.NewError("BrokerError", "Failed to publish: "+err.Error()))
-			}
+			s.publishFailed(cidCopy, err) // cidCopy: nil unless invoke
 			return
 		}
 		if invoke {
@@ -883,8 +880,6 @@ func (a *localAck) done(_ uint64, err error) {
 	if a.state.CompareAndSwap(localPending, localDone) {
 		return // publishLocalAck reads err and recycles a
 	}
-	a.s.aheadOfBroker.Add(-1)
-	a.s.aheadBytes.Add(-a.n)
 	if err != nil {
 		// Already acknowledged: counted (pub_errors), as the reference
 		// emits an 'error' event the client never sees.
@@ -893,7 +888,10 @@ func (a *localAck) done(_ uint64, err error) {
 	a.release()
 }
 
+// release ends a's count ahead of the broker and puts it back in the pool.
 func (a *localAck) release() {
+	a.s.aheadOfBroker.Add(-1)
+	a.s.aheadBytes.Add(-a.n)
 	a.s, a.err, a.n = nil, nil, 0
 	a.state.Store(localPending)
 	localAcks.Put(a)
@@ -911,14 +909,20 @@ func (s *Session) publishLocalAck(cid []byte, name string, data []byte) {
 		s.replyOK(cid) // a belongs to done now
 		return
 	}
-	s.aheadOfBroker.Add(-1)
-	s.aheadBytes.Add(-a.n)
 	err := a.err
 	a.release()
 	if err != nil {
-		e.stats.pubErrors.Add(1)
-		s.replyError(cid, sc.NewError("BrokerError", "Failed to publish: "+err.Error()))
+		s.publishFailed(cid, err)
 		return
 	}
 	s.replyOK(cid)
+}
+
+// publishFailed counts a publish its broker refused or lost and, for an
+// invoke (cid set), answers it with the error.
+func (s *Session) publishFailed(cid []byte, err error) {
+	s.e.stats.pubErrors.Add(1)
+	if cid != nil {
+		s.replyError(cid, sc.NewError("BrokerError", "Failed to publish: "+err.Error()))
+	}
 }
