@@ -1131,3 +1131,44 @@ func TestUpgradeHookAcceptsWithDataAndRefusesWithStatus(t *testing.T) {
 		t.Fatalf("a refused upgrade reached OnOpen")
 	}
 }
+
+// QueueFrame's contract (the worker's fan-out): the first frame on an idle
+// connection makes the caller owe its flush, the frames queued until then
+// owe nothing and wait, and the one Flush writes them all in one writev.
+func TestQueueFrameOwesOneFlushForAll(t *testing.T) {
+	h := &recorder{}
+	ts := startServer(t, Config{Handler: h})
+	c := ts.dial(t)
+	waitFor(t, 5*time.Second, "open", func() bool { return h.openCount() == 1 })
+	sc := h.conn(0)
+	w0 := ts.Stats().Writes
+	for i, msg := range []string{"a", "b", "c"} {
+		owed, err := sc.QueueFrame(AppendTextFrame(nil, []byte(msg)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if owed != (i == 0) {
+			t.Fatalf("frame %d: owed %v", i, owed)
+		}
+	}
+	if w := ts.Stats().Writes - w0; w != 0 {
+		t.Fatalf("%d writes before the owed flush", w)
+	}
+	NewFlusher().Flush(sc)
+	if w := ts.Stats().Writes - w0; w != 1 {
+		t.Fatalf("%d writes for three queued frames, want 1", w)
+	}
+	for _, want := range []string{"a", "b", "c"} {
+		if got := c.read(t); got != want {
+			t.Fatalf("read %q, want %q", got, want)
+		}
+	}
+	// Flushed: the next frame owes a flush again.
+	if owed, err := sc.QueueFrame(AppendTextFrame(nil, []byte("d"))); err != nil || !owed {
+		t.Fatalf("after the flush: owed %v, err %v", owed, err)
+	}
+	NewFlusher().Flush(sc)
+	if got := c.read(t); got != "d" {
+		t.Fatalf("read %q", got)
+	}
+}
