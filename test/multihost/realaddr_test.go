@@ -195,6 +195,20 @@ func handshakeAndSubscribe(t *testing.T, s *scConn, channel string) json.RawMess
 	return e
 }
 
+// admit checks that 127.0.0.2, which no rule denies, connects and may
+// subscribe to channel; the connection is closed when t ends.
+func (c *local) admit(t *testing.T, ctx context.Context, useTLS bool, channel string) {
+	t.Helper()
+	ok, err := c.dialSC(ctx, "127.0.0.2", useTLS)
+	if err != nil {
+		t.Fatalf("127.0.0.2 was refused: %v", err)
+	}
+	t.Cleanup(ok.close)
+	if e := handshakeAndSubscribe(t, ok, channel); e != nil {
+		t.Errorf("127.0.0.2's subscribe was refused: %s", e)
+	}
+}
+
 var paths = []struct {
 	name string
 	tls  bool
@@ -214,14 +228,7 @@ func TestRealAddrInboundCIDR(t *testing.T) {
 		t.Run(p.name, func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 			defer cancel()
-			ok, err := c.dialSC(ctx, "127.0.0.2", p.tls)
-			if err != nil {
-				t.Fatalf("127.0.0.2: %v", err)
-			}
-			defer ok.close()
-			if e := handshakeAndSubscribe(t, ok, "realaddr/a"); e != nil {
-				t.Errorf("127.0.0.2 was refused: %s", e)
-			}
+			c.admit(t, ctx, p.tls, "realaddr/a")
 			denied, err := c.dialSC(ctx, "127.0.0.4", p.tls)
 			if err != nil {
 				t.Fatalf("127.0.0.4 (only its subscribes are denied) could not connect: %v", err)
@@ -251,14 +258,7 @@ func TestRealAddrHandshakeCIDR(t *testing.T) {
 		t.Run(p.name, func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 			defer cancel()
-			ok, err := c.dialSC(ctx, "127.0.0.2", p.tls)
-			if err != nil {
-				t.Fatalf("127.0.0.2 was refused: %v", err)
-			}
-			defer ok.close()
-			if e := handshakeAndSubscribe(t, ok, "realaddr/b"); e != nil {
-				t.Errorf("127.0.0.2's subscribe was refused: %s", e)
-			}
+			c.admit(t, ctx, p.tls, "realaddr/b")
 			denied, err := c.dialSC(ctx, "127.0.0.3", p.tls)
 			if err == nil {
 				defer denied.close()
