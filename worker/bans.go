@@ -191,29 +191,11 @@ func (e *Engine) applyBanOp(c ctrlMsg, replay bool) {
 			store.snapBase = max(store.snapBase, c.Base)
 			store.mu.Unlock()
 		}
-	case "ban":
+	case "ban", "unban":
 		if store == nil || (c.From == e.cfg.Name && !replay) { // ours is stored already
 			return
 		}
-		for _, w := range c.Bans {
-			b, err := fromWire(w)
-			if err != nil {
-				e.log.Warn("malformed ban", "error", err)
-				continue
-			}
-			if err := store.local.Ban(ctx, b); err != nil {
-				e.log.Warn("storing a cluster ban", "error", err)
-			}
-		}
-	case "unban":
-		if store == nil || (c.From == e.cfg.Name && !replay) {
-			return
-		}
-		for _, w := range c.Bans {
-			if t, ok := unbanTarget(w); ok {
-				_, _ = store.local.Unban(ctx, t)
-			}
-		}
+		e.applyToStore(store.local, c)
 	case "sync":
 		if store == nil || c.From == e.cfg.Name {
 			return
@@ -317,7 +299,7 @@ func (e *Engine) maybeCompactBans(off uint64) {
 // base is the last offset folded.
 func (e *Engine) compactBans(ctx context.Context, hist banHistory) error {
 	fold := api.NewMemoryBans(nil)
-	last, err := e.foldBanLog(ctx, hist, func(c ctrlMsg) { applyToStore(fold, c) })
+	last, err := e.foldBanLog(ctx, hist, func(c ctrlMsg) { e.applyToStore(fold, c) })
 	if err != nil {
 		return err
 	}
@@ -359,14 +341,20 @@ func (e *Engine) compactBans(ctx context.Context, hist banHistory) error {
 	return nil
 }
 
-// applyToStore applies a ban/unban/snapshot op to a store being rebuilt.
-func applyToStore(m *api.MemoryBans, c ctrlMsg) {
+// applyToStore applies a ban/unban/snapshot op to m: the worker's store
+// (live ops, replay) or one being rebuilt (compaction).
+func (e *Engine) applyToStore(m *api.MemoryBans, c ctrlMsg) {
 	ctx := context.Background()
 	switch c.Op {
 	case "ban", "snapshot":
 		for _, w := range c.Bans {
-			if b, err := fromWire(w); err == nil {
-				_ = m.Ban(ctx, b)
+			b, err := fromWire(w)
+			if err != nil {
+				e.log.Warn("malformed ban", "error", err)
+				continue
+			}
+			if err := m.Ban(ctx, b); err != nil {
+				e.log.Warn("storing a cluster ban", "error", err)
 			}
 		}
 	case "unban":
@@ -512,7 +500,7 @@ func (e *Engine) replayBans(hist banHistory) bool {
 		n := 0
 		_, err := e.foldBanLog(ctx, hist, func(c ctrlMsg) {
 			n++
-			applyToStore(store.local, c)
+			e.applyToStore(store.local, c)
 		})
 		close(stopWatch)
 		cancel()
