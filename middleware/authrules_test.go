@@ -207,6 +207,15 @@ func TestBanRule(t *testing.T) {
 	if d := decide(c, Input{Action: Authenticate, Socket: user("s", "10.0.0.1", "mallory", nil)}); d.Verdict != Deny {
 		t.Fatalf("authenticate: %+v", d)
 	}
+	// authenticate checks the user only: the address was checked at the
+	// handshake (a banned address there never gets this far).
+	if d := decide(c, Input{Action: Authenticate, Socket: user("s", "10.9.9.9", "alice", nil)}); d.Verdict != Allow {
+		t.Fatalf("authenticate of alice from a banned address: %+v", d)
+	}
+	// handshakeSC checks the address as well as the user.
+	if d := decide(c, Input{Action: HandshakeSC, Socket: user("s", "10.9.9.9", "alice", nil)}); d.Verdict != Deny || d.Error.Message != "Banned" {
+		t.Fatalf("handshakeSC of alice from a banned address: %+v", d)
+	}
 	if d := decide(c, Input{Action: HandshakeSC, Socket: user("s", "10.0.0.1", "alice", nil)}); d.Verdict != Allow {
 		t.Fatalf("alice: %+v", d)
 	}
