@@ -99,11 +99,7 @@ func (s *Server) install(hs brokerclient.HistoryState, page brokerclient.History
 	sh := s.shard([]byte(hs.Channel))
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
-	st := sh.chans[hs.Channel]
-	if st == nil {
-		st = s.newChan(hs.Channel)
-		sh.chans[st.name] = st
-	}
+	st := s.chanLocked(sh, []byte(hs.Channel))
 	if st.offset > 0 || st.hist.n > 0 || !st.opts.History() {
 		return false // published here meanwhile, or no history by this broker's rules
 	}

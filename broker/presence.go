@@ -107,11 +107,7 @@ func (l *blink) presJoin(channel string, raw []byte) error {
 	s := l.s
 	sh := s.shard([]byte(channel))
 	sh.mu.Lock()
-	st := sh.chans[channel]
-	if st == nil {
-		st = s.newChan(channel)
-		sh.chans[channel] = st
-	}
+	st := s.chanLocked(sh, []byte(channel))
 	if st.pres == nil {
 		st.pres = map[string]*presEntry{}
 	}
@@ -166,11 +162,7 @@ func (l *blink) shadowJoin(channel string, raw []byte) error {
 	s := l.s
 	sh := s.shard([]byte(channel))
 	sh.mu.Lock()
-	st := sh.chans[channel]
-	if st == nil {
-		st = s.newChan(channel)
-		sh.chans[channel] = st
-	}
+	st := s.chanLocked(sh, []byte(channel))
 	if st.shadow == nil {
 		st.shadow = map[string]*blink{}
 	}

@@ -24,11 +24,7 @@ func (l *blink) subscribeRecover(f *link.Frame) {
 	sh := s.shard(f.Channel)
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
-	st := sh.chans[name]
-	if st == nil {
-		st = s.newChan(name)
-		sh.chans[name] = st
-	}
+	st := s.chanLocked(sh, f.Channel)
 	now := time.Now().UnixNano()
 	from, ok := s.recoverable(st, f.Since, f.Epoch, now)
 	buf := sh.scratch[:0]

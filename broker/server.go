@@ -419,11 +419,7 @@ func (l *blink) publish(f *link.Frame) error {
 	var slow []*blink
 	deferred, hold := false, false
 	sh.mu.Lock()
-	st := sh.chans[string(f.Channel)]
-	if st == nil {
-		st = s.newChan(string(f.Channel))
-		sh.chans[st.name] = st
-	}
+	st := s.chanLocked(sh, f.Channel)
 	if st.foreign {
 		s.takeOver(st)
 	}
@@ -578,6 +574,18 @@ func (s *Server) newChan(name string) *chanState {
 
 func (s *Server) nextEpoch() uint64 { return s.cfg.Epoch + s.gen.Add(1) - 1 }
 
+// chanLocked returns the channel's state, made (newChan) if the shard has
+// none. The caller holds sh.mu. The name is bytes so that the lookup of an
+// existing channel allocates no string.
+func (s *Server) chanLocked(sh *shard, name []byte) *chanState {
+	st := sh.chans[string(name)]
+	if st == nil {
+		st = s.newChan(string(name))
+		sh.chans[st.name] = st
+	}
+	return st
+}
+
 func (l *blink) subscribe(ch []byte) {
 	if _, ok := l.chans[string(ch)]; ok {
 		return
@@ -586,11 +594,7 @@ func (l *blink) subscribe(ch []byte) {
 	l.chans[name] = struct{}{}
 	sh := l.s.shard(ch)
 	sh.mu.Lock()
-	st := sh.chans[name]
-	if st == nil {
-		st = l.s.newChan(name)
-		sh.chans[name] = st
-	}
+	st := l.s.chanLocked(sh, ch)
 	st.links = append(st.links, l)
 	sh.mu.Unlock()
 }
