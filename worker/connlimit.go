@@ -68,9 +68,9 @@ func (c brokerConnCounter) Count(ctx context.Context, key string) (int, error) {
 	return c.b.PresenceCount(ctx, connChannel(key))
 }
 
-// installConnCounter gives the chain the broker-backed counter the first
-// time a chain with a cluster-scoped conn_limit rule meets a session (the
-// counter then stays for every reloaded chain). A worker without brokers
+// installConnCounter gives the chain the broker-backed counter when the
+// engine takes a chain with a cluster-scoped conn_limit rule (New and
+// SetChain; the counter then stays for every reloaded chain). A worker without brokers
 // (or a broker without presence) keeps counting its own sockets only.
 func (e *Engine) installConnCounter(chain *middleware.Chain) {
 	if !chain.WantsConnCounter() {

@@ -73,7 +73,6 @@ func copyPacket(p *sc.Packet) (sc.Packet, []byte) {
 // initMiddleware gives a new session its identity for the chain.
 func (s *Session) initMiddleware(remote net.Addr) {
 	sock := &middleware.Socket{ID: s.id, RemoteIP: addrIP(remote)}
-	s.e.installConnCounter(s.e.chain.Load()) // connlimit.go
 	// UserChanged on a socket that was never opened only creates the
 	// chain's per-socket state. Doing it now, before any other goroutine
 	// sees the session, keeps that lazy creation from racing between the
