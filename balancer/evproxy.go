@@ -433,10 +433,10 @@ func (l *evLoop) readClient(p *evProxy) {
 		n, err := p.tc.Read(l.buf)
 		// Reading can make crypto/tls write (a TLS 1.3 KeyUpdate answer).
 		l.clientQueued(p)
-		if n > 0 && p.sink {
+		if n > 0 {
 			l.stats.bytesIn.Add(int64(n))
-		} else if n > 0 {
-			l.stats.bytesIn.Add(int64(n))
+		}
+		if n > 0 && !p.sink { // sinking: the input is dropped
 			w, werr := writeNB(p.wfd, l.buf[:n])
 			if werr != nil {
 				// The worker stopped reading; what it sent last (a close
