@@ -54,8 +54,7 @@ func (c *Child) tlsConfig(cfg configs.Config) (*tls.Config, error) {
 		}
 		c.log.Info("TLS certificate loaded", "cert", t.Cert, "sha256", cs.fingerprint())
 	case t.Auto:
-		dir := filepath.Join(cfg.Storage.Dir, "tls")
-		cert, path, created, err := loadOrCreateDevCert(dir, time.Now())
+		cert, path, created, err := loadOrCreateDevCert(filepath.Dir(DevCertPath(cfg.Storage.Dir)), time.Now())
 		if err != nil {
 			return nil, fmt.Errorf("listen.tls.auto: %w", err)
 		}
@@ -83,6 +82,12 @@ func (c *Child) tlsConfig(cfg configs.Config) (*tls.Config, error) {
 		NextProtos:     []string{"http/1.1"},
 		GetCertificate: cs.get,
 	}, nil
+}
+
+// DevCertPath is where listen.tls.auto keeps the node's development
+// certificate, shared by every process that terminates TLS.
+func DevCertPath(storageDir string) string {
+	return filepath.Join(storageDir, "tls", devCertFile)
 }
 
 // Fingerprint is the SHA-256 of a certificate's DER, as colon-separated hex

@@ -1,13 +1,11 @@
 package supervisor
 
 import (
-	"crypto/sha256"
+	"crypto/x509"
 	"encoding/pem"
-	"fmt"
 	"os"
-	"path/filepath"
-	"strings"
 
+	"github.com/shoalhq/shoal/balancer"
 	"github.com/shoalhq/shoal/configs"
 )
 
@@ -20,7 +18,7 @@ func devCertFingerprint(cfg configs.Config) (path, fp string) {
 	if cfg.Listen.TLS.Listen == "" || !cfg.Listen.TLS.Auto || cfg.Listen.TLS.Cert != "" {
 		return "", ""
 	}
-	path = filepath.Join(cfg.Storage.Dir, "tls", "dev-cert.pem")
+	path = balancer.DevCertPath(cfg.Storage.Dir)
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return "", ""
@@ -29,13 +27,9 @@ func devCertFingerprint(cfg configs.Config) (path, fp string) {
 	if block == nil || block.Type != "CERTIFICATE" {
 		return "", ""
 	}
-	sum := sha256.Sum256(block.Bytes)
-	var b strings.Builder
-	for i, x := range sum {
-		if i > 0 {
-			b.WriteByte(':')
-		}
-		fmt.Fprintf(&b, "%02X", x)
+	cert, err := x509.ParseCertificate(block.Bytes)
+	if err != nil {
+		return "", ""
 	}
-	return path, b.String()
+	return path, balancer.Fingerprint(cert)
 }
