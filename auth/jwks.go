@@ -150,7 +150,7 @@ func (r *rawJWK) parse() (jwk, error) {
 			return k, fmt.Errorf("RSA key of %d bits (at least 2048)", pub.N.BitLen())
 		}
 		k.key = pub
-		return k, k.fits("RS", "PS")
+		return k, k.fits()
 	case "EC":
 		var curve elliptic.Curve
 		switch r.Crv {
@@ -186,7 +186,7 @@ func (r *rawJWK) parse() (jwk, error) {
 			return k, fmt.Errorf("EC point: %w", err)
 		}
 		k.key = pub
-		return k, k.fits("ES")
+		return k, k.fits()
 	case "OKP":
 		if r.Crv != "Ed25519" {
 			return k, fmt.Errorf("unsupported OKP curve %q (Ed25519)", r.Crv)
@@ -199,35 +199,28 @@ func (r *rawJWK) parse() (jwk, error) {
 			return k, fmt.Errorf("Ed25519 key of %d bytes (want %d)", len(x), ed25519.PublicKeySize)
 		}
 		k.key = ed25519.PublicKey(x)
-		return k, k.fits("EdDSA")
+		return k, k.fits()
 	case "oct":
 		s, err := b64("k", r.K)
 		if err != nil {
 			return k, err
 		}
 		k.key = s
-		return k, k.fits("HS")
+		return k, k.fits()
 	case "":
 		return k, errors.New(`"kty" is missing`)
 	}
 	return k, fmt.Errorf("unsupported kty %q (RSA, EC, OKP, oct)", r.Kty)
 }
 
-// fits checks the key's own alg against its type.
-func (k *jwk) fits(prefixes ...string) error {
-	if k.alg == "" {
+// fits checks that the key's own alg, when it names one, can use the key
+// (the same test as verification's, usable).
+func (k *jwk) fits() error {
+	if k.alg == "" || k.usable(jwt.GetSigningMethod(k.alg)) {
 		return nil
 	}
-	for _, p := range prefixes {
-		if strings.HasPrefix(k.alg, p) {
-			if ec, ok := k.key.(*ecdsa.PublicKey); ok {
-				m, _ := jwt.GetSigningMethod(k.alg).(*jwt.SigningMethodECDSA)
-				if m == nil || m.CurveBits != ec.Curve.Params().BitSize {
-					return fmt.Errorf("alg %s does not fit curve %s", k.alg, ec.Curve.Params().Name)
-				}
-			}
-			return nil
-		}
+	if ec, ok := k.key.(*ecdsa.PublicKey); ok && strings.HasPrefix(k.alg, "ES") {
+		return fmt.Errorf("alg %s does not fit curve %s", k.alg, ec.Curve.Params().Name)
 	}
 	return fmt.Errorf("alg %s does not fit the key type", k.alg)
 }

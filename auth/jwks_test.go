@@ -141,6 +141,23 @@ func TestJWKS(t *testing.T) {
 	}
 }
 
+// p256JWK is a valid P-256 public key as a JWK naming alg.
+func p256JWK(t *testing.T, alg string) string {
+	t.Helper()
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := ecJWK("", &k.PublicKey)
+	delete(m, "kid")
+	m["alg"] = alg
+	b, err := json.Marshal(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
 func TestJWKSFileErrors(t *testing.T) {
 	cases := []struct {
 		name string
@@ -160,6 +177,9 @@ func TestJWKSFileErrors(t *testing.T) {
 		{"bad base64", `{"keys":[{"kty":"oct","k":"!!"}]}`, "not base64url"},
 		{"alg of another type", `{"keys":[{"kty":"oct","k":"AAAA","alg":"RS256"}]}`, "does not fit"},
 		{"unknown alg", `{"keys":[{"kty":"oct","k":"AAAA","alg":"XX1"}]}`, `unsupported alg "XX1"`},
+		{"alg of another curve", `{"keys":[` + p256JWK(t, "ES384") + `]}`, "alg ES384 does not fit curve P-256"},
+		{"ec key with an rsa alg", `{"keys":[` + p256JWK(t, "RS256") + `]}`, "alg RS256 does not fit the key type"},
+		{"ed25519 key with an hmac alg", `{"keys":[{"kty":"OKP","crv":"Ed25519","x":"` + b64u(make([]byte, 32)) + `","alg":"HS256"}]}`, "alg HS256 does not fit the key type"},
 		{"duplicate kid", `{"keys":[{"kty":"oct","kid":"a","k":"AAAA"},{"kty":"oct","kid":"a","k":"AAAB"}]}`, `kid "a" appears twice`},
 	}
 	for _, tc := range cases {
