@@ -43,17 +43,13 @@ func (e *Engine) channelOptions(channel string) chanopts.Options {
 	return e.rules.Load().Lookup(channel)
 }
 
-// appendPublishPos appends a #publish carrying the broker's position. The
-// epoch is formatted into the frame directly (base 36, as
+// appendPublishPos appends a #publish carrying the broker's position: the
+// plain sc.AppendPublish with its data object reopened for offset and epoch.
+// The epoch is formatted into the frame directly (base 36, as
 // brokerclient.FormatEpoch), so nothing is allocated per message.
 func appendPublishPos(dst []byte, channel string, data []byte, offset, epoch uint64) []byte {
-	dst = append(dst, `{"event":"#publish","data":{"channel":`...)
-	dst = sc.AppendString(dst, channel)
-	dst = append(dst, `,"data":`...)
-	if data == nil {
-		data = []byte("null")
-	}
-	dst = append(dst, data...)
+	dst = sc.AppendPublish(dst, channel, data)
+	dst = dst[:len(dst)-len("}}")]
 	dst = append(dst, `,"offset":`...)
 	dst = strconv.AppendUint(dst, offset, 10)
 	dst = append(dst, `,"epoch":"`...)
