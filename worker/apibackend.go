@@ -2,8 +2,6 @@ package worker
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -320,9 +318,7 @@ func (e *Engine) socketCounts(ctx context.Context, byWorker map[string][]string)
 		}
 		for len(chans) > 0 {
 			n := min(len(chans), countsChunk)
-			var id [12]byte
-			_, _ = rand.Read(id[:])
-			reqs = append(reqs, &req{worker: w, chans: chans[:n], id: hex.EncodeToString(id[:]), reply: make(chan []int, 1)})
+			reqs = append(reqs, &req{worker: w, chans: chans[:n], id: newRequestID(), reply: make(chan []int, 1)})
 			chans = chans[n:]
 		}
 	}

@@ -248,11 +248,16 @@ func (e *Engine) userAction(ctx context.Context, user string, c ctrlMsg) (int, e
 	return e.collect(ctx, userChannelPrefix+user, c)
 }
 
+// newRequestID returns a random id matching a control request to its replies.
+func newRequestID() string {
+	var id [12]byte
+	_, _ = rand.Read(id[:]) // crypto/rand.Read never fails (Go 1.24+)
+	return hex.EncodeToString(id[:])
+}
+
 // collect publishes c on channel asking for replies and sums them.
 func (e *Engine) collect(ctx context.Context, channel string, c ctrlMsg) (int, error) {
-	var id [12]byte
-	_, _ = rand.Read(id[:])
-	c.ID = hex.EncodeToString(id[:])
+	c.ID = newRequestID()
 	c.Reply = replyChannelPrefix + e.cfg.Name
 	c.From = e.cfg.Name
 	ch := make(chan int, 256)
