@@ -22,14 +22,6 @@ import (
 // like interests), so presence is rebuilt without a central store and
 // without ghosts.
 
-// PresenceEntry is the JSON shape of an entry on the link and in the API.
-type PresenceEntry struct {
-	Conn   string          `json:"conn"`
-	User   string          `json:"user,omitempty"`
-	Worker string          `json:"worker,omitempty"`
-	Info   json.RawMessage `json:"info,omitempty"`
-}
-
 // ChannelInfo is one channel in a channel list.
 type ChannelInfo struct {
 	Channel  string   `json:"channel"`
@@ -93,7 +85,7 @@ func (l *blink) presence(f *link.Frame) error {
 }
 
 func (l *blink) presJoin(channel string, raw []byte) error {
-	var e PresenceEntry
+	var e brokerclient.PresenceEntry // the entry as the worker sent it
 	if err := json.Unmarshal(raw, &e); err != nil || e.Conn == "" {
 		return fmt.Errorf("%w: %v", errBadPresence, err)
 	}
@@ -155,7 +147,7 @@ func (l *blink) shadowJoin(channel string, raw []byte) error {
 	if !strings.HasPrefix(channel, "#") {
 		return fmt.Errorf("%w: shadow entries are for internal channels, not %q", errBadPresence, channel)
 	}
-	var e PresenceEntry
+	var e brokerclient.PresenceEntry // the entry as the worker sent it
 	if err := json.Unmarshal(raw, &e); err != nil || e.Conn == "" {
 		return fmt.Errorf("%w: %v", errBadPresence, err)
 	}
