@@ -202,7 +202,7 @@ func compile(cfg configs.Config, o Options) (*Chain, []*configs.Error) {
 						for n := range ruleBuilders {
 							names = append(names, n)
 						}
-						p.add(rkey, "unknown rule%s", suggestFrom(kind, names))
+						p.add(rkey, "unknown rule%s", configs.Suggest(kind, names))
 					}
 					continue
 				}

@@ -91,12 +91,9 @@ func (o *opts) finish(known ...string) {
 	}
 	sort.Strings(names)
 	for _, k := range names {
-		o.p.add(o.sub(k), "unknown option%s", suggestFrom(k, known))
+		o.p.add(o.sub(k), "unknown option%s", configs.Suggest(k, known))
 	}
 }
-
-// suggestFrom names the closest known option, worded as configs does.
-func suggestFrom(k string, known []string) string { return configs.Suggest(k, known) }
 
 func (o *opts) str(name string) (string, bool) {
 	v, ok := o.get(name)
