@@ -1,6 +1,7 @@
 package netpoll
 
 import (
+	"net"
 	"testing"
 	"time"
 )
@@ -75,12 +76,22 @@ func TestDeepCountReturnsToZero(t *testing.T) {
 		cs = append(cs, ts.dial(t))
 	}
 	waitFor(t, 5*time.Second, "open", func() bool { return h.openCount() == 4 })
-	// Big frames fill the socket buffers, so frames stay queued.
-	big := make([]byte, 1<<20)
+	// Big frames fill the socket buffers, so frames stay queued. The
+	// clients' receive buffers are fixed (no autotuning: after the first
+	// round of reads they had grown to take 7 MiB at times), so what the
+	// kernel holds is bounded by the server's send buffer (4 MiB at most),
+	// well under 7 frames of 2 MiB. One frame is shared by every write.
+	for _, c := range cs {
+		if err := c.Conn.(*net.TCPConn).SetReadBuffer(64 << 10); err != nil {
+			t.Fatal(err)
+		}
+	}
+	const size = 2 << 20
+	big := AppendTextFrame(nil, make([]byte, size))
 	fill := func() {
 		for i := range 4 {
 			for range 7 {
-				if err := h.conn(i).WriteText(big); err != nil {
+				if err := h.conn(i).WriteFrame(big); err != nil {
 					t.Fatal(err)
 				}
 			}
@@ -90,7 +101,7 @@ func TestDeepCountReturnsToZero(t *testing.T) {
 	waitFor(t, 5*time.Second, "deep queues", func() bool { return ts.deep.Load() > 0 })
 	for _, c := range cs {
 		for range 7 {
-			if got := c.read(t); len(got) != len(big) {
+			if got := c.read(t); len(got) != size {
 				t.Fatalf("read %d bytes", len(got))
 			}
 		}
