@@ -448,7 +448,7 @@ func (c *Child) Stats(ctx context.Context) (control.Stats, error) {
 	var st control.Stats
 	procstat.Fill(&st)
 	c.mu.Lock()
-	eng, srv := c.eng, c.srv
+	eng, srv, front := c.eng, c.srv, c.front
 	c.mu.Unlock()
 	if eng == nil {
 		return st, nil
@@ -474,7 +474,7 @@ func (c *Child) Stats(ctx context.Context) (control.Stats, error) {
 	st.Counters["ws_stalls"] = int64(ns.Stalls)
 	st.Counters["refused_max_connections"] = c.refused.Load()
 	st.Counters["proxy_refused"] = c.badProxy.Load()
-	if front := c.frontOf(); front != nil {
+	if front != nil {
 		// The worker's own public listeners (balancers: 0).
 		for k, v := range front.Counters() {
 			st.Counters["listen_"+k] = v
@@ -644,11 +644,4 @@ func (c *Child) Reload(ctx context.Context, config []byte) error {
 	c.cfg.Middleware, c.cfg.Auth, c.cfg.Channels = cfg.Middleware, cfg.Auth, cfg.Channels
 	c.log.Info("config reloaded", "middleware_rules", len(chain.Stats()), "auth", keys.Enabled())
 	return nil
-}
-
-// frontOf returns the worker's public front end (nil with a balancer).
-func (c *Child) frontOf() *balancer.Child {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.front
 }
