@@ -5,6 +5,7 @@ import (
 	"slices"
 	"strconv"
 
+	"github.com/shoalhq/shoal/api"
 	"github.com/shoalhq/shoal/broker/chanopts"
 	"github.com/shoalhq/shoal/brokerclient"
 	"github.com/shoalhq/shoal/proto/sc"
@@ -159,8 +160,9 @@ func (s *Session) presenceJoinLocked(channel string) {
 }
 
 // maxPresenceInfo bounds a presence entry's info: every presence list
-// carries it for every client.
-const maxPresenceInfo = 4096
+// carries it for every client. It is the API's update_info bound, so the
+// token's claim and the API's info have one limit.
+const maxPresenceInfo = api.MaxInfoLen
 
 // presenceInfoLocked is the info of the session's presence entries (the
 // API's conn_info): what the server API's update_info set for its user, or
