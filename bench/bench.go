@@ -550,13 +550,13 @@ func (c *coordinator) showProgress() {
 	}
 	line := fmt.Sprintf("[%s %s %4.0fs] conns %s (%s/s) fail %s", c.o.Scenario, c.phase,
 		now.Sub(c.start).Seconds(), group(strconv.FormatUint(s.Connected, 10)),
-		formatValue(math.Round(rate(s.Connected, c.lastSum.Connected))), group(strconv.FormatUint(s.ConnectFailed+s.SubscribeFailed, 10)))
+		FormatValue(math.Round(rate(s.Connected, c.lastSum.Connected))), group(strconv.FormatUint(s.ConnectFailed+s.SubscribeFailed, 10)))
 	switch c.o.Scenario {
 	case "fanout", "rtt":
-		line += fmt.Sprintf(" | pub %s/s ack %s/s deliv %s/s", formatValue(math.Round(rate(s.Published, c.lastSum.Published))),
-			formatValue(math.Round(rate(s.Acked, c.lastSum.Acked))), formatValue(math.Round(rate(s.Delivered, c.lastSum.Delivered))))
+		line += fmt.Sprintf(" | pub %s/s ack %s/s deliv %s/s", FormatValue(math.Round(rate(s.Published, c.lastSum.Published))),
+			FormatValue(math.Round(rate(s.Acked, c.lastSum.Acked))), FormatValue(math.Round(rate(s.Delivered, c.lastSum.Delivered))))
 	case "churn":
-		line += fmt.Sprintf(" | cycles %s/s fail %d", formatValue(math.Round(rate(s.Cycles, c.lastSum.Cycles))), s.CycleFailed)
+		line += fmt.Sprintf(" | cycles %s/s fail %d", FormatValue(math.Round(rate(s.Cycles, c.lastSum.Cycles))), s.CycleFailed)
 	}
 	if s.Closed > 0 {
 		line += fmt.Sprintf(" | closed by server %d", s.Closed)

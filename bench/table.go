@@ -51,10 +51,10 @@ func (r *Result) addLatency(key, label string, h *Hist) {
 	r.add(key+"_max_ms", label+" max", ms(h.Max()), "ms")
 }
 
-// formatValue prints v with a precision suited to its size: integers as
+// FormatValue prints v (as the bench table does) with a precision suited to its size: integers as
 // integers with thousands separators, small values with 3 significant
 // digits.
-func formatValue(v float64) string {
+func FormatValue(v float64) string {
 	switch {
 	case math.IsNaN(v) || math.IsInf(v, 0):
 		return "-"
@@ -98,7 +98,7 @@ func (r *Result) WriteTable(w io.Writer) error {
 	lw, vw := 0, 0
 	vals := make([]string, len(rows))
 	for i, m := range rows {
-		vals[i] = formatValue(m.Value)
+		vals[i] = FormatValue(m.Value)
 		lw = max(lw, len(m.Label))
 		vw = max(vw, len(vals[i]))
 	}

@@ -18,8 +18,8 @@ func TestFormatValue(t *testing.T) {
 		{1234.6, "1,235"}, {123.45, "123.5"}, {12.345, "12.35"}, {0.12345, "0.123"},
 		{math.NaN(), "-"}, {math.Inf(1), "-"},
 	} {
-		if got := formatValue(c.v); got != c.want {
-			t.Errorf("formatValue(%v) = %q, want %q", c.v, got, c.want)
+		if got := FormatValue(c.v); got != c.want {
+			t.Errorf("FormatValue(%v) = %q, want %q", c.v, got, c.want)
 		}
 	}
 }

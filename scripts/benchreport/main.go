@@ -28,6 +28,8 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+
+	"github.com/shoalhq/shoal/bench"
 )
 
 // KeepMarker starts the hand-written part of the report that a new run keeps.
@@ -389,34 +391,13 @@ func readKV(path string) [][2]string {
 	return out
 }
 
-// fmtNum prints v like the bench table does: integers grouped by
-// thousands, small values with three significant digits.
+// fmtNum prints v like the bench table does (bench.FormatValue), with an
+// en dash for a missing figure.
 func fmtNum(v float64) string {
-	switch {
-	case math.IsNaN(v) || math.IsInf(v, 0):
+	if math.IsNaN(v) || math.IsInf(v, 0) {
 		return "–"
-	case math.Abs(v) >= 1000 || (v == math.Trunc(v) && math.Abs(v) < 1e15):
-		s := strconv.FormatInt(int64(math.Round(v)), 10)
-		neg := strings.HasPrefix(s, "-")
-		s = strings.TrimPrefix(s, "-")
-		var b strings.Builder
-		for i, c := range s {
-			if i > 0 && (len(s)-i)%3 == 0 {
-				b.WriteByte(',')
-			}
-			b.WriteRune(c)
-		}
-		if neg {
-			return "-" + b.String()
-		}
-		return b.String()
-	case math.Abs(v) >= 100:
-		return strconv.FormatFloat(v, 'f', 1, 64)
-	case math.Abs(v) >= 10:
-		return strconv.FormatFloat(v, 'f', 2, 64)
-	default:
-		return strconv.FormatFloat(v, 'f', 3, 64)
 	}
+	return bench.FormatValue(v)
 }
 
 func ratio(shoal, ref float64, okS, okR bool) string {

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"math"
 	"net"
 	"os"
 	"path/filepath"
@@ -27,7 +28,7 @@ func TestFmtNum(t *testing.T) {
 	for _, c := range []struct {
 		v    float64
 		want string
-	}{{0, "0"}, {1234567, "1,234,567"}, {1234.6, "1,235"}, {123.45, "123.5"}, {12.345, "12.35"}, {1.23456, "1.235"}, {-2500, "-2,500"}} {
+	}{{0, "0"}, {1234567, "1,234,567"}, {1234.6, "1,235"}, {123.45, "123.5"}, {12.345, "12.35"}, {1.23456, "1.235"}, {-2500, "-2,500"}, {math.NaN(), "–"}, {math.Inf(1), "–"}} {
 		if got := fmtNum(c.v); got != c.want {
 			t.Errorf("fmtNum(%v) = %q, want %q", c.v, got, c.want)
 		}
