@@ -76,13 +76,13 @@ func New(cfg configs.JWT, getenv func(string) string, opts ...Option) (*Keys, er
 	}
 	var needHMAC, needPub bool
 	for _, a := range k.algs {
-		switch a {
-		case "HS256", "HS384", "HS512":
+		switch {
+		case !KnownAlgorithm(a):
+			return nil, fmt.Errorf("auth.jwt.algorithms: unsupported algorithm %q (%s)", a, AlgorithmsHint)
+		case strings.HasPrefix(a, "HS"):
 			needHMAC = true
-		case "RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "EdDSA":
-			needPub = true
 		default:
-			return nil, fmt.Errorf("auth.jwt.algorithms: unsupported algorithm %q (use HS256/384/512, RS256/384/512, PS256/384/512, ES256/384/512, EdDSA)", a)
+			needPub = true
 		}
 	}
 	if errs := checkConfig(cfg); len(errs) > 0 {
@@ -207,6 +207,19 @@ func init() {
 	// `shoal config check` reports key settings the worker would refuse.
 	configs.RegisterValidator(func(c *configs.Config) []*configs.Error { return checkConfig(c.Auth.JWT) })
 }
+
+// KnownAlgorithm reports whether a is a signing algorithm tokens may use
+// (AlgorithmsHint lists them).
+func KnownAlgorithm(a string) bool {
+	switch a {
+	case "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA":
+		return true
+	}
+	return false
+}
+
+// AlgorithmsHint names the algorithms KnownAlgorithm accepts, for errors.
+const AlgorithmsHint = "use HS256/384/512, RS256/384/512, PS256/384/512, ES256/384/512, EdDSA"
 
 // checkConfig finds key settings that cannot work, without reading files
 // or the environment (those may differ where the config is checked).

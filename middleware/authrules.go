@@ -66,8 +66,8 @@ func buildJWT(b *builder, v any) (rule, []Action) {
 	if algs, ok := o.strList("algorithms"); ok {
 		r.algs = map[string]bool{}
 		for _, a := range algs {
-			if !knownAlg(a) {
-				b.p.add(o.sub("algorithms"), "unsupported algorithm %q (use HS256/384/512, RS256/384/512, PS256/384/512, ES256/384/512, EdDSA)", a)
+			if !auth.KnownAlgorithm(a) {
+				b.p.add(o.sub("algorithms"), "unsupported algorithm %q (%s)", a, auth.AlgorithmsHint)
 			}
 			r.algs[a] = true
 		}
@@ -136,14 +136,6 @@ func buildJWT(b *builder, v any) (rule, []Action) {
 	r.err = readErrSpec(o, r.err)
 	o.finish(jwtOptions...)
 	return r, acts
-}
-
-func knownAlg(a string) bool {
-	switch a {
-	case "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA":
-		return true
-	}
-	return false
 }
 
 // tokenAlg reads the alg header of a token (already verified, or about to
