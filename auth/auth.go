@@ -210,16 +210,10 @@ func init() {
 
 // KnownAlgorithm reports whether a is a signing algorithm tokens may use
 // (AlgorithmsHint lists them).
-func KnownAlgorithm(a string) bool {
-	switch a {
-	case "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA":
-		return true
-	}
-	return false
-}
+func KnownAlgorithm(a string) bool { return configs.KnownJWTAlgorithm(a) }
 
 // AlgorithmsHint names the algorithms KnownAlgorithm accepts, for errors.
-const AlgorithmsHint = "use HS256/384/512, RS256/384/512, PS256/384/512, ES256/384/512, EdDSA"
+const AlgorithmsHint = configs.JWTAlgorithmsHint
 
 // checkConfig finds key settings that cannot work, without reading files
 // or the environment (those may differ where the config is checked).

@@ -97,10 +97,8 @@ func (c *Config) validate() Errors {
 		bad("protocol.publish_ack", "must be %q or %q, got %q", PublishAckLocal, PublishAckBroker, p.PublishAck)
 	}
 	for i, a := range c.Auth.JWT.Algorithms {
-		switch a {
-		case "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "EdDSA":
-		default:
-			bad(fmt.Sprintf("auth.jwt.algorithms[%d]", i), "unsupported algorithm %q", a)
+		if !KnownJWTAlgorithm(a) {
+			bad(fmt.Sprintf("auth.jwt.algorithms[%d]", i), "unsupported algorithm %q (%s)", a, JWTAlgorithmsHint)
 		}
 	}
 	for i, ch := range c.Channels {
@@ -145,3 +143,16 @@ func (c *Config) validate() Errors {
 	}
 	return errs
 }
+
+// KnownJWTAlgorithm reports whether a JWT "alg" is one Shoal verifies. The
+// one list for the config check, package auth and the middleware jwt rule.
+func KnownJWTAlgorithm(a string) bool {
+	switch a {
+	case "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA":
+		return true
+	}
+	return false
+}
+
+// JWTAlgorithmsHint names the algorithms KnownJWTAlgorithm accepts, for errors.
+const JWTAlgorithmsHint = "use HS256/384/512, RS256/384/512, PS256/384/512, ES256/384/512, EdDSA"
