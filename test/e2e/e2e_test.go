@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"github.com/shoalhq/shoal/internal/testutil"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/url"
@@ -80,14 +81,25 @@ func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool)
 	testutil.WaitFor(t, timeout, what, cond)
 }
 
+// freePort returns a free 127.0.0.1 port below the kernel's ephemeral
+// range (ip_local_port_range starts at 32768 by default). A port the kernel
+// hands out for port 0 could be handed out again, between this check and
+// `shoal run` binding it, to a process of the cluster itself (the brokers'
+// gossip binds port 0) or of a parallel test; ports below the range are
+// never picked that way.
 func freePort(t *testing.T) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	for range 200 {
+		addr := "127.0.0.1:" + strconv.Itoa(20000+rand.IntN(12000))
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			continue
+		}
+		ln.Close()
+		return addr
 	}
-	defer ln.Close()
-	return ln.Addr().String()
+	t.Fatal("no free port in 20000-31999")
+	return ""
 }
 
 // alive reports whether any thread of process pid still runs. A process
