@@ -541,3 +541,37 @@ func BenchmarkSendAccept(b *testing.B) {
 		syscall.Close(rfd)
 	}
 }
+
+// appendRights builds the same control message as syscall.UnixRights.
+func TestAppendRights(t *testing.T) {
+	for _, fd := range []int{0, 7, 1 << 20} {
+		if got, want := appendRights(nil, fd), syscall.UnixRights(fd); string(got) != string(want) {
+			t.Errorf("fd %d: %x, want %x", fd, got, want)
+		}
+	}
+	buf := appendRights(nil, 3)
+	if got := appendRights(buf[:0], 9); &got[0] != &buf[0] || string(got) != string(syscall.UnixRights(9)) {
+		t.Error("appendRights did not reuse its buffer")
+	}
+}
+
+// parseFDs finds every fd of every SCM_RIGHTS message, as the syscall
+// package's parsers do, and stops at a truncated header.
+func TestParseFDs(t *testing.T) {
+	two := append(syscall.UnixRights(3, 4), syscall.UnixRights(5)...)
+	cases := []struct {
+		oob  []byte
+		want []int
+	}{
+		{nil, nil},
+		{syscall.UnixRights(7), []int{7}},
+		{two, []int{3, 4, 5}},
+		{two[:len(two)-5], []int{3, 4}}, // the second message is cut (its padding is 4 bytes)
+		{syscall.UnixRights(7)[:10], nil},
+	}
+	for i, c := range cases {
+		if got := parseFDs(nil, c.oob); fmt.Sprint(got) != fmt.Sprint(c.want) {
+			t.Errorf("case %d: %v, want %v", i, got, c.want)
+		}
+	}
+}
