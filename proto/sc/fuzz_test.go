@@ -221,3 +221,21 @@ func FuzzField(f *testing.F) {
 		}
 	})
 }
+
+// Fields2 on a validated value answers as two Field calls.
+func FuzzFields2(f *testing.F) {
+	f.Add([]byte(`{"channel":"a","data":{"channel":"b"}}`))
+	f.Add([]byte(`{"ch\u0061nnel":1,"channel":[2],"data":"x\"y"}`))
+	f.Add([]byte(`[{"channel":"a"}]`))
+	f.Fuzz(func(t *testing.T, obj []byte) {
+		if Valid(obj) != nil {
+			return // Fields2 is only for validated values
+		}
+		v1, v2, ok1, ok2 := Fields2(obj, "channel", "data")
+		w1, wok1 := Field(obj, "channel")
+		w2, wok2 := Field(obj, "data")
+		if string(v1) != string(w1) || ok1 != wok1 || string(v2) != string(w2) || ok2 != wok2 {
+			t.Fatalf("%q: Fields2 = %q %q %v %v, Field = %q %q %v %v", obj, v1, v2, ok1, ok2, w1, w2, wok1, wok2)
+		}
+	})
+}

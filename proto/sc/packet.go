@@ -314,6 +314,55 @@ func Field(obj []byte, key string) (val []byte, ok bool) {
 	}
 }
 
+// Fields2 is Field for two keys in one pass over obj, which must be a value
+// of a frame the Reader validated (Packet.Data): values are skipped without
+// being checked again. A #publish reads "channel" and "data" with it, where
+// two Field calls validated its payload twice more.
+func Fields2(obj []byte, key1, key2 string) (val1, val2 []byte, ok1, ok2 bool) {
+	s := scanner{b: obj}
+	s.ws()
+	if s.i >= len(obj) || obj[s.i] != '{' {
+		return nil, nil, false, false
+	}
+	s.i++
+	s.depth = 1
+	s.ws()
+	if s.i < len(obj) && obj[s.i] == '}' {
+		return nil, nil, false, false
+	}
+	for {
+		s.ws()
+		if s.i >= len(obj) || obj[s.i] != '"' {
+			return nil, nil, false, false
+		}
+		ks, ke, kesc, err := s.str()
+		if err != nil || s.colon() != nil {
+			return nil, nil, false, false
+		}
+		s.ws()
+		vs := s.i
+		s.i = skipValid(obj, s.i)
+		k := obj[ks:ke]
+		if kesc {
+			k = unescape(nil, k)
+		}
+		// Later duplicates win, as with JSON.parse.
+		switch string(k) {
+		case key1:
+			val1, ok1 = obj[vs:s.i], true
+		case key2:
+			val2, ok2 = obj[vs:s.i], true
+		}
+		more, err := s.next('}')
+		if err != nil {
+			return nil, nil, false, false
+		}
+		if !more {
+			return val1, val2, ok1, ok2
+		}
+	}
+}
+
 // StringField returns the unescaped string value of key in obj; ok is false
 // when the key is missing or its value is not a string.
 func StringField(obj []byte, key string) (s []byte, ok bool) {
@@ -372,6 +421,10 @@ func skipValid(b []byte, i int) int {
 // skipString returns the index after the closing quote of the string at b[i].
 func skipString(b []byte, i int) int {
 	for i++; i < len(b); {
+		i = skipPlain(b, i)
+		if i >= len(b) {
+			break
+		}
 		switch b[i] {
 		case '"':
 			return i + 1

@@ -229,3 +229,61 @@ func BenchmarkAppendPublish(b *testing.B) {
 	}
 	_ = bytes.Clone(buf)
 }
+
+// Fields2 finds both keys in one pass, with Field's answers.
+func TestFields2(t *testing.T) {
+	for _, obj := range []string{
+		`{"channel":"a\/b\u2603","data":{"channel":"inner","x":[1,"\"]"]}}`,
+		` { "data" : null , "channel" : "c" } `,
+		`{"ch\u0061nnel":"esc","channel":"last","data":1,"data":2}`,
+		`{"channel":"only"}`,
+		`{}`,
+		`"str"`,
+		`[{"channel":"a"}]`,
+	} {
+		b := []byte(obj)
+		v1, v2, ok1, ok2 := Fields2(b, "channel", "data")
+		w1, wok1 := Field(b, "channel")
+		w2, wok2 := Field(b, "data")
+		if string(v1) != string(w1) || ok1 != wok1 || string(v2) != string(w2) || ok2 != wok2 {
+			t.Errorf("%s: Fields2 = %q %q %v %v, Field = %q %q %v %v", obj, v1, v2, ok1, ok2, w1, w2, wok1, wok2)
+		}
+	}
+}
+
+// skipPlain stops at the first byte a string scan must handle, at every
+// position of a word.
+func TestSkipPlain(t *testing.T) {
+	for _, special := range []byte{'"', '\\', 0, 0x1f, 0x80, 0xff} {
+		for n := 0; n < 20; n++ {
+			b := append(bytes.Repeat([]byte{'a'}, n), special, 'b')
+			if got := skipPlain(b, 0); got != n {
+				t.Fatalf("special %#x after %d plain bytes: stopped at %d", special, n, got)
+			}
+		}
+	}
+	plain := []byte(" ~!#$%&'()*+,-./09:;<=>?@AZ[]^_`az{|}")
+	if got := skipPlain(plain, 0); got != len(plain) {
+		t.Fatalf("plain ASCII: stopped at %d of %d", got, len(plain))
+	}
+}
+
+// BenchmarkReadPublishFields2 is BenchmarkReadPublish as the worker reads a
+// publish now: one pass for channel and data.
+func BenchmarkReadPublishFields2(b *testing.B) {
+	frame := []byte(`{"event":"#publish","data":{"channel":"chat/room-1","data":{"text":"hello world, this is a chat message","user":"alice","n":[1,2,3]}},"cid":42}`)
+	b.SetBytes(int64(len(frame)))
+	b.ReportAllocs()
+	var r Reader
+	var p Packet
+	for b.Loop() {
+		r.Reset(frame)
+		for r.Next(&p) {
+			chRaw, d, _, _ := Fields2(p.Data, "channel", "data")
+			ch, _ := String(chRaw)
+			if len(ch) == 0 || len(d) == 0 {
+				b.Fatal("bad scan")
+			}
+		}
+	}
+}

@@ -10,6 +10,7 @@
 package sc
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"unicode/utf16"
@@ -238,6 +239,10 @@ func (s *scanner) str() (start, end int, escaped bool, err error) {
 	s.i++ // opening quote
 	start = s.i
 	for s.i < len(s.b) {
+		s.i = skipPlain(s.b, s.i)
+		if s.i >= len(s.b) {
+			break
+		}
 		c := s.b[s.i]
 		switch {
 		case c == '"':
@@ -273,6 +278,35 @@ func (s *scanner) str() (start, end int, escaped bool, err error) {
 		}
 	}
 	return 0, 0, false, s.fail(ErrSyntax, "unterminated string")
+}
+
+// skipPlain returns the index of the first byte at or after i that a
+// string scan must look at: a quote, a backslash, a control character or a
+// non-ASCII byte. It tests eight bytes at a time (the classic "has a byte
+// less than n" and "has a zero byte" word tricks), because string contents
+// are most of what the scanner reads in a publish.
+func skipPlain(b []byte, i int) int {
+	const (
+		ones  = 0x0101010101010101
+		highs = 0x8080808080808080
+	)
+	for ; i+8 <= len(b); i += 8 {
+		w := binary.LittleEndian.Uint64(b[i:])
+		q := w ^ ('"' * ones)   // zero byte where '"'
+		bs := w ^ ('\\' * ones) // zero byte where a backslash
+		special := w |          // a high bit: non-ASCII
+			((w - 0x20*ones) &^ w) | // a byte below 0x20
+			((q - ones) &^ q) | ((bs - ones) &^ bs)
+		if special&highs != 0 {
+			break
+		}
+	}
+	for ; i < len(b); i++ {
+		if c := b[i]; c == '"' || c == '\\' || c < 0x20 || c >= utf8.RuneSelf {
+			return i
+		}
+	}
+	return i
 }
 
 func isHex4(b []byte) bool {
