@@ -37,7 +37,12 @@ type Session struct {
 
 	mu       sync.Mutex
 	state    sessionState
-	lastPong time.Time // last pong (or any message) since the handshake
+	lastPong time.Time // last pong (or any message) since the handshake, as the sweeper saw it
+	// heard: a message arrived since the last sweep. The sweeper turns it
+	// into lastPong, so a message costs no clock read (time.Now per
+	// packet was a visible share of a worker's round trip); lastPong is
+	// then late by at most one sweep tick, a quarter of the shortest timer.
+	heard    bool
 	nextPing time.Time
 	token    *auth.Token
 	channels map[string]struct{} // nil until the first subscribe
@@ -155,6 +160,10 @@ func (s *Session) heartbeat(now time.Time) {
 			s.state = stateClosing // no further sweeps act on it
 		}
 	case stateOpen:
+		if s.heard {
+			s.heard = false
+			s.lastPong = now
+		}
 		if now.Sub(s.lastPong) >= p.PingTimeout.D() {
 			code = CodePongTimeout
 			s.state = stateClosing
@@ -205,14 +214,15 @@ func (e *Engine) Message(s *Session, payload []byte) {
 // backend hook, whose callback continues the session's actions (dispatch).
 func (s *Session) packet(p *sc.Packet) (ok, pending bool) {
 	e := s.e
-	now := e.now()
 	s.mu.Lock()
 	state := s.state
 	if state == stateOpen {
 		// Any traffic proves the client alive (v20 resets its pong timer
 		// on messages too).
-		s.lastPong = now
+		s.heard = true
 	}
+	// Only a token can expire: without one no clock is read.
+	authed := s.token != nil
 	s.mu.Unlock()
 
 	switch state {
@@ -238,7 +248,9 @@ func (s *Session) packet(p *sc.Packet) (ok, pending bool) {
 
 	switch p.Kind {
 	case sc.Pong:
-		s.checkExpiry(now)
+		if authed {
+			s.checkExpiry(e.now())
+		}
 		return true, false
 	case sc.Transmit, sc.Invoke:
 	default:
@@ -249,7 +261,9 @@ func (s *Session) packet(p *sc.Packet) (ok, pending bool) {
 		}
 		return true, false
 	}
-	s.checkExpiry(now)
+	if authed {
+		s.checkExpiry(e.now())
+	}
 	switch string(p.Event) {
 	case "#handshake":
 		if p.Kind != sc.Invoke {
@@ -741,8 +755,13 @@ func (s *Session) publish(p *sc.Packet) bool {
 		}
 		return false
 	}
-	ch, ok := sc.StringField(p.Data, "channel")
-	if !ok || len(ch) == 0 || len(ch) > MaxChannelLen {
+	// One pass over the validated data for both fields (sc.Fields2).
+	chRaw, data, chOK, dataOK := sc.Fields2(p.Data, "channel", "data")
+	var ch []byte
+	if chOK {
+		ch, chOK = sc.String(chRaw)
+	}
+	if !chOK || len(ch) == 0 || len(ch) > MaxChannelLen {
 		if invoke {
 			s.replyError(p.CID, errPublishMalformed)
 		}
@@ -754,8 +773,7 @@ func (s *Session) publish(p *sc.Packet) bool {
 		}
 		return false
 	}
-	data, ok := sc.Field(p.Data, "data")
-	if !ok {
+	if !dataOK {
 		data = []byte("null")
 	}
 	name := string(ch) // the one allocation of a publish: the broker keeps it
