@@ -141,8 +141,25 @@ func (p *poller) open(c *conn, t *target, src net.IP, timeout time.Duration, tok
 	now := time.Now()
 	c.fd, c.p = fd, p
 	c.op = &opening{state: stConnecting, accept: acceptKey(k), token: token, t0: now, deadline: now.Add(timeout), done: done}
-	// The request is queued now and flushed by the poller once connected.
-	c.out = appendUpgradeRequest(nil, t, k)
+	req := appendUpgradeRequest(nil, t, k)
+	// On loopback the TCP handshake has usually completed by the time
+	// connect returns (the SYN-ACK is processed when connect releases the
+	// socket), so the request goes out now: that saves the poller a wake-up
+	// and the SO_ERROR and getpeername calls of onWritable per connection.
+	// A socket still connecting refuses the write with EAGAIN; then the
+	// request waits for EPOLLOUT as before. This runs before the poller can
+	// see c, so c needs no lock yet.
+	switch n, err := unix.Write(fd, req); {
+	case err == nil && n == len(req):
+		c.op.state = stUpgrade
+	case err == nil && n > 0:
+		c.op.state = stUpgrade
+		c.out = req[n:] // flushed on EPOLLOUT
+	case err == unix.EAGAIN || err == unix.EINTR:
+		c.out = req // the poller flushes it once connected (onWritable)
+	default:
+		return fail("connect", err) // e.g. ECONNREFUSED, reported by the write
+	}
 	p.mu.Lock()
 	p.conns[fd] = c
 	p.pending[c] = true
