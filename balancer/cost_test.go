@@ -16,8 +16,10 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"runtime/pprof"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -30,6 +32,10 @@ import (
 const (
 	envHelper = "SHOAL_BALANCER_HELPER"
 	envCost   = "SHOAL_BALANCER_COST"
+	// envHeap names a file: the child samples every allocation and writes
+	// a heap profile there while the proxied TLS connections are idle
+	// (go tool pprof -sample_index=inuse_space FILE).
+	envHeap = "SHOAL_BALANCER_HEAPPROFILE"
 )
 
 type helperStats struct {
@@ -37,12 +43,16 @@ type helperStats struct {
 	HeapInuse  uint64
 	StackInuse uint64
 	Goroutines int
+	CPU        time.Duration // user + system, whole process
 }
 
 // TestHelperBalancerProcess is the child: a balancer driven over stdin.
 func TestHelperBalancerProcess(t *testing.T) {
 	if os.Getenv(envHelper) == "" {
 		t.Skip("helper process only")
+	}
+	if os.Getenv(envHeap) != "" {
+		runtime.MemProfileRate = 1 // before the first connection
 	}
 	var p control.StartParams
 	if err := json.Unmarshal([]byte(os.Getenv(envHelper)), &p); err != nil {
@@ -58,14 +68,35 @@ func TestHelperBalancerProcess(t *testing.T) {
 	sc := bufio.NewScanner(os.Stdin)
 	for sc.Scan() { // ends when the parent closes stdin
 		runtime.GC()
+		if path, ok := strings.CutPrefix(sc.Text(), "heap "); ok {
+			if err := writeHeapProfile(path); err != nil {
+				t.Error(err)
+			}
+		}
 		var ms runtime.MemStats
 		runtime.ReadMemStats(&ms)
-		st, _ := json.Marshal(helperStats{RSS: procstat.RSS(os.Getpid()), HeapInuse: ms.HeapInuse, StackInuse: ms.StackInuse, Goroutines: runtime.NumGoroutine()})
+		var ru syscall.Rusage
+		_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+		cpu := time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+		st, _ := json.Marshal(helperStats{RSS: procstat.RSS(os.Getpid()), HeapInuse: ms.HeapInuse, StackInuse: ms.StackInuse,
+			Goroutines: runtime.NumGoroutine(), CPU: cpu})
 		fmt.Printf("STATS %s\n", st)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	_ = c.Stop(ctx)
+}
+
+func writeHeapProfile(path string) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	if err := pprof.Lookup("heap").WriteTo(f, 0); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }
 
 // echoWorker answers every byte it gets, on a handoff socket, a proxy
@@ -242,8 +273,11 @@ func (r *costRig) line(prefix string) string {
 	return ""
 }
 
-func (r *costRig) stats() helperStats {
-	if _, err := io.WriteString(r.stdin, "stats\n"); err != nil {
+func (r *costRig) stats() helperStats { return r.statsCmd("stats") }
+
+// statsCmd sends cmd ("stats", or "heap FILE" to write a profile first).
+func (r *costRig) statsCmd(cmd string) helperStats {
+	if _, err := io.WriteString(r.stdin, cmd+"\n"); err != nil {
 		r.t.Fatal(err)
 	}
 	var s helperStats
@@ -326,6 +360,7 @@ func TestBalancerCost(t *testing.T) {
 			cs[i] = c
 		}
 		msg := make([]byte, 64)
+		before := r.stats()
 		start := time.Now()
 		var wg sync.WaitGroup
 		for _, c := range cs {
@@ -342,10 +377,54 @@ func TestBalancerCost(t *testing.T) {
 		}
 		wg.Wait()
 		d := time.Since(start)
+		after := r.stats()
 		for _, c := range cs {
 			c.Close()
 		}
-		t.Logf("round trips/s %-12s %8.0f (64 B each way, %d conns)", path, float64(conns*rounds)/d.Seconds(), conns)
+		// The balancer's CPU per round trip is steadier than the rate on a
+		// shared machine.
+		t.Logf("round trips/s %-12s %8.0f (64 B each way, %d conns); balancer CPU %.1f µs per round trip", path,
+			float64(conns*rounds)/d.Seconds(), conns, float64((after.CPU-before.CPU).Microseconds())/float64(conns*rounds))
+	}
+
+	// Bulk: 8 proxied connections each echo 4 MiB written in 64 KiB pieces
+	// (full TLS records both ways).
+	{
+		const bulkConns, total, piece = 8, 4 << 20, 64 << 10
+		before := r.stats()
+		start := time.Now()
+		var wg sync.WaitGroup
+		var failed sync.Map
+		for range bulkConns {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				c, err := r.dial("proxied-tls")
+				if err != nil {
+					failed.Store("dial", err)
+					return
+				}
+				defer c.Close()
+				go func() {
+					chunk := make([]byte, piece)
+					for sent := 0; sent < total; sent += piece {
+						if _, err := c.Write(chunk); err != nil {
+							return
+						}
+					}
+				}()
+				if _, err := io.CopyN(io.Discard, c, total); err != nil {
+					failed.Store("echo", err)
+				}
+			}()
+		}
+		wg.Wait()
+		failed.Range(func(k, v any) bool { t.Fatalf("bulk %v: %v", k, v); return false })
+		d := time.Since(start)
+		after := r.stats()
+		mib := float64(bulkConns*total) / (1 << 20)
+		t.Logf("bulk proxied-tls  %6.1f MiB/s each way (%d conns); balancer CPU %.2f ms per MiB each way", mib/d.Seconds(), bulkConns,
+			float64((after.CPU-before.CPU).Microseconds())/1000/mib)
 	}
 
 	// Memory per idle connection in the balancer process.
@@ -365,6 +444,9 @@ func TestBalancerCost(t *testing.T) {
 			cs = append(cs, c)
 		}
 		after := r.stats()
+		if f := os.Getenv(envHeap); f != "" && path == "proxied-tls" {
+			r.statsCmd("heap " + f)
+		}
 		per := func(a, b uint64) float64 { return (float64(a) - float64(b)) / idle }
 		t.Logf("idle %-12s per conn: RSS %6.0f B, heap %6.0f B, stacks %6.0f B; goroutines %d -> %d",
 			path, per(after.RSS, before.RSS), per(after.HeapInuse, before.HeapInuse), per(after.StackInuse, before.StackInuse),

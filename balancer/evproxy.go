@@ -1,6 +1,7 @@
 package balancer
 
 import (
+	"bytes"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -59,15 +60,24 @@ var _ net.Error = errWouldBlock
 // accepted *net.TCPConn (the handshake blocks through Go's netpoller); after
 // detach it is a raw non-blocking fd owned by one event loop.
 type evConn struct {
-	tcp *net.TCPConn
-	fd  int // -1 until detach
+	tcp *net.TCPConn // nil after detach
+	fd  int          // -1 until detach, -2 once closed
 	out []byte
 	err error // sticky write error
 }
 
 func (c *evConn) Read(b []byte) (int, error) {
-	if c.fd < 0 {
+	if c.tcp != nil {
 		return c.tcp.Read(b)
+	}
+	if c.fd < 0 {
+		return 0, net.ErrClosed
+	}
+	// crypto/tls reads into the free end of its ciphertext buffer and asks
+	// for bytes.MinRead of room before each read; leaving that room keeps
+	// a buffer lent by the loop from being replaced by a larger copy.
+	if len(b) > 2*bytes.MinRead {
+		b = b[:len(b)-bytes.MinRead]
 	}
 	for {
 		n, err := syscall.Read(c.fd, b)
@@ -89,7 +99,7 @@ func (c *evConn) Read(b []byte) (int, error) {
 // and flushed by the loop. The loop stops feeding crypto/tls while anything
 // is queued, so the queue stays at about one record.
 func (c *evConn) Write(b []byte) (int, error) {
-	if c.fd < 0 {
+	if c.tcp != nil {
 		return c.tcp.Write(b)
 	}
 	if c.err != nil {
@@ -129,8 +139,11 @@ func (c *evConn) flush() (bool, error) {
 }
 
 func (c *evConn) Close() error {
-	if c.fd < 0 {
+	if c.tcp != nil {
 		return c.tcp.Close()
+	}
+	if c.fd < 0 {
+		return net.ErrClosed
 	}
 	fd := c.fd
 	c.fd = -2 // closed; a late Read or Write fails
@@ -138,27 +151,41 @@ func (c *evConn) Close() error {
 	return syscall.Close(fd)
 }
 
-func (c *evConn) LocalAddr() net.Addr  { return c.tcp.LocalAddr() }
-func (c *evConn) RemoteAddr() net.Addr { return c.tcp.RemoteAddr() }
+// LocalAddr and RemoteAddr are nil once the socket belongs to a loop: the
+// closed TCPConn and its addresses are let go (~300 bytes per idle
+// connection), and nothing asks a proxied connection for them.
+func (c *evConn) LocalAddr() net.Addr {
+	if c.tcp == nil {
+		return nil
+	}
+	return c.tcp.LocalAddr()
+}
+
+func (c *evConn) RemoteAddr() net.Addr {
+	if c.tcp == nil {
+		return nil
+	}
+	return c.tcp.RemoteAddr()
+}
 
 // Deadlines apply during the handshake; afterwards the loop enforces its
 // own (crypto/tls sets some around close_notify: harmless no-ops).
 func (c *evConn) SetDeadline(t time.Time) error {
-	if c.fd < 0 {
+	if c.tcp != nil {
 		return c.tcp.SetDeadline(t)
 	}
 	return nil
 }
 
 func (c *evConn) SetReadDeadline(t time.Time) error {
-	if c.fd < 0 {
+	if c.tcp != nil {
 		return c.tcp.SetReadDeadline(t)
 	}
 	return nil
 }
 
 func (c *evConn) SetWriteDeadline(t time.Time) error {
-	if c.fd < 0 {
+	if c.tcp != nil {
 		return c.tcp.SetWriteDeadline(t)
 	}
 	return nil
@@ -174,6 +201,7 @@ func (c *evConn) detach() error {
 		return err
 	}
 	_ = c.tcp.Close()
+	c.tcp = nil
 	c.fd = fd
 	return nil
 }
@@ -252,7 +280,8 @@ type evLoop struct {
 	epfd   int
 	wakeR  int // pipe: the read end is in the epoll set
 	wakeW  int
-	buf    []byte
+	buf    []byte   // plaintext, shared by every connection of the loop
+	inBufs [][]byte // ciphertext buffers to lend to reading connections (tlsmem.go)
 	byFD   map[int]*evProxy
 	runq   []*evProxy   // client sides to read without waiting for epoll
 	wt     atomic.Int64 // worker.write_timeout (ns); Reload may change it
@@ -427,8 +456,19 @@ func (l *evLoop) handle(p *evProxy, fd int, events uint32) {
 }
 
 // readClient moves client plaintext to the worker until crypto/tls has
-// nothing more, or the worker stops taking it.
+// nothing more, or the worker stops taking it. crypto/tls reads ciphertext
+// into a buffer lent by the loop, which it gives back as soon as the
+// connection holds no partial record (tlsmem.go).
 func (l *evLoop) readClient(p *evProxy) {
+	if p.closed || p.clientEOF || len(p.wOut) > 0 {
+		return
+	}
+	l.lendInBuf(p.tc)
+	l.readClientRecords(p)
+	l.reclaimInBuf(p.tc)
+}
+
+func (l *evLoop) readClientRecords(p *evProxy) {
 	for !p.closed && !p.clientEOF && len(p.wOut) == 0 {
 		n, err := p.tc.Read(l.buf)
 		// Reading can make crypto/tls write (a TLS 1.3 KeyUpdate answer).

@@ -170,6 +170,7 @@ func (c *Child) handToLoop(loop *evLoop, tconn *tls.Conn, ec *evConn, up *net.Un
 		done()
 		return
 	}
+	releaseHandshakeBufs(tconn)
 	if !loop.add(&evProxy{tc: tconn, ec: ec, wfd: wfd, done: done}) {
 		// Stopping: the loop will not take it.
 		_ = tconn.Close()
