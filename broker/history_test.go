@@ -315,7 +315,7 @@ func TestRingHandBackAfterSIGKILL(t *testing.T) {
 		}
 	}
 	if st := c.Stats(); st.Replicated != 50 {
-		t.Fatalf("replicated %d of 50", st.Replicated)
+		t.Fatalf("replicated %d of 50: %+v", st.Replicated, st)
 	}
 	before, err := c.History(context.Background(), ch, 0, 0)
 	if err != nil {

@@ -94,9 +94,11 @@ type Options struct {
 	// done is called (see docs/history.md). The brokers must be given the
 	// same rules.
 	Channels []configs.ChannelRule
-	// OnMembers, if set, receives the broker ring's live members whenever a
-	// broker reports them (see docs/brokers.md). The client does not act on
-	// it: the owner of the worker decides, and calls SetBrokers.
+	// OnMembers, if set, receives the broker ring's live members whenever
+	// they change: the members that more than half of the linked brokers
+	// list in their latest report (views.go, docs/brokers.md). It is called
+	// from a link's reader goroutine, one call at a time. The client does
+	// not act on it: the owner of the worker decides, and calls SetBrokers.
 	OnMembers func([]Endpoint)
 	Logger    hclog.Logger
 
@@ -208,6 +210,13 @@ type Client struct {
 	isClosed atomic.Bool
 	stop     chan struct{}
 	wg       sync.WaitGroup
+
+	// Ring views by reporting link, and the combined one last given to
+	// OnMembers (views.go).
+	viewsMu  sync.Mutex
+	views    map[*bconn][]Endpoint
+	lastView []Endpoint
+	viewSent bool
 
 	published, failed, received atomic.Int64
 	replicated, replicaMissed   atomic.Int64

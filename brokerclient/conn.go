@@ -210,7 +210,7 @@ func (b *bconn) read(conn net.Conn) error {
 				for i, m := range ms {
 					eps[i] = Endpoint(m)
 				}
-				o.OnMembers(eps)
+				b.c.noteView(b, eps)
 			}
 		default:
 			return fmt.Errorf("brokerclient: unexpected %s frame from broker %s", f.Type, b.ep.Name)
@@ -408,6 +408,8 @@ func (b *bconn) down(err error) bool {
 	b.mu.Unlock()
 	w.Close()
 	conn.Close()
+	// A down link's view is stale from now on.
+	b.c.dropView(b)
 	if !dead && !errors.Is(err, io.EOF) {
 		b.c.log.Warn("broker link lost", "broker", b.ep.Name, "error", err)
 	} else if !dead {
