@@ -136,7 +136,14 @@ type Ring struct {
 	stop    chan struct{}
 	wg      sync.WaitGroup
 	once    sync.Once
+
+	// joined are the contacts given to Join (sibling brokers from the
+	// supervisor's topology), for announceTargets; at most maxJoined.
+	joinedMu sync.Mutex
+	joined   []string
 }
+
+const maxJoined = 64
 
 // delegate implements memberlist.Delegate and EventDelegate without ever
 // blocking. It keeps its own copy of the member list: memberlist calls the
@@ -339,6 +346,13 @@ func (r *Ring) Join(addrs []string) error {
 	if len(addrs) == 0 {
 		return nil
 	}
+	r.joinedMu.Lock()
+	for _, a := range addrs {
+		if !slices.Contains(r.joined, a) && len(r.joined) < maxJoined {
+			r.joined = append(r.joined, a)
+		}
+	}
+	r.joinedMu.Unlock()
 	if _, err := r.ml.Join(addrs); err != nil {
 		return fmt.Errorf("ring: joining %v: %w", addrs, err)
 	}
@@ -370,12 +384,16 @@ func (r *Ring) rejoinLoop() {
 	defer r.wg.Done()
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
+	started := time.Now()
 	for {
 		select {
 		case <-r.stop:
 			return
 		case <-t.C:
 			targets := r.d.rejoinTargets(r.cfg.Join, forgetFailed)
+			if time.Since(started) < announceFor {
+				targets = r.announceTargets(targets)
+			}
 			if len(targets) == 0 {
 				continue
 			}
@@ -385,6 +403,32 @@ func (r *Ring) rejoinLoop() {
 			}
 		}
 	}
+}
+
+// announceFor is how long after its start a member keeps joining its
+// contacts even when it already counts them as live. A broker restarted
+// under its name at a new address is refused by members that still hold
+// the old address as alive, or dead for less than DeadNodeReclaimTime
+// (memberlist logs "conflicting address"); yet its own join succeeded, so
+// it sees them as live and would otherwise wait for the next full-state
+// sync (PushPullInterval, 5 s and more) to be taken back. Each join is a
+// push/pull that re-announces it; the old address is declared dead within
+// ~0.3–1.2 s (awareness can stretch it 4×), plus the reclaim time.
+const announceFor = 15 * time.Second
+
+// announceTargets adds the contacts (cluster.join and those given to Join)
+// other than this member to targets.
+func (r *Ring) announceTargets(targets []string) []string {
+	self := r.Addr()
+	r.joinedMu.Lock()
+	contacts := append(slices.Clone(r.cfg.Join), r.joined...)
+	r.joinedMu.Unlock()
+	for _, c := range contacts {
+		if c != self && !slices.Contains(targets, c) {
+			targets = append(targets, c)
+		}
+	}
+	return targets
 }
 
 // forgetFailed is how long a dead member's address is retried: long enough
