@@ -45,10 +45,11 @@ type Child struct {
 	srv        *Server
 	ring       *ring.Ring // nil when gossip is disabled (cluster.gossip "")
 	ringName   string
-	joining    bool // a topology-driven join is in flight
-	joined     bool // the ring has had another member at least once
-	handedBack bool // the hand-back of history has been started
-	contacts   bool // there is someone to join
+	joining    bool            // a topology-driven join is in flight
+	joined     bool            // the ring has had another member at least once
+	handedBack bool            // the first hand-back of history has been started
+	askedPeers map[string]bool // ring names asked for history to hand back
+	contacts   bool            // there is someone to join
 	stopped    bool
 	wg         sync.WaitGroup
 	bg         context.Context // cancelled by Stop: ends background work (hand-back)
@@ -328,20 +329,38 @@ func (c *Child) ringChanged(ms []ring.Member) {
 	c.log.Info("ring changed", "brokers", len(out))
 	srv.SetMembers(out)
 	c.mu.Lock()
-	start := !c.handedBack && len(out) > 1 && !c.stopped
-	if start {
+	self := c.ringName
+	// Each peer is asked once, when it first shows up: the first view can
+	// hold only some of them (HandBackFrom), and the peer that kept a
+	// channel's replica may be among the later ones. install never
+	// overwrites history this broker has, so a late answer is safe.
+	var ask []string
+	if len(out) > 1 && !c.stopped {
+		if c.askedPeers == nil {
+			c.askedPeers = map[string]bool{}
+		}
+		for _, m := range out {
+			if m.Name != self && !c.askedPeers[m.Name] {
+				c.askedPeers[m.Name] = true
+				ask = append(ask, m.Name)
+			}
+		}
+	}
+	first := len(ask) > 0 && !c.handedBack
+	if len(ask) > 0 {
 		c.handedBack = true
 		c.wg.Add(1)
 	}
-	self := c.ringName
 	c.mu.Unlock()
-	if start {
+	if len(ask) > 0 {
 		go func() {
 			defer c.wg.Done()
-			defer srv.HandbackDone()
+			if first {
+				defer srv.HandbackDone()
+			}
 			ctx, cancel := context.WithTimeout(c.bg, HandbackMax)
 			defer cancel()
-			n, err := srv.HandBack(ctx, self, out)
+			n, err := srv.HandBackFrom(ctx, self, out, ask)
 			if err != nil {
 				c.log.Warn("taking history back from peers", "error", err)
 			}

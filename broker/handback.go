@@ -3,6 +3,7 @@ package broker
 import (
 	"context"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/shoalhq/shoal/brokerclient"
@@ -29,6 +30,15 @@ const HandbackMax = 3 * time.Second
 // self owns (see above). It is safe to call while links are served;
 // publishes should wait for it (Child arranges that).
 func (s *Server) HandBack(ctx context.Context, self string, members []link.Member) (int, error) {
+	return s.HandBackFrom(ctx, self, members, nil)
+}
+
+// HandBackFrom is HandBack asking only the peers named in ask (all of them
+// if ask is nil); ownership is still computed over every member. The ring
+// view a starting broker first sees can hold only some of its peers
+// (memberlist reports the members of a join one by one), so the broker
+// asks each peer once, when it first appears.
+func (s *Server) HandBackFrom(ctx context.Context, self string, members []link.Member, ask []string) (int, error) {
 	names := make([]string, 0, len(members))
 	others := make([]string, 0, len(members))
 	for _, m := range members {
@@ -40,7 +50,7 @@ func (s *Server) HandBack(ctx context.Context, self string, members []link.Membe
 	copied := 0
 	var firstErr error
 	for _, m := range members {
-		if m.Name == self {
+		if m.Name == self || (ask != nil && !slices.Contains(ask, m.Name)) {
 			continue
 		}
 		n, err := s.handBackFrom(ctx, self, m, names, others)
