@@ -122,14 +122,17 @@ func (c *Child) Start(ctx context.Context, p control.StartParams) (control.Start
 	c.pool.setTopology(p.Topology)
 	if c.local == nil && os.Getenv("GOGC") == "" {
 		// A balancer process's live heap is almost all long-lived TLS
-		// state (~8 KB per wss:// connection, mostly crypto/tls's AES-GCM
-		// states and read buffers), and its garbage comes from handshakes.
-		// Go's default target (GOGC=100: heap up to twice the live data)
-		// made that ~12.7 KB of RSS per idle connection; 25 keeps it at
-		// ~8.8 KB for a few percent more CPU per handshake
-		// (SHOAL_BALANCER_COST=1 go test -run TestBalancerCost -v
-		// ./balancer). A worker's front end (balancers: 0) leaves the
-		// worker's own setting alone: its hot path allocates per message.
+		// state (~3.4 KB per idle wss:// connection: crypto/tls's Conn and
+		// AES-GCM states), and its garbage comes from handshakes. Go's
+		// default target (GOGC=100: heap up to twice the live data) costs
+		// RSS in proportion: per idle connection ~4.1 KB at 25, 5.2 KB at
+		// 50 (SHOAL_BALANCER_COST=1 go test -run TestBalancerCost -v
+		// ./balancer; 12.7 against 9.1 KB at 100 and 25 when crypto/tls
+		// still kept its read buffers). 10 saves another 0.4 KB but cost
+		// ~25% more balancer CPU per handshake with 8,000 connections held
+		// (each GC marks all of them). A worker's front end (balancers: 0)
+		// leaves the worker's own setting alone: its hot path allocates
+		// per message.
 		debug.SetGCPercent(balancerGCPercent)
 	}
 

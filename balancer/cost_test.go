@@ -319,6 +319,7 @@ func TestBalancerCost(t *testing.T) {
 	// Connections per second: connect, one 1-byte round trip, close; 4 clients.
 	const connsPerClient, clients = 500, 4
 	for _, path := range paths {
+		before := r.stats()
 		start := time.Now()
 		var wg sync.WaitGroup
 		var failed sync.Map
@@ -345,7 +346,9 @@ func TestBalancerCost(t *testing.T) {
 		wg.Wait()
 		failed.Range(func(k, v any) bool { t.Fatalf("%v: %v", k, v); return false })
 		d := time.Since(start)
-		t.Logf("connections/s %-12s %8.0f", path, float64(connsPerClient*clients)/d.Seconds())
+		after := r.stats()
+		t.Logf("connections/s %-12s %8.0f; balancer CPU %.0f µs per connection", path, float64(connsPerClient*clients)/d.Seconds(),
+			float64((after.CPU-before.CPU).Microseconds())/(connsPerClient*clients))
 	}
 
 	// Messages per second: 32 connections, 64-byte ping-pong.

@@ -124,6 +124,9 @@ func (c *Child) serveTLS(raw net.Conn) {
 		c.stats.add(ctrTLSHandshakeFail, 1)
 		return
 	}
+	// What the handshake grew is not needed any more, whichever way the
+	// connection is proxied (tlsmem.go).
+	releaseHandshakeBufs(tconn)
 
 	var up *net.UnixConn
 	if c.local != nil {
@@ -170,7 +173,6 @@ func (c *Child) handToLoop(loop *evLoop, tconn *tls.Conn, ec *evConn, up *net.Un
 		done()
 		return
 	}
-	releaseHandshakeBufs(tconn)
 	if !loop.add(&evProxy{tc: tconn, ec: ec, wfd: wfd, done: done}) {
 		// Stopping: the loop will not take it.
 		_ = tconn.Close()
