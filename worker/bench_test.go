@@ -121,3 +121,18 @@ middleware:
 		i++
 	}
 }
+
+// BenchmarkSessionLifecycle: the engine's share of one connection: Open,
+// #handshake (no token) and its reply, Closed. The transport's share
+// (upgrade, epoll, sockets) is netpoll's BenchmarkConnect.
+func BenchmarkSessionLifecycle(b *testing.B) {
+	env := newEnvWith(b, nil, netpoll.AppendTextFrame, netpoll.ErrQueueFull)
+	hs := []byte(`{"event":"#handshake","data":{"authToken":null},"cid":1}`)
+	c := &nullConn{}
+	b.ReportAllocs()
+	for b.Loop() {
+		s := env.e.Open(c)
+		env.e.Message(s, hs)
+		env.e.Closed(s, 1000, "")
+	}
+}
