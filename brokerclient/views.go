@@ -14,17 +14,17 @@ import (
 // its channels away and back, failing its in-flight publishes and
 // replicas (seen as TestRingHandBackAfterSIGKILL's replicated 34 of 50).
 //
-// The client instead keeps the latest view of each up link and reports
-// the members that at least half of the reporting links list (same name
-// and address). Half, not a strict majority: a broker that has just joined
-// can report a view holding little more than itself (the others' link
-// addresses travel in gossip metadata and arrive a moment later), and with
-// two reporters a strict majority would let that view remove everyone
-// else. So a join takes effect once half of the brokers have heard of it,
-// and a departure once more than half have noticed it (a dead broker's own
-// link goes down and its report with it; with the default two brokers the
-// survivor's view alone decides, as before). With one reporter, its view
-// is the set.
+// The client instead keeps the latest view of each up link and counts
+// votes: a member is in the set when at least half of the *other*
+// reporting brokers list it (same name and address). A broker does not
+// vote on itself: its own view always lists it, and a broker cut off by a
+// partition keeps its link (and its stale view) until the link times out,
+// which must not keep it in. Half, not a strict majority: with one other
+// voter, a view that lags behind a join does not remove the newcomer. So a
+// join takes effect once half of the others have heard of it, a departure
+// once more than half of the others noticed it (a dead broker's own link
+// goes down and its report with it). A member with no other voter (the
+// only reporting broker) is in if its own view lists it.
 
 // noteView records the view b reported and reports the combined view if
 // it changed.
@@ -50,14 +50,18 @@ func (c *Client) dropView(b *bconn) {
 	c.publishViewLocked()
 }
 
-// publishViewLocked calls OnMembers with the majority view when it differs
+// publishViewLocked calls OnMembers with the voted view when it differs
 // from the last one given. Under viewsMu so that reports from different
 // links reach OnMembers one at a time and in the order they were combined.
 func (c *Client) publishViewLocked() {
 	if len(c.views) == 0 || c.opts.OnMembers == nil || c.isClosed.Load() {
 		return
 	}
-	set := majorityView(c.views)
+	reports := make([]report, 0, len(c.views))
+	for b, eps := range c.views {
+		reports = append(reports, report{by: b.ep.Name, eps: eps})
+	}
+	set := votedView(reports)
 	if c.viewSent && slices.Equal(set, c.lastView) {
 		return
 	}
@@ -65,18 +69,37 @@ func (c *Client) publishViewLocked() {
 	c.opts.OnMembers(slices.Clone(set))
 }
 
-// majorityView returns the endpoints listed by at least half of views,
-// sorted by name.
-func majorityView[K comparable](views map[K][]Endpoint) []Endpoint {
-	count := map[Endpoint]int{}
-	for _, v := range views {
-		for _, ep := range v {
-			count[ep]++
+// report is one broker's view of the ring.
+type report struct {
+	by  string // the reporting broker's name
+	eps []Endpoint
+}
+
+// votedView returns the endpoints listed by at least half of the reports
+// of brokers other than the endpoint itself (by its own report alone if
+// there is no other), sorted by name.
+func votedView(reports []report) []Endpoint {
+	cand := map[Endpoint]bool{}
+	for _, r := range reports {
+		for _, ep := range r.eps {
+			cand[ep] = true
 		}
 	}
 	set := []Endpoint{}
-	for ep, n := range count {
-		if 2*n >= len(views) {
+	for ep := range cand {
+		voters, yes, self := 0, 0, false
+		for _, r := range reports {
+			listed := slices.Contains(r.eps, ep)
+			if r.by == ep.Name {
+				self = self || listed
+				continue
+			}
+			voters++
+			if listed {
+				yes++
+			}
+		}
+		if (voters == 0 && self) || (voters > 0 && 2*yes >= voters) {
 			set = append(set, ep)
 		}
 	}

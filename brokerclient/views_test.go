@@ -5,35 +5,34 @@ import (
 	"testing"
 )
 
-func TestMajorityView(t *testing.T) {
+func TestVotedView(t *testing.T) {
 	a := Endpoint{Name: "broker-1", Addr: "unix:/a"}
 	b := Endpoint{Name: "broker-2", Addr: "unix:/b"}
 	c := Endpoint{Name: "broker-3", Addr: "unix:/c"}
+	d := Endpoint{Name: "broker-4", Addr: "unix:/d"}
 	c2 := Endpoint{Name: "broker-3", Addr: "unix:/c2"} // restarted on a new address
 	for _, tc := range []struct {
-		name  string
-		views [][]Endpoint
-		want  []Endpoint
+		name    string
+		reports []report
+		want    []Endpoint
 	}{
-		{"one reporter is the set", [][]Endpoint{{b, a}}, []Endpoint{a, b}},
+		{"one reporter is the set", []report{{"broker-1", []Endpoint{b, a}}}, []Endpoint{a, b}},
 		// broker-2 has not heard of broker-3 yet: it must not remove it.
-		{"a lagging reporter is outvoted", [][]Endpoint{{a, b, c}, {a, b}, {a, b, c}}, []Endpoint{a, b, c}},
-		{"a lagging reporter of two is outvoted", [][]Endpoint{{a, b, c}, {a, b}}, []Endpoint{a, b, c}},
-		// A joining broker's first report may hold only itself.
-		{"a newcomer's partial view removes no one", [][]Endpoint{{a, b, c}, {c}}, []Endpoint{a, b, c}},
-		// A join waits until half of the reporters know of it.
-		{"a join seen by one of three waits", [][]Endpoint{{a, b, c}, {a, b}, {a, b}}, []Endpoint{a, b}},
-		// broker-3 died; its own link (and report) is gone, and two of the
-		// three others have noticed.
-		{"a departure seen by most", [][]Endpoint{{a, b}, {a, b}, {a, b, c}}, []Endpoint{a, b}},
-		{"an address change needs a majority", [][]Endpoint{{a, c}, {a, c2}, {a, c2}}, []Endpoint{a, c2}},
-		{"an address change seen by half keeps both for a moment", [][]Endpoint{{a, c}, {a, c2}}, []Endpoint{a, c, c2}},
+		{"a lagging reporter is outvoted", []report{{"broker-1", []Endpoint{a, b, c}}, {"broker-2", []Endpoint{a, b}}, {"broker-3", []Endpoint{a, b, c}}}, []Endpoint{a, b, c}},
+		{"a lagging reporter of two is outvoted", []report{{"broker-1", []Endpoint{a, b, c}}, {"broker-2", []Endpoint{a, b}}}, []Endpoint{a, b, c}},
+		// A join waits until half of the others know of it.
+		{"a join seen by one of three waits", []report{{"broker-1", []Endpoint{a, b, c, d}}, {"broker-2", []Endpoint{a, b, c}}, {"broker-3", []Endpoint{a, b, c}}}, []Endpoint{a, b, c}},
+		// broker-3 died; its own link (and report) is gone, and both others noticed.
+		{"a departure", []report{{"broker-1", []Endpoint{a, b}}, {"broker-2", []Endpoint{a, b}}}, []Endpoint{a, b}},
+		// broker-3 and broker-4 are cut off by a partition; their links to
+		// this worker have not timed out yet and still carry their old views.
+		{"stale views of a cut-off side do not keep it in", []report{
+			{"broker-1", []Endpoint{a, b}}, {"broker-2", []Endpoint{a, b}},
+			{"broker-3", []Endpoint{a, b, c, d}}, {"broker-4", []Endpoint{a, b, c, d}},
+		}, []Endpoint{a, b}},
+		{"an address change needs the others", []report{{"broker-1", []Endpoint{a, b, c2}}, {"broker-2", []Endpoint{b, a, c2}}, {"broker-3", []Endpoint{a, c}}}, []Endpoint{a, b, c2}},
 	} {
-		views := map[int][]Endpoint{}
-		for i, v := range tc.views {
-			views[i] = v
-		}
-		if got := majorityView(views); !slices.Equal(got, tc.want) {
+		if got := votedView(tc.reports); !slices.Equal(got, tc.want) {
 			t.Errorf("%s: got %v, want %v", tc.name, got, tc.want)
 		}
 	}
@@ -48,16 +47,17 @@ func TestViewsReportChangesOnly(t *testing.T) {
 	a := Endpoint{Name: "broker-1", Addr: "unix:/a"}
 	b := Endpoint{Name: "broker-2", Addr: "unix:/b"}
 	x := Endpoint{Name: "broker-3", Addr: "unix:/c"}
-	l1, l2, l3 := &bconn{}, &bconn{}, &bconn{}
+	l1 := &bconn{ep: a}
+	l2 := &bconn{ep: b}
+	l3 := &bconn{ep: x}
 	c.noteView(l1, []Endpoint{a, b})
-	c.noteView(l2, []Endpoint{a, b, x}) // 1 of 2 lists broker-3: half
-	c.noteView(l3, []Endpoint{b, a})    // 1 of 3: not yet
-	c.noteView(l3, []Endpoint{x, b, a}) // 2 of 3
-	c.noteView(l1, []Endpoint{a, b, x}) // caught up: no change to report
+	c.noteView(l2, []Endpoint{a, b, x}) // broker-3 listed by 1 of the 2 others: half
+	c.noteView(l3, []Endpoint{x, b, a}) // broker-3's own view: no change
+	c.noteView(l2, []Endpoint{a, b})    // now by neither
+	c.noteView(l1, []Endpoint{a, b, x}) // by one again
 	c.dropView(l3)
-	c.dropView(l3)                   // already gone: no report
-	c.noteView(l2, []Endpoint{a, b}) // broker-3 gone for half of two: stays
-	c.noteView(l1, []Endpoint{a, b}) // and for both
+	c.dropView(l3) // already gone: no report
+	c.noteView(l1, []Endpoint{a, b})
 	want := [][]Endpoint{{a, b}, {a, b, x}, {a, b}, {a, b, x}, {a, b}}
 	if !slices.EqualFunc(got, want, slices.Equal) {
 		t.Fatalf("reports %v, want %v", got, want)
