@@ -9,7 +9,6 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
-	"unsafe"
 )
 
 // Listener is the worker's end: it accepts sender connections (one per
@@ -176,10 +175,9 @@ func (l *Listener) readLoop(c *net.UnixConn) {
 	// seen (MSG_TRUNC) rather than silently cut to a valid-looking length.
 	buf := make([]byte, 1+MaxPrebuf+1)
 	oob := make([]byte, oobSpace)
-	var fdBuf [4]int
 	for {
 		n, oobn, flags, _, err := c.ReadMsgUnix(buf, oob)
-		fds := parseFDs(fdBuf[:0], oob[:oobn])
+		fds := parseFDs(oob[:oobn])
 		if err != nil || (n == 0 && len(fds) == 0) {
 			// Peer gone or connection closed by Close.
 			closeAll(fds)
@@ -203,30 +201,25 @@ func (l *Listener) readLoop(c *net.UnixConn) {
 	}
 }
 
-// parseFDs appends every fd in the control messages to dst; it never drops
-// one, so the caller can close what it does not keep. It walks the headers
-// in place (syscall.ParseSocketControlMessage and ParseUnixRights allocate
-// twice per message, and this runs once per handed-over connection).
-func parseFDs(dst []int, oob []byte) []int {
-	hdr := syscall.CmsgLen(0)
-	for len(oob) >= hdr {
-		h := (*syscall.Cmsghdr)(unsafe.Pointer(&oob[0]))
-		l := int(h.Len)
-		if l < hdr || l > len(oob) {
-			break // truncated or corrupt: nothing more can be trusted
-		}
-		if h.Level == syscall.SOL_SOCKET && h.Type == syscall.SCM_RIGHTS {
-			for b := oob[hdr:l]; len(b) >= 4; b = b[4:] {
-				dst = append(dst, int(*(*int32)(unsafe.Pointer(&b[0]))))
-			}
-		}
-		next := syscall.CmsgSpace(l - hdr) // the header and data, aligned
-		if next >= len(oob) {
-			break
-		}
-		oob = oob[next:]
+// parseFDs returns every fd in the control messages; it never drops one, so
+// the caller can close what it does not keep.
+func parseFDs(oob []byte) []int {
+	if len(oob) == 0 {
+		return nil
 	}
-	return dst
+	msgs, err := syscall.ParseSocketControlMessage(oob)
+	if err != nil {
+		return nil
+	}
+	var fds []int
+	for i := range msgs {
+		rights, err := syscall.ParseUnixRights(&msgs[i])
+		if err != nil {
+			continue
+		}
+		fds = append(fds, rights...)
+	}
+	return fds
 }
 
 func closeAll(fds []int) {
