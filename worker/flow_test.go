@@ -53,6 +53,10 @@ func flowCluster(t *testing.T) (*broker.Child, string) {
 	wcfg := configs.Default()
 	wcfg.Worker.GoMaxProcs = 0
 	wcfg.Worker.SendQueue = 128 * flowPayload
+	// The stuck subscriber reads only after the others are done, which
+	// under -race on a loaded 2-core machine took longer than the default
+	// 10 s: its slow-consumer close frame must still be waiting for it.
+	wcfg.Worker.WriteTimeout = configs.Duration(60 * time.Second)
 	// The publisher waits for the broker's ack (the default, local, acks
 	// up to 64 publishes per socket ahead of it: a window of 16 would
 	// never wait).
