@@ -24,7 +24,6 @@ import (
 	"sync"
 	"syscall"
 	"time"
-	"unsafe"
 )
 
 // MaxPrebuf is the largest prebuf one Send carries. A balancer only ever
@@ -63,17 +62,6 @@ type Sender struct {
 
 	mu   sync.Mutex // serialises Send so the per-call write deadline is its own
 	conn *net.UnixConn
-	rc   syscall.RawConn // conn's descriptor, for the non-blocking first try
-	oob  []byte          // SCM_RIGHTS scratch, under mu
-	msg  []byte          // message scratch, under mu
-
-	// The non-blocking try's arguments and result, under mu: try is bound
-	// once (Dial), so a send allocates no closure.
-	try    func(fd uintptr)
-	tryMsg []byte
-	tryOOB []byte
-	tryN   int
-	tryErr error
 }
 
 // Dial connects to the worker's handoff socket at path.
@@ -82,19 +70,7 @@ func Dial(path string) (*Sender, error) {
 	if err != nil {
 		return nil, fmt.Errorf("handoff: dial %s: %w", path, err)
 	}
-	rc, err := c.SyscallConn()
-	if err != nil {
-		_ = c.Close()
-		return nil, fmt.Errorf("handoff: dial %s: raw conn: %w", path, err)
-	}
-	s := &Sender{path: path, timeout: DefaultSendTimeout, conn: c, rc: rc}
-	s.try = s.sendNow
-	return s, nil
-}
-
-// sendNow is the non-blocking sendmsg of tryMsg and tryOOB on fd.
-func (s *Sender) sendNow(fd uintptr) {
-	s.tryN, s.tryErr = syscall.SendmsgN(int(fd), s.tryMsg, s.tryOOB, nil, syscall.MSG_DONTWAIT)
+	return &Sender{path: path, timeout: DefaultSendTimeout, conn: c}, nil
 }
 
 // SetTimeout changes how long one Send may wait for the receiver (d > 0).
@@ -127,7 +103,8 @@ func (s *Sender) Send(f *os.File, prebuf []byte) error {
 // dup(2) that TCPConn.File makes, so the balancer can hand a connection over
 // and close it with one syscall less. Like Send, it does not close c.
 func (s *Sender) SendConn(c syscall.Conn, prebuf []byte) error {
-	if err := s.checkPrebuf(prebuf); err != nil {
+	msg, err := s.frame(prebuf)
+	if err != nil {
 		return err
 	}
 
@@ -139,7 +116,7 @@ func (s *Sender) SendConn(c syscall.Conn, prebuf []byte) error {
 	}
 	var sendErr error
 	ctlErr := rc.Control(func(fd uintptr) {
-		sendErr = s.sendFD(int(fd), prebuf)
+		sendErr = s.sendFD(int(fd), msg)
 	})
 	if ctlErr != nil {
 		return fmt.Errorf("handoff: send to %s: %w", s.path, ctlErr)
@@ -154,57 +131,37 @@ func (s *Sender) SendFD(fd int, prebuf []byte) error {
 	if fd < 0 {
 		return fmt.Errorf("handoff: send to %s: bad fd %d", s.path, fd)
 	}
-	if err := s.checkPrebuf(prebuf); err != nil {
+	msg, err := s.frame(prebuf)
+	if err != nil {
 		return err
 	}
-	return s.sendFD(fd, prebuf)
+	return s.sendFD(fd, msg)
 }
 
-func (s *Sender) checkPrebuf(prebuf []byte) error {
+// frame builds one message: the version byte, then prebuf.
+func (s *Sender) frame(prebuf []byte) ([]byte, error) {
 	if len(prebuf) > MaxPrebuf {
-		return fmt.Errorf("handoff: send %d bytes to %s: %w", len(prebuf), s.path, ErrPrebufTooLarge)
+		return nil, fmt.Errorf("handoff: send %d bytes to %s: %w", len(prebuf), s.path, ErrPrebufTooLarge)
 	}
-	return nil
+	msg := make([]byte, 1+len(prebuf))
+	msg[0] = version
+	copy(msg[1:], prebuf)
+	return msg, nil
 }
 
-// sendFD sends one message (the version byte, then prebuf) carrying fd. The
-// balancer calls it once per accepted connection, so the common case costs
-// one sendmsg(2) and no allocation: a non-blocking try first, and the write
-// deadline (a runtime timer update) only when the worker's queue is full and
-// the send has to wait.
-func (s *Sender) sendFD(fd int, prebuf []byte) error {
+func (s *Sender) sendFD(fd int, msg []byte) error {
+	oob := syscall.UnixRights(fd)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.conn == nil {
 		return fmt.Errorf("handoff: send to %s: %w", s.path, net.ErrClosed)
 	}
-	msg := append(append(s.msg[:0], version), prebuf...)
-	oob := appendRights(s.oob[:0], fd)
-	s.msg, s.oob = msg[:0], oob[:0]
-	if len(msg) > 1 {
-		s.msg = nil // do not keep a prebuf's bytes (or a 16 KiB buffer) around
+	if err := s.conn.SetWriteDeadline(time.Now().Add(s.timeout)); err != nil {
+		return fmt.Errorf("handoff: send to %s: set deadline: %w", s.path, err)
 	}
-	s.tryMsg, s.tryOOB = msg, oob
-	cerr := s.rc.Control(s.try)
-	// SendmsgN counts msg bytes only; the rights went with them (SEQPACKET:
-	// the whole message or nothing).
-	n, oobn, err := s.tryN, len(oob), s.tryErr
-	s.tryMsg, s.tryOOB, s.tryErr = nil, nil, nil
-	if cerr != nil {
-		return fmt.Errorf("handoff: send to %s: %w", s.path, cerr)
-	}
+	n, oobn, err := s.conn.WriteMsgUnix(msg, oob, nil)
 	if err != nil {
-		if err != syscall.EAGAIN && err != syscall.EINTR {
-			return fmt.Errorf("handoff: send to %s: %w", s.path, err)
-		}
-		// The worker's queue is full: wait for room, bounded by the timeout.
-		if err := s.conn.SetWriteDeadline(time.Now().Add(s.timeout)); err != nil {
-			return fmt.Errorf("handoff: send to %s: set deadline: %w", s.path, err)
-		}
-		n, oobn, err = s.conn.WriteMsgUnix(msg, oob, nil)
-		if err != nil {
-			return fmt.Errorf("handoff: send to %s: %w", s.path, err)
-		}
+		return fmt.Errorf("handoff: send to %s: %w", s.path, err)
 	}
 	// SEQPACKET is all or nothing; anything else is a kernel surprise we
 	// must not paper over, since the receiver would see a corrupt prebuf.
@@ -212,22 +169,6 @@ func (s *Sender) sendFD(fd int, prebuf []byte) error {
 		return fmt.Errorf("handoff: send to %s: short write %d/%d bytes, %d/%d oob", s.path, n, len(msg), oobn, len(oob))
 	}
 	return nil
-}
-
-// appendRights is syscall.UnixRights for one fd, built in dst.
-func appendRights(dst []byte, fd int) []byte {
-	n := syscall.CmsgSpace(4)
-	if cap(dst) < n {
-		dst = make([]byte, 0, n)
-	}
-	b := dst[:n]
-	clear(b)
-	h := (*syscall.Cmsghdr)(unsafe.Pointer(&b[0]))
-	h.Level = syscall.SOL_SOCKET
-	h.Type = syscall.SCM_RIGHTS
-	h.SetLen(syscall.CmsgLen(4))
-	*(*int32)(unsafe.Pointer(&b[syscall.CmsgLen(0)])) = int32(fd)
-	return b
 }
 
 // Close closes the connection to the worker. Fds already sent stay with the

@@ -542,19 +542,6 @@ func BenchmarkSendAccept(b *testing.B) {
 	}
 }
 
-// appendRights builds the same control message as syscall.UnixRights.
-func TestAppendRights(t *testing.T) {
-	for _, fd := range []int{0, 7, 1 << 20} {
-		if got, want := appendRights(nil, fd), syscall.UnixRights(fd); string(got) != string(want) {
-			t.Errorf("fd %d: %x, want %x", fd, got, want)
-		}
-	}
-	buf := appendRights(nil, 3)
-	if got := appendRights(buf[:0], 9); &got[0] != &buf[0] || string(got) != string(syscall.UnixRights(9)) {
-		t.Error("appendRights did not reuse its buffer")
-	}
-}
-
 // parseFDs finds every fd of every SCM_RIGHTS message.
 func TestParseFDs(t *testing.T) {
 	two := append(syscall.UnixRights(3, 4), syscall.UnixRights(5)...)
