@@ -193,6 +193,12 @@ func (c *Child) Start(ctx context.Context, p control.StartParams) (control.Start
 		c.wg.Add(1)
 		go c.acceptLoop(c.tlsLn, c.startTLS)
 	}
+	if c.tlsConf != nil && c.local == nil {
+		// Not in a worker's front end: the worker's heap is mostly its
+		// own, and a forced GC there would stall its message path.
+		c.wg.Add(1)
+		go c.releaseAfterBursts()
+	}
 	if c.local != nil {
 		c.log.Info("worker listening on the public ports (SO_REUSEPORT, shared with the other workers)",
 			"public", addrs[control.AddrPublic], "tls", addrs[control.AddrTLS])

@@ -446,6 +446,11 @@ func TestBalancerCost(t *testing.T) {
 			}
 			cs = append(cs, c)
 		}
+		if path == "proxied-tls" {
+			// Long enough for the balancer to see the burst has ended
+			// (memrelease.go), as it would while these stay idle.
+			time.Sleep(2*releaseEvery + time.Second)
+		}
 		after := r.stats()
 		if f := os.Getenv(envHeap); f != "" && path == "proxied-tls" {
 			r.statsCmd("heap " + f)

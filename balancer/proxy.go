@@ -43,6 +43,7 @@ func (c *Child) startTLS(conn net.Conn) {
 		return
 	}
 	c.stats.active.Add(1)
+	c.stats.tlsAccepted.Add(1)
 	c.wg.Add(1)
 	go c.serveTLS(conn)
 }

@@ -9,9 +9,10 @@ import (
 // Per-worker counts are keyed by worker name and survive the worker's
 // restarts (the name is the slot, not the process).
 type stats struct {
-	active   atomic.Int64 // TLS connections held now (handshaking or proxied)
-	bytesIn  atomic.Int64 // proxied plaintext, client → worker
-	bytesOut atomic.Int64 // proxied plaintext, worker → client
+	active      atomic.Int64 // TLS connections held now (handshaking or proxied)
+	tlsAccepted atomic.Int64 // TLS connections taken on (past the fd cap check), ever
+	bytesIn     atomic.Int64 // proxied plaintext, client → worker
+	bytesOut    atomic.Int64 // proxied plaintext, worker → client
 
 	mu        sync.Mutex
 	perWorker map[string]int64 // "handed.<w>", "proxied.<w>", "failures.<w>"
