@@ -14,8 +14,9 @@ import (
 // ~1.8 KB per connection above its live heap. Go's background scavenger
 // returns only what lies above the GC goal (plus 10%), slowly; a forced
 // collection and release once the burst is over brings RSS down to about
-// the live heap. It costs one full GC per burst (~10-20 ms of CPU with
-// 8,000 connections held), so it waits for a burst worth amortising it.
+// the live heap. It costs one full GC per burst (100 ms of wall time with
+// 8,000 connections held, on a loaded machine), so it waits for a burst
+// worth amortising it.
 const (
 	// releaseEvery is how often the balancer checks whether a burst ended.
 	releaseEvery = 5 * time.Second
