@@ -136,7 +136,7 @@ func BenchmarkPublishInAllowed(b *testing.B) {
 	c := load(b, `
 middleware:
   inbound:
-    - rate: {per_socket: 1000000/s, per_ip: 1000000/s, per_user: 1000000/s}
+    - rate: {per_socket: 1000000000/s, per_ip: 1000000000/s, per_user: 1000000000/s}
     - max_payload: 64KiB
     - channels:
         - match: "private/**"
