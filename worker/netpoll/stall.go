@@ -56,7 +56,9 @@ func (s *Server) stall(c *Conn) bool {
 	}
 	c.stalled = true
 	c.reading = false
-	c.armLocked() // EPOLLOUT if a write waits; not EPOLLIN
+	// Input edges are ignored until releaseStalled, which schedules a read
+	// for whatever arrived meanwhile (see ready).
+	c.again = false
 	c.unlockAndRun()
 	s.stalled = append(s.stalled, c)
 	s.nstalled.Store(int32(len(s.stalled)))
@@ -112,8 +114,8 @@ func (s *Server) releaseStalled() {
 		c.mu.Lock()
 		c.stalled = false
 		if c.phase < phaseDead {
-			// Whatever arrived meanwhile is read now; with nothing there
-			// the task re-arms EPOLLIN.
+			// Whatever arrived meanwhile is read now (its edges were
+			// ignored while paused); with nothing there the read says EAGAIN.
 			c.pendRead = c.pendRead || c.scheduleReadLocked()
 		}
 		c.unlockAndRun()
