@@ -55,8 +55,8 @@ type Conn struct {
 	// in one writev without a hand-off to another pool goroutine.
 	batching      bool
 	flushDeferred bool
-	// stalled: reads are paused by inbound flow control (stall.go); input
-	// edges are ignored until the server releases the connection.
+	// stalled: reads are paused by inbound flow control (stall.go); EPOLLIN
+	// stays disarmed until the server releases the connection.
 	stalled     bool
 	deep        bool // counted in Server.deep (isDeepLocked)
 	pendFlush   bool // set under mu: unlockAndRun pushes a flush task
@@ -81,16 +81,6 @@ type Conn struct {
 	fragOp   ws.OpCode
 	fragging bool
 	discard  bool // closing: frames are parsed only to find the peer's close frame
-
-	// Guarded by mu (here for the struct's padding, see TestConnSize).
-	// again: input was reported while a read task owned the fd; the task
-	// reads once more (re-queued) instead of ending, since with an
-	// edge-triggered registration that report will not come again.
-	again bool
-	// hup: the peer hung up (or the socket failed). A short read no longer
-	// means an empty socket: the end of the stream is only seen by the next
-	// read, and its edge was reported already, so reads go on to EOF.
-	hup bool
 }
 
 // ID is unique among the connections of one Server.
@@ -402,29 +392,30 @@ func (c *Conn) onTimer() {
 	c.unlockAndRun()
 }
 
-// armLocked asks for EPOLLOUT once a write said EAGAIN (c.waitOut). The fd
-// stays registered edge-triggered for input from Serve on, so reads need no
-// epoll_ctl; EPOLLOUT is added here, with EPOLL_CTL_MOD every time a write
-// stalls, because MOD re-checks readiness: space freed between the EAGAIN
-// and now is reported at once instead of being lost as a past edge. EPOLLOUT
-// stays in the mask afterwards; its edges while no write waits are ignored
-// (TCP only reports them after a write hit a full buffer).
+// armLocked re-arms the one-shot epoll registration for what the connection
+// still waits for: input unless a read task owns the fd, output while a
+// write is stalled. One-shot disarms the fd after every event, so each event
+// handler and each task calls this when it is done.
 func (c *Conn) armLocked() {
-	if c.phase >= phaseDead || !c.waitOut {
+	if c.phase >= phaseDead {
 		return
 	}
-	e := unix.EpollEvent{Events: epollIn | unix.EPOLLOUT, Fd: c.fd, Pad: int32(c.seq)}
+	ev := uint32(unix.EPOLLONESHOT)
+	if !c.reading && !(c.stalled && c.phase == phaseOpen) {
+		ev |= unix.EPOLLIN | unix.EPOLLRDHUP
+	}
+	if c.waitOut {
+		ev |= unix.EPOLLOUT
+	}
+	if ev == unix.EPOLLONESHOT {
+		return
+	}
+	e := unix.EpollEvent{Events: ev, Fd: c.fd, Pad: int32(c.seq)}
 	if err := unix.EpollCtl(c.srv.epfd, unix.EPOLL_CTL_MOD, int(c.fd), &e); err != nil {
 		c.srv.log.Warn("epoll re-arm failed, closing connection", "fd", c.fd, "error", err)
 		c.abortLocked(ws.StatusAbnormalClosure, "epoll: "+err.Error())
 	}
 }
-
-// epollIn is the registration every connection keeps from Serve to close:
-// edge-triggered input. An edge is reported for every arrival of data (and
-// for the hang-up), so a read task that stopped short of EAGAIN still hears
-// of input that arrives after its last read (Conn.again).
-const epollIn = unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLET
 
 // flush writes the send queue with writev until it is empty or the socket
 // would block. It runs on a pool goroutine; c.flushing keeps it alone, and
@@ -524,8 +515,7 @@ func (c *Conn) drainedLocked() {
 		}
 		c.phase = phaseDraining
 		c.setDeadlineLocked(c.srv.cfg.WriteTimeout)
-		// Input stays registered (edge-triggered): the peer's hang-up or
-		// close frame is reported, or was read already by a read task.
+		c.armLocked()
 	}
 }
 

@@ -4,9 +4,8 @@
 // # Model
 //
 // Serve takes an accepted socket fd (from the balancer's SCM_RIGHTS hand-off,
-// a PROXY-protocol stream, or an accept) and registers it once in the
-// Server's epoll instance, edge-triggered (EPOLLET) for input, for the
-// connection's whole life. One poller goroutine waits for readiness
+// a PROXY-protocol stream, or an accept) and registers it in the Server's
+// epoll instance with EPOLLONESHOT. One poller goroutine waits for readiness
 // and only schedules work; fixed pools of goroutines do it (Config.Pool for
 // reads, a few more for flushes, so blocked Handler calls cannot stall the
 // writes to every other connection):
@@ -27,17 +26,9 @@
 // the batch ends, in one writev, without a hand-off. A Handler call that
 // blocks therefore delays its own connection's writes too.
 //
-// Reads cost no epoll_ctl. An input edge reported while a read task owns the
-// connection sets Conn.again, and the task reads once more instead of ending
-// (no lost wake-up: an edge is reported for every arrival of data). A task
-// ends after a short read (TCP copies all the socket holds) or EAGAIN; once
-// the peer hung up (Conn.hup) it reads on to EOF, which no new edge would
-// announce. A task that used its maxReadRounds with input left goes back to
-// the end of the pool's queue, so one busy socket cannot starve the others.
-// Inbound flow control ignores input edges while a connection is paused and
-// schedules a read when it releases it. EPOLLOUT is added with EPOLL_CTL_MOD
-// when a write says EAGAIN (MOD re-checks readiness, so space freed since
-// the EAGAIN is not lost).
+// After every event and task the one-shot registration is re-armed with what
+// the connection still waits for (input unless a read task owns it, output
+// while a write is stalled).
 //
 // The poller waits for the epoll fd through Go's runtime netpoller (the fd is
 // itself pollable): a goroutine blocked in epoll_wait would keep its P until

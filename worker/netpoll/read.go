@@ -9,22 +9,17 @@ import (
 )
 
 // maxReadRounds bounds the reads of one read task, so a connection that keeps
-// sending cannot hold a pool goroutine: after it, the task goes back to the
-// end of the pool's queue (the edge-triggered registration would not report
-// the input still waiting), behind the other connections' tasks.
+// sending cannot hold a pool goroutine: after it, the fd is re-armed and the
+// kernel reports it again at once, behind the others.
 const maxReadRounds = 8
 
-// readTask reads what the socket has and runs the Handler. Only one runs per
-// connection at a time (Conn.reading). It ends at EAGAIN or after a short
-// read; input reported meanwhile (Conn.again) re-queues it.
+// readTask reads what the socket has, runs the Handler, and re-arms the fd.
+// Only one runs per connection at a time (Conn.reading).
 func (c *Conn) readTask(sc *scratch) {
 	s := c.srv
 	if s.stall(c) {
 		return
 	}
-	// more: the socket may still hold input this task did not read (the
-	// rounds ran out after full reads).
-	more := true
 	for round := 0; round < maxReadRounds; round++ {
 		c.endBatch(sc)
 		if c.deliverOnClose() {
@@ -33,9 +28,6 @@ func (c *Conn) readTask(sc *scratch) {
 		c.mu.Lock()
 		ph := c.phase
 		c.batching = ph < phaseDead
-		// The read below takes whatever input was reported so far.
-		c.again = false
-		hup := c.hup
 		c.mu.Unlock()
 		if ph >= phaseDead {
 			break
@@ -59,7 +51,6 @@ func (c *Conn) readTask(sc *scratch) {
 			continue
 		}
 		if err == unix.EAGAIN {
-			more = false
 			break
 		}
 		if err != nil || n == 0 {
@@ -99,11 +90,9 @@ func (c *Conn) readTask(sc *scratch) {
 			// An HTTP error reply was sent: input is discarded until the
 			// peer hangs up.
 		}
-		if n < len(buf) && !hup {
-			// The socket was empty when read (TCP copies all it holds):
-			// skip the read that would say EAGAIN. Input that arrives
-			// after it is an edge the poller turns into c.again.
-			more = false
+		if n < len(buf) {
+			// The socket is most likely empty; re-arming checks readiness,
+			// so if it is not, the kernel reports it again.
 			break
 		}
 	}
@@ -111,15 +100,8 @@ func (c *Conn) readTask(sc *scratch) {
 	for c.deliverOnClose() {
 	}
 	c.mu.Lock()
-	if c.phase < phaseDead && !c.stalled && (more || c.again) {
-		// Bounded work per task: go back in line rather than loop, so one
-		// busy socket cannot starve the others. c.reading stays set.
-		c.again = false
-		c.pendRead = true
-	} else {
-		c.again = false
-		c.reading = false
-	}
+	c.reading = false
+	c.armLocked()
 	c.unlockAndRun()
 }
 

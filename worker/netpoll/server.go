@@ -232,14 +232,12 @@ func (s *Server) Serve(fd int, prebuf []byte, remote net.Addr) error {
 	}
 	s.stats.accepted.Add(1)
 	c.setDeadlineLocked(s.cfg.HandshakeReadTimeout)
-	// Registered once, edge-triggered, for the connection's whole life:
-	// no epoll_ctl per read (see armLocked, epollIn). EPOLL_CTL_ADD checks
-	// readiness, so input already there is reported at once.
-	ev := unix.EpollEvent{Events: epollIn, Fd: int32(fd), Pad: int32(c.seq)}
+	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT, Fd: int32(fd), Pad: int32(c.seq)}
 	if len(prebuf) > 0 {
 		c.stash = append(make([]byte, 0, len(prebuf)), prebuf...)
 		c.reading = true
 		c.pendRead = true
+		ev.Events = unix.EPOLLONESHOT
 	}
 	if err := unix.EpollCtl(s.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
 		c.pendRead, c.reading = false, false
@@ -344,25 +342,14 @@ func (c *Conn) ready(events, seq uint32) {
 		c.mu.Unlock()
 		return
 	}
-	if events&(unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
-		c.hup = true
-	}
 	if events&(unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
-		switch {
-		case c.reading:
-			// The task may have done its last read already: it must read
-			// again, as this edge will not be reported twice.
-			c.again = true
-		case c.stalled && c.phase == phaseOpen && events&(unix.EPOLLHUP|unix.EPOLLERR) == 0:
-			// Paused by flow control: releaseStalled schedules the read.
-		default:
-			c.pendRead = c.pendRead || c.scheduleReadLocked()
-		}
+		c.pendRead = c.pendRead || c.scheduleReadLocked()
 	}
 	if events&(unix.EPOLLOUT|unix.EPOLLHUP|unix.EPOLLERR) != 0 && c.waitOut {
 		c.waitOut = false
 		c.pendFlush = c.pendFlush || c.scheduleFlushLocked()
 	}
+	c.armLocked()
 	c.unlockAndRun()
 }
 

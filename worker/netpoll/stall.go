@@ -56,9 +56,7 @@ func (s *Server) stall(c *Conn) bool {
 	}
 	c.stalled = true
 	c.reading = false
-	// Input edges are ignored until releaseStalled, which schedules a read
-	// for whatever arrived meanwhile (see ready).
-	c.again = false
+	c.armLocked() // EPOLLOUT if a write waits; not EPOLLIN
 	c.unlockAndRun()
 	s.stalled = append(s.stalled, c)
 	s.nstalled.Store(int32(len(s.stalled)))
@@ -114,8 +112,8 @@ func (s *Server) releaseStalled() {
 		c.mu.Lock()
 		c.stalled = false
 		if c.phase < phaseDead {
-			// Whatever arrived meanwhile is read now (its edges were
-			// ignored while paused); with nothing there the read says EAGAIN.
+			// Whatever arrived meanwhile is read now; with nothing there
+			// the task re-arms EPOLLIN.
 			c.pendRead = c.pendRead || c.scheduleReadLocked()
 		}
 		c.unlockAndRun()
