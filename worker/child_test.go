@@ -34,6 +34,13 @@ func startChild(t *testing.T, mod func(*configs.Config)) (*Child, control.StartR
 
 func startNamedChild(t *testing.T, name string, topo control.Topology, mod func(*configs.Config)) (*Child, control.StartResult, string) {
 	t.Helper()
+	return startTunedChild(t, name, topo, mod, nil)
+}
+
+// startTunedChild is startNamedChild with tune, if not nil, applied to
+// every accepted socket before the hand-over.
+func startTunedChild(t *testing.T, name string, topo control.Topology, mod func(*configs.Config), tune func(*net.TCPConn)) (*Child, control.StartResult, string) {
+	t.Helper()
 	cfg := configs.Default()
 	cfg.Worker.GoMaxProcs = 0 // leave the test binary's scheduler alone
 	if mod != nil {
@@ -75,7 +82,11 @@ func startNamedChild(t *testing.T, name string, topo control.Topology, mod func(
 			if err != nil {
 				return
 			}
-			if err := snd.SendConn(conn.(*net.TCPConn), nil); err != nil {
+			tc := conn.(*net.TCPConn)
+			if tune != nil {
+				tune(tc)
+			}
+			if err := snd.SendConn(tc, nil); err != nil {
 				t.Errorf("handoff: %v", err)
 			}
 			conn.Close()

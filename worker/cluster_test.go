@@ -2,38 +2,16 @@ package worker
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"testing"
 	"time"
-
-	"github.com/hashicorp/go-hclog"
-
-	"github.com/shoalhq/shoal/broker"
-	"github.com/shoalhq/shoal/configs"
-	"github.com/shoalhq/shoal/proto/control"
 )
 
 // TestClusterPublishAcrossWorkers runs a real broker and two workers in
 // process: a publish on one worker reaches the subscribers of both, once
 // each and in order, and the publisher gets its own messages.
 func TestClusterPublishAcrossWorkers(t *testing.T) {
-	cfg := configs.Default()
-	cfg.Cluster.Gossip = "" // no ring: never the default port 7946
-	js, _ := json.Marshal(cfg)
-	b := broker.New(hclog.NewNullLogger())
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	bres, err := b.Start(ctx, control.StartParams{Role: control.RoleBroker, Name: "broker-1", Config: js, RunDir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		_ = b.Stop(ctx)
-	})
-	topo := control.Topology{Version: 1, Peers: []control.Peer{{Name: "broker-1", Role: control.RoleBroker, State: control.StateReady, Addrs: bres.Addrs}}}
+	_, topo := startBrokerChild(t, nil)
 	w1, _, addr1 := startNamedChild(t, "worker-1", topo, nil)
 	_, _, addr2 := startNamedChild(t, "worker-2", topo, nil)
 

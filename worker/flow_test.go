@@ -2,7 +2,6 @@ package worker
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -15,12 +14,9 @@ import (
 
 	"github.com/gobwas/ws"
 	"github.com/gobwas/ws/wsutil"
-	"github.com/hashicorp/go-hclog"
 
 	"github.com/shoalhq/shoal/broker"
 	"github.com/shoalhq/shoal/configs"
-	"github.com/shoalhq/shoal/handoff"
-	"github.com/shoalhq/shoal/proto/control"
 )
 
 // Publisher flow control through real sockets: an in-process broker and
@@ -34,81 +30,25 @@ const flowPayload = 8 << 10
 // 128 publishes of flowPayload (1 MiB) before the slow-consumer policy.
 func flowCluster(t *testing.T) (*broker.Child, string) {
 	t.Helper()
-	cfg := configs.Default()
-	cfg.Cluster.Gossip = ""
-	js, _ := json.Marshal(cfg)
-	b := broker.New(hclog.NewNullLogger())
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	bres, err := b.Start(ctx, control.StartParams{Role: control.RoleBroker, Name: "broker-1", Config: js, RunDir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
+	b, topo := startBrokerChild(t, nil)
+	mod := func(c *configs.Config) {
+		c.Worker.SendQueue = 128 * flowPayload
+		// The stuck subscriber reads only after the others are done, which
+		// under -race on a loaded 2-core machine took longer than the
+		// default 10 s: its slow-consumer close frame must still be
+		// waiting for it.
+		c.Worker.WriteTimeout = configs.Duration(60 * time.Second)
+		// The publisher waits for the broker's ack (the default, local,
+		// acks up to 64 publishes per socket ahead of it: a window of 16
+		// would never wait).
+		c.Protocol.PublishAck = configs.PublishAckBroker
 	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		_ = b.Stop(ctx)
-	})
-	topo := control.Topology{Version: 1, Peers: []control.Peer{{Name: "broker-1", Role: control.RoleBroker, State: control.StateReady, Addrs: bres.Addrs}}}
-	wcfg := configs.Default()
-	wcfg.Worker.GoMaxProcs = 0
-	wcfg.Worker.SendQueue = 128 * flowPayload
-	// The stuck subscriber reads only after the others are done, which
-	// under -race on a loaded 2-core machine took longer than the default
-	// 10 s: its slow-consumer close frame must still be waiting for it.
-	wcfg.Worker.WriteTimeout = configs.Duration(60 * time.Second)
-	// The publisher waits for the broker's ack (the default, local, acks
-	// up to 64 publishes per socket ahead of it: a window of 16 would
-	// never wait).
-	wcfg.Protocol.PublishAck = configs.PublishAckBroker
-	wjs, _ := json.Marshal(wcfg)
-	w := New(hclog.NewNullLogger())
-	res, err := w.Start(ctx, control.StartParams{Role: control.RoleWorker, Name: "worker-1", Index: 1, Config: wjs, RunDir: t.TempDir(), Topology: topo})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := w.Stop(ctx); err != nil {
-			t.Errorf("stop: %v", err)
-		}
-	})
-	// As startNamedChild, but each accepted socket gets a fixed 32 KiB
-	// send buffer (no autotuning to megabytes), so a backlog reaches the
-	// worker's send queues after a few messages: what a busy machine with
-	// thousands of sockets sees after its kernel buffers filled.
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	snd, err := handoff.Dial(res.Addrs[control.AddrHandoff])
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			conn, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			tc := conn.(*net.TCPConn)
-			_ = tc.SetWriteBuffer(32 << 10)
-			if err := snd.SendConn(tc, nil); err != nil {
-				t.Errorf("handoff: %v", err)
-			}
-			conn.Close()
-		}
-	}()
-	t.Cleanup(func() {
-		ln.Close()
-		wg.Wait()
-		snd.Close()
-	})
-	return b, ln.Addr().String()
+	// Each accepted socket gets a fixed 32 KiB send buffer (no autotuning
+	// to megabytes), so a backlog reaches the worker's send queues after a
+	// few messages: what a busy machine with thousands of sockets sees
+	// after its kernel buffers filled.
+	_, _, addr := startTunedChild(t, "worker-1", topo, mod, func(tc *net.TCPConn) { _ = tc.SetWriteBuffer(32 << 10) })
+	return b, addr
 }
 
 // dialSmall dials with a 16 KiB receive buffer, so that a subscriber that

@@ -26,9 +26,17 @@ var realtimeRules = []configs.ChannelRule{
 // startBroker runs one real broker in process with the channel rules.
 func startBroker(t *testing.T) control.Topology {
 	t.Helper()
+	_, topo := startBrokerChild(t, realtimeRules)
+	return topo
+}
+
+// startBrokerChild runs one real broker in process (no ring) with rules,
+// and returns it and the topology that points workers at it.
+func startBrokerChild(t *testing.T, rules []configs.ChannelRule) (*broker.Child, control.Topology) {
+	t.Helper()
 	cfg := configs.Default()
 	cfg.Cluster.Gossip = "" // no ring: never the default port 7946
-	cfg.Channels = realtimeRules
+	cfg.Channels = rules
 	js, _ := json.Marshal(cfg)
 	b := broker.New(hclog.NewNullLogger())
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -42,7 +50,7 @@ func startBroker(t *testing.T) control.Topology {
 		defer cancel()
 		_ = b.Stop(ctx)
 	})
-	return control.Topology{Version: 1, Peers: []control.Peer{{Name: "broker-1", Role: control.RoleBroker, State: control.StateReady, Addrs: res.Addrs}}}
+	return b, control.Topology{Version: 1, Peers: []control.Peer{{Name: "broker-1", Role: control.RoleBroker, State: control.StateReady, Addrs: res.Addrs}}}
 }
 
 func withRules(c *configs.Config) { c.Channels = realtimeRules }
