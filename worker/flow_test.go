@@ -155,6 +155,21 @@ func publishWindowed(t *testing.T, p *wsClient, n, window int) time.Duration {
 	return time.Since(start)
 }
 
+// readSubscribers runs readSubscriber on every subscriber at once; the
+// results are complete once wait returns.
+func readSubscribers(subs []*wsClient, n int, pause time.Duration) (results []subResult, wait func()) {
+	results = make([]subResult, len(subs))
+	var wg sync.WaitGroup
+	for i, s := range subs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			results[i] = readSubscriber(s.c, n, pause)
+		}()
+	}
+	return results, wg.Wait
+}
+
 func subscribeFlow(t *testing.T, addr string, n int, cl func(*testing.T, string) *wsClient) []*wsClient {
 	t.Helper()
 	subs := make([]*wsClient, n)
@@ -187,17 +202,9 @@ func TestFlowControlSlowsPublisher(t *testing.T) {
 	pub := dialWS(t, addr)
 	pub.handshake("")
 
-	results := make([]subResult, nsubs)
-	var wg sync.WaitGroup
-	for i, s := range subs {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			results[i] = readSubscriber(s.c, n, 20*time.Millisecond)
-		}()
-	}
+	results, wait := readSubscribers(subs, n, 20*time.Millisecond)
 	took := publishWindowed(t, pub, n, window)
-	wg.Wait()
+	wait()
 	st := b.Server().Stats()
 	t.Logf("published %d in %v; acks held %d (by the maximum hold %d)", n, took, st.AcksHeld, st.AcksHeldExpired)
 	for i, r := range results {
@@ -224,17 +231,9 @@ func TestFlowControlIgnoresOneStuckSubscriber(t *testing.T) {
 	pub := dialWS(t, addr)
 	pub.handshake("")
 
-	results := make([]subResult, nsubs)
-	var wg sync.WaitGroup
-	for i, s := range subs {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			results[i] = readSubscriber(s.c, n, 0)
-		}()
-	}
+	results, wait := readSubscribers(subs, n, 0)
 	publishWindowed(t, pub, n, window)
-	wg.Wait()
+	wait()
 	for i, r := range results {
 		if r.closeCode != 0 || r.err != nil || r.got != n || r.outOfSeq != 0 {
 			t.Errorf("subscriber %d: got %d of %d, %d out of sequence, closed %d, error %v", i, r.got, n, r.outOfSeq, r.closeCode, r.err)
