@@ -18,6 +18,7 @@ import (
 	"github.com/shoalhq/shoal/middleware"
 	"github.com/shoalhq/shoal/proto/sc"
 	"github.com/shoalhq/shoal/webhook"
+	"github.com/shoalhq/shoal/worker/netpoll"
 )
 
 // Close codes the engine uses (see the protocol reference, §8).
@@ -226,6 +227,11 @@ func NewEngine(cfg EngineConfig) (*Engine, error) {
 	e.startClusterEvents()
 	return e, nil
 }
+
+// SetServer gives the fan-out's publisher flow control the netpoll server
+// whose send-queue pressure it watches (the server is built after the
+// engine, which is its handler). Until then the worker is never behind.
+func (e *Engine) SetServer(srv *netpoll.Server) { e.hub.flow.srv.Store(srv) }
 
 // Close stops the sweeper. Sessions are closed by the transport.
 func (e *Engine) Close() {

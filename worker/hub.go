@@ -210,7 +210,6 @@ func (h *Hub) fanout(channel string, frame []byte, pol slowPolicy, over func(*Se
 	// to other Conns (tests, benchmarks) costs no pool round trip.
 	var bp *[]*netpoll.Conn
 	var owed []*netpoll.Conn
-	var anyNC *netpoll.Conn // for the flow control's server
 	for _, s := range list {
 		if s.backlogged.Load() {
 			full = append(full, s)
@@ -218,7 +217,6 @@ func (h *Hub) fanout(channel string, frame []byte, pol slowPolicy, over func(*Se
 		}
 		var err error
 		if nc, ok := s.c.(*netpoll.Conn); ok {
-			anyNC = nc
 			// Queue only: the sockets are written together afterwards
 			// (flushQueue), so frames that arrive close together leave in
 			// one writev per socket instead of one per frame.
@@ -253,7 +251,7 @@ func (h *Hub) fanout(channel string, frame []byte, pol slowPolicy, over func(*Se
 		}
 	}
 	if h.flow.set != nil {
-		h.flow.check(anyNC)
+		h.flow.check()
 	}
 	return n
 }
@@ -431,16 +429,11 @@ func flowBehind(deep, open int64, was bool) bool {
 	return 16*deep >= open
 }
 
-// check is the fan-out's test: nc is any netpoll socket of this worker
-// (nil: none seen in this fan-out).
-func (f *flowState) check(nc *netpoll.Conn) {
+// check is the fan-out's test (nothing before the worker gave the server).
+func (f *flowState) check() {
 	srv := f.srv.Load()
 	if srv == nil {
-		if nc == nil {
-			return
-		}
-		srv = nc.Server()
-		f.srv.Store(srv)
+		return
 	}
 	was := f.behind.Load()
 	deep, open := srv.Pressure()

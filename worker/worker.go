@@ -240,6 +240,7 @@ func (c *Child) Start(ctx context.Context, p control.StartParams) (control.Start
 		_ = hooks.Close(ctx)
 		return control.StartResult{}, fmt.Errorf("worker %s: starting WebSocket server: %w", p.Name, err)
 	}
+	eng.SetServer(srv)
 	c.eng, c.srv, c.bc = eng, srv, bc
 	c.setBrokersLocked(p.Topology)
 	eng.StartControl()

@@ -136,6 +136,3 @@ func (s *Server) stopStalls() {
 // many are open. The worker's publisher flow control (worker/hub.go,
 // flowState) reads it after each fan-out: two atomic loads.
 func (s *Server) Pressure() (deep, open int64) { return s.deep.Load(), s.open.Load() }
-
-// Server returns the server that owns c.
-func (c *Conn) Server() *Server { return c.srv }
