@@ -535,9 +535,17 @@ func TestHandBackAfterOwnerRestart(t *testing.T) {
 	_ = b1.child.Stop(context.Background())
 	b1 = startHistoryBroker(t, dir, "broker-1")
 	members := []link.Member{{Name: "broker-1", Addr: b1.ep.Addr}, {Name: "broker-2", Addr: b2.ep.Addr}, {Name: "broker-3", Addr: b3.ep.Addr}}
-	n, err := b1.child.Server().HandBack(context.Background(), "broker-1", members)
+	// Peers are asked as they appear in the restarted broker's ring view
+	// (HandBackFrom): asking only the one without the replica copies
+	// nothing, asking the replica's holder later takes the history back.
+	holder := brokerclient.Owner([]string{"broker-2", "broker-3"}, ch)
+	other := map[string]string{"broker-2": "broker-3", "broker-3": "broker-2"}[holder]
+	if n, err := b1.child.Server().HandBackFrom(context.Background(), "broker-1", members, []string{other}); err != nil || n != 0 {
+		t.Fatalf("hand-back from %s (no replica): %d channels, %v", other, n, err)
+	}
+	n, err := b1.child.Server().HandBackFrom(context.Background(), "broker-1", members, []string{holder})
 	if err != nil || n < 1 {
-		t.Fatalf("hand-back: %d channels, %v", n, err)
+		t.Fatalf("hand-back from %s: %d channels, %v", holder, n, err)
 	}
 	waitConnected(t, pub, 3)
 	p, err := pub.History(context.Background(), ch, 0, 0)
