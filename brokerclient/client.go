@@ -216,7 +216,6 @@ type Client struct {
 	viewsMu  sync.Mutex
 	views    map[*bconn][]Endpoint
 	lastView []Endpoint
-	viewSent bool
 
 	published, failed, received atomic.Int64
 	replicated, replicaMissed   atomic.Int64

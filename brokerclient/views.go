@@ -62,10 +62,11 @@ func (c *Client) publishViewLocked() {
 		reports = append(reports, report{by: b.ep.Name, eps: eps})
 	}
 	set := votedView(reports)
-	if c.viewSent && slices.Equal(set, c.lastView) {
+	// lastView is nil until the first call (votedView never returns nil).
+	if c.lastView != nil && slices.Equal(set, c.lastView) {
 		return
 	}
-	c.lastView, c.viewSent = set, true
+	c.lastView = set
 	c.opts.OnMembers(slices.Clone(set))
 }
 
