@@ -284,9 +284,21 @@ func Start(cfg Config) (*Ring, error) {
 	mc.Delegate = d
 	mc.Events = d
 	mc.Logger = log.New(&logBridge{l: cfg.Logger.Named("memberlist")}, "", 0)
+	tr, err := newTransport(host, port, cfg.Logger.Named("memberlist"))
+	if err != nil {
+		return nil, err
+	}
+	mc.Transport = tr
+	// With port 0 the kernel chose: memberlist takes the port from its
+	// config for addresses given without one and for its own node.
+	mc.BindPort = tr.tcp.Addr().(*net.TCPAddr).Port
+	if mc.AdvertisePort == 0 {
+		mc.AdvertisePort = mc.BindPort
+	}
 
 	ml, err := memberlist.Create(mc)
 	if err != nil {
+		tr.Shutdown()
 		return nil, fmt.Errorf("ring: starting memberlist on %s: %w", cfg.Bind, err)
 	}
 	r := &Ring{cfg: cfg, log: cfg.Logger, ml: ml, d: d, changed: changed, stop: make(chan struct{})}
