@@ -49,9 +49,18 @@ const udpRecvBuf = 2 << 20
 // kernel picks the TCP port and UDP must get the same number, which can be
 // taken in between: that is retried a few times, as memberlist does.
 func newTransport(host string, port int, log hclog.Logger) (*transport, error) {
+	if host == "" {
+		host = "0.0.0.0" // ":7946" binds every address, as net.Listen does
+	}
 	ip := net.ParseIP(host)
 	if ip == nil {
-		return nil, fmt.Errorf("ring: gossip bind address %q is not an IP address", host)
+		// A name ("localhost", a host name): bind its first address, so
+		// the advertised address is one the others can dial.
+		a, err := net.ResolveIPAddr("ip", host)
+		if err != nil {
+			return nil, fmt.Errorf("ring: gossip bind host %q: %w", host, err)
+		}
+		ip = a.IP
 	}
 	tries := 1
 	if port == 0 {

@@ -107,3 +107,17 @@ func TestTransportAdvertiseAddr(t *testing.T) {
 		t.Fatal("a bad advertise address was accepted")
 	}
 }
+
+// A bind host given by name binds its address and advertises it (an empty
+// host binds every address: not tried here, tests bind only loopback).
+func TestTransportBindHostByName(t *testing.T) {
+	tr, err := newTransport("localhost", 0, hclog.NewNullLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tr.Shutdown()
+	ip, _, err := tr.FinalAdvertiseAddr("", 0)
+	if err != nil || !ip.IsLoopback() {
+		t.Fatalf("localhost advertises %v %v", ip, err)
+	}
+}
