@@ -16,6 +16,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -94,6 +95,12 @@ func (c *Child) Start(ctx context.Context, p control.StartParams) (control.Start
 	if c.srv != nil {
 		return control.StartResult{}, fmt.Errorf("broker %s: started twice", p.Name)
 	}
+	// One P by default (configs.BrokerTuning): the link reader and writer
+	// then take turns on one thread, which coalesces a read batch's
+	// replies into one write and wakes no other thread per publish.
+	if n := cfg.Broker.GoMaxProcs; n > 0 {
+		runtime.GOMAXPROCS(n)
+	}
 	addr := "unix:" + LinkPath(p.RunDir, p.Name)
 	ln, err := link.Listen(addr)
 	if err != nil {
@@ -149,7 +156,7 @@ func (c *Child) Start(ctx context.Context, p control.StartParams) (control.Start
 		addrs[control.AddrGossip] = gossip
 	}
 	c.state = control.StateReady
-	c.log.Info("broker listening", "link", addr, "gossip", addrs[control.AddrGossip], "epoch", srv.Epoch())
+	c.log.Info("broker listening", "link", addr, "gossip", addrs[control.AddrGossip], "epoch", srv.Epoch(), "gomaxprocs", runtime.GOMAXPROCS(0))
 	return control.StartResult{Addrs: addrs}, nil
 }
 

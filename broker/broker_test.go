@@ -7,6 +7,8 @@ import (
 	"io"
 	"net"
 	"os"
+	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -63,6 +65,10 @@ func startChild(t *testing.T, cfg []byte) (*Child, string, *syncBuffer) {
 	}
 	logs := &syncBuffer{}
 	c := New(hclog.New(&hclog.LoggerOptions{Output: logs, Level: hclog.Debug}))
+	// Start sets the process's GOMAXPROCS (broker.gomaxprocs): give the
+	// test process its own back afterwards.
+	procs := runtime.GOMAXPROCS(0)
+	t.Cleanup(func() { runtime.GOMAXPROCS(procs) })
 	res, err := c.Start(context.Background(), control.StartParams{Role: control.RoleBroker, Name: "broker-1", RunDir: shortDir(t), Config: cfg})
 	if err != nil {
 		t.Fatal(err)
@@ -73,6 +79,29 @@ func startChild(t *testing.T, cfg []byte) (*Child, string, *syncBuffer) {
 		t.Fatalf("link address %q", addr)
 	}
 	return c, addr, logs
+}
+
+// TestStartTakesGoMaxProcsFromConfig: a broker process runs with the Go
+// scheduler threads of broker.gomaxprocs, one when the config does not say.
+func TestStartTakesGoMaxProcsFromConfig(t *testing.T) {
+	for _, c := range []struct {
+		cfg  string
+		want int
+	}{
+		{`{"cluster":{"gossip":""},"broker":{"gomaxprocs":3}}`, 3},
+		{`{"cluster":{"gossip":""}}`, 1},
+	} {
+		t.Run(c.cfg, func(t *testing.T) {
+			runtime.GOMAXPROCS(5) // neither value: Start must set it
+			_, _, logs := startChild(t, []byte(c.cfg))
+			if got := runtime.GOMAXPROCS(0); got != c.want {
+				t.Fatalf("GOMAXPROCS %d after Start, want %d", got, c.want)
+			}
+			if want := "gomaxprocs=" + strconv.Itoa(c.want); !strings.Contains(logs.String(), want) {
+				t.Fatalf("start log does not say %s:\n%s", want, logs)
+			}
+		})
+	}
 }
 
 // rawLink is a worker link driven frame by frame.

@@ -31,6 +31,7 @@ type Config struct {
 	Storage    Storage       `yaml:"storage" json:"storage"`
 	Log        Log           `yaml:"log" json:"log"`
 	Worker     WorkerTuning  `yaml:"worker" json:"worker"`
+	Broker     BrokerTuning  `yaml:"broker" json:"broker"`
 }
 
 // Cluster is the process tree and the gossip ring.
@@ -197,6 +198,18 @@ type WorkerTuning struct {
 	DrainWindow    Duration `yaml:"drain_window" json:"drain_window"`       // rolling restart: a worker's clients are told to reconnect spread over this long
 }
 
+// BrokerTuning holds per-broker process settings.
+type BrokerTuning struct {
+	// GoMaxProcs is the Go scheduler threads of each broker (default 1;
+	// 0 means the default). A broker's own work per publish is under a
+	// microsecond; waking threads costs more. With one P a link's writer
+	// goroutine runs on the reader's thread once the reader blocks, so a
+	// read batch's replies go out in one write and no other thread is woken
+	// (measured in docs/brokers.md, "Go scheduler threads"). Raise it, or
+	// add brokers, when one core per broker is not enough.
+	GoMaxProcs int `yaml:"gomaxprocs" json:"gomaxprocs"`
+}
+
 // Default returns the config every zero field falls back to. It matches
 // default.yaml (a test keeps them in step).
 func Default() Config {
@@ -249,5 +262,6 @@ func Default() Config {
 			WriteTimeout:   Duration(10 * time.Second),
 			DrainWindow:    Duration(2 * time.Second),
 		},
+		Broker: BrokerTuning{GoMaxProcs: 1},
 	}
 }

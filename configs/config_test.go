@@ -85,6 +85,7 @@ func TestErrorsNameKeyAndLine(t *testing.T) {
 		{"bad address", "listen:\n  public: 8000\n", `bad.yaml:2: listen.public: expected host:port, got "8000"`},
 		{"syntax", "cluster: [\n", `bad.yaml:1: did not find expected node content`},
 		{"bad rate key", "cluster:\n  restart: {crash_loop: {crashes: 0}}\n", `bad.yaml:2: cluster.restart.crash_loop.crashes: must be at least 1`},
+		{"bad broker gomaxprocs", "broker:\n  gomaxprocs: -2\n", `bad.yaml:2: broker.gomaxprocs: must be between 1 and 1024 (0: the default, 1), got -2`},
 		{"bad drain window", "worker:\n  drain_window: 10m\n", `bad.yaml:2: worker.drain_window: must be between 0 (all at once) and 5m, got 10m0s`},
 	}
 	for _, c := range cases {

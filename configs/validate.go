@@ -27,6 +27,9 @@ func (c *Config) normalize() {
 	if c.Worker.GoMaxProcs <= 0 {
 		c.Worker.GoMaxProcs = 1
 	}
+	if c.Broker.GoMaxProcs == 0 {
+		c.Broker.GoMaxProcs = 1
+	}
 }
 
 func (c *Config) validate() Errors {
@@ -137,6 +140,10 @@ func (c *Config) validate() Errors {
 	// reconnect storm small, but the supervisor waits window+5s per worker.
 	if w.DrainWindow < 0 || w.DrainWindow.D() > 5*time.Minute {
 		bad("worker.drain_window", "must be between 0 (all at once) and 5m, got %s", w.DrainWindow.D())
+	}
+	// Beyond the cores a machine can have, more Ps only add idle threads.
+	if n := c.Broker.GoMaxProcs; n < 0 || n > 1024 {
+		bad("broker.gomaxprocs", "must be between 1 and 1024 (0: the default, 1), got %d", n)
 	}
 	for _, v := range validators {
 		errs = append(errs, v(c)...)
