@@ -4,7 +4,9 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
+	"math"
 	"net"
 	"os"
 	"runtime"
@@ -421,5 +423,59 @@ func TestWarmUpEndsAtTheLatestAfterWarmUpMax(t *testing.T) {
 	}
 	if d := time.Since(start); d > 2*time.Second {
 		t.Fatalf("warm-up lasted %v", d)
+	}
+}
+
+// A presence list is read in pages of at most the budget (at least one
+// entry each), in conn id order from after the cursor, with the channel's
+// whole count; a request without the page mark (a worker from before pages)
+// gets the whole list, or an error answer when it does not fit a frame.
+func TestPresencePages(t *testing.T) {
+	srv := NewServer(ServerConfig{Name: "b"})
+	defer srv.Close(context.Background())
+	sh := srv.shard([]byte("room"))
+	sh.mu.Lock()
+	st := srv.chanLocked(sh, []byte("room"))
+	st.pres = map[string]*presEntry{}
+	for i := range 10 {
+		c := fmt.Sprintf("c%02d", i)
+		st.pres[c] = &presEntry{raw: []byte(`{"conn":"` + c + `"}`)}
+	}
+	sh.mu.Unlock()
+
+	var got []string
+	after, pages := "", 0
+	for {
+		data, n, more := srv.presPage("room", after, 40)
+		if n != 10 {
+			t.Fatalf("count %d, want 10", n)
+		}
+		if len(data) > 40 {
+			t.Fatalf("page of %d bytes over a 40-byte budget: %s", len(data), data)
+		}
+		var list []struct{ Conn string }
+		if err := json.Unmarshal(data, &list); err != nil || len(list) == 0 {
+			t.Fatalf("page %s: %v", data, err)
+		}
+		for _, e := range list {
+			got = append(got, e.Conn)
+		}
+		pages++
+		if !more {
+			break
+		}
+		after = list[len(list)-1].Conn
+		if pages > 20 {
+			t.Fatal("more than 20 pages for 10 entries")
+		}
+	}
+	if pages < 5 || strings.Join(got, ",") != "c00,c01,c02,c03,c04,c05,c06,c07,c08,c09" {
+		t.Fatalf("%d pages, entries %v", pages, got)
+	}
+	if data, n, more := srv.presPage("room", "", 1); more != true || n != 10 || string(data) != `[{"conn":"c00"}]` {
+		t.Fatalf("a budget below one entry gives %s %d %v, want the first entry alone", data, n, more)
+	}
+	if data, _, more := srv.presPage("room", "", math.MaxInt); more || strings.Count(string(data), "conn") != 10 {
+		t.Fatalf("whole list: %s more=%v", data, more)
 	}
 }

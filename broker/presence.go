@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"slices"
 	"sort"
 	"strings"
@@ -56,10 +57,17 @@ func (l *blink) presence(f *link.Frame) error {
 	case link.PresShadowLeave:
 		l.shadowLeave(string(f.Channel), string(f.Data))
 	case link.PresList:
-		data, count = l.s.presList(string(f.Channel))
+		if len(f.Data) > 0 && f.Data[0] == link.PresPageMark {
+			var more bool
+			data, count, more = l.s.presPage(string(f.Channel), string(f.Data[1:]), l.s.replyBudget())
+			if more {
+				flags = link.FlagMore
+			}
+		} else {
+			data, count, _ = l.s.presPage(string(f.Channel), "", math.MaxInt)
+		}
 	case link.PresCount:
-		_, count = l.s.presList(string(f.Channel))
-		data = nil
+		count = uint64(l.s.Presence(string(f.Channel)))
 	case link.PresUser:
 		data, err = json.Marshal(l.s.userChannels(string(f.Channel)))
 	case link.PresChannels:
@@ -470,27 +478,40 @@ func (s *Server) event(st *chanState, kind uint8, channel string, raw []byte) {
 	}
 }
 
-func (s *Server) presList(channel string) ([]byte, uint64) {
+// presPage lists channel's entries sorted by conn id, those after the
+// cursor after ("" = from the first), as a JSON array of at most budget
+// bytes (at least one entry); more says entries were left out. n is the
+// channel's whole count. Pages are read at different moments, so an entry
+// that joins or leaves between two pages may be missed or seen: as with any
+// presence list, the events say what changed since.
+func (s *Server) presPage(channel, after string, budget int) (out []byte, n uint64, more bool) {
 	sh := s.shard([]byte(channel))
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
 	st := sh.chans[channel]
 	if st == nil || len(st.pres) == 0 {
-		return []byte("[]"), 0
+		return []byte("[]"), 0, false
 	}
 	conns := make([]string, 0, len(st.pres))
 	for c := range st.pres {
-		conns = append(conns, c)
+		if after == "" || c > after {
+			conns = append(conns, c)
+		}
 	}
 	sort.Strings(conns)
-	out := []byte{'['}
+	out = []byte{'['}
 	for i, c := range conns {
+		raw := st.pres[c].raw
+		if i > 0 && len(out)+len(raw)+2 > budget {
+			more = true
+			break
+		}
 		if i > 0 {
 			out = append(out, ',')
 		}
-		out = append(out, st.pres[c].raw...)
+		out = append(out, raw...)
 	}
-	return append(out, ']'), uint64(len(conns))
+	return append(out, ']'), uint64(len(st.pres)), more
 }
 
 func (s *Server) userChannels(user string) []string {
@@ -570,9 +591,14 @@ func (s *Server) channelList(after string) []ChannelInfo {
 	return out
 }
 
-// Presence counts channel's entries on this broker; for tests and
-// diagnostics.
+// Presence counts channel's entries on this broker, for tests and
+// diagnostics; PresCount answers with it too (counting needs no list).
 func (s *Server) Presence(channel string) int {
-	_, n := s.presList(channel)
-	return int(n)
+	sh := s.shard([]byte(channel))
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	if st := sh.chans[channel]; st != nil {
+		return len(st.pres)
+	}
+	return 0
 }

@@ -598,15 +598,30 @@ func (c *Client) Presence(ctx context.Context, channel string) ([]PresenceEntry,
 	if err != nil {
 		return nil, err
 	}
-	_, data, err := c.presQuery(ctx, o, link.PresList, channel)
-	if err != nil {
-		return nil, err
+	// Read in pages (each a bounded reply frame), so a channel with more
+	// entries than one frame holds is listed whole; the cursor is the last
+	// conn id of the previous page. A broker from before pages answers the
+	// whole list at once, without FlagMore.
+	out := []PresenceEntry{}
+	cursor := []byte{link.PresPageMark}
+	for page := 0; ; page++ {
+		_, data, more, err := c.presPage(ctx, o, link.PresList, channel, cursor)
+		if err != nil {
+			return nil, err
+		}
+		var list []PresenceEntry
+		if err := json.Unmarshal(data, &list); err != nil {
+			return nil, fmt.Errorf("brokerclient: presence of %q: %w", channel, err)
+		}
+		out = append(out, list...)
+		if !more || len(list) == 0 {
+			return out, nil
+		}
+		if page >= 1<<20 { // bounded: a broker that keeps saying "more"
+			return nil, fmt.Errorf("brokerclient: presence of %q: too many pages", channel)
+		}
+		cursor = append(cursor[:1], list[len(list)-1].Conn...)
 	}
-	var out []PresenceEntry
-	if err := json.Unmarshal(data, &out); err != nil {
-		return nil, fmt.Errorf("brokerclient: presence of %q: %w", channel, err)
-	}
-	return out, nil
 }
 
 // PresenceCount counts channel's entries.

@@ -98,12 +98,20 @@ const (
 	FlagMore      uint8 = 1 << 2 // histreq: more messages follow the page
 )
 
+// PresPageMark starts a PresList request's data when the worker reads the
+// list in pages: the rest is the cursor (the conn id of the previous page's
+// last entry; empty for the first page), and the reply carries FlagMore when
+// entries are left. A request without it gets the whole list in one reply
+// (what workers before pages asked), or an error answer when that does not
+// fit a frame.
+const PresPageMark = '>'
+
 // Presence ops (pres frames). Values are on the wire.
 const (
 	PresJoin     uint8 = 1 // data: JSON entry
 	PresLeave    uint8 = 2 // data: conn id
 	PresUpdate   uint8 = 3 // data: JSON entry
-	PresList     uint8 = 4 // reply data: JSON array of entries
+	PresList     uint8 = 4 // reply data: JSON array of entries (data: empty, or PresPageMark + cursor for a page)
 	PresCount    uint8 = 5 // reply offset: the count
 	PresUser     uint8 = 6 // channel field carries the user id; reply data: JSON array of channels
 	PresChannels uint8 = 7 // channel field "-"; reply data: JSON array of channel infos
