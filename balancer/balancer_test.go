@@ -12,6 +12,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -21,6 +22,7 @@ import (
 	"time"
 
 	"go.uber.org/goleak"
+	"golang.org/x/sys/unix"
 
 	"github.com/shoalhq/shoal/configs"
 	"github.com/shoalhq/shoal/handoff"
@@ -88,6 +90,8 @@ type fakeWorker struct {
 	mu      sync.Mutex
 	headers []proxyproto.Header
 	badHdr  []error
+	metas   []handoff.Meta // of every handed fd
+	lies    []string       // what a Meta claimed that its socket contradicted
 }
 
 func startFakeWorker(t *testing.T, dir, name string) *fakeWorker {
@@ -140,10 +144,11 @@ func startFakeWorker(t *testing.T, dir, name string) *fakeWorker {
 	go func() { // handoff socket → HTTP server
 		defer fw.wg.Done()
 		for {
-			fd, _, err := fw.hl.Accept()
+			fd, _, m, err := fw.hl.AcceptMeta()
 			if err != nil {
 				return
 			}
+			fw.checkMeta(fd, m)
 			f := os.NewFile(uintptr(fd), "handed")
 			c, err := net.FileConn(f)
 			f.Close()
@@ -183,8 +188,49 @@ func startFakeWorker(t *testing.T, dir, name string) *fakeWorker {
 			}
 		}
 	}()
-	t.Cleanup(fw.stop)
+	t.Cleanup(func() {
+		fw.stop()
+		fw.mu.Lock()
+		defer fw.mu.Unlock()
+		for _, l := range fw.lies {
+			t.Errorf("%s: handoff Meta wrong: %s", fw.name, l)
+		}
+	})
 	return fw
+}
+
+// checkMeta records m and anything in it that the socket contradicts: a
+// worker trusts the Meta instead of asking, so a wrong one would leave a
+// blocking socket in its poller, Nagle on, or a wrong client address.
+func (fw *fakeWorker) checkMeta(fd int, m handoff.Meta) {
+	var lies []string
+	if m.Nonblock {
+		if fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0); err != nil || fl&unix.O_NONBLOCK == 0 {
+			lies = append(lies, fmt.Sprintf("Nonblock, but flags %#x (%v)", fl, err))
+		}
+	}
+	if m.NoDelay {
+		if v, err := unix.GetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY); err != nil || v == 0 {
+			lies = append(lies, fmt.Sprintf("NoDelay, but TCP_NODELAY %d (%v)", v, err))
+		}
+	}
+	if m.Peer.IsValid() {
+		sa, err := unix.Getpeername(fd)
+		var got netip.AddrPort
+		switch a := sa.(type) {
+		case *unix.SockaddrInet4:
+			got = netip.AddrPortFrom(netip.AddrFrom4(a.Addr), uint16(a.Port))
+		case *unix.SockaddrInet6:
+			got = netip.AddrPortFrom(netip.AddrFrom16(a.Addr), uint16(a.Port))
+		}
+		if err != nil || got != m.Peer {
+			lies = append(lies, fmt.Sprintf("peer %s, but the socket's is %s (%v)", m.Peer, got, err))
+		}
+	}
+	fw.mu.Lock()
+	fw.metas = append(fw.metas, m)
+	fw.lies = append(fw.lies, lies...)
+	fw.mu.Unlock()
 }
 
 func (fw *fakeWorker) offer(c net.Conn) bool {

@@ -5,6 +5,8 @@ import (
 	"syscall"
 
 	"github.com/hashicorp/go-hclog"
+
+	"github.com/shoalhq/shoal/handoff"
 )
 
 // Local mode (cluster.balancers: 0): a worker runs this package's front end
@@ -14,7 +16,7 @@ import (
 // WebSocket server instead of choosing a worker:
 //
 //   - plain connections: the accepted fd goes to LocalOptions.Plain (no
-//     handoff hop; the peer address is the socket's);
+//     handoff hop), with what accept established (handoff.Meta);
 //   - TLS connections: terminated exactly as in the balancer (same
 //     certificates, reload, dev certificate shared through its lock file,
 //     same epoll proxy with no idle buffer), and the plaintext is proxied
@@ -29,7 +31,9 @@ import (
 type LocalOptions struct {
 	// Plain takes an accepted plain connection; the callee owns fd (non-
 	// blocking, close-on-exec) and closes it when done or when it refuses.
-	Plain func(fd int)
+	// m says what is already known of it: its peer address (if zero, ask
+	// the socket) and that O_NONBLOCK and TCP_NODELAY are set.
+	Plain func(fd int, m handoff.Meta)
 	// Proxy opens a stream into the worker for a terminated TLS connection
 	// from src to dst and returns the front end's end of it: the client's
 	// plaintext is written to it and the worker's answer read from it (the
@@ -55,7 +59,7 @@ func NewLocal(log hclog.Logger, opts LocalOptions) *Child {
 
 // localPlain gives a plain connection to the local worker. The conn stays
 // the caller's: the worker gets a duplicate of its fd.
-func (c *Child) localPlain(sc syscall.Conn) {
+func (c *Child) localPlain(sc syscall.Conn, m handoff.Meta) {
 	nfd, err := dupConn(sc)
 	if err != nil {
 		if isLocalExhaustion(err) {
@@ -64,7 +68,7 @@ func (c *Child) localPlain(sc syscall.Conn) {
 		return
 	}
 	c.stats.add(ctrHanded, 1)
-	c.local.Plain(nfd)
+	c.local.Plain(nfd, m) // a dup shares the original's open file: same flags
 }
 
 // localProxy asks the local worker for the stream of a terminated TLS

@@ -13,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/shoalhq/shoal/configs"
+	"github.com/shoalhq/shoal/handoff"
 	"github.com/shoalhq/shoal/proto/control"
 )
 
@@ -22,7 +23,7 @@ import (
 func startLocal(t *testing.T, cfg configs.Config, fw *fakeWorker) (*Child, map[string]string) {
 	t.Helper()
 	c := NewLocal(nil, LocalOptions{
-		Plain: func(fd int) {
+		Plain: func(fd int, _ handoff.Meta) {
 			f := os.NewFile(uintptr(fd), "plain")
 			conn, err := net.FileConn(f)
 			f.Close()
@@ -136,7 +137,7 @@ func TestLocalFrontEndsShareThePort(t *testing.T) {
 func TestLocalProxyRefusal(t *testing.T) {
 	cfg := testConfig(t, true)
 	c := NewLocal(nil, LocalOptions{
-		Plain: func(fd int) { _ = unix.Close(fd) },
+		Plain: func(fd int, _ handoff.Meta) { _ = unix.Close(fd) },
 		Proxy: func(net.Addr, net.Addr) (*net.UnixConn, error) { return nil, unix.EBUSY },
 	})
 	raw, _ := json.Marshal(cfg)

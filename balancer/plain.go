@@ -4,9 +4,12 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"syscall"
 	"time"
+
+	"github.com/shoalhq/shoal/handoff"
 )
 
 // Accept-error pauses: EMFILE and its kin persist until something closes, so
@@ -52,8 +55,11 @@ func (c *Child) acceptLoop(ln net.Listener, handle func(net.Conn)) {
 // traffic. It takes connections with accept4(2) straight from the listening
 // socket and hands the raw fd over: no net.Conn, no netpoll registration,
 // no per-connection allocation beyond the kernel's; three syscalls per
-// connection (accept4, sendmsg, close). lf is the listening socket as a
-// pollable *os.File (see rawListener); closing it ends the loop.
+// connection (accept4, sendmsg, close). The worker is told what accept4
+// already established (peer address, O_NONBLOCK, TCP_NODELAY inherited from
+// the listener, see rawListener), which spares it three more. lf is the
+// listening socket as a pollable *os.File (see rawListener); closing it ends
+// the loop.
 func (c *Child) acceptPlain(lf *os.File, name string) {
 	defer c.wg.Done()
 	rc, err := lf.SyscallConn()
@@ -66,9 +72,10 @@ func (c *Child) acceptPlain(lf *os.File, name string) {
 	var pause time.Duration
 	for {
 		nfd := -1
+		var sa syscall.Sockaddr
 		var aerr error
 		err := rc.Read(func(fd uintptr) bool {
-			nfd, _, aerr = syscall.Accept4(int(fd), syscall.SOCK_CLOEXEC|syscall.SOCK_NONBLOCK)
+			nfd, sa, aerr = syscall.Accept4(int(fd), syscall.SOCK_CLOEXEC|syscall.SOCK_NONBLOCK)
 			// Wait (in the netpoller) only while there is nothing to take.
 			return aerr != syscall.EAGAIN
 		})
@@ -97,12 +104,13 @@ func (c *Child) acceptPlain(lf *os.File, name string) {
 			continue
 		}
 		pause = 0
+		m := handoff.Meta{Peer: sockaddrPort(sa), Nonblock: true, NoDelay: true}
 		if c.local != nil {
 			c.stats.add(ctrHanded, 1)
-			c.local.Plain(nfd) // the worker owns it now
+			c.local.Plain(nfd, m) // the worker owns it now
 			continue
 		}
-		c.routeFD(nfd)
+		c.routeFD(nfd, m)
 		_ = syscall.Close(nfd) // the balancer's copy; the worker holds its own
 	}
 }
@@ -111,6 +119,12 @@ func (c *Child) acceptPlain(lf *os.File, name string) {
 // (net.TCPListener's RawConn cannot wait for readability; an *os.File on a
 // non-blocking fd can). The listener's own fd is closed; the file is now
 // the only handle on the socket.
+//
+// It also sets TCP_NODELAY on the listening socket: Linux copies it to
+// every socket accept4 returns (TestAcceptedSocketsInheritNoDelay), so the
+// worker need not set it per connection (one setsockopt, several µs, saved
+// per connection; the worker wants Nagle off since it coalesces frames
+// itself).
 func rawListener(ln net.Listener) (*os.File, error) {
 	tl, ok := ln.(*net.TCPListener)
 	if !ok {
@@ -121,7 +135,45 @@ func rawListener(ln net.Listener) (*os.File, error) {
 		return nil, fmt.Errorf("dup public listener: %w", err)
 	}
 	_ = tl.Close()
+	// Through SyscallConn: f.Fd() would put the socket in blocking mode.
+	rc, err := f.SyscallConn()
+	if err != nil {
+		_ = f.Close()
+		return nil, fmt.Errorf("public listener raw conn: %w", err)
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		serr = syscall.SetsockoptInt(int(fd), syscall.IPPROTO_TCP, syscall.TCP_NODELAY, 1)
+	}); err != nil || serr != nil {
+		_ = f.Close()
+		return nil, fmt.Errorf("set TCP_NODELAY on the public listener: %w", errors.Join(err, serr))
+	}
 	return f, nil
+}
+
+// sockaddrPort is a TCP peer address as accept4 returned it; zero (the
+// worker asks the socket) for anything else and for a zoned IPv6 address.
+func sockaddrPort(sa syscall.Sockaddr) netip.AddrPort {
+	switch a := sa.(type) {
+	case *syscall.SockaddrInet4:
+		return netip.AddrPortFrom(netip.AddrFrom4(a.Addr), uint16(a.Port))
+	case *syscall.SockaddrInet6:
+		if a.ZoneId != 0 {
+			return netip.AddrPort{}
+		}
+		return netip.AddrPortFrom(netip.AddrFrom16(a.Addr), uint16(a.Port))
+	}
+	return netip.AddrPort{}
+}
+
+// connMeta is what the balancer knows about a plain net.Conn from its own
+// accept loop: Go's net package made it non-blocking and set TCP_NODELAY.
+func connMeta(conn net.Conn) handoff.Meta {
+	m := handoff.Meta{Nonblock: true, NoDelay: true}
+	if ta, ok := conn.RemoteAddr().(*net.TCPAddr); ok && ta.Zone == "" {
+		m.Peer = ta.AddrPort()
+	}
+	return m
 }
 
 // routePlain hands a plain net.Conn (from the shared-port sniffer) to a
@@ -133,20 +185,22 @@ func (c *Child) routePlain(conn net.Conn) {
 		return // cannot happen for TCP; nothing to hand over
 	}
 	if c.local != nil {
-		c.localPlain(sc)
+		c.localPlain(sc, connMeta(conn))
 		return
 	}
 	rc, err := sc.SyscallConn()
 	if err != nil {
 		return
 	}
-	_ = rc.Control(func(fd uintptr) { c.routeFD(int(fd)) })
+	m := connMeta(conn)
+	_ = rc.Control(func(fd uintptr) { c.routeFD(int(fd), m) })
 }
 
-// routeFD hands a plain connection to the least-loaded live worker. It reads
-// nothing (no prebuf): the worker sees the stream from its first byte and
-// the client's address from the socket. The caller closes fd afterwards.
-func (c *Child) routeFD(fd int) {
+// routeFD hands a plain connection to the least-loaded live worker, with m
+// (the client's address and the socket's flags) in the handoff message. It
+// reads nothing (no prebuf): the worker sees the stream from its first byte.
+// The caller closes fd afterwards.
+func (c *Child) routeFD(fd int, m handoff.Meta) {
 	var triedBuf [4]*worker // no allocation on the common path
 	tried := triedBuf[:0]
 	for range maxAttempts {
@@ -155,7 +209,7 @@ func (c *Child) routeFD(fd int) {
 			break
 		}
 		tried = append(tried, w)
-		err := w.send(fd, nil)
+		err := w.send(fd, m, nil)
 		if err == nil {
 			c.pool.markAlive(w)
 			c.stats.addWorker(ctrHanded, w.name, 1)

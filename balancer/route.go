@@ -219,18 +219,18 @@ func (p *pool) all() []*worker {
 // socket path before the topology said so: its old end is closed) is
 // redialled once and the send retried, so the new process gets the
 // connection instead of being marked dead for it.
-func (w *worker) send(fd int, prebuf []byte) error {
+func (w *worker) send(fd int, m handoff.Meta, prebuf []byte) error {
 	w.smu.Lock()
 	defer w.smu.Unlock()
 	cached := w.sender != nil
-	err := w.sendLocked(fd, prebuf)
+	err := w.sendLocked(fd, m, prebuf)
 	if err != nil && cached && staleConn(err) {
-		err = w.sendLocked(fd, prebuf)
+		err = w.sendLocked(fd, m, prebuf)
 	}
 	return err
 }
 
-func (w *worker) sendLocked(fd int, prebuf []byte) error {
+func (w *worker) sendLocked(fd int, m handoff.Meta, prebuf []byte) error {
 	if w.sender == nil {
 		s, err := handoff.Dial(w.handoffPath)
 		if err != nil {
@@ -239,7 +239,7 @@ func (w *worker) sendLocked(fd int, prebuf []byte) error {
 		s.SetTimeout(handoffTimeout)
 		w.sender = s
 	}
-	if err := w.sender.SendFD(fd, prebuf); err != nil {
+	if err := w.sender.SendFDMeta(fd, m, prebuf); err != nil {
 		_ = w.sender.Close()
 		w.sender = nil
 		return fmt.Errorf("hand a connection to %s: %w", w.name, err)

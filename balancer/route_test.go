@@ -52,7 +52,7 @@ func TestSendRedialsReplacedWorker(t *testing.T) {
 	}
 	w := &worker{name: "worker-1", handoffPath: path}
 	defer w.closeSender()
-	if err := w.send(fd, nil); err != nil {
+	if err := w.send(fd, handoff.Meta{}, nil); err != nil {
 		t.Fatalf("first send: %v", err)
 	}
 	acceptOne(t, l1)
@@ -64,7 +64,7 @@ func TestSendRedialsReplacedWorker(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer l2.Close()
-	if err := w.send(fd, nil); err != nil {
+	if err := w.send(fd, handoff.Meta{}, nil); err != nil {
 		t.Fatalf("send after the worker was replaced: %v", err)
 	}
 	acceptOne(t, l2)
@@ -73,7 +73,7 @@ func TestSendRedialsReplacedWorker(t *testing.T) {
 	if err := l2.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if err := w.send(fd, nil); err == nil {
+	if err := w.send(fd, handoff.Meta{}, nil); err == nil {
 		t.Fatal("send to a closed worker succeeded")
 	}
 	w.smu.Lock()

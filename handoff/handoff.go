@@ -4,11 +4,26 @@
 //
 // Wire format: the socket is SOCK_SEQPACKET, so every Send is exactly one
 // message and the kernel never splits or merges them (no short writes, no
-// framing to get wrong). A message is
+// framing to get wrong). A message is either version 1
 //
 //	byte 0      version (1)
 //	bytes 1..n  prebuf (0..MaxPrebuf bytes)
 //	ancillary   SCM_RIGHTS with exactly one fd
+//
+// or version 2, which also carries what the sender knows about the socket
+// (Meta), so the receiver can skip the system calls that would find it out
+// (fcntl, setsockopt, getpeername: several µs each, per connection):
+//
+//	byte 0      version (2)
+//	byte 1      flags: bit 0 O_NONBLOCK is set, bit 1 TCP_NODELAY is set
+//	byte 2      length L of the peer address: 0 (unknown), 6 or 18
+//	bytes 3..   peer address: IPv4 or IPv6 bytes, then the port (big endian)
+//	then        prebuf (0..MaxPrebuf bytes)
+//	ancillary   SCM_RIGHTS with exactly one fd
+//
+// A sender with nothing to say (zero Meta) sends version 1, and a receiver
+// takes both, so a worker and a balancer one release apart still
+// understand each other in the direction that matters during an upgrade.
 //
 // The version byte also keeps every message non-empty: a zero-length read on
 // a SEQPACKET socket means the peer has gone.
@@ -17,9 +32,11 @@
 package handoff
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"sync"
 	"syscall"
@@ -37,7 +54,34 @@ const MaxPrebuf = 16 << 10
 // not done so in this time is stuck, and the balancer should route elsewhere.
 const DefaultSendTimeout = 2 * time.Second
 
-const version byte = 1
+const (
+	version   byte = 1
+	versionV2 byte = 2
+)
+
+// Version 2 flag bits and the largest header (version, flags, length, IPv6
+// address and port).
+const (
+	flagNonblock byte = 1 << 0
+	flagNoDelay  byte = 1 << 1
+	maxHeader         = 3 + 16 + 2
+)
+
+// Meta is what a sender knows about a socket it passes: whatever it leaves
+// zero, the receiver has to find out (or set) itself.
+type Meta struct {
+	// Peer is the client's address as accept(2) returned it; the zero
+	// value means unknown. An IPv6 address with a zone is not carried (the
+	// receiver asks the socket), since the zone is an interface index the
+	// receiver would have to look up anyway.
+	Peer netip.AddrPort
+	// Nonblock: O_NONBLOCK is set on the socket's open file description,
+	// which the receiver's descriptor shares (accept4 with SOCK_NONBLOCK).
+	Nonblock bool
+	// NoDelay: TCP_NODELAY is set (inherited from the listening socket,
+	// or set by the sender).
+	NoDelay bool
+}
 
 // oobSpace is room for a few fds, not one: a peer that sends more than one is
 // misbehaving, but we want to receive (and close) them instead of relying on
@@ -103,7 +147,7 @@ func (s *Sender) Send(f *os.File, prebuf []byte) error {
 // dup(2) that TCPConn.File makes, so the balancer can hand a connection over
 // and close it with one syscall less. Like Send, it does not close c.
 func (s *Sender) SendConn(c syscall.Conn, prebuf []byte) error {
-	msg, err := s.frame(prebuf)
+	msg, err := s.frame(Meta{}, prebuf)
 	if err != nil {
 		return err
 	}
@@ -128,25 +172,98 @@ func (s *Sender) SendConn(c syscall.Conn, prebuf []byte) error {
 // the balancer's accept loop takes connections with accept4(2) and never
 // wraps them in a net.Conn.
 func (s *Sender) SendFD(fd int, prebuf []byte) error {
+	return s.SendFDMeta(fd, Meta{}, prebuf)
+}
+
+// SendFDMeta is SendFD with what the caller knows about the socket, which
+// the receiver gets from AcceptMeta (a version 2 message; version 1 when m
+// is zero).
+func (s *Sender) SendFDMeta(fd int, m Meta, prebuf []byte) error {
 	if fd < 0 {
 		return fmt.Errorf("handoff: send to %s: bad fd %d", s.path, fd)
 	}
-	msg, err := s.frame(prebuf)
+	msg, err := s.frame(m, prebuf)
 	if err != nil {
 		return err
 	}
 	return s.sendFD(fd, msg)
 }
 
-// frame builds one message: the version byte, then prebuf.
-func (s *Sender) frame(prebuf []byte) ([]byte, error) {
+// frame builds one message: version 1 (the version byte, then prebuf) when
+// m says nothing, else version 2 (see the package comment).
+func (s *Sender) frame(m Meta, prebuf []byte) ([]byte, error) {
 	if len(prebuf) > MaxPrebuf {
 		return nil, fmt.Errorf("handoff: send %d bytes to %s: %w", len(prebuf), s.path, ErrPrebufTooLarge)
 	}
-	msg := make([]byte, 1+len(prebuf))
-	msg[0] = version
-	copy(msg[1:], prebuf)
-	return msg, nil
+	if m == (Meta{}) {
+		msg := make([]byte, 1+len(prebuf))
+		msg[0] = version
+		copy(msg[1:], prebuf)
+		return msg, nil
+	}
+	return append(appendHeader(make([]byte, 0, maxHeader+len(prebuf)), m), prebuf...), nil
+}
+
+// appendHeader appends m as a version 2 header.
+func appendHeader(dst []byte, m Meta) []byte {
+	var flags byte
+	if m.Nonblock {
+		flags |= flagNonblock
+	}
+	if m.NoDelay {
+		flags |= flagNoDelay
+	}
+	ip := m.Peer.Addr()
+	if !m.Peer.IsValid() || ip.Zone() != "" {
+		return append(dst, versionV2, flags, 0)
+	}
+	if ip.Is4() {
+		a := ip.As4()
+		dst = append(append(dst, versionV2, flags, 4+2), a[:]...)
+	} else {
+		a := ip.As16()
+		dst = append(append(dst, versionV2, flags, 16+2), a[:]...)
+	}
+	return binary.BigEndian.AppendUint16(dst, m.Peer.Port())
+}
+
+// parseHeader splits a received message into its Meta and prebuf; ok is
+// false when it is neither a valid version 1 nor a valid version 2 message.
+func parseHeader(msg []byte) (m Meta, prebuf []byte, ok bool) {
+	if len(msg) < 1 {
+		return Meta{}, nil, false
+	}
+	switch msg[0] {
+	case version:
+		prebuf = msg[1:]
+	case versionV2:
+		if len(msg) < 3 || msg[1]&^(flagNonblock|flagNoDelay) != 0 {
+			return Meta{}, nil, false
+		}
+		m.Nonblock = msg[1]&flagNonblock != 0
+		m.NoDelay = msg[1]&flagNoDelay != 0
+		l := int(msg[2])
+		rest := msg[3:]
+		if len(rest) < l {
+			return Meta{}, nil, false
+		}
+		switch l {
+		case 0:
+		case 4 + 2:
+			m.Peer = netip.AddrPortFrom(netip.AddrFrom4([4]byte(rest[:4])), binary.BigEndian.Uint16(rest[4:6]))
+		case 16 + 2:
+			m.Peer = netip.AddrPortFrom(netip.AddrFrom16([16]byte(rest[:16])), binary.BigEndian.Uint16(rest[16:18]))
+		default:
+			return Meta{}, nil, false
+		}
+		prebuf = rest[l:]
+	default:
+		return Meta{}, nil, false
+	}
+	if len(prebuf) > MaxPrebuf {
+		return Meta{}, nil, false
+	}
+	return m, prebuf, true
 }
 
 func (s *Sender) sendFD(fd int, msg []byte) error {

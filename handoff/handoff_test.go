@@ -8,6 +8,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"sync"
@@ -432,6 +433,11 @@ func TestBadMessages(t *testing.T) {
 		{"wrong version", []byte{9, 'x'}, one},
 		{"two fds", []byte{version}, two},
 		{"oversized", append([]byte{version}, make([]byte, MaxPrebuf+1)...), one},
+		{"v2 without its header", []byte{versionV2, 0}, one},
+		{"v2 unknown flag", []byte{versionV2, 0x80, 0}, one},
+		{"v2 bad address length", []byte{versionV2, 0, 5, 1, 2, 3, 4, 5}, one},
+		{"v2 address cut short", []byte{versionV2, 0, 6, 127, 0, 0}, one},
+		{"v2 oversized", append([]byte{versionV2, 0, 0}, make([]byte, MaxPrebuf+1)...), one},
 	}
 	for _, c := range cases {
 		if _, _, err := raw.WriteMsgUnix(c.msg, c.oob, nil); err != nil {
@@ -507,6 +513,90 @@ func TestSendFD(t *testing.T) {
 	if got, want := wc.RemoteAddr().String(), client.LocalAddr().String(); got != want {
 		t.Errorf("remote %s, want %s", got, want)
 	}
+}
+
+// A sender that knows the socket (Meta) passes it along: the receiver gets
+// the peer address without asking the socket, and the flags as sent; the
+// prebuf still arrives intact behind the header.
+func TestSendFDMeta(t *testing.T) {
+	l, s := newPair(t)
+	client, server := tcpPair(t)
+	defer client.Close()
+	defer server.Close()
+	f, err := server.File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	peer := netip.MustParseAddrPort(client.LocalAddr().String())
+	cases := []struct {
+		name   string
+		m      Meta
+		prebuf []byte
+	}{
+		{"v4 and both flags", Meta{Peer: peer, Nonblock: true, NoDelay: true}, []byte("GET /")},
+		{"v6", Meta{Peer: netip.MustParseAddrPort("[2001:db8::7]:443"), NoDelay: true}, nil},
+		{"flags only", Meta{Nonblock: true}, []byte("x")},
+		// The zone is not carried: the receiver must ask the socket.
+		{"zoned v6", Meta{Peer: netip.MustParseAddrPort("[fe80::1%lo]:80"), Nonblock: true}, nil},
+		{"largest prebuf", Meta{Peer: netip.MustParseAddrPort("[2001:db8::7]:443")}, make([]byte, MaxPrebuf)},
+	}
+	for _, c := range cases {
+		if err := s.SendFDMeta(int(f.Fd()), c.m, c.prebuf); err != nil {
+			t.Fatalf("%s: %v", c.name, err)
+		}
+		fd, pre, m, err := l.AcceptMeta()
+		if err != nil {
+			t.Fatalf("%s: %v", c.name, err)
+		}
+		syscall.Close(fd)
+		want := c.m
+		if want.Peer.Addr().Zone() != "" {
+			want.Peer = netip.AddrPort{}
+		}
+		if m != want {
+			t.Errorf("%s: meta %+v, want %+v", c.name, m, want)
+		}
+		if !bytes.Equal(pre, c.prebuf) {
+			t.Errorf("%s: prebuf of %d bytes, want %d", c.name, len(pre), len(c.prebuf))
+		}
+	}
+	// Zero Meta goes out as version 1, which any receiver takes.
+	msg, err := s.frame(Meta{}, []byte("pre"))
+	if err != nil || string(msg) != "\x01pre" {
+		t.Fatalf("zero Meta framed as %q, %v", msg, err)
+	}
+	// And a version 1 message gives zero Meta.
+	if err := s.SendFD(int(f.Fd()), []byte("pre")); err != nil {
+		t.Fatal(err)
+	}
+	fd, pre, m, err := l.AcceptMeta()
+	if err != nil || string(pre) != "pre" || m != (Meta{}) {
+		t.Fatalf("v1: %q %+v %v", pre, m, err)
+	}
+	syscall.Close(fd)
+}
+
+func FuzzParseHeader(f *testing.F) {
+	f.Add([]byte{version, 'a'})
+	f.Add(appendHeader(nil, Meta{Peer: netip.MustParseAddrPort("10.0.0.1:80"), NoDelay: true}))
+	f.Add(appendHeader(nil, Meta{Peer: netip.MustParseAddrPort("[::1]:80"), Nonblock: true}))
+	f.Fuzz(func(t *testing.T, msg []byte) {
+		m, pre, ok := parseHeader(msg)
+		if !ok {
+			return
+		}
+		// Whatever parses re-encodes to the same bytes.
+		var again []byte
+		if msg[0] == version {
+			again = append([]byte{version}, pre...)
+		} else {
+			again = append(appendHeader(nil, m), pre...)
+		}
+		if !bytes.Equal(again, msg) {
+			t.Fatalf("%x parsed as %+v %x, re-encodes as %x", msg, m, pre, again)
+		}
+	})
 }
 
 // BenchmarkSendAccept: one handoff round (sendmsg with an fd, recvmsg, close

@@ -35,6 +35,7 @@ type Listener struct {
 type received struct {
 	fd     int
 	prebuf []byte
+	meta   Meta
 }
 
 // Listen creates the handoff socket at path (mode 0600: whoever can connect
@@ -98,11 +99,19 @@ func (l *Listener) BadMessages() int64 { return l.bad.Load() }
 // set; blocking mode is whatever the sender had, so set it explicitly). After
 // Close, Accept returns an error matching net.ErrClosed.
 func (l *Listener) Accept() (fd int, prebuf []byte, err error) {
+	fd, prebuf, _, err = l.AcceptMeta()
+	return fd, prebuf, err
+}
+
+// AcceptMeta is Accept with what the sender said about the socket (zero
+// Meta from a sender that said nothing): the caller need not set or ask
+// for what m already says.
+func (l *Listener) AcceptMeta() (fd int, prebuf []byte, m Meta, err error) {
 	select {
 	case r := <-l.out:
-		return r.fd, r.prebuf, nil
+		return r.fd, r.prebuf, r.meta, nil
 	case <-l.done:
-		return -1, nil, fmt.Errorf("handoff: accept on %s: %w", l.path, net.ErrClosed)
+		return -1, nil, Meta{}, fmt.Errorf("handoff: accept on %s: %w", l.path, net.ErrClosed)
 	}
 }
 
@@ -173,7 +182,7 @@ func (l *Listener) readLoop(c *net.UnixConn) {
 	}()
 	// One byte more than the largest valid message, so an oversized one is
 	// seen (MSG_TRUNC) rather than silently cut to a valid-looking length.
-	buf := make([]byte, 1+MaxPrebuf+1)
+	buf := make([]byte, maxHeader+MaxPrebuf+1)
 	oob := make([]byte, oobSpace)
 	for {
 		n, oobn, flags, _, err := c.ReadMsgUnix(buf, oob)
@@ -183,17 +192,18 @@ func (l *Listener) readLoop(c *net.UnixConn) {
 			closeAll(fds)
 			return
 		}
-		if flags&(syscall.MSG_TRUNC|syscall.MSG_CTRUNC) != 0 || n < 1 || n > 1+MaxPrebuf || buf[0] != version || len(fds) != 1 {
+		meta, rest, ok := parseHeader(buf[:n])
+		if flags&(syscall.MSG_TRUNC|syscall.MSG_CTRUNC) != 0 || !ok || len(fds) != 1 {
 			closeAll(fds)
 			l.bad.Add(1)
 			continue
 		}
 		var prebuf []byte
-		if n > 1 {
-			prebuf = append([]byte(nil), buf[1:n]...)
+		if len(rest) > 0 {
+			prebuf = append([]byte(nil), rest...)
 		}
 		select {
-		case l.out <- received{fd: fds[0], prebuf: prebuf}:
+		case l.out <- received{fd: fds[0], prebuf: prebuf, meta: meta}:
 		case <-l.done:
 			closeAll(fds)
 			return

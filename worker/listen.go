@@ -12,7 +12,9 @@ import (
 
 	"github.com/shoalhq/shoal/balancer"
 	"github.com/shoalhq/shoal/configs"
+	"github.com/shoalhq/shoal/handoff"
 	"github.com/shoalhq/shoal/proto/control"
+	"github.com/shoalhq/shoal/worker/netpoll"
 )
 
 // Kernel balancing (cluster.balancers: 0, docs/balancer.md): the worker
@@ -54,7 +56,10 @@ func (c *Child) startFrontLocked(ctx context.Context, name string, cfg configs.C
 	c.fdCap.Store(clientFDCap())
 	var front *balancer.Child
 	front = balancer.NewLocal(c.log.Named("listen"), balancer.LocalOptions{
-		Plain: func(fd int) { c.serve(fd, nil, nil) },
+		Plain: func(fd int, m handoff.Meta) {
+			addr, p := handedOver(m)
+			c.serve(fd, nil, addr, p)
+		},
 		Proxy: func(src, dst net.Addr) (*net.UnixConn, error) { return c.localProxy(front, src) },
 	})
 	data, err := json.Marshal(cfg)
@@ -109,7 +114,8 @@ func (c *Child) localProxy(front *balancer.Child, src net.Addr) (*net.UnixConn, 
 		_ = unix.Close(fds[0])
 		return nil, fmt.Errorf("socketpair for a TLS connection: got %T", conn)
 	}
-	c.serve(fds[0], nil, src)
+	// A non-blocking unix socket: nothing for netpoll to set.
+	c.serve(fds[0], nil, src, netpoll.Nonblocking|netpoll.NoDelay)
 	return uc, nil
 }
 

@@ -304,14 +304,15 @@ func (c *Child) httpHandler(name string) http.Handler {
 	return mux
 }
 
-// serve hands an accepted socket to netpoll unless the worker is full.
-func (c *Child) serve(fd int, prebuf []byte, remote net.Addr) {
+// serve hands an accepted socket to netpoll unless the worker is full; p
+// says what is already set on it (see netpoll.Prepared).
+func (c *Child) serve(fd int, prebuf []byte, remote net.Addr, p netpoll.Prepared) {
 	if max := c.cfg.Worker.MaxConnections; max > 0 && c.srv.Len() >= max {
 		c.refused.Add(1)
 		_ = unix.Close(fd)
 		return
 	}
-	if err := c.srv.Serve(fd, prebuf, remote); err != nil && !errors.Is(err, netpoll.ErrServerClosed) {
+	if err := c.srv.ServePrepared(fd, prebuf, remote, p); err != nil && !errors.Is(err, netpoll.ErrServerClosed) {
 		c.log.Warn("serving handed-over socket", "error", err)
 	}
 }
@@ -321,15 +322,34 @@ func (c *Child) serve(fd int, prebuf []byte, remote net.Addr) {
 func (c *Child) acceptHandoff(l *handoff.Listener) {
 	defer c.loops.Done()
 	for {
-		fd, prebuf, err := l.Accept()
+		fd, prebuf, m, err := l.AcceptMeta()
 		if err != nil {
 			if !errors.Is(err, net.ErrClosed) {
 				c.log.Error("handoff accept failed; no more handed-over connections", "error", err)
 			}
 			return
 		}
-		c.serve(fd, prebuf, nil)
+		addr, p := handedOver(m)
+		c.serve(fd, prebuf, addr, p)
 	}
+}
+
+// handedOver turns what the balancer said about a handed-over socket into
+// netpoll's terms, so that netpoll makes no system call to learn it again
+// (getpeername, fcntl, setsockopt: several µs each per connection). A nil
+// address makes netpoll ask the socket.
+func handedOver(m handoff.Meta) (net.Addr, netpoll.Prepared) {
+	var p netpoll.Prepared
+	if m.Nonblock {
+		p |= netpoll.Nonblocking
+	}
+	if m.NoDelay {
+		p |= netpoll.NoDelay
+	}
+	if !m.Peer.IsValid() {
+		return nil, p
+	}
+	return net.TCPAddrFromAddrPort(m.Peer), p
 }
 
 // acceptProxy accepts streams from the TLS terminator. Each must start with
@@ -375,7 +395,9 @@ func (c *Child) proxied(conn *net.UnixConn) {
 	if !h.Local && h.Src != nil {
 		remote = h.Src
 	}
-	c.serve(fd, nil, remote)
+	// dupFD's copy shares the Go conn's open file, non-blocking; a unix
+	// socket has no Nagle to turn off.
+	c.serve(fd, nil, remote, netpoll.Nonblocking|netpoll.NoDelay)
 }
 
 // dupFD returns a close-on-exec duplicate of a connection's descriptor,

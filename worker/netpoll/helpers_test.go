@@ -373,6 +373,12 @@ func serveAndUpgrade(srv *Server, sfd, cfd int, remote net.Addr) (int, error) {
 		closeFD(cfd)
 		return -1, err
 	}
+	return upgradeClient(cfd)
+}
+
+// upgradeClient sends the upgrade request on cfd, whose server end is
+// already served, and reads the 101; it closes cfd on failure.
+func upgradeClient(cfd int) (int, error) {
 	// Bound the blocking calls so a stuck server fails the caller.
 	tv := unix.Timeval{Sec: 5}
 	_ = unix.SetsockoptTimeval(cfd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)

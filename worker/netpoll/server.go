@@ -203,19 +203,45 @@ func (s *Server) Len() int { return int(s.open.Load()) }
 // WebSocket frames, all without a goroutine of its own. remote nil means the
 // socket's peer address. On error the fd is closed.
 func (s *Server) Serve(fd int, prebuf []byte, remote net.Addr) error {
+	return s.ServePrepared(fd, prebuf, remote, 0)
+}
+
+// Prepared says what a caller of ServePrepared has already made sure of
+// about a socket. Each system call it spares costs several µs per new
+// connection, a good part of the worker's accept path.
+type Prepared uint8
+
+const (
+	// Nonblocking: O_NONBLOCK is set (accept4 with SOCK_NONBLOCK, a
+	// socketpair made non-blocking, or a dup of a Go net.Conn's fd).
+	Nonblocking Prepared = 1 << iota
+	// NoDelay: TCP_NODELAY is set (inherited from the listening socket or
+	// set by Go's net package), or the socket is not TCP.
+	NoDelay
+)
+
+// ServePrepared is Serve for a socket of which p says what is already set:
+// Serve sets O_NONBLOCK and TCP_NODELAY itself otherwise. A wrong p is a
+// caller bug: a blocking socket would stall a pool goroutine.
+func (s *Server) ServePrepared(fd int, prebuf []byte, remote net.Addr, p Prepared) error {
 	if fd < 0 {
 		return fmt.Errorf("netpoll: serve: invalid fd %d", fd)
 	}
-	if err := unix.SetNonblock(fd, true); err != nil {
-		_ = unix.Close(fd)
-		return fmt.Errorf("netpoll: serve fd %d: set non-blocking: %w", fd, err)
+	if p&Nonblocking == 0 {
+		if err := unix.SetNonblock(fd, true); err != nil {
+			_ = unix.Close(fd)
+			return fmt.Errorf("netpoll: serve fd %d: set non-blocking: %w", fd, err)
+		}
 	}
 	if remote == nil {
 		remote = peerAddr(fd)
 	}
-	// Frames are written whole and coalesced by the queue, so Nagle would
-	// only add latency. Not a TCP socket (tests use unix ones): no matter.
-	_ = unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
+	if p&NoDelay == 0 {
+		// Frames are written whole and coalesced by the queue, so Nagle
+		// would only add latency. Not a TCP socket (tests use unix ones):
+		// no matter.
+		_ = unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
+	}
 
 	c := &Conn{srv: s, id: s.nextID.Add(1), remote: remote, fd: int32(fd)}
 	c.seq = uint32(c.id)
