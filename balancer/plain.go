@@ -184,15 +184,15 @@ func (c *Child) routePlain(conn net.Conn) {
 	if !ok {
 		return // cannot happen for TCP; nothing to hand over
 	}
+	m := connMeta(conn)
 	if c.local != nil {
-		c.localPlain(sc, connMeta(conn))
+		c.localPlain(sc, m)
 		return
 	}
 	rc, err := sc.SyscallConn()
 	if err != nil {
 		return
 	}
-	m := connMeta(conn)
 	_ = rc.Control(func(fd uintptr) { c.routeFD(int(fd), m) })
 }
 

@@ -84,6 +84,20 @@ func tcpPair(t *testing.T) (client, server *net.TCPConn) {
 	return c, s
 }
 
+// tcpFilePair is tcpPair with the server end also as an *os.File (a
+// duplicate fd, as a balancer would send); all three close with the test.
+func tcpFilePair(t *testing.T) (client *net.TCPConn, f *os.File) {
+	t.Helper()
+	client, server := tcpPair(t)
+	t.Cleanup(func() { client.Close(); server.Close() })
+	f, err := server.File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return client, f
+}
+
 // connFromFD wraps a received fd as a net.Conn (closing the raw fd).
 func connFromFD(t *testing.T, fd int) net.Conn {
 	t.Helper()
@@ -490,14 +504,7 @@ func TestListenStaleAndLive(t *testing.T) {
 
 func TestSendFD(t *testing.T) {
 	l, s := newPair(t)
-	client, server := tcpPair(t)
-	defer client.Close()
-	defer server.Close()
-	f, err := server.File()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
+	client, f := tcpFilePair(t)
 	if err := s.SendFD(-1, nil); err == nil {
 		t.Fatal("SendFD(-1) succeeded")
 	}
@@ -520,14 +527,7 @@ func TestSendFD(t *testing.T) {
 // prebuf still arrives intact behind the header.
 func TestSendFDMeta(t *testing.T) {
 	l, s := newPair(t)
-	client, server := tcpPair(t)
-	defer client.Close()
-	defer server.Close()
-	f, err := server.File()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
+	client, f := tcpFilePair(t)
 	peer := netip.MustParseAddrPort(client.LocalAddr().String())
 	cases := []struct {
 		name   string
