@@ -1141,6 +1141,13 @@ func TestQueueFrameOwesOneFlushForAll(t *testing.T) {
 	c := ts.dial(t)
 	waitFor(t, 5*time.Second, "open", func() bool { return h.openCount() == 1 })
 	sc := h.conn(0)
+	// OnOpen runs inside the read task of the upgrade, whose batch defers
+	// flushes until it ends: wait until it has, so the connection is idle.
+	waitFor(t, 5*time.Second, "the open's read task done", func() bool {
+		sc.mu.Lock()
+		defer sc.mu.Unlock()
+		return !sc.batching && !sc.flushing && !sc.reading
+	})
 	w0 := ts.Stats().Writes
 	for i, msg := range []string{"a", "b", "c"} {
 		owed, err := sc.QueueFrame(AppendTextFrame(nil, []byte(msg)))
