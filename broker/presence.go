@@ -49,9 +49,15 @@ func (l *blink) presence(f *link.Frame) error {
 	flags := uint8(0)
 	switch f.Op {
 	case link.PresJoin, link.PresUpdate:
-		err = l.presJoin(string(f.Channel), f.Data)
+		// The reply counts the channel's other entries, taken in the same
+		// step as the join (worker/clusterevents.go decides webhooks on it:
+		// a count asked separately could see a state between two workers'
+		// changes).
+		var others int
+		others, err = l.presJoin(string(f.Channel), f.Data)
+		count, flags = uint64(others), link.FlagCounted
 	case link.PresLeave:
-		l.presLeave(string(f.Channel), string(f.Data))
+		count, flags = uint64(l.presLeave(string(f.Channel), string(f.Data))), link.FlagCounted
 	case link.PresShadowJoin:
 		err = l.shadowJoin(string(f.Channel), f.Data)
 	case link.PresShadowLeave:
@@ -92,10 +98,12 @@ func (l *blink) presence(f *link.Frame) error {
 	return l.w.WriteRawAlways(link.AppendReply(nil, f.ReqID, count, 0, flags, data))
 }
 
-func (l *blink) presJoin(channel string, raw []byte) error {
+// presJoin adds or replaces an entry and returns how many other entries
+// the channel holds.
+func (l *blink) presJoin(channel string, raw []byte) (others int, err error) {
 	var e brokerclient.PresenceEntry // the entry as the worker sent it
 	if err := json.Unmarshal(raw, &e); err != nil || e.Conn == "" {
-		return fmt.Errorf("%w: %v", errBadPresence, err)
+		return 0, fmt.Errorf("%w: %v", errBadPresence, err)
 	}
 	if e.Worker == "" {
 		e.Worker = l.name()
@@ -116,14 +124,17 @@ func (l *blink) presJoin(channel string, raw []byte) error {
 	if !existed && st.opts.JoinLeave {
 		s.event(st, link.EventJoin, channel, raw)
 	}
+	others = len(st.pres) - 1
 	sh.mu.Unlock()
 	connSetAdd(&l.pres, channel, e.Conn)
-	return nil
+	return others, nil
 }
 
-func (l *blink) presLeave(channel, conn string) {
+// presLeave removes an entry and returns how many the channel still holds.
+func (l *blink) presLeave(channel, conn string) (left int) {
 	connSetRemove(l.pres, channel, conn)
-	l.s.dropPresence(l, channel, conn)
+	left, _ = l.s.dropPresence(l, channel, conn)
+	return left
 }
 
 // connSetAdd and connSetRemove keep a link's channel → connections index
@@ -197,21 +208,23 @@ func (s *Server) dropShadow(l *blink, channel, conn string) bool {
 }
 
 // dropPresence removes one entry if this link owns it (a connection that
-// moved to another worker keeps the newer entry). It reports whether that
-// removed the channel's last entry.
-func (s *Server) dropPresence(l *blink, channel, conn string) (emptied bool) {
+// moved to another worker keeps the newer entry). It returns how many
+// entries the channel still holds, and whether this removed its last one
+// (with no shadow left either).
+func (s *Server) dropPresence(l *blink, channel, conn string) (left int, emptied bool) {
 	sh := s.shard([]byte(channel))
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
 	st := sh.chans[channel]
 	if st == nil || st.pres == nil {
-		return false
+		return 0, false
 	}
 	e := st.pres[conn]
 	if e == nil || e.l != l {
-		return false
+		return len(st.pres), false
 	}
 	delete(st.pres, conn)
+	left = len(st.pres)
 	if len(st.pres) == 0 {
 		st.pres = nil
 		st.idleSince = time.Now().UnixNano()
@@ -220,7 +233,7 @@ func (s *Server) dropPresence(l *blink, channel, conn string) (emptied bool) {
 	if st.opts.JoinLeave {
 		s.event(st, link.EventLeave, channel, e.raw)
 	}
-	return emptied
+	return left, emptied
 }
 
 // Vacated notices (link.EventVacated).

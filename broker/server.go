@@ -640,7 +640,7 @@ func (l *blink) cleanup() {
 	var emptied []string
 	for ch, conns := range l.pres {
 		for conn := range conns {
-			if l.s.dropPresence(l, ch, conn) && strings.HasPrefix(ch, "#") && l.s.reportsVacated(ch, false) {
+			if _, last := l.s.dropPresence(l, ch, conn); last && strings.HasPrefix(ch, "#") && l.s.reportsVacated(ch, false) {
 				emptied = append(emptied, ch)
 			}
 		}

@@ -308,16 +308,16 @@ func (c *Client) SetBrokers(eps []Endpoint) {
 		}
 		for conn, raw := range conns {
 			if was != nil && c.conns[was.ep.Name] == was {
-				was.sendPres(link.PresLeave, ch, []byte(conn))
+				was.sendPres(link.PresLeave, ch, []byte(conn), nil)
 				if shadowed(ch) { // the old owner keeps a shadow, as every non-owner
-					was.sendPres(link.PresShadowJoin, ch, raw)
+					was.sendPres(link.PresShadowJoin, ch, raw, nil)
 				}
 			}
 			if now != nil {
 				if shadowed(ch) {
-					now.sendPres(link.PresShadowLeave, ch, []byte(conn))
+					now.sendPres(link.PresShadowLeave, ch, []byte(conn), nil)
 				}
-				now.sendPres(link.PresJoin, ch, raw)
+				now.sendPres(link.PresJoin, ch, raw, nil)
 			}
 		}
 	}

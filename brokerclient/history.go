@@ -463,14 +463,44 @@ func (c *Client) ownerOf(channel string) (*bconn, error) {
 
 // sendPres queues a presence change without waiting for the answer (a
 // failed one is logged; the entry is re-announced when the link returns).
-func (b *bconn) sendPres(op uint8, channel string, data []byte) {
+// With out set, the answer goes there instead.
+func (b *bconn) sendPres(op uint8, channel string, data []byte, out chan<- presAnswer) {
 	b.request(func(dst []byte, id uint64) []byte {
 		return link.AppendPres(dst, id, op, channel, data)
-	}, func(_ *request, _ *link.Frame, err error) {
+	}, func(_ *request, f *link.Frame, err error) {
+		if out != nil {
+			a := presAnswer{err: err}
+			if err == nil {
+				a.n, a.counted = int(f.Offset), f.Flags&link.FlagCounted != 0
+				if f.Flags&link.FlagError != 0 {
+					a.err = fmt.Errorf("brokerclient: presence change on %q: %s", channel, f.Data)
+				}
+			}
+			out <- a
+			return
+		}
 		if err != nil && !errors.Is(err, ErrBrokerDown) {
 			b.c.log.Debug("presence change", "channel", channel, "broker", b.ep.Name, "error", err)
 		}
 	})
+}
+
+// presAnswer is the owner's answer to a join or leave: with counted, n is
+// how many other entries the channel held right after the change.
+type presAnswer struct {
+	n       int
+	counted bool
+	err     error
+}
+
+// waitPres waits for the answer to a join or leave sent with sendPres.
+func waitPres(ctx context.Context, out <-chan presAnswer) (presAnswer, error) {
+	select {
+	case a := <-out:
+		return a, a.err
+	case <-ctx.Done():
+		return presAnswer{}, fmt.Errorf("brokerclient: presence change: %w", ctx.Err())
+	}
 }
 
 // PresenceJoin announces a connection in channel. The client remembers it
@@ -479,16 +509,38 @@ func (b *bconn) sendPres(op uint8, channel string, data []byte) {
 // defaults to Options.Name. Errors: a missing conn id, a bad channel name,
 // ErrClosed.
 func (c *Client) PresenceJoin(channel string, e PresenceEntry) error {
-	return c.presenceSet(channel, e, link.PresJoin)
+	return c.presenceSet(channel, e, link.PresJoin, nil)
+}
+
+// PresenceJoinCount is PresenceJoin that waits for the owner's answer and
+// returns how many other entries channel holds right after the join. The
+// owner counts in the same step as the join, so of two connections joining
+// an empty channel at once exactly one sees 0 (a join followed by a
+// separate count could see both, or neither, depending on timing). A
+// broker from before the counted answer is asked with PresenceCount after
+// the join instead (not in the same step).
+func (c *Client) PresenceJoinCount(ctx context.Context, channel string, e PresenceEntry) (others int, err error) {
+	out := make(chan presAnswer, 1)
+	if err := c.presenceSet(channel, e, link.PresJoin, out); err != nil {
+		return 0, err
+	}
+	a, err := waitPres(ctx, out)
+	if err != nil || a.counted {
+		return a.n, err
+	}
+	n, err := c.PresenceCount(ctx, channel)
+	return max(n-1, 0), err
 }
 
 // PresenceUpdate replaces a connection's entry (e.g. new client info);
 // subscribers get no join event for it.
 func (c *Client) PresenceUpdate(channel string, e PresenceEntry) error {
-	return c.presenceSet(channel, e, link.PresUpdate)
+	return c.presenceSet(channel, e, link.PresUpdate, nil)
 }
 
-func (c *Client) presenceSet(channel string, e PresenceEntry, op uint8) error {
+// presenceSet remembers and announces an entry; with out set, the owner's
+// answer goes there (ErrNoBrokers when no owner is reachable now).
+func (c *Client) presenceSet(channel string, e PresenceEntry, op uint8, out chan<- presAnswer) error {
 	if e.Conn == "" {
 		return fmt.Errorf("brokerclient: presence entry without a conn id")
 	}
@@ -516,12 +568,14 @@ func (c *Client) presenceSet(channel string, e PresenceEntry, op uint8) error {
 	members := *c.members.Load()
 	o := owner(members, channel)
 	if o != nil {
-		o.sendPres(op, channel, raw)
+		o.sendPres(op, channel, raw, out)
+	} else if out != nil {
+		out <- presAnswer{err: ErrNoBrokers}
 	}
 	if shadowed(channel) {
 		for _, b := range members {
 			if b != o {
-				b.sendPres(link.PresShadowJoin, channel, raw)
+				b.sendPres(link.PresShadowJoin, channel, raw, nil)
 			}
 		}
 	}
@@ -537,6 +591,23 @@ func shadowed(channel string) bool { return len(channel) > 0 && channel[0] == '#
 
 // PresenceLeave removes a connection's entry from channel.
 func (c *Client) PresenceLeave(channel, conn string) {
+	c.presenceLeave(channel, conn, nil)
+}
+
+// PresenceLeaveCount is PresenceLeave that waits for the owner's answer
+// and returns how many entries channel still holds, counted in the same
+// step as the leave (see PresenceJoinCount).
+func (c *Client) PresenceLeaveCount(ctx context.Context, channel, conn string) (left int, err error) {
+	out := make(chan presAnswer, 1)
+	c.presenceLeave(channel, conn, out)
+	a, err := waitPres(ctx, out)
+	if err != nil || a.counted {
+		return a.n, err
+	}
+	return c.PresenceCount(ctx, channel)
+}
+
+func (c *Client) presenceLeave(channel, conn string, out chan<- presAnswer) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if cs := c.pres[channel]; cs != nil {
@@ -548,12 +619,14 @@ func (c *Client) PresenceLeave(channel, conn string) {
 	members := *c.members.Load()
 	o := owner(members, channel)
 	if o != nil {
-		o.sendPres(link.PresLeave, channel, []byte(conn))
+		o.sendPres(link.PresLeave, channel, []byte(conn), out)
+	} else if out != nil {
+		out <- presAnswer{err: ErrNoBrokers}
 	}
 	if shadowed(channel) {
 		for _, b := range members {
 			if b != o {
-				b.sendPres(link.PresShadowLeave, channel, []byte(conn))
+				b.sendPres(link.PresShadowLeave, channel, []byte(conn), nil)
 			}
 		}
 	}

@@ -626,3 +626,76 @@ func TestWorkerResyncOnOwnerMove(t *testing.T) {
 	mustPublish(t, pub, ch, "16")
 	waitFor(t, 5*time.Second, "live after the move", func() bool { return len(rec.snapshot()) == 16 })
 }
+
+// TestPresenceCountedInTheSameStep: the owner answers a join or leave with
+// the other entries counted in the same step, so of workers joining (or
+// leaving) an internal channel at once exactly one sees nobody else — what
+// the worker's cluster-wide webhooks rely on (worker/clusterevents.go).
+func TestPresenceCountedInTheSameStep(t *testing.T) {
+	dir := runDir(t)
+	b1 := startHistoryBroker(t, dir, "broker-1")
+	b2 := startHistoryBroker(t, dir, "broker-2")
+	all := []brokerclient.Endpoint{b1.ep, b2.ep}
+	const workers = 4
+	var ws []*brokerclient.Client
+	for i := range workers {
+		w, _ := newClient(t, "worker-"+strconv.Itoa(i), withRules)
+		w.SetBrokers(all)
+		waitConnected(t, w, 2)
+		ws = append(ws, w)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+
+	// Sequential: the answers count the others, not the caller.
+	w0 := ws[0]
+	me := brokerclient.PresenceEntry{Conn: "worker-0"}
+	if n, err := w0.PresenceJoinCount(ctx, "#user/solo", me); err != nil || n != 0 {
+		t.Fatalf("first join: %d others, %v; want 0", n, err)
+	}
+	if n, err := w0.PresenceJoinCount(ctx, "#user/solo", me); err != nil || n != 0 {
+		t.Fatalf("join again (same conn): %d others, %v; want 0", n, err)
+	}
+	if n, err := ws[1].PresenceJoinCount(ctx, "#user/solo", brokerclient.PresenceEntry{Conn: "worker-1"}); err != nil || n != 1 {
+		t.Fatalf("second worker's join: %d others, %v; want 1", n, err)
+	}
+	if n, err := w0.PresenceLeaveCount(ctx, "#user/solo", "worker-0"); err != nil || n != 1 {
+		t.Fatalf("leave: %d left, %v; want 1", n, err)
+	}
+	if n, err := ws[1].PresenceLeaveCount(ctx, "#user/solo", "worker-1"); err != nil || n != 0 {
+		t.Fatalf("last leave: %d left, %v; want 0", n, err)
+	}
+
+	// Concurrent, on many channels: exactly one joiner sees 0 others, and
+	// exactly one leaver sees 0 left.
+	const rounds = 40
+	for r := range rounds {
+		ch := "#chan/race" + strconv.Itoa(r)
+		for _, op := range []string{"join", "leave"} {
+			zeros := make(chan int, workers)
+			var wg sync.WaitGroup
+			for i, w := range ws {
+				wg.Go(func() {
+					var n int
+					var err error
+					conn := "worker-" + strconv.Itoa(i)
+					if op == "join" {
+						n, err = w.PresenceJoinCount(ctx, ch, brokerclient.PresenceEntry{Conn: conn})
+					} else {
+						n, err = w.PresenceLeaveCount(ctx, ch, conn)
+					}
+					if err != nil {
+						t.Errorf("%s %s %s: %v", conn, op, ch, err)
+					}
+					if n == 0 {
+						zeros <- i
+					}
+				})
+			}
+			wg.Wait()
+			if len(zeros) != 1 {
+				t.Fatalf("%s on %s: %d workers saw no other entry; want exactly 1", op, ch, len(zeros))
+			}
+		}
+	}
+}

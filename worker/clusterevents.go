@@ -17,13 +17,20 @@ import (
 // every worker reaches: the owner of an internal channel. So each worker
 // that hosts a user, or has subscribers on a channel, keeps one presence
 // entry (conn = the worker's name) on "#user/<id>" or "#chan/<channel>".
-// When its local state goes up it asks the count first and then joins;
-// it emits user.online / channel.occupied only when no other worker was
-// there. When its local state goes down it leaves first and then asks the
-// count; it emits user.offline / channel.vacated only when no worker is
-// left. Two workers racing may both emit (duplicates are allowed: webhook
-// receivers must treat events as states); a worker whose count query fails
-// emits anyway, for the same reason.
+// When its local state goes up it joins, and the owner answers how many
+// other workers' entries were there in the same step; it emits user.online
+// / channel.occupied only when none was. When its local state goes down it
+// leaves, the owner answering how many are left; it emits user.offline /
+// channel.vacated only when none is. Because the owner counts in the same
+// step as each change, the changes of all workers on a key form one
+// sequence, and every 0→1 and 1→0 step in it is reported by the worker that
+// made it. (Asking the count in a separate request lost events: a user who
+// left worker A and came back on worker B within a second could be counted
+// by B while A was still there, and A, counting after B's count but before
+// B's join, saw nobody and reported offline; A's webhook sender then
+// cancelled A's online+offline pair, and the backend never heard the user
+// was online.) A worker whose query fails emits anyway (duplicates are
+// allowed: webhook receivers must treat events as states).
 //
 // The queries run on one goroutine, in the order the local changes
 // happened, so the events of one key leave this worker in order. The queue
@@ -48,9 +55,13 @@ type clusterEvent struct {
 	orphan bool
 }
 
-// presenceCounter is the broker client's PresenceCount.
+// presenceCounter is the broker client's counting presence calls.
 type presenceCounter interface {
 	PresenceCount(ctx context.Context, channel string) (int, error)
+	// PresenceJoinCount and PresenceLeaveCount change this worker's entry
+	// and return the other entries counted in the same step.
+	PresenceJoinCount(ctx context.Context, channel string, e brokerclient.PresenceEntry) (others int, err error)
+	PresenceLeaveCount(ctx context.Context, channel, conn string) (left int, err error)
 }
 
 // startClusterEvents starts the deciding goroutine when webhooks are on
@@ -59,7 +70,7 @@ func (e *Engine) startClusterEvents() {
 	if e.cfg.Webhooks == nil {
 		return
 	}
-	if _, ok := e.cfg.Broker.(presenceCounter); !ok || e.recoveryBroker() == nil {
+	if _, ok := e.cfg.Broker.(presenceCounter); !ok {
 		return
 	}
 	e.events = make(chan clusterEvent, clusterEventQueue)
@@ -104,21 +115,8 @@ func (e *Engine) emitEvent(ev clusterEvent) {
 // decideEvents turns local changes into cluster-wide events (see above).
 func (e *Engine) decideEvents() {
 	defer e.bg.Done()
-	rb := e.recoveryBroker()
 	pc := e.cfg.Broker.(presenceCounter)
 	me := brokerclient.PresenceEntry{Conn: e.cfg.Name, Worker: e.cfg.Name}
-	count := func(ch string) (int, error) {
-		ctx, cancel := context.WithTimeout(context.Background(), clusterQueryTimeout)
-		defer cancel()
-		go func() { // end the query early when the engine stops
-			select {
-			case <-e.stop:
-				cancel()
-			case <-ctx.Done():
-			}
-		}()
-		return pc.PresenceCount(ctx, ch)
-	}
 	for {
 		var ev clusterEvent
 		select {
@@ -126,32 +124,43 @@ func (e *Engine) decideEvents() {
 		case <-e.stop:
 			return
 		}
-		e.decide(ev, rb, me, count)
+		e.decide(ev, pc, me)
 		e.eventsPending.Add(-1)
 	}
 }
 
-// decide handles one local change: count-then-join going up,
-// leave-then-count going down; emit when no other worker is there.
-func (e *Engine) decide(ev clusterEvent, rb RecoveryBroker, me brokerclient.PresenceEntry, count func(string) (int, error)) {
+// decide handles one local change: join or leave, answered with the other
+// entries counted in the same step; emit when there are none.
+func (e *Engine) decide(ev clusterEvent, pc presenceCounter, me brokerclient.PresenceEntry) {
 	ch := chanPresencePrefix + ev.key
 	if ev.user {
 		ch = userChannelPrefix + ev.key
 	}
-	if ev.up {
-		n, err := count(ch)
-		if jerr := rb.PresenceJoin(ch, me); jerr != nil {
-			e.log.Warn("announcing occupancy", "channel", ch, "error", jerr)
+	ctx, cancel := context.WithTimeout(context.Background(), clusterQueryTimeout)
+	defer cancel()
+	go func() { // end the query early when the engine stops
+		select {
+		case <-e.stop:
+			cancel()
+		case <-ctx.Done():
 		}
-		if err != nil || n == 0 {
-			e.emitEvent(ev)
-		}
-		return
+	}()
+	var others int
+	var err error
+	switch {
+	case ev.up:
+		others, err = pc.PresenceJoinCount(ctx, ch, me)
+	case ev.orphan:
+		// A dead worker's entry: the broker removed it; this worker holds
+		// none there, so it only counts.
+		others, err = pc.PresenceCount(ctx, ch)
+	default:
+		others, err = pc.PresenceLeaveCount(ctx, ch, me.Conn)
 	}
-	if !ev.orphan {
-		rb.PresenceLeave(ch, me.Conn)
+	if err != nil {
+		e.log.Debug("counting workers for a webhook; sending it anyway", "channel", ch, "error", err)
 	}
-	if n, err := count(ch); err != nil || n == 0 {
+	if err != nil || others == 0 {
 		e.emitEvent(ev)
 	}
 }

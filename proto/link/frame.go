@@ -96,6 +96,10 @@ const (
 	FlagRecovered uint8 = 1 << 0 // subrec: the gap was filled
 	FlagError     uint8 = 1 << 1 // the request failed; data is the error text
 	FlagMore      uint8 = 1 << 2 // histreq: more messages follow the page
+	// FlagCounted: the reply to a presence join or leave carries, in its
+	// offset, how many other entries the channel holds after the change,
+	// counted in the same step (brokers from before it answer 0 without it).
+	FlagCounted uint8 = 1 << 3
 )
 
 // PresPageMark starts a PresList request's data when the worker reads the

@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -204,6 +205,20 @@ func (h *hookSink) count(typ, key string) int {
 		}
 	}
 	return n
+}
+
+// last is the type of the latest event about key (channel or user), "" if
+// none.
+func (h *hookSink) last(key string) string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for i := len(h.events) - 1; i >= 0; i-- {
+		if e := h.events[i]; e["channel"] == key || e["user"] == key {
+			typ, _ := e["type"].(string)
+			return typ
+		}
+	}
+	return ""
 }
 
 // closeWatch records the error a client's connection ended with.
@@ -461,6 +476,31 @@ func TestServerAPI(t *testing.T) {
 		if n := sink.count("channel.occupied", ch); n != 1 {
 			t.Fatalf("channel.occupied %s sent %d times; want once for the cluster", ch, n)
 		}
+	})
+
+	t.Run("webhooks for users moving between workers", func(t *testing.T) {
+		// Each user leaves one worker and is back on the other within the
+		// sender's debounce: the first worker's online+offline pair cancels
+		// out, so the second worker must report the user online. (Counting
+		// the other workers in a request separate from the join lost that
+		// event when the counts interleaved; worker/clusterevents.go.)
+		const moves = "chat/moves"
+		var users []string
+		for i := range 4 {
+			u := "mover-" + strconv.Itoa(i)
+			first := joinOn(t, ctx, c.public, u, moves, "")
+			first.cl.Close()
+			joinOn(t, ctx, c.public, u, moves, first.worker)
+			users = append(users, u)
+		}
+		waitFor(t, 10*time.Second, "user.online for every user that moved", func() bool {
+			for _, u := range users {
+				if sink.last(u) != "user.online" {
+					return false
+				}
+			}
+			return true
+		})
 	})
 
 	t.Run("internal channels refused", func(t *testing.T) {
