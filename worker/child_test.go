@@ -65,14 +65,7 @@ func startTunedChild(t *testing.T, name string, topo control.Topology, mod func(
 		}
 	})
 
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	snd, err := handoff.Dial(res.Addrs[control.AddrHandoff])
-	if err != nil {
-		t.Fatal(err)
-	}
+	ln, snd := listenAndDialHandoff(t, res.Addrs[control.AddrHandoff])
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
@@ -290,4 +283,20 @@ func readBoundedFrame(r io.Reader, max int64) (ws.Frame, error) {
 		ws.Cipher(p, h.Mask, 0)
 	}
 	return ws.Frame{Header: h, Payload: p}, nil
+}
+
+// listenAndDialHandoff opens a loopback TCP listener whose accepted
+// sockets a test hands over, and a handoff sender to the worker's handoff
+// address.
+func listenAndDialHandoff(t *testing.T, addr string) (net.Listener, *handoff.Sender) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	snd, err := handoff.Dial(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ln, snd
 }

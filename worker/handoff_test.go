@@ -18,14 +18,7 @@ import (
 // session (hence bans and per-IP limits) sees the former.
 func TestHandoffPeerFromMessage(t *testing.T) {
 	c, res, _ := startChild(t, nil)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	snd, err := handoff.Dial(res.Addrs[control.AddrHandoff])
-	if err != nil {
-		t.Fatal(err)
-	}
+	ln, snd := listenAndDialHandoff(t, res.Addrs[control.AddrHandoff])
 	claimed := netip.MustParseAddrPort("203.0.113.9:40001")
 	var wg sync.WaitGroup
 	wg.Add(1)
