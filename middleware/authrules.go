@@ -169,7 +169,9 @@ func (r *jwtRule) check(_ *Chain, in *Input) (Decision, bool) {
 	if !authenticated {
 		// auth.jwt refused it: say why, as auth.jwt would.
 		name, msg := "AuthTokenInvalidError", "The auth token was not accepted"
-		if r.global != nil && in.BadToken != "" {
+		if ae := in.TokenRefusal; ae != nil && in.BadToken != "" {
+			name, msg = ae.Name, ae.Message
+		} else if r.global != nil && in.BadToken != "" {
 			var ae *auth.Error
 			_, err := r.global.Verify(in.BadToken)
 			if errors.As(err, &ae) {

@@ -15,6 +15,7 @@ import (
 
 	"github.com/golang-jwt/jwt/v5"
 
+	"github.com/shoalhq/shoal/auth"
 	"github.com/shoalhq/shoal/configs"
 )
 
@@ -88,6 +89,11 @@ func TestJWTRule(t *testing.T) {
 		{"handshake: a token auth.jwt refused is denied with auth.jwt's reason",
 			"middleware:\n  handshake:\n    - jwt: {require: false}\n",
 			Input{Action: HandshakeSC, Socket: sock(nil), BadToken: partner}, Deny, "AuthTokenInvalidError", "invalid signature", 4008},
+		{"handshake: the worker's reason for refusing a token is used, not verified again",
+			"middleware:\n  handshake:\n    - jwt: {require: false}\n",
+			// good verifies with auth.jwt's key: a second verification
+			// would not find the refusal the worker reported.
+			Input{Action: HandshakeSC, Socket: sock(nil), BadToken: good, TokenRefusal: &auth.Error{Name: "AuthTokenExpiredError", Message: "jwt expired", IsBadToken: true}}, Deny, "AuthTokenExpiredError", "jwt expired", 4008},
 		{"handshake: a token the authenticate rules refused passes with require: false",
 			"middleware:\n  handshake:\n    - jwt: {require: false}\n",
 			Input{Action: HandshakeSC, Socket: sock(nil), BadToken: good}, Allow, "", "", 0},

@@ -17,6 +17,7 @@ import (
 	"net/http"
 	"net/netip"
 
+	"github.com/shoalhq/shoal/auth"
 	"github.com/shoalhq/shoal/proto/sc"
 )
 
@@ -123,6 +124,10 @@ type Input struct {
 	// refused: jwt rules tell "no token" from "a bad one" with it. Hooks
 	// do not get it.
 	BadToken string
+	// TokenRefusal is why auth.jwt refused BadToken, when the caller
+	// already verified it (the worker): jwt rules name the reason without
+	// verifying the token a second time. Nil: they verify it themselves.
+	TokenRefusal *auth.Error
 }
 
 // ip returns the client address of the input.

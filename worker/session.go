@@ -395,7 +395,7 @@ func (s *Session) handshake(p *sc.Packet) bool {
 	if authErr != nil {
 		scErr = authErr.SC()
 	}
-	return s.handshakeSC(p, tok, scErr, authErr != nil && authErr.IsBadToken)
+	return s.handshakeSC(p, tok, scErr, authErr)
 }
 
 // handshakeAuthDecided continues a handshake after the authenticate rules.
@@ -405,13 +405,16 @@ func (s *Session) handshakeAuthDecided(p *sc.Packet, tok *auth.Token, d middlewa
 		// stays, unauthenticated, and the client keeps its token (no
 		// #removeAuthToken), as socketcluster-server does.
 		s.e.stats.authFailures.Add(1)
-		return s.handshakeSC(p, nil, blockError(d, "authenticate"), false)
+		return s.handshakeSC(p, nil, blockError(d, "authenticate"), nil)
 	}
-	return s.handshakeSC(p, tok, nil, false)
+	return s.handshakeSC(p, tok, nil, nil)
 }
 
 // handshakeSC runs the handshakeSC rules with the identity the token gives.
-func (s *Session) handshakeSC(p *sc.Packet, tok *auth.Token, authErr *sc.Error, badToken bool) bool {
+// refused is why auth.jwt refused the client's token (nil when it did not,
+// or when the authenticate rules refused a verified one).
+func (s *Session) handshakeSC(p *sc.Packet, tok *auth.Token, authErr *sc.Error, refused *auth.Error) bool {
+	badToken := refused != nil && refused.IsBadToken
 	chain := s.e.chain.Load()
 	if !chain.HasRules(middleware.HandshakeSC) {
 		s.finishHandshake(p, tok, authErr, badToken, middleware.Decision{})
@@ -423,6 +426,7 @@ func (s *Session) handshakeSC(p *sc.Packet, tok *auth.Token, authErr *sc.Error, 
 		in.Token = tok.Raw
 	} else {
 		in.BadToken = sentToken(p) // for jwt rules (mw.go)
+		in.TokenRefusal = refused
 	}
 	s.pendMu.Lock()
 	if u := s.upgrade; u != nil {
