@@ -25,10 +25,13 @@ import (
 // failure (Chain.ConnLimitUnavailable). Without a ConnCounter (config check,
 // a worker without brokers) the cluster scope is the worker scope.
 //
-// Races: the check and the join are not atomic. Handshakes of one user (or
-// IP) whose check runs before the others' joins reached the owning broker
-// all pass, so K such concurrent handshakes can take the count to
-// limit-1+K; sequential ones never overshoot.
+// Concurrent handshakes: on one worker the check keeps a place for the
+// socket (Hold) until it opens, so the worker's own count is exact even for
+// a burst of simultaneous connects. Across workers (scope: cluster) the
+// broker count and the join are not atomic: handshakes on different
+// workers whose checks run before the others' joins reached the owning
+// broker all pass, so K such concurrent handshakes can take the count to
+// limit-1+K, at most limit per worker; sequential ones never overshoot.
 
 // ConnCounter is the cluster-wide registry of open sockets behind
 // conn_limit with scope: cluster. Join and Leave must not block (queue the
@@ -188,13 +191,15 @@ func (r *connLimitRule) local(c *Chain, in *Input) (Decision, bool) {
 	switch in.Action {
 	case HandshakeWS:
 		if r.perIP > 0 {
-			if ip := in.ip(); ip.IsValid() && cc.ipCount(ip.Unmap()) >= r.perIP {
+			if ip := in.ip(); ip.IsValid() && !cc.admitIP(ip.Unmap(), r.perIP, in.Hold) {
 				return r.err.decide(in), true
 			}
 		}
 	case HandshakeSC, Authenticate:
 		if r.perUser > 0 && in.Socket != nil && in.Socket.UserID != "" {
-			if cc.otherUserConns(in.Socket) >= r.perUser {
+			// An open socket re-authenticating is counted already: only a
+			// handshake keeps a place (the caller gives no Hold otherwise).
+			if !cc.admitUser(in.Socket, r.perUser, in.Hold) {
 				return r.err.decide(in), true
 			}
 		}

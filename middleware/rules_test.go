@@ -3,6 +3,7 @@ package middleware
 import (
 	"fmt"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -484,4 +485,91 @@ func TestHandshakeSCDenyDefaults(t *testing.T) {
 		t.Fatalf("error JSON %s", got)
 	}
 	c.Close(s)
+}
+
+// TestConnLimitHoldsCountHandshakesUnderWay: sockets whose handshake is
+// under way keep their place (Hold) from the check until Open, so a burst
+// of simultaneous connects from one address or user cannot pass the limit
+// because none of them had opened yet.
+func TestConnLimitHoldsCountHandshakesUnderWay(t *testing.T) {
+	c := load(t, `
+middleware:
+  handshake:
+    - conn_limit: {per_ip: 3, scope: worker}
+    - conn_limit: {per_ip: 5, per_user: 2, scope: worker}
+`, Options{})
+	upgrade := func(h *Hold) Verdict {
+		return decide(c, Input{Action: HandshakeWS, RemoteIP: ip("10.0.0.9"), Hold: h}).Verdict
+	}
+	// Ten concurrent upgrades, none opened yet: exactly three pass.
+	holds := make([]*Hold, 10)
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	passed := 0
+	for i := range holds {
+		holds[i] = &Hold{}
+		wg.Add(1)
+		go func(h *Hold) {
+			defer wg.Done()
+			if upgrade(h) == Allow {
+				mu.Lock()
+				passed++
+				mu.Unlock()
+			} else {
+				h.Release()
+			}
+		}(holds[i])
+	}
+	wg.Wait()
+	if passed != 3 {
+		t.Fatalf("%d of 10 concurrent upgrades passed per_ip: 3", passed)
+	}
+	// Both rules checked each socket; each keeps one place, not two.
+	if n := c.shared.conns.pendIP[ip("10.0.0.9")]; n != 3 {
+		t.Fatalf("%d places held, want 3", n)
+	}
+	var kept []*Hold
+	for _, h := range holds {
+		if h.Kept() {
+			kept = append(kept, h)
+		}
+	}
+	// One opens (counted, its place given back), one goes away before
+	// opening: one new upgrade fits.
+	s := anon("s0", "10.0.0.9")
+	c.Open(s)
+	kept[0].Release()
+	kept[1].Release()
+	kept[1].Release() // twice is harmless
+	if upgrade(&Hold{}) != Allow {
+		t.Fatal("refused with 2 of 3 places taken")
+	}
+	if upgrade(&Hold{}) != Deny {
+		t.Fatal("a fourth socket passed")
+	}
+	// A released Hold keeps nothing, even if a late check runs with it.
+	late := &Hold{}
+	late.Release()
+	c.Close(s)
+	if upgrade(late) != Allow || late.Kept() {
+		t.Fatal("a released Hold took a place")
+	}
+
+	// Per user at handshakeSC, the same way.
+	h1, h2 := &Hold{}, &Hold{}
+	for i, h := range []*Hold{h1, h2, {}} {
+		want := Allow
+		if i == 2 {
+			want = Deny
+		}
+		in := Input{Action: HandshakeSC, Socket: user(fmt.Sprint("u", i), "10.0.1.1", "carol", nil), Hold: h}
+		if d := decide(c, in); d.Verdict != want {
+			t.Fatalf("carol's socket %d: %+v", i, d)
+		}
+	}
+	h1.Release()
+	h2.Release()
+	if len(c.shared.conns.pendUser) != 0 {
+		t.Fatalf("places left: %v", c.shared.conns.pendUser)
+	}
 }

@@ -141,35 +141,126 @@ type shared struct {
 
 func newShared(prev *shared, now time.Time) *shared {
 	if prev == nil {
-		return &shared{base: now, conns: &connCounts{ip: map[netip.Addr]int{}, user: map[string]int{}}, stores: map[string]any{},
+		return &shared{base: now, conns: newConnCounts(), stores: map[string]any{},
 			plugins: &pluginSet{m: map[string]*pluginHost{}}, counter: &counterBox{}}
 	}
 	return &shared{base: prev.base, conns: prev.conns, stores: map[string]any{}, plugins: prev.plugins, counter: prev.counter}
 }
 
-// connCounts counts open sockets per IP and per user on this worker.
+// connCounts counts open sockets per IP and per user on this worker, and
+// the places Holds keep for sockets whose handshake is under way.
 type connCounts struct {
-	mu   sync.Mutex
-	ip   map[netip.Addr]int
-	user map[string]int
+	mu       sync.Mutex
+	ip       map[netip.Addr]int
+	user     map[string]int
+	pendIP   map[netip.Addr]int
+	pendUser map[string]int
 }
 
-func (cc *connCounts) ipCount(a netip.Addr) int {
-	cc.mu.Lock()
-	defer cc.mu.Unlock()
-	return cc.ip[a]
+func newConnCounts() *connCounts {
+	return &connCounts{ip: map[netip.Addr]int{}, user: map[string]int{},
+		pendIP: map[netip.Addr]int{}, pendUser: map[string]int{}}
 }
 
-// otherUserConns counts the open sockets of s.UserID other than s itself
-// (a socket re-authenticating as the same user does not count twice).
-func (cc *connCounts) otherUserConns(s *Socket) int {
+// Hold keeps a conn_limit place for one socket from the check that admitted
+// it until it opens. Without it, every handshake of one address (or user)
+// checked before the first of them opened would see the same count and
+// pass: a burst of simultaneous connects could take any number of sockets
+// past the limit. The caller puts an empty Hold in the Input (handshakeWS,
+// handshakeSC), the conn_limit rules fill it, and the caller calls Release
+// once the socket is open (Chain.Open counted it) or gone. The zero value is
+// ready; a Hold is for one socket.
+type Hold struct {
+	mu   sync.Mutex // guards cc and the fields below (taken before cc.mu)
+	cc   *connCounts
+	ip   netip.Addr // a pending place under ip
+	user string     // a pending place under user
+	done bool       // released: takes no place any more
+}
+
+// Release gives back the places the Hold keeps; later checks with it keep
+// none. Safe on nil, and more than once.
+func (h *Hold) Release() {
+	if h == nil {
+		return
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.done = true
+	if h.cc == nil {
+		return
+	}
+	h.cc.mu.Lock()
+	if h.ip.IsValid() {
+		dec(h.cc.pendIP, h.ip)
+		h.ip = netip.Addr{}
+	}
+	if h.user != "" {
+		dec(h.cc.pendUser, h.user)
+		h.user = ""
+	}
+	h.cc.mu.Unlock()
+}
+
+// Kept reports whether the Hold keeps a place (the caller may drop an
+// empty one).
+func (h *Hold) Kept() bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.ip.IsValid() || h.user != ""
+}
+
+// admitIP reports whether another socket from a fits under limit, counting
+// the open sockets and the places held for handshakes under way. Admitted,
+// it keeps a place in h (when h is not nil and keeps none for a yet).
+func (cc *connCounts) admitIP(a netip.Addr, limit int, h *Hold) bool {
+	if h != nil {
+		h.mu.Lock()
+		defer h.mu.Unlock()
+	}
 	cc.mu.Lock()
 	defer cc.mu.Unlock()
-	n := cc.user[s.UserID]
-	if st := s.state; st != nil && st.opened && st.countedUser == s.UserID {
+	n := cc.ip[a] + cc.pendIP[a]
+	mine := h != nil && h.ip == a
+	if mine {
+		n-- // an earlier conn_limit rule of this chain kept this place
+	}
+	if n >= limit {
+		return false
+	}
+	if h != nil && !mine && !h.done && !h.ip.IsValid() && (h.cc == nil || h.cc == cc) {
+		h.cc, h.ip = cc, a
+		cc.pendIP[a]++
+	}
+	return true
+}
+
+// admitUser is admitIP for s.UserID. A socket re-authenticating as its own
+// user does not count itself.
+func (cc *connCounts) admitUser(s *Socket, limit int, h *Hold) bool {
+	if h != nil {
+		h.mu.Lock()
+		defer h.mu.Unlock()
+	}
+	cc.mu.Lock()
+	defer cc.mu.Unlock()
+	u := s.UserID
+	n := cc.user[u] + cc.pendUser[u]
+	if st := s.state; st != nil && st.opened && st.countedUser == u {
 		n--
 	}
-	return n
+	mine := h != nil && h.user == u
+	if mine {
+		n--
+	}
+	if n >= limit {
+		return false
+	}
+	if h != nil && !mine && !h.done && h.user == "" && (h.cc == nil || h.cc == cc) {
+		h.cc, h.user = cc, u
+		cc.pendUser[u]++
+	}
+	return true
 }
 
 func dec[K comparable](m map[K]int, k K) {

@@ -128,6 +128,12 @@ type Input struct {
 	// already verified it (the worker): jwt rules name the reason without
 	// verifying the token a second time. Nil: they verify it themselves.
 	TokenRefusal *auth.Error
+	// Hold (HandshakeWS, HandshakeSC), when set, receives the places the
+	// conn_limit rules keep for this socket until it opens: the caller
+	// releases it once Chain.Open counted the socket, or when the
+	// handshake was refused or the socket went away. Nil: the check counts
+	// open sockets only.
+	Hold *Hold
 }
 
 // ip returns the client address of the input.

@@ -288,6 +288,7 @@ func (e *Engine) Closed(s *Session, code ws.StatusCode, reason string) {
 	s.user = ""
 	// Under mu: the identity snapshot is replaced under mu too.
 	e.chain.Load().Close(s.ident.Load())
+	s.hold.Release() // a socket that closed before its handshake was accepted
 	s.mu.Unlock()
 	s.dropQueued()
 	for ch := range chans {

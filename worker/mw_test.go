@@ -556,6 +556,43 @@ middleware:
 	c.handshake(tok)
 }
 
+// TestMWConnLimitPerUserConcurrent: a user's handshakes that are all
+// checked before any of them is accepted (a slow connect hook after the
+// rule keeps them undecided) count each other: per_user: 2 lets exactly two
+// of five through.
+func TestMWConnLimitPerUserConcurrent(t *testing.T) {
+	be := backend(t, func(r hookRequest) string {
+		time.Sleep(300 * time.Millisecond)
+		return `{}`
+	})
+	env := newMWEnv(t, `
+middleware:
+  handshake:
+    - conn_limit: {per_user: 2}
+    - hook: {url: "%URL%", timeout: 2s, actions: [connect]}
+`, be.URL, nil)
+	tok := env.token(jwt.MapClaims{"sub": "dave", "exp": time.Now().Add(time.Hour).Unix()})
+	clients := make([]*wsClient, 5)
+	for i := range clients {
+		clients[i] = dialWS(t, env.addr)
+		clients[i].send(`{"event":"#handshake","data":{"authToken":"` + tok + `"},"cid":1}`)
+	}
+	accepted := 0
+	for i, c := range clients {
+		r := c.recv()
+		switch {
+		case strings.HasPrefix(r, `{"rid":1,"data":{"id":"`):
+			accepted++
+		case r == `{"rid":1,"error":{"message":"Too many connections","name":"ConnectionLimitError","statusCode":4008}}`:
+		default:
+			t.Fatalf("client %d: %s", i, r)
+		}
+	}
+	if accepted != 2 {
+		t.Fatalf("%d of 5 concurrent handshakes of one user accepted with per_user: 2", accepted)
+	}
+}
+
 // TestMWConnectHookIdentity: a connect hook that returns a token makes the
 // socket authenticated with it and pushes it with #setAuthToken.
 func TestMWConnectHookIdentity(t *testing.T) {
@@ -673,11 +710,20 @@ middleware:
 // status line and body of the answer.
 func upgradeStatus(t *testing.T, addr, origin string) (int, string) {
 	t.Helper()
+	st, body, conn := upgradeOpen(t, addr, origin)
+	conn.Close()
+	return st, body
+}
+
+// upgradeOpen sends a WebSocket upgrade request and reads the answer; the
+// connection stays open (a 101 leaves a WebSocket that sent nothing yet).
+func upgradeOpen(t *testing.T, addr, origin string) (int, string, net.Conn) {
+	t.Helper()
 	conn, err := net.DialTimeout("tcp", addr, 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer conn.Close()
+	t.Cleanup(func() { conn.Close() })
 	_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
 	req := "GET /socketcluster/ HTTP/1.1\r\nHost: " + addr + "\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
 		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
@@ -691,9 +737,12 @@ func upgradeStatus(t *testing.T, addr, origin string) (int, string) {
 	if err != nil {
 		t.Fatalf("reading the upgrade answer: %v", err)
 	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-	return resp.StatusCode, string(body)
+	var body []byte
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		body, _ = io.ReadAll(io.LimitReader(resp.Body, 4096))
+	}
+	_ = conn.SetDeadline(time.Time{})
+	return resp.StatusCode, string(body), conn
 }
 
 // TestMWHandshakeWSOverHTTP: handshakeWS rules refuse real upgrades with
@@ -786,6 +835,46 @@ middleware:
 	dialWS(t, limit.addr).handshake("")
 	if st, body := upgradeStatus(t, limit.addr, ""); st != 429 || !strings.Contains(body, "Too many connections") {
 		t.Fatalf("second connection: %d %q", st, body)
+	}
+}
+
+// TestMWConnLimitCountsHandshakesUnderWay: conn_limit per_ip counts the
+// sockets of an address from the upgrade on, not from their #handshake:
+// WebSockets that upgraded and sent nothing yet fill the limit, so a burst
+// of connects cannot pass it because none had finished its handshake. A
+// place comes back when such a socket goes away.
+func TestMWConnLimitCountsHandshakesUnderWay(t *testing.T) {
+	env := newMWEnv(t, `
+middleware:
+  handshake:
+    - conn_limit: {per_ip: 3}
+`, "", nil)
+	var open []net.Conn
+	for i := range 3 {
+		st, body, conn := upgradeOpen(t, env.addr, "")
+		if st != http.StatusSwitchingProtocols {
+			t.Fatalf("upgrade %d: %d %q", i, st, body)
+		}
+		open = append(open, conn)
+	}
+	if st, body := upgradeStatus(t, env.addr, ""); st != 429 || !strings.Contains(body, "Too many connections") {
+		t.Fatalf("fourth upgrade while three handshakes are under way: %d %q", st, body)
+	}
+	open[0].Close()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		st, body, _ := upgradeOpen(t, env.addr, "")
+		if st == http.StatusSwitchingProtocols {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the closed socket's place never came back: %d %q", st, body)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	// The new socket took the place that came back: the limit still holds.
+	if st, _ := upgradeStatus(t, env.addr, ""); st != 429 {
+		t.Fatalf("an upgrade passed with 3 sockets open: %d", st)
 	}
 }
 

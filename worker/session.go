@@ -65,6 +65,9 @@ type Session struct {
 	pendMu  sync.Mutex     // held while a pending action's context is saved
 	pend    *pendingAction // the pending action's context; nil when none
 	upgrade *UpgradeInfo   // the upgrade request, until the handshake is decided
+	// hold keeps the socket's conn_limit places from the handshake checks
+	// until chain.Open counted it (under mu; released in Closed at the latest).
+	hold *middleware.Hold
 
 	// Publishes acknowledged locally whose broker acknowledgement has not
 	// come back yet (publish_ack: local; see localAck).
@@ -428,6 +431,12 @@ func (s *Session) handshakeSC(p *sc.Packet, tok *auth.Token, authErr *sc.Error, 
 		in.BadToken = sentToken(p) // for jwt rules (mw.go)
 		in.TokenRefusal = refused
 	}
+	s.mu.Lock()
+	if s.hold == nil {
+		s.hold = &middleware.Hold{}
+	}
+	in.Hold = s.hold
+	s.mu.Unlock()
 	s.pendMu.Lock()
 	if u := s.upgrade; u != nil {
 		in.Origin, in.Query, in.Header = u.Origin, u.Query, u.Header
@@ -493,6 +502,8 @@ func (s *Session) finishHandshake(p *sc.Packet, tok *auth.Token, authErr *sc.Err
 		e.chain.Load().Open(s.ident.Load())
 		s.mwOpened = true
 	}
+	s.hold.Release() // counted now (or closing): the places are not needed
+	s.hold = nil
 	s.mu.Unlock()
 	e.stats.handshakes.Add(1)
 	h := sc.Handshake{ID: s.id, PingTimeoutMs: e.proto.PingTimeout.D().Milliseconds(), IsAuthenticated: tok != nil}

@@ -38,7 +38,11 @@ func (e *Engine) CheckUpgrade(remote net.Addr, origin string, header http.Header
 	if !chain.HasRules(middleware.HandshakeWS) {
 		return info, 0, ""
 	}
-	in := middleware.Input{Action: middleware.HandshakeWS, RemoteIP: addrIP(remote), Origin: origin, Header: header, Query: query}
+	// conn_limit per_ip keeps a place for the socket in hold until its
+	// handshake is decided (Session.hold), so concurrent upgrades from one
+	// address count each other.
+	hold := &middleware.Hold{}
+	in := middleware.Input{Action: middleware.HandshakeWS, RemoteIP: addrIP(remote), Origin: origin, Header: header, Query: query, Hold: hold}
 	ctx := context.Background()
 	if limit > 0 {
 		var cancel context.CancelFunc
@@ -47,8 +51,15 @@ func (e *Engine) CheckUpgrade(remote net.Addr, origin string, header http.Header
 	}
 	d := chain.Decide(ctx, &in)
 	if d.Verdict == middleware.Allow {
+		if hold.Kept() {
+			if info == nil {
+				info = &UpgradeInfo{}
+			}
+			info.hold = hold
+		}
 		return info, 0, ""
 	}
+	hold.Release()
 	e.stats.mwDenied.Add(1)
 	status = d.HTTPStatus
 	if status == 0 {
@@ -60,17 +71,29 @@ func (e *Engine) CheckUpgrade(remote net.Addr, origin string, header http.Header
 	return nil, status, reason
 }
 
-// UpgradeInfo is the part of the upgrade request the handshakeSC rules see.
+// UpgradeInfo is the part of the upgrade request the handshakeSC rules see,
+// and the conn_limit places the handshakeWS rules keep for the socket.
 type UpgradeInfo struct {
 	Origin string
 	Query  string
 	Header http.Header
+	hold   *middleware.Hold
 }
 
+// Release gives back the conn_limit places of an upgrade that never became
+// a session (netpoll calls it when the connection ends before OnOpen).
+func (u *UpgradeInfo) Release() { u.hold.Release() }
+
 // SetUpgrade gives the session its upgrade request (call before the first
-// message); it is dropped once the handshake was decided.
+// message); it is dropped once the handshake was decided. The session takes
+// over its conn_limit places.
 func (s *Session) SetUpgrade(info *UpgradeInfo) {
 	s.pendMu.Lock()
 	s.upgrade = info
 	s.pendMu.Unlock()
+	if info.hold != nil {
+		s.mu.Lock()
+		s.hold = info.hold
+		s.mu.Unlock()
+	}
 }

@@ -113,7 +113,10 @@ type Config struct {
 	// becomes the connection's initial Data() (see UpgradeData). Any other
 	// status refuses the upgrade with that HTTP status and reason as body.
 	// It runs on a pool goroutine: a slow decision holds one of them, so
-	// bound it (the worker bounds backend hooks with their timeout).
+	// bound it (the worker bounds backend hooks with their timeout). When
+	// the connection ends before OnOpen (its handshake timed out during
+	// the decision), data's Release method is called if it has one, so
+	// what the decision reserved for the connection is given back.
 	Upgrade func(r *UpgradeRequest) (data any, status int, reason string)
 	// FlowControl pauses reads while most connections have deep send
 	// queues (stall.go). Off by default: in the issue #8 maximum-rate runs

@@ -73,8 +73,11 @@ func (c *Conn) upgrade(head, rest []byte) {
 	}
 	c.mu.Lock()
 	if c.phase != phaseHandshake {
-		// The handshake timed out meanwhile.
+		// The handshake timed out meanwhile: OnOpen will never see data.
 		c.mu.Unlock()
+		if r, ok := data.(releaser); ok {
+			r.Release()
+		}
 		return
 	}
 	if err != nil {
@@ -112,6 +115,10 @@ func (c *Conn) upgrade(head, rest []byte) {
 		c.input(rest)
 	}
 }
+
+// releaser is upgrade data that holds something for its connection
+// (Config.Upgrade).
+type releaser interface{ Release() }
 
 // decideUpgrade runs Config.Upgrade over the request head, which the
 // Upgrader has already validated. It is parsed here by parseHead, not with

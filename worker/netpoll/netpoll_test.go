@@ -1132,6 +1132,36 @@ func TestUpgradeHookAcceptsWithDataAndRefusesWithStatus(t *testing.T) {
 	}
 }
 
+// releaseCount is upgrade data that counts its Release calls.
+type releaseCount struct{ n atomic.Int32 }
+
+func (r *releaseCount) Release() { r.n.Add(1) }
+
+// An upgrade whose handshake times out while the hook decides never reaches
+// OnOpen: the data the hook returned is released (the worker's conn_limit
+// places would leak otherwise).
+func TestUpgradeDataReleasedWhenHandshakeTimesOut(t *testing.T) {
+	h := &recorder{}
+	data := &releaseCount{}
+	ts := startServer(t, Config{Handler: h, HandshakeReadTimeout: 100 * time.Millisecond,
+		Upgrade: func(r *UpgradeRequest) (any, int, string) {
+			time.Sleep(400 * time.Millisecond) // past the handshake timeout
+			return data, 0, ""
+		}})
+	conn, err := net.Dial("tcp", ts.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if _, err := io.WriteString(conn, upgradeRequest("/socketcluster/", "")); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "the abandoned upgrade's data released", func() bool { return data.n.Load() == 1 })
+	if h.openCount() != 0 {
+		t.Fatal("a timed-out upgrade reached OnOpen")
+	}
+}
+
 // QueueFrame's contract (the worker's fan-out): the first frame on an idle
 // connection makes the caller owe its flush, the frames queued until then
 // owe nothing and wait, and the one Flush writes them all in one writev.
