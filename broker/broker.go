@@ -106,11 +106,22 @@ func (c *Child) Start(ctx context.Context, p control.StartParams) (control.Start
 	if err != nil {
 		return control.StartResult{}, fmt.Errorf("broker %s: %w", p.Name, err)
 	}
+	secret, err := cfg.Cluster.Secret()
+	if err != nil {
+		ln.Close()
+		return control.StartResult{}, err
+	}
 	sc := ServerConfig{
 		Name:     p.Name,
 		MaxFrame: int(cfg.Protocol.MaxPayload) + link.Overhead,
 		Logger:   c.log.Named("link"),
 		Rules:    chanopts.Compile(cfg.Channels),
+	}
+	if secret != nil {
+		if sc.Secure, err = link.NewSecure(secret); err != nil {
+			ln.Close()
+			return control.StartResult{}, fmt.Errorf("broker %s: %w", p.Name, err)
+		}
 	}
 	if st, err := openStore(cfg, p.Name); err != nil {
 		ln.Close()
@@ -277,11 +288,21 @@ func (c *Child) startRing(cfg configs.Config, p control.StartParams, srv *Server
 		if err != nil {
 			return "", fmt.Errorf("broker %s: listening for links on TCP: %w", p.Name, err)
 		}
-		if err := srv.Serve(ln); err != nil {
+		if err := srv.ServeSecure(ln); err != nil {
 			ln.Close()
 			return "", err
 		}
 		meta.Link = link.ListenerAddr(ln)
+	}
+	secret, err := cfg.Cluster.Secret()
+	if err != nil {
+		return "", err
+	}
+	switch {
+	case plan.CrossHost && secret == nil:
+		c.log.Warn("gossip and the TCP links to this broker are not encrypted or authenticated: set the same cluster secret on every node ($"+cfg.Cluster.SecretEnv+", docs/multihost.md)", "gossip", plan.Bind)
+	case secret != nil:
+		c.log.Info("gossip and TCP links secured with the cluster secret", "gossip", plan.Bind, "link", meta.Link)
 	}
 	c.ringName = plan.Name
 	srv.SetRingName(plan.Name)
@@ -293,6 +314,7 @@ func (c *Child) startRing(cfg configs.Config, p control.StartParams, srv *Server
 		Meta:     meta,
 		Logger:   c.log.Named("ring"),
 		OnChange: c.ringChanged,
+		Secret:   secret,
 	})
 	if err != nil {
 		return "", fmt.Errorf("broker %s: %w", p.Name, err)

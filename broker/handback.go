@@ -63,7 +63,7 @@ func (s *Server) HandBackFrom(ctx context.Context, self string, members []link.M
 }
 
 func (s *Server) handBackFrom(ctx context.Context, self string, peer link.Member, names, others []string) (int, error) {
-	c := brokerclient.New(brokerclient.Options{Name: HandbackPrefix + self, MaxFrame: s.cfg.MaxFrame, Logger: s.log.Named("handback")})
+	c := brokerclient.New(brokerclient.Options{Name: HandbackPrefix + self, MaxFrame: s.cfg.MaxFrame, Logger: s.log.Named("handback"), Secure: s.cfg.Secure})
 	defer c.Close()
 	c.SetBrokers([]brokerclient.Endpoint{{Name: peer.Name, Addr: peer.Addr}})
 	for c.Stats().Connected == 0 {

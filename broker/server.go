@@ -34,7 +34,11 @@ const DefaultIdleTimeout = 9 * time.Second
 
 // ServerConfig configures the link server. Zero fields take the defaults.
 type ServerConfig struct {
-	Name         string        // this broker's name, sent in hello
+	Name string // this broker's name, sent in hello
+	// Secure secures the links accepted by ServeSecure (TLS and the
+	// cluster secret's proofs, proto/link/secure.go) and the hand-back's
+	// links to peers over TCP; nil: ServeSecure is Serve.
+	Secure       *link.Secure
 	Epoch        uint64        // base of channel epochs; default: start time in ns
 	MaxFrame     int           // largest inbound frame; default link.DefaultMaxFrame
 	MaxPending   int           // bytes queued per worker link before fan-out waits for it; default 8 MiB
@@ -121,6 +125,7 @@ type Server struct {
 	mu        sync.Mutex
 	closed    bool
 	listeners []net.Listener
+	securing  map[net.Conn]struct{} // accepted links in their TLS handshake (ServeSecure)
 	links     map[*blink]struct{}
 	members   []link.Member // latest ring view, sent to every link
 	ringName  string        // this broker's name in the ring view (SetRingName)
@@ -254,11 +259,53 @@ func (s *Server) Serve(ln net.Listener) error {
 	}
 	s.listeners = append(s.listeners, ln)
 	s.wg.Add(1)
-	go s.acceptLoop(ln)
+	go s.acceptLoop(ln, false)
 	return nil
 }
 
-func (s *Server) acceptLoop(ln net.Listener) {
+// ServeSecure is Serve for a listener whose links must be secured with the
+// cluster secret (ServerConfig.Secure): a link that does not complete the
+// TLS handshake and prove the secret within 10 s is closed.
+func (s *Server) ServeSecure(ln net.Listener) error {
+	if s.cfg.Secure == nil {
+		return s.Serve(ln)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return errors.New("broker: serve after close")
+	}
+	s.listeners = append(s.listeners, ln)
+	s.wg.Add(1)
+	go s.acceptLoop(ln, true)
+	return nil
+}
+
+// secureLink runs the TLS handshake and the proofs of an accepted link on
+// its own goroutine (a slow or silent peer must not stall the accept loop),
+// then starts it.
+func (s *Server) secureLink(conn net.Conn) {
+	defer s.wg.Done()
+	ctx, cancel := context.WithTimeout(context.Background(), secureTimeout)
+	defer cancel()
+	sc, err := s.cfg.Secure.Server(ctx, conn)
+	s.mu.Lock()
+	delete(s.securing, conn)
+	closed := s.closed
+	s.mu.Unlock()
+	if err != nil {
+		if !closed {
+			s.log.Warn("worker link refused: it did not prove the cluster secret", "remote", conn.RemoteAddr().String(), "error", err)
+		}
+		return
+	}
+	s.startLink(sc)
+}
+
+// secureTimeout bounds a secured link's TLS handshake and proofs.
+const secureTimeout = 10 * time.Second
+
+func (s *Server) acceptLoop(ln net.Listener, secure bool) {
 	defer s.wg.Done()
 	delay := 5 * time.Millisecond
 	for {
@@ -278,7 +325,23 @@ func (s *Server) acceptLoop(ln net.Listener) {
 			continue
 		}
 		delay = 5 * time.Millisecond
-		s.startLink(conn)
+		if !secure {
+			s.startLink(conn)
+			continue
+		}
+		s.mu.Lock()
+		if s.closed {
+			s.mu.Unlock()
+			conn.Close()
+			return
+		}
+		if s.securing == nil {
+			s.securing = map[net.Conn]struct{}{}
+		}
+		s.securing[conn] = struct{}{}
+		s.wg.Add(1)
+		s.mu.Unlock()
+		go s.secureLink(conn)
 	}
 }
 
@@ -802,6 +865,9 @@ func (s *Server) Close(ctx context.Context) {
 	close(s.stopSweep)
 	for _, ln := range s.listeners {
 		ln.Close()
+	}
+	for c := range s.securing {
+		c.Close() // ends its handshake at once
 	}
 	links := make([]*blink, 0, len(s.links))
 	for l := range s.links {

@@ -7,6 +7,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"net"
+	"strings"
 	"sync"
 	"time"
 
@@ -100,6 +101,13 @@ func (b *bconn) run() {
 	for b.ctx.Err() == nil {
 		dctx, cancel := context.WithTimeout(b.ctx, o.DialTimeout)
 		conn, err := link.Dial(dctx, b.ep.Addr)
+		if err == nil && o.Secure != nil && strings.HasPrefix(b.ep.Addr, "tcp:") {
+			if conn, err = o.Secure.Client(dctx, conn); err != nil {
+				// A configuration problem (the secrets differ) as often as
+				// a network one: say so at warn level.
+				b.c.log.Warn("securing the broker link failed", "broker", b.ep.Name, "addr", b.ep.Addr, "error", err)
+			}
+		}
 		cancel()
 		if err == nil {
 			if b.serve(conn) {

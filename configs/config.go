@@ -10,6 +10,8 @@ package configs
 
 import (
 	_ "embed"
+	"fmt"
+	"os"
 	"time"
 )
 
@@ -41,7 +43,32 @@ type Cluster struct {
 	Balancers *int     `yaml:"balancers" json:"balancers"` // 0 = SO_REUSEPORT on the workers; nil = 1
 	Join      []string `yaml:"join" json:"join"`           // other nodes' gossip addresses
 	Gossip    string   `yaml:"gossip" json:"gossip"`       // this node's memberlist bind address
-	Restart   Restart  `yaml:"restart" json:"restart"`
+	// SecretEnv names the environment variable holding the cluster secret
+	// (at least 16 bytes, the same on every node). Set, it encrypts and
+	// authenticates gossip and the workers' TCP links to brokers; unset
+	// or empty, both are plain (docs/multihost.md).
+	SecretEnv string  `yaml:"secret_env" json:"secret_env"`
+	Restart   Restart `yaml:"restart" json:"restart"`
+}
+
+// MinClusterSecret is the shortest cluster secret accepted, in bytes.
+const MinClusterSecret = 16
+
+// Secret reads the cluster secret from the variable SecretEnv names: nil
+// when that variable is unset or empty, an error naming it when the secret
+// is too short to be one.
+func (c Cluster) Secret() ([]byte, error) {
+	if c.SecretEnv == "" {
+		return nil, nil
+	}
+	v := os.Getenv(c.SecretEnv)
+	if v == "" {
+		return nil, nil
+	}
+	if len(v) < MinClusterSecret {
+		return nil, fmt.Errorf("cluster.secret_env: $%s holds %d bytes; a cluster secret needs at least %d", c.SecretEnv, len(v), MinClusterSecret)
+	}
+	return []byte(v), nil
 }
 
 // BalancerCount resolves the balancer count (nil means the default, 1).
@@ -220,6 +247,7 @@ func Default() Config {
 			Brokers:   2,
 			Balancers: &one,
 			Gossip:    "127.0.0.1:7946",
+			SecretEnv: "SHOAL_CLUSTER_SECRET",
 			Restart: Restart{
 				BackoffMin: Duration(200 * time.Millisecond),
 				BackoffMax: Duration(30 * time.Second),

@@ -167,3 +167,27 @@ func TestEnvOverrides(t *testing.T) {
 		t.Fatalf("few overrides: %v", EnvOverrides())
 	}
 }
+
+func TestClusterSecret(t *testing.T) {
+	c := Default().Cluster
+	if c.SecretEnv != "SHOAL_CLUSTER_SECRET" {
+		t.Fatalf("default secret_env %q", c.SecretEnv)
+	}
+	t.Setenv("SHOAL_CLUSTER_SECRET", "")
+	if s, err := c.Secret(); s != nil || err != nil {
+		t.Fatalf("unset: %q %v", s, err)
+	}
+	t.Setenv("SHOAL_CLUSTER_SECRET", "too short")
+	if _, err := c.Secret(); err == nil || !strings.Contains(err.Error(), "cluster.secret_env: $SHOAL_CLUSTER_SECRET holds 9 bytes") {
+		t.Fatalf("short secret: %v", err)
+	}
+	t.Setenv("MY_SECRET", "sixteen bytes ok")
+	c.SecretEnv = "MY_SECRET"
+	if s, err := c.Secret(); string(s) != "sixteen bytes ok" || err != nil {
+		t.Fatalf("secret from secret_env: %q %v", s, err)
+	}
+	c.SecretEnv = ""
+	if s, err := c.Secret(); s != nil || err != nil {
+		t.Fatalf("secret_env \"\": %q %v", s, err)
+	}
+}

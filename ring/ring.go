@@ -10,6 +10,7 @@
 package ring
 
 import (
+	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -95,6 +96,17 @@ type Config struct {
 	OnChange func([]Member)
 	// Tune, if set, adjusts the memberlist config after the Tuned profile.
 	Tune func(*memberlist.Config)
+	// Secret, if set (the cluster secret), encrypts and authenticates all
+	// gossip with memberlist's AES-GCM keyring: members without the same
+	// secret cannot join, read the ring or inject state.
+	Secret []byte
+}
+
+// gossipKey derives memberlist's AES-256 key from the cluster secret; the
+// label keeps it apart from the key the links derive from the same secret.
+func gossipKey(secret []byte) []byte {
+	k := sha256.Sum256(append([]byte("shoal gossip key\x00"), secret...))
+	return k[:]
 }
 
 // Tuned applies Shoal's failure-detection profile for a LAN or one host:
@@ -280,6 +292,10 @@ func Start(cfg Config) (*Ring, error) {
 		if mc.AdvertisePort, err = strconv.Atoi(ap); err != nil {
 			return nil, fmt.Errorf("ring: advertise port %q: %w", ap, err)
 		}
+	}
+	if len(cfg.Secret) > 0 {
+		mc.SecretKey = gossipKey(cfg.Secret)
+		mc.GossipVerifyIncoming, mc.GossipVerifyOutgoing = true, true
 	}
 	mc.Delegate = d
 	mc.Events = d

@@ -169,3 +169,39 @@ func TestRestartedMemberRejoinsUnderItsName(t *testing.T) {
 	})
 	t.Logf("restarted member back in broker-a's view after %v", took)
 }
+
+// TestSecretGatesTheRing: with a cluster secret, gossip is encrypted and
+// authenticated: members with the same secret form one ring; a member
+// with another secret, or none, is never let in, and the ring never
+// learns of it.
+func TestSecretGatesTheRing(t *testing.T) {
+	start := func(name, secret string, join []string) *Ring {
+		t.Helper()
+		var s []byte
+		if secret != "" {
+			s = []byte(secret)
+		}
+		r, err := Start(Config{Name: name, Bind: "127.0.0.1:0", Join: join, Meta: Meta{Role: "broker"}, Secret: s})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = r.Shutdown() })
+		return r
+	}
+	const secret = "correct horse battery staple"
+	a := start("a", secret, nil)
+	b := start("b", secret, []string{a.Addr()})
+	waitFor(t, 5*time.Second, "a and b to meet", func() bool { return a.NumMembers() == 2 && b.NumMembers() == 2 })
+	other := start("other", "another cluster's secret value", []string{a.Addr()})
+	plain := start("plain", "", []string{a.Addr()})
+	// Joining is retried every second while alone: give it a few tries.
+	time.Sleep(2500 * time.Millisecond)
+	for _, r := range []*Ring{a, b} {
+		if n := r.NumMembers(); n != 2 {
+			t.Fatalf("a member of the ring sees %d members: %v", n, r.Members())
+		}
+	}
+	if other.NumMembers() != 1 || plain.NumMembers() != 1 {
+		t.Fatalf("outsiders see %d and %d members", other.NumMembers(), plain.NumMembers())
+	}
+}

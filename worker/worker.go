@@ -39,6 +39,7 @@ import (
 	"github.com/shoalhq/shoal/internal/procstat"
 	"github.com/shoalhq/shoal/middleware"
 	"github.com/shoalhq/shoal/proto/control"
+	"github.com/shoalhq/shoal/proto/link"
 	"github.com/shoalhq/shoal/proxyproto"
 	"github.com/shoalhq/shoal/webhook"
 	"github.com/shoalhq/shoal/worker/netpoll"
@@ -179,10 +180,21 @@ func (c *Child) Start(ctx context.Context, p control.StartParams) (control.Start
 		return control.StartResult{}, fmt.Errorf("worker %s: webhooks: %w", p.Name, err)
 	}
 
+	var secure *link.Secure
+	if secret, err := cfg.Cluster.Secret(); err != nil {
+		_ = hooks.Close(ctx)
+		return control.StartResult{}, fmt.Errorf("worker %s: %w", p.Name, err)
+	} else if secret != nil {
+		if secure, err = link.NewSecure(secret); err != nil {
+			_ = hooks.Close(ctx)
+			return control.StartResult{}, fmt.Errorf("worker %s: %w", p.Name, err)
+		}
+	}
 	var eng *Engine
 	var bc *brokerclient.Client
 	bc = brokerclient.New(brokerclient.Options{
-		Name: p.Name,
+		Secure: secure, // TCP links to brokers (other nodes, or cluster.join)
+		Name:   p.Name,
 		// Deliveries start only after a Subscribe, which needs eng.
 		OnPublication: func(channel string, data []byte, offset, epoch uint64) {
 			eng.DeliverPub(channel, data, offset, epoch)

@@ -52,6 +52,11 @@ func cmdRun(args []string) int {
 			}
 			cfg.Listen.Admin = *admin
 		}
+		// Every broker and worker reads the cluster secret the same way:
+		// refuse a bad one here, once, instead of in each child.
+		if _, err := cfg.Cluster.Secret(); err != nil {
+			return cfg, err
+		}
 		return cfg, nil
 	}
 	cfg, err := load()

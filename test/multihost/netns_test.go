@@ -500,6 +500,34 @@ type layout struct {
 	cut       int           // 0 = A, 1 = B
 	cutFor    time.Duration // keep the cut at least this long
 	ringWait  time.Duration
+	// secret runs every node with the same cluster secret: gossip
+	// encrypted, links over TLS with the secret's proofs.
+	secret bool
+}
+
+// clusterSecret is the secret of the layouts with secret set.
+const clusterSecret = "multihost test cluster secret"
+
+// checkSecured asserts that every broker of every node secured its gossip
+// and TCP links with the cluster secret, and that no link failed to.
+func checkSecured(t *testing.T, nodes []*node) {
+	t.Helper()
+	for _, n := range nodes {
+		secured := map[string]bool{}
+		for _, l := range readLog(n.logf) {
+			switch {
+			case l.Msg == "gossip and TCP links secured with the cluster secret":
+				secured[l.Proc] = true
+			case strings.Contains(l.Msg, "cluster secret") || strings.Contains(l.Msg, "securing the broker link"):
+				t.Errorf("node %s: %s: %s", n.label, l.Proc, l.Msg)
+			}
+		}
+		for i := 1; i <= n.brokers; i++ {
+			if !secured["broker-"+strconv.Itoa(i)] {
+				t.Errorf("node %s: broker-%d did not secure its gossip and links", n.label, i)
+			}
+		}
+	}
 }
 
 const (
@@ -534,9 +562,10 @@ func TestThreeHostsSeedStartsLast(t *testing.T) {
 // veth down, processes alive; longer than memberlist's 5 s
 // GossipToTheDeadTime, so only a new join can heal it): A and C drop B and
 // keep working; once the link is back, B rejoins and A→B,C delivery
-// resumes on the same client connections.
+// resumes on the same client connections. Every node has the cluster
+// secret: the rejoin goes through encrypted gossip, the links over TLS.
 func TestThreeHostsPartitionHeals(t *testing.T) {
-	threeHosts(t, layout{brokers: [3]int{1, 1, 1}, partition: true, cut: 1, cutFor: 7 * time.Second})
+	threeHosts(t, layout{brokers: [3]int{1, 1, 1}, partition: true, cut: 1, cutFor: 7 * time.Second, secret: true})
 }
 
 // TestThreeHostsPartitionHealsTwoBrokersOnB is the same with two brokers
@@ -554,9 +583,11 @@ func TestThreeHostsPartitionHealsSeedCut(t *testing.T) {
 
 // TestThreeHostsNodeReturns goes on after B's death: B is started again
 // (same namespace, address and config), rejoins the ring, takes its
-// channels back, and a publish on A reaches both B and C again.
+// channels back, and a publish on A reaches both B and C again. With the
+// cluster secret on every node, so the returning broker's hand-back copies
+// history from its peers over secured links.
 func TestThreeHostsNodeReturns(t *testing.T) {
-	threeHosts(t, layout{brokers: [3]int{1, 1, 1}, returns: true})
+	threeHosts(t, layout{brokers: [3]int{1, 1, 1}, returns: true, secret: true})
 }
 
 // waitReady waits until every process of the node is ready, asked through
@@ -577,6 +608,9 @@ func threeHosts(t *testing.T, lay layout) {
 		t.Skip("builds network namespaces and runs three nodes")
 	}
 	brokers, returns := lay.brokers, lay.returns
+	if lay.secret {
+		t.Setenv("SHOAL_CLUSTER_SECRET", clusterSecret) // inherited by every node
+	}
 	if lay.ringWait == 0 {
 		lay.ringWait = 30 * time.Second
 	}
@@ -627,6 +661,9 @@ func threeHosts(t *testing.T, lay layout) {
 	}
 	// The ring: every broker has reported all of them (its log line).
 	ringFormed := waitRing(t, nodes, total, start, lay.ringWait, "")
+	if lay.secret {
+		checkSecured(t, nodes)
+	}
 
 	ctx, cancel := context.WithTimeout(context.Background(), 80*time.Second)
 	defer cancel()
