@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -293,13 +294,17 @@ func (s *Server) secureLink(conn net.Conn) {
 	delete(s.securing, conn)
 	closed := s.closed
 	s.mu.Unlock()
-	if err != nil {
-		if !closed {
-			s.log.Warn("worker link refused: it did not prove the cluster secret", "remote", conn.RemoteAddr().String(), "error", err)
-		}
-		return
+	switch {
+	case err == nil:
+		s.startLink(sc)
+	case closed:
+	case errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET):
+		// The worker hung up during the handshake: it gave up (its ring
+		// view replaced this link, or it is stopping), it did not fail.
+		s.log.Debug("worker link closed while being secured", "remote", conn.RemoteAddr().String(), "error", err)
+	default:
+		s.log.Warn("worker link refused: it did not prove the cluster secret", "remote", conn.RemoteAddr().String(), "error", err)
 	}
-	s.startLink(sc)
 }
 
 // secureTimeout bounds a secured link's TLS handshake and proofs.

@@ -102,9 +102,10 @@ func (b *bconn) run() {
 		dctx, cancel := context.WithTimeout(b.ctx, o.DialTimeout)
 		conn, err := link.Dial(dctx, b.ep.Addr)
 		if err == nil && o.Secure != nil && strings.HasPrefix(b.ep.Addr, "tcp:") {
-			if conn, err = o.Secure.Client(dctx, conn); err != nil {
+			if conn, err = o.Secure.Client(dctx, conn); err != nil && !errors.Is(err, context.Canceled) {
 				// A configuration problem (the secrets differ) as often as
-				// a network one: say so at warn level.
+				// a network one: say so at warn level. A cancelled attempt
+				// (the ring replaced this link, or shutdown) is neither.
 				b.c.log.Warn("securing the broker link failed", "broker", b.ep.Name, "addr", b.ep.Addr, "error", err)
 			}
 		}
