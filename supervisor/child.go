@@ -61,6 +61,11 @@ func (s *Supervisor) launch(ctx context.Context, p *proc) (*instance, error) {
 	cmd.Env = append(os.Environ(),
 		"SHOAL_LOG_LEVEL="+s.cfg().Log.Level,
 		"SHOAL_PROC="+p.name,
+		// go-plugin's control socket (and those of middleware plugins the
+		// workers start, which inherit this) go in the run directory, not
+		// in /tmp: a child that is killed cannot remove its socket, and the
+		// run directory is removed with the supervisor (or swept).
+		plugin.EnvUnixSocketDir+"="+s.runDir,
 	)
 	ring := newStderrRing()
 	pidOf := func() int {

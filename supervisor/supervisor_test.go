@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -129,6 +130,23 @@ func startNode(t *testing.T, cfg configs.Config, do map[string]string, opts ...f
 	return n
 }
 
+// pluginSockets lists the go-plugin sockets in the run directory of the
+// supervisor running in this process.
+func pluginSockets(t *testing.T) []string {
+	t.Helper()
+	pidFiles, _ := filepath.Glob(filepath.Join(os.TempDir(), runDirPrefix+"*", runPIDFile))
+	for _, f := range pidFiles {
+		b, err := os.ReadFile(f)
+		if err != nil || strings.TrimSpace(string(b)) != strconv.Itoa(os.Getpid()) {
+			continue
+		}
+		socks, _ := filepath.Glob(filepath.Join(filepath.Dir(f), "plugin*"))
+		return socks
+	}
+	t.Fatal("no run directory of this supervisor")
+	return nil
+}
+
 var adminLine = regexp.MustCompile(`(?m)^  admin   (http://\S+)$`)
 
 // waitReady waits for the startup report and returns the admin URL.
@@ -208,6 +226,11 @@ func TestRunRestartTopologyLogShutdown(t *testing.T) {
 	ci := n.cluster()
 	if len(ci.Processes) != 4 {
 		t.Fatalf("want broker-1, worker-1, worker-2, balancer-1; got %+v", ci.Processes)
+	}
+	// Each child's go-plugin control socket is in the run directory, which
+	// goes away with the supervisor, and not loose in /tmp.
+	if socks := pluginSockets(t); len(socks) != 4 {
+		t.Errorf("go-plugin sockets in the run directory: %v, want one per child", socks)
 	}
 	pids := map[string]int{}
 	for i, want := range []string{"broker-1", "worker-1", "worker-2", "balancer-1"} {
