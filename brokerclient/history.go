@@ -520,16 +520,31 @@ func (c *Client) PresenceJoin(channel string, e PresenceEntry) error {
 // broker from before the counted answer is asked with PresenceCount after
 // the join instead (not in the same step).
 func (c *Client) PresenceJoinCount(ctx context.Context, channel string, e PresenceEntry) (others int, err error) {
-	out := make(chan presAnswer, 1)
-	if err := c.presenceSet(channel, e, link.PresJoin, out); err != nil {
+	wait, err := c.PresenceJoinCounted(channel, e)
+	if err != nil {
 		return 0, err
 	}
-	a, err := waitPres(ctx, out)
-	if err != nil || a.counted {
-		return a.n, err
+	return wait(ctx)
+}
+
+// PresenceJoinCounted is PresenceJoinCount in two steps: the join is
+// queued on the link when it returns, so a PresenceLeave of the same entry
+// made after it is sent after it, and wait returns the count. Callers that
+// must not hold a lock across the round trip use it (conn_limit's
+// reservations, worker/connlimit.go).
+func (c *Client) PresenceJoinCounted(channel string, e PresenceEntry) (wait func(context.Context) (others int, err error), err error) {
+	out := make(chan presAnswer, 1)
+	if err := c.presenceSet(channel, e, link.PresJoin, out); err != nil {
+		return nil, err
 	}
-	n, err := c.PresenceCount(ctx, channel)
-	return max(n-1, 0), err
+	return func(ctx context.Context) (int, error) {
+		a, err := waitPres(ctx, out)
+		if err != nil || a.counted {
+			return a.n, err
+		}
+		n, err := c.PresenceCount(ctx, channel)
+		return max(n-1, 0), err
+	}, nil
 }
 
 // PresenceUpdate replaces a connection's entry (e.g. new client info);

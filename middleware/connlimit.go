@@ -25,13 +25,15 @@ import (
 // failure (Chain.ConnLimitUnavailable). Without a ConnCounter (config check,
 // a worker without brokers) the cluster scope is the worker scope.
 //
-// Concurrent handshakes: on one worker the check keeps a place for the
-// socket (Hold) until it opens, so the worker's own count is exact even for
-// a burst of simultaneous connects. Across workers (scope: cluster) the
-// broker count and the join are not atomic: handshakes on different
-// workers whose checks run before the others' joins reached the owning
-// broker all pass, so K such concurrent handshakes can take the count to
-// limit-1+K, at most limit per worker; sequential ones never overshoot.
+// Concurrent handshakes: the check keeps a place for the socket (Hold)
+// until it opens, on this worker and, when the counter is a ConnReserver
+// (the worker's is), in the cluster registry under a reservation id: the
+// owning broker counts and joins in one step, so simultaneous connects on
+// any workers never pass the limit. Without a reserver (or for an open
+// socket re-authenticating) the broker count and the join are separate:
+// handshakes on different workers checked before the others' joins
+// arrived all pass, up to limit-1+K for K of them, at most limit per
+// worker.
 
 // ConnCounter is the cluster-wide registry of open sockets behind
 // conn_limit with scope: cluster. Join and Leave must not block (queue the
@@ -42,6 +44,16 @@ type ConnCounter interface {
 	Join(key, conn string)
 	Leave(key, conn string)
 	Count(ctx context.Context, key string) (int, error)
+}
+
+// ConnReserver is a ConnCounter that joins and counts in one step, as the
+// check of a handshake under way: Reserve queues the join of conn under key
+// before it returns (so a Leave made later is ordered after it), and wait
+// returns how many other entries key held when the join was applied. Since
+// the owner of key applies the joins of every worker one at a time, of K
+// concurrent handshakes at most limit pass, whatever workers they are on.
+type ConnReserver interface {
+	Reserve(key, conn string) (wait func(ctx context.Context) (others int, err error), err error)
 }
 
 // ConnKeyIP and ConnKeyUser are the ConnCounter keys of an address and a
@@ -228,7 +240,13 @@ func (r *connLimitRule) call(ctx context.Context, c *Chain, in *Input) (Decision
 			st.mu.Unlock()
 		}
 	}
-	n, err := counter.Count(ctx, key)
+	var n int
+	var err error
+	if cr, ok := counter.(ConnReserver); ok && in.Hold != nil && !self {
+		n, err = in.Hold.reserve(ctx, cr, counter, key)
+	} else {
+		n, err = counter.Count(ctx, key)
+	}
 	if err != nil {
 		r.box.unavailable.Add(1)
 		if ok, suppressed := c.logLim.take(c.nanos()); ok {

@@ -3,6 +3,7 @@ package middleware
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"sync"
 	"testing"
@@ -331,5 +332,97 @@ func TestConnLimitScopeConfig(t *testing.T) {
 	c := load(t, "middleware:\n  handshake:\n    - conn_limit: {per_user: 1, scope: worker}\n", Options{})
 	if c.WantsConnCounter() {
 		t.Fatal("scope worker wants a counter")
+	}
+}
+
+// reservingCounter is a fakeCounter that also joins and counts in one step
+// (ConnReserver), as the brokers' owner does.
+type reservingCounter struct{ *fakeCounter }
+
+func (r reservingCounter) Reserve(key, conn string) (func(context.Context) (int, error), error) {
+	r.mu.Lock()
+	others := len(r.m[key])
+	r.mu.Unlock()
+	r.Join(key, conn)
+	return func(context.Context) (int, error) { return others, nil }, nil
+}
+
+// TestConnLimitClusterReservations: two workers' chains share the cluster
+// registry. Handshakes under way keep a place in it (under their Hold's
+// reservation id), so over both workers exactly per_ip and per_user
+// sockets pass, though none has opened; releasing a Hold leaves its
+// places, and an opened socket holds one place, not two.
+func TestConnLimitClusterReservations(t *testing.T) {
+	const yml = `
+middleware:
+  handshake:
+    - conn_limit: {per_ip: 3, per_user: 2}
+`
+	reg := reservingCounter{newFakeCounter()}
+	w1, w2 := load(t, yml, Options{}), load(t, yml, Options{})
+	w1.SetConnCounter(reg)
+	w2.SetConnCounter(reg)
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	var kept []*Hold
+	for i := range 10 {
+		c := w1
+		if i%2 == 1 {
+			c = w2
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			h := &Hold{}
+			if decide(c, Input{Action: HandshakeWS, RemoteIP: ip("10.0.0.7"), Hold: h}).Verdict == Allow {
+				mu.Lock()
+				kept = append(kept, h)
+				mu.Unlock()
+			} else {
+				h.Release()
+			}
+		}()
+	}
+	wg.Wait()
+	if len(kept) != 3 {
+		t.Fatalf("%d of 10 handshakes over two workers passed per_ip: 3", len(kept))
+	}
+	if n := reg.keys()["ip/10.0.0.7"]; n != 3 {
+		t.Fatalf("registry holds %d places, want 3", n)
+	}
+	// One opens on w1 (joined under its id) and gives its reservation back.
+	s := anon("s1", "10.0.0.7")
+	w1.Open(s)
+	kept[0].Release()
+	if n := reg.keys()["ip/10.0.0.7"]; n != 3 {
+		t.Fatalf("after an open: %d places, want 3", n)
+	}
+	fourth := &Hold{}
+	if d := decide(w2, Input{Action: HandshakeWS, RemoteIP: ip("10.0.0.7"), Hold: fourth}); d.Verdict != Deny {
+		t.Fatalf("a fourth socket passed: %+v", d)
+	}
+	fourth.Release() // the caller releases a refused handshake's Hold
+	kept[1].Release()
+	kept[2].Release()
+	w1.Close(s)
+	if n := reg.keys()["ip/10.0.0.7"]; n != 0 {
+		t.Fatalf("after every release and close: %d places", n)
+	}
+
+	// per_user at handshakeSC, the same way.
+	var users []*Hold
+	for i := range 3 {
+		h := &Hold{}
+		d := decide([]*Chain{w1, w2}[i%2], Input{Action: HandshakeSC, Socket: user(fmt.Sprint("u", i), "10.0.1.1", "erin", nil), Hold: h})
+		if want := i < 2; (d.Verdict == Allow) != want {
+			t.Fatalf("erin's socket %d: %+v", i, d)
+		}
+		users = append(users, h)
+	}
+	for _, h := range users {
+		h.Release()
+	}
+	if len(reg.keys()) != 0 {
+		t.Fatalf("places left: %v", reg.keys())
 	}
 }

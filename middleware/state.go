@@ -1,6 +1,9 @@
 package middleware
 
 import (
+	"context"
+	"crypto/rand"
+	"encoding/base64"
 	"net/http"
 	"net/netip"
 	"sync"
@@ -176,6 +179,50 @@ type Hold struct {
 	ip   netip.Addr // a pending place under ip
 	user string     // a pending place under user
 	done bool       // released: takes no place any more
+
+	// Places in the cluster registry (scope: cluster with a ConnReserver),
+	// joined under id, a reservation id of this Hold's own.
+	id     string
+	places []clusterPlace
+}
+
+// clusterPlace is one key a Hold joined in a ConnCounter.
+type clusterPlace struct {
+	by  ConnCounter
+	key string
+}
+
+// reserve joins the Hold under key in the cluster registry and returns how
+// many other entries key held in that same step. The join is queued under
+// h.mu, so a Release, which leaves under h.mu too, is always sent after
+// it; the round trip is waited for without the lock. A second rule checking
+// the same key counts the place already kept as its own.
+func (h *Hold) reserve(ctx context.Context, cr ConnReserver, cc ConnCounter, key string) (int, error) {
+	h.mu.Lock()
+	if h.done {
+		h.mu.Unlock()
+		return cc.Count(ctx, key) // the socket is gone; keep nothing
+	}
+	for _, p := range h.places {
+		if p.key == key {
+			h.mu.Unlock()
+			n, err := cc.Count(ctx, key)
+			return max(n-1, 0), err
+		}
+	}
+	if h.id == "" {
+		var b [9]byte
+		_, _ = rand.Read(b[:])
+		h.id = "hold/" + base64.RawURLEncoding.EncodeToString(b[:])
+	}
+	wait, err := cr.Reserve(key, h.id)
+	if err != nil {
+		h.mu.Unlock()
+		return 0, err
+	}
+	h.places = append(h.places, clusterPlace{by: cc, key: key})
+	h.mu.Unlock()
+	return wait(ctx)
 }
 
 // Release gives back the places the Hold keeps; later checks with it keep
@@ -187,6 +234,10 @@ func (h *Hold) Release() {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	h.done = true
+	for _, p := range h.places {
+		p.by.Leave(p.key, h.id)
+	}
+	h.places = nil
 	if h.cc == nil {
 		return
 	}
@@ -207,7 +258,7 @@ func (h *Hold) Release() {
 func (h *Hold) Kept() bool {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	return h.ip.IsValid() || h.user != ""
+	return h.ip.IsValid() || h.user != "" || len(h.places) > 0
 }
 
 // admitIP reports whether another socket from a fits under limit, counting

@@ -20,7 +20,9 @@ import (
 // (PresenceCount, one round trip). The broker client re-announces the
 // entries after a broker restart or an owner change, and the brokers drop a
 // dead worker's entries with its link, so a crashed worker's sockets stop
-// counting on their own. The channels start with '#': clients cannot
+// counting on their own. A handshake under way is checked with a join and
+// count in one step (Reserve) under a reservation id of its middleware.Hold,
+// left once the socket is open (and joined under its session id) or gone. The channels start with '#': clients cannot
 // subscribe to them, and the broker client also keeps shadows of them on
 // the other brokers (one extra small message per broker per join/leave).
 
@@ -34,6 +36,7 @@ const maxConnChannel = 512
 // connPresence is what the cluster conn_limit needs of the broker client.
 type connPresence interface {
 	PresenceJoin(channel string, e brokerclient.PresenceEntry) error
+	PresenceJoinCounted(channel string, e brokerclient.PresenceEntry) (func(context.Context) (int, error), error)
 	PresenceLeave(channel, conn string)
 	PresenceCount(ctx context.Context, channel string) (int, error)
 }
@@ -67,6 +70,14 @@ func (c brokerConnCounter) Leave(key, conn string) { c.b.PresenceLeave(connChann
 func (c brokerConnCounter) Count(ctx context.Context, key string) (int, error) {
 	return c.b.PresenceCount(ctx, connChannel(key))
 }
+
+// Reserve is the handshake check's join-and-count (middleware.ConnReserver):
+// the owning broker counts the other entries in the same step as the join.
+func (c brokerConnCounter) Reserve(key, conn string) (func(context.Context) (int, error), error) {
+	return c.b.PresenceJoinCounted(connChannel(key), brokerclient.PresenceEntry{Conn: conn})
+}
+
+var _ middleware.ConnReserver = brokerConnCounter{}
 
 // installConnCounter gives the chain the broker-backed counter when the
 // engine takes a chain with a cluster-scoped conn_limit rule (New and

@@ -3,6 +3,8 @@ package worker
 import (
 	"context"
 	"errors"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -161,6 +163,57 @@ middleware:
 	a.c.Close()
 	waitFor(t, 5*time.Second, "the closed socket to leave", func() bool { return brokerCount(t, w1, "ip/127.0.0.1") == 1 })
 	dialWS(t, addr2).handshake("")
+}
+
+// TestConnLimitClusterCountsHandshakesUnderWay: with scope: cluster, an
+// upgrade that has not finished its handshake holds its place in the
+// brokers' count too (a reservation joined in the same step as the count),
+// so sockets of one address spread over two workers cannot pass per_ip
+// before any of them opened. Without reservations each worker would admit
+// per_ip of its own (6 here).
+func TestConnLimitClusterCountsHandshakesUnderWay(t *testing.T) {
+	w1, w2, addr1, addr2 := startConnLimitPair(t, `
+middleware:
+  handshake:
+    - conn_limit: {per_ip: 3}
+`)
+	var open []net.Conn
+	admitted := 0
+	for i := range 8 {
+		addr := addr1
+		if i%2 == 1 {
+			addr = addr2
+		}
+		st, body, conn := upgradeOpen(t, addr, "")
+		switch st {
+		case http.StatusSwitchingProtocols:
+			admitted++
+			open = append(open, conn)
+		case 429:
+		default:
+			t.Fatalf("upgrade %d: %d %q", i, st, body)
+		}
+	}
+	if admitted != 3 {
+		t.Fatalf("%d upgrades from one address admitted over two workers with per_ip: 3", admitted)
+	}
+	if n := brokerCount(t, w1, "ip/127.0.0.1"); n != 3 {
+		t.Fatalf("the brokers count %d places, want the 3 reservations", n)
+	}
+	// A socket that goes away gives its place back, on every worker.
+	open[0].Close()
+	waitFor(t, 5*time.Second, "the closed socket's reservation to leave", func() bool { return brokerCount(t, w2, "ip/127.0.0.1") == 2 })
+	c := dialWS(t, addr2)
+	c.handshake("")
+	waitFor(t, 5*time.Second, "the new socket to hold one place", func() bool { return brokerCount(t, w1, "ip/127.0.0.1") == 3 })
+	for _, addr := range []string{addr1, addr2} {
+		if st, _ := upgradeStatus(t, addr, ""); st != 429 {
+			t.Fatalf("an upgrade on %s passed with 3 places taken: %d", addr, st)
+		}
+	}
+	if n := w1.eng.Chain().ConnLimitUnavailable() + w2.eng.Chain().ConnLimitUnavailable(); n != 0 {
+		t.Fatalf("%d count queries failed", n)
+	}
 }
 
 // TestConnLimitWorkerScope: scope: worker keeps the per-worker count and
