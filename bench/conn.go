@@ -23,6 +23,8 @@ import (
 
 	"github.com/gobwas/ws"
 	"golang.org/x/sys/unix"
+
+	"github.com/shoalhq/shoal/internal/epoll"
 )
 
 var (
@@ -323,10 +325,7 @@ func (s *sess) subscribe(channel string) error {
 type poller struct {
 	a    *agent
 	epfd int
-	// ep is epfd as a pollable file: run waits for it in Go's runtime
-	// netpoller (see run), and closing it closes epfd.
-	ep   *os.File
-	epRC syscall.RawConn
+	ep   *epoll.Instance // epfd, waited for in Go's runtime netpoller (see run)
 	buf  []byte
 	st   pollStats
 
@@ -345,22 +344,11 @@ type pollStats struct {
 }
 
 func newPoller(a *agent) (*poller, error) {
-	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	ep, err := epoll.New(256)
 	if err != nil {
 		return nil, err
 	}
-	// Non-blocking before os.NewFile, so the runtime poller takes the fd.
-	if err := unix.SetNonblock(epfd, true); err != nil {
-		unix.Close(epfd)
-		return nil, err
-	}
-	ep := os.NewFile(uintptr(epfd), "bench-epoll")
-	rc, err := ep.SyscallConn()
-	if err != nil {
-		ep.Close()
-		return nil, err
-	}
-	return &poller{a: a, epfd: epfd, ep: ep, epRC: rc, buf: make([]byte, 256<<10), conns: make(map[int]*conn), tls: make(map[*conn]bool), pending: make(map[*conn]bool)}, nil
+	return &poller{a: a, epfd: ep.FD(), ep: ep, buf: make([]byte, 256<<10), conns: make(map[int]*conn), tls: make(map[*conn]bool), pending: make(map[*conn]bool)}, nil
 }
 
 // addTLS starts the reader of a wss:// connection. TLS state lives in user
@@ -403,29 +391,15 @@ func (p *poller) addTLS(c *conn, rest []byte) {
 // tool CPU that would show up as load-generator time per connection. The
 // 100 ms read deadline bounds how long stopping takes and paces the sweep.
 func (p *poller) run(stop <-chan struct{}) {
-	events := make([]unix.EpollEvent, 256)
 	lastSweep := time.Now()
-	var n int
-	var werr error
-	wait := func(fd uintptr) bool {
-		n, werr = unix.EpollWait(int(fd), events, 0)
-		if werr == unix.EINTR {
-			n, werr = 0, nil
-		}
-		return n > 0 || werr != nil
-	}
 	for {
 		select {
 		case <-stop:
 			return
 		default:
 		}
-		n, werr = 0, nil
-		_ = p.ep.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
-		err := p.epRC.Read(wait)
-		if err == nil {
-			err = werr
-		}
+		_ = p.ep.SetDeadline(time.Now().Add(100 * time.Millisecond))
+		events, err := p.ep.Wait()
 		if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
 			return
 		}
@@ -433,8 +407,7 @@ func (p *poller) run(stop <-chan struct{}) {
 			p.sweep(now)
 			lastSweep = now
 		}
-		for i := 0; i < n; i++ {
-			ev := events[i]
+		for _, ev := range events {
 			p.mu.Lock()
 			c := p.conns[int(ev.Fd)]
 			p.mu.Unlock()
@@ -725,5 +698,5 @@ func (p *poller) closeAll() {
 		c.closeFD() // unblocks its reader
 	}
 	p.tlsWG.Wait()
-	p.ep.Close() // closes epfd
+	p.ep.Close()
 }

@@ -252,25 +252,15 @@ func NewServer(cfg ServerConfig) *Server {
 func (s *Server) Epoch() uint64 { return s.cfg.Epoch }
 
 // Serve accepts links on ln in a goroutine the server owns, until Close.
-func (s *Server) Serve(ln net.Listener) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.closed {
-		return errors.New("broker: serve after close")
-	}
-	s.listeners = append(s.listeners, ln)
-	s.wg.Add(1)
-	go s.acceptLoop(ln, false)
-	return nil
-}
+func (s *Server) Serve(ln net.Listener) error { return s.serve(ln, false) }
 
 // ServeSecure is Serve for a listener whose links must be secured with the
-// cluster secret (ServerConfig.Secure): a link that does not complete the
-// TLS handshake and prove the secret within 10 s is closed.
-func (s *Server) ServeSecure(ln net.Listener) error {
-	if s.cfg.Secure == nil {
-		return s.Serve(ln)
-	}
+// cluster secret (ServerConfig.Secure; without one it is Serve): a link
+// that does not complete the TLS handshake and prove the secret within
+// 10 s is closed.
+func (s *Server) ServeSecure(ln net.Listener) error { return s.serve(ln, s.cfg.Secure != nil) }
+
+func (s *Server) serve(ln net.Listener, secure bool) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
@@ -278,7 +268,7 @@ func (s *Server) ServeSecure(ln net.Listener) error {
 	}
 	s.listeners = append(s.listeners, ln)
 	s.wg.Add(1)
-	go s.acceptLoop(ln, true)
+	go s.acceptLoop(ln, secure)
 	return nil
 }
 

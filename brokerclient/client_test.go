@@ -177,6 +177,21 @@ func (a *acks) count() (ok, failed int) {
 	return a.ok, len(a.errs)
 }
 
+// publishNumbered publishes the numbers 0..n-1 on channel and waits until
+// every one is acknowledged without error.
+func publishNumbered(t *testing.T, c *brokerclient.Client, channel string, n int) *acks {
+	t.Helper()
+	a := &acks{}
+	for i := range n {
+		c.Publish(channel, []byte(strconv.Itoa(i)), a.done(i))
+	}
+	waitFor(t, 5*time.Second, "all acks", func() bool { ok, f := a.count(); return ok+f == n })
+	if ok, _ := a.count(); ok != n {
+		t.Fatalf("acks: %d ok, errors %v", ok, a.errs)
+	}
+	return a
+}
+
 func checkInOrder(t *testing.T, who, channel string, got []msg, n int) {
 	t.Helper()
 	if len(got) != n {
@@ -206,14 +221,7 @@ func TestPublishReachesEachInterestedWorkerOnceInOrder(t *testing.T) {
 	waitInterest(t, b, "chat", 2)
 
 	const n = 500
-	var a acks
-	for i := range n {
-		pub.Publish("chat", []byte(strconv.Itoa(i)), a.done(i))
-	}
-	waitFor(t, 5*time.Second, "all acks", func() bool { ok, f := a.count(); return ok+f == n })
-	if ok, _ := a.count(); ok != n {
-		t.Fatalf("acks: %d ok, errors %v", ok, a.errs)
-	}
+	a := publishNumbered(t, pub, "chat", n)
 	waitFor(t, 5*time.Second, "deliveries", func() bool { return len(subRec.get("chat")) == n && len(pubRec.get("chat")) == n })
 	checkInOrder(t, "subscriber", "chat", subRec.get("chat"), n)
 	checkInOrder(t, "publisher", "chat", pubRec.get("chat"), n)

@@ -3,7 +3,6 @@ package brokerclient_test
 import (
 	"context"
 	"net"
-	"strconv"
 	"testing"
 	"time"
 
@@ -65,14 +64,7 @@ func TestSecureLinksNeedTheClusterSecret(t *testing.T) {
 	})
 	before := len(subRec.get("chat"))
 	const n = 200
-	var a acks
-	for i := range n {
-		pub.Publish("chat", []byte(strconv.Itoa(i)), a.done(i))
-	}
-	waitFor(t, 5*time.Second, "all acks", func() bool { ok, f := a.count(); return ok+f == n })
-	if ok, _ := a.count(); ok != n {
-		t.Fatalf("acks: %d ok, errors %v", ok, a.errs)
-	}
+	publishNumbered(t, pub, "chat", n)
 	waitFor(t, 5*time.Second, "deliveries", func() bool { return len(subRec.get("chat")) == before+n })
 	checkInOrder(t, "subscriber", "chat", subRec.get("chat")[before:], n)
 

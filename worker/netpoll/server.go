@@ -7,16 +7,16 @@ import (
 	"log"
 	"net"
 	"net/http"
-	"os"
 	"runtime"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/gobwas/ws"
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
+
+	"github.com/shoalhq/shoal/internal/epoll"
 )
 
 // httpIdleTimeout closes keep-alive HTTP connections idle this long.
@@ -31,8 +31,7 @@ type Server struct {
 	upgrader ws.Upgrader
 
 	epfd   int
-	epFile *os.File        // epfd, registered in Go's own netpoller (see poll)
-	epRaw  syscall.RawConn // of epFile
+	ep     *epoll.Instance // epfd, waited for in Go's own netpoller (see poll)
 	wakefd int             // eventfd that wakes the poller for Shutdown
 	// readers run read tasks (and Handler calls); flushers run flush tasks.
 	// Separate, so that Handler calls that block cannot stall writes to
@@ -123,35 +122,24 @@ func New(cfg Config) (*Server, error) {
 		idle:     make(chan struct{}, 1),
 		pollDone: make(chan struct{}),
 	}
-	s.epfd, err = unix.EpollCreate1(unix.EPOLL_CLOEXEC)
-	if err != nil {
-		return nil, fmt.Errorf("netpoll: create epoll: %w", err)
+	// The poller waits for our epoll fd through Go's runtime netpoller
+	// instead of in a blocking epoll_wait: a goroutine blocked in a system
+	// call keeps its P until sysmon retakes it, which with GOMAXPROCS=1
+	// (the worker's default) stalls the pool for up to 10 ms per wake-up.
+	if s.ep, err = epoll.New(256); err != nil {
+		return nil, fmt.Errorf("netpoll: %w", err)
 	}
+	s.epfd = s.ep.FD()
 	s.wakefd, err = unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
 	if err != nil {
-		_ = unix.Close(s.epfd)
+		_ = s.ep.Close()
 		return nil, fmt.Errorf("netpoll: create eventfd: %w", err)
 	}
 	ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(s.wakefd)}
 	if err := unix.EpollCtl(s.epfd, unix.EPOLL_CTL_ADD, s.wakefd, &ev); err != nil {
 		_ = unix.Close(s.wakefd)
-		_ = unix.Close(s.epfd)
+		_ = s.ep.Close()
 		return nil, fmt.Errorf("netpoll: register eventfd: %w", err)
-	}
-	// The poller waits for our epoll fd through Go's runtime netpoller
-	// instead of in a blocking epoll_wait: a goroutine blocked in a system
-	// call keeps its P until sysmon retakes it, which with GOMAXPROCS=1
-	// (the worker's default) stalls the pool for up to 10 ms per wake-up.
-	if err := unix.SetNonblock(s.epfd, true); err != nil {
-		_ = unix.Close(s.wakefd)
-		_ = unix.Close(s.epfd)
-		return nil, fmt.Errorf("netpoll: epoll fd non-blocking: %w", err)
-	}
-	s.epFile = os.NewFile(uintptr(s.epfd), "netpoll-epoll")
-	if s.epRaw, err = s.epFile.SyscallConn(); err != nil {
-		_ = unix.Close(s.wakefd)
-		_ = s.epFile.Close()
-		return nil, fmt.Errorf("netpoll: epoll fd raw conn: %w", err)
 	}
 	// Size the fd table for the process's file limit (20,000 here) so it
 	// rarely grows; tablePut grows it past 64 Ki if a bigger limit is used.
@@ -327,29 +315,13 @@ func (s *Server) released() {
 // connection itself.
 func (s *Server) poll() {
 	defer close(s.pollDone)
-	events := make([]unix.EpollEvent, 256)
-	var n int
-	var werr error
-	// wait polls without blocking; returning false parks the goroutine
-	// until the runtime sees the epoll fd readable. Made once: a closure
-	// per call would allocate per wake-up.
-	wait := func(fd uintptr) bool {
-		n, werr = unix.EpollWait(int(fd), events, 0)
-		if werr == unix.EINTR {
-			n, werr = 0, nil
-		}
-		return n > 0 || werr != nil
-	}
 	for {
-		err := s.epRaw.Read(wait)
-		if err == nil {
-			err = werr
-		}
+		events, err := s.ep.Wait()
 		if err != nil {
 			s.log.Error("epoll wait failed, poller stops", "error", err)
 			return
 		}
-		for i := range events[:n] {
+		for i := range events {
 			ev := &events[i]
 			if ev.Fd == int32(s.wakefd) {
 				return
@@ -446,6 +418,6 @@ func (s *Server) shutdown(ctx context.Context, code ws.StatusCode, reason string
 		s.runTask(sc, t)
 	}
 	_ = unix.Close(s.wakefd)
-	_ = s.epFile.Close() // closes epfd
+	_ = s.ep.Close()
 	return err
 }
