@@ -267,6 +267,7 @@ type node struct {
 	label   string // "A", "B", "C"
 	host    host
 	brokers int
+	extra   string // YAML appended to the node's config
 	// signalled: the tree was SIGKILLed once; never again, since the
 	// reaped pids can be reused.
 	signalled bool
@@ -324,7 +325,7 @@ storage:
   dir: %s
 log:
   level: info
-`, n.brokers, n.gossip(), strings.Join(js, ", "), n.public(), adminAddr, filepath.Join(dir, "data"))
+`, n.brokers, n.gossip(), strings.Join(js, ", "), n.public(), adminAddr, filepath.Join(dir, "data")) + n.extra
 	n.cfg = filepath.Join(dir, "shoal.yaml")
 	n.logf = filepath.Join(dir, "data", "log", "shoal.log")
 	if err := os.WriteFile(n.cfg, []byte(cfg), 0o644); err != nil {
@@ -335,9 +336,9 @@ log:
 // startNode runs `shoal run` in h's namespace. Node C is given its join
 // address with the --join flag instead of cluster.join, so both ways are
 // exercised.
-func startNode(t *testing.T, label string, h host, join []string, brokers int) *node {
+func startNode(t *testing.T, label string, h host, join []string, brokers int, extra string) *node {
 	t.Helper()
-	n := &node{t: t, label: label, host: h, brokers: brokers, dir: t.TempDir(), out: &syncBuffer{}, waited: make(chan error, 1)}
+	n := &node{t: t, label: label, host: h, brokers: brokers, extra: extra, dir: t.TempDir(), out: &syncBuffer{}, waited: make(chan error, 1)}
 	byFlag := label == "C" && len(join) > 0
 	if byFlag {
 		writeNodeConfig(t, n.dir, n, nil)
@@ -503,6 +504,10 @@ type layout struct {
 	// secret runs every node with the same cluster secret: gossip
 	// encrypted, links over TLS with the secret's proofs.
 	secret bool
+	// history gives the test's channels history, so that a returning
+	// broker takes its channels' history back from its peers (hand-back)
+	// over the links.
+	history bool
 }
 
 // clusterSecret is the secret of the layouts with secret set.
@@ -587,7 +592,7 @@ func TestThreeHostsPartitionHealsSeedCut(t *testing.T) {
 // cluster secret on every node, so the returning broker's hand-back copies
 // history from its peers over secured links.
 func TestThreeHostsNodeReturns(t *testing.T) {
-	threeHosts(t, layout{brokers: [3]int{1, 1, 1}, returns: true, secret: true})
+	threeHosts(t, layout{brokers: [3]int{1, 1, 1}, returns: true, secret: true, history: true})
 }
 
 // waitReady waits until every process of the node is ready, asked through
@@ -628,7 +633,11 @@ func threeHosts(t *testing.T, lay layout) {
 		}
 	}
 	start := time.Now()
-	startOne := func(i int) { nodes[i] = startNode(t, labels[i], l.hosts[i], joins[i], brokers[i]) }
+	extra := ""
+	if lay.history {
+		extra = "channels:\n  - match: \"mh/**\"\n    history: {size: 100}\n"
+	}
+	startOne := func(i int) { nodes[i] = startNode(t, labels[i], l.hosts[i], joins[i], brokers[i], extra) }
 	switch lay.order {
 	case together:
 		startOne(0)
@@ -764,7 +773,7 @@ func threeHosts(t *testing.T, lay layout) {
 	// B comes back: a new `shoal run` in the same namespace with the same
 	// config, the way an operator restarts a machine's service.
 	restart := time.Now()
-	b2 := startNode(t, "B", l.hosts[1], joins[1], brokers[1])
+	b2 := startNode(t, "B", l.hosts[1], joins[1], brokers[1], extra)
 	b2.waitReady(t)
 	ringBack := waitRing(t, []*node{a, b2, c}, total, restart, 20*time.Second, " after B's restart")
 	subB2 := dial(b2)
@@ -784,6 +793,22 @@ func threeHosts(t *testing.T, lay layout) {
 	t.Logf("MEASURED node B restarted: every broker reports a ring of %d %.2fs after the restart; "+
 		"A→B,C delivery on every channel (B's own channels back on B's broker) %.2fs after it",
 		total, ringBack.Sub(restart).Seconds(), back.Sub(restart).Seconds())
+	if lay.history {
+		// B's broker copied the history of the channel it owns back from
+		// the peer that served it meanwhile, over the (secured) link.
+		took := false
+		for _, l := range readLog(b2.logf) {
+			switch {
+			case l.Msg == "history taken back from peers" && strings.HasPrefix(l.Proc, "broker-"):
+				took = true
+			case l.Msg == "taking history back from peers":
+				t.Errorf("node B: %s: %s", l.Proc, l.Msg)
+			}
+		}
+		if !took {
+			t.Error("node B's broker took no history back from its peers")
+		}
+	}
 }
 
 // probe publishes on every channel until each listed subscriber has
