@@ -17,6 +17,7 @@ import (
 
 	"github.com/shoalhq/shoal/broker/chanopts"
 	"github.com/shoalhq/shoal/broker/store"
+	"github.com/shoalhq/shoal/internal/loglimit"
 	"github.com/shoalhq/shoal/proto/link"
 )
 
@@ -127,15 +128,18 @@ type Server struct {
 	closed    bool
 	listeners []net.Listener
 	securing  map[net.Conn]struct{} // accepted links in their TLS handshake (ServeSecure)
-	links     map[*blink]struct{}
-	members   []link.Member // latest ring view, sent to every link
-	ringName  string        // this broker's name in the ring view (SetRingName)
-	orphans   [][]byte      // vacated notices waiting for a worker link (presence.go)
-	graced    []gracedVacancy
-	vacKick   chan struct{}
-	norphans  atomic.Int64 // len(orphans), read without mu on every ping
-	wg        sync.WaitGroup
-	stopSweep chan struct{}
+	// refusedLog bounds the warnings about links refused by ServeSecure:
+	// anyone who reaches the port can cause one.
+	refusedLog loglimit.Limiter
+	links      map[*blink]struct{}
+	members    []link.Member // latest ring view, sent to every link
+	ringName   string        // this broker's name in the ring view (SetRingName)
+	orphans    [][]byte      // vacated notices waiting for a worker link (presence.go)
+	graced     []gracedVacancy
+	vacKick    chan struct{}
+	norphans   atomic.Int64 // len(orphans), read without mu on every ping
+	wg         sync.WaitGroup
+	stopSweep  chan struct{}
 
 	publishes, deliveries, slowLinks, badFrames, nlinks, refused atomic.Int64
 
@@ -232,6 +236,7 @@ func NewServer(cfg ServerConfig) *Server {
 	s := &Server{
 		cfg: cfg, log: cfg.Logger, links: map[*blink]struct{}{}, stopSweep: make(chan struct{}),
 		started: time.Now(), expected: map[string]bool{}, ready: map[string]bool{}, vacKick: make(chan struct{}, 1),
+		refusedLog: loglimit.Limiter{Every: 10 * time.Second, Burst: 5},
 	}
 	for i := range s.shards {
 		s.shards[i].chans = map[string]*chanState{}
@@ -293,7 +298,9 @@ func (s *Server) secureLink(conn net.Conn) {
 		// view replaced this link, or it is stopping), it did not fail.
 		s.log.Debug("worker link closed while being secured", "remote", conn.RemoteAddr().String(), "error", err)
 	default:
-		s.log.Warn("worker link refused: it did not prove the cluster secret", "remote", conn.RemoteAddr().String(), "error", err)
+		if ok, held := s.refusedLog.Allow(time.Now()); ok {
+			s.log.Warn("worker link refused: it did not prove the cluster secret", "remote", conn.RemoteAddr().String(), "error", err, "more_not_logged", held)
+		}
 	}
 }
 

@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/shoalhq/shoal/internal/loglimit"
 	"github.com/shoalhq/shoal/proto/link"
 )
 
@@ -22,6 +23,9 @@ type bconn struct {
 
 	ctx    context.Context // cancelled by shutdown: stops dialling and backoff
 	cancel context.CancelFunc
+	// secureLog bounds the warnings of failed TLS handshakes and proofs
+	// (Options.Secure) while the link redials every 20–250 ms.
+	secureLog loglimit.Limiter
 
 	mu     sync.Mutex
 	conn   net.Conn
@@ -83,7 +87,7 @@ type pending struct {
 
 func newBconn(c *Client, ep Endpoint) *bconn {
 	ctx, cancel := context.WithCancel(context.Background())
-	return &bconn{c: c, ep: ep, ctx: ctx, cancel: cancel}
+	return &bconn{c: c, ep: ep, ctx: ctx, cancel: cancel, secureLog: loglimit.Limiter{Every: 10 * time.Second, Burst: 1}}
 }
 
 func (b *bconn) isUp() bool {
@@ -104,9 +108,12 @@ func (b *bconn) run() {
 		if err == nil && o.Secure != nil && strings.HasPrefix(b.ep.Addr, "tcp:") {
 			if conn, err = o.Secure.Client(dctx, conn); err != nil && !errors.Is(err, context.Canceled) {
 				// A configuration problem (the secrets differ) as often as
-				// a network one: say so at warn level. A cancelled attempt
-				// (the ring replaced this link, or shutdown) is neither.
-				b.c.log.Warn("securing the broker link failed", "broker", b.ep.Name, "addr", b.ep.Addr, "error", err)
+				// a network one: say so at warn level, but not on every
+				// redial. A cancelled attempt (the ring replaced this
+				// link, or shutdown) is neither.
+				if ok, held := b.secureLog.Allow(time.Now()); ok {
+					b.c.log.Warn("securing the broker link failed", "broker", b.ep.Name, "addr", b.ep.Addr, "error", err, "more_not_logged", held)
+				}
 			}
 		}
 		cancel()
