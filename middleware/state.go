@@ -297,8 +297,10 @@ func (cc *connCounts) admitUser(s *Socket, limit int, h *Hold) bool {
 	defer cc.mu.Unlock()
 	u := s.UserID
 	n := cc.user[u] + cc.pendUser[u]
+	counted := false // an open socket re-authenticating as its own user
 	if st := s.state; st != nil && st.opened && st.countedUser == u {
 		n--
+		counted = true
 	}
 	mine := h != nil && h.user == u
 	if mine {
@@ -307,7 +309,7 @@ func (cc *connCounts) admitUser(s *Socket, limit int, h *Hold) bool {
 	if n >= limit {
 		return false
 	}
-	if h != nil && !mine && !h.done && h.user == "" && (h.cc == nil || h.cc == cc) {
+	if h != nil && !mine && !counted && !h.done && h.user == "" && (h.cc == nil || h.cc == cc) {
 		h.cc, h.user = cc, u
 		cc.pendUser[u]++
 	}

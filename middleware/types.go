@@ -128,11 +128,11 @@ type Input struct {
 	// already verified it (the worker): jwt rules name the reason without
 	// verifying the token a second time. Nil: they verify it themselves.
 	TokenRefusal *auth.Error
-	// Hold (HandshakeWS, HandshakeSC), when set, receives the places the
-	// conn_limit rules keep for this socket until it opens: the caller
-	// releases it once Chain.Open counted the socket, or when the
-	// handshake was refused or the socket went away. Nil: the check counts
-	// open sockets only.
+	// Hold (HandshakeWS, HandshakeSC, Authenticate), when set, receives the
+	// places the conn_limit rules keep for this socket until it is counted:
+	// the caller releases it once Chain.Open (or, for Authenticate,
+	// Chain.UserChanged) counted the socket, or when the action was refused
+	// or the socket went away. Nil: the check counts open sockets only.
 	Hold *Hold
 }
 

@@ -216,6 +216,50 @@ middleware:
 	}
 }
 
+// TestConnLimitClusterConcurrentAuthenticate: anonymous sockets on two
+// workers authenticate as one user at once, each decision held open by a
+// slow hook after the rule: per_user: 2 lets exactly two through, because
+// each check reserves its place on the broker before the next one counts.
+func TestConnLimitClusterConcurrentAuthenticate(t *testing.T) {
+	be := backend(t, func(r hookRequest) string {
+		time.Sleep(300 * time.Millisecond)
+		return `{}`
+	})
+	_, _, addr1, addr2 := startConnLimitPair(t, `
+middleware:
+  inbound:
+    - conn_limit: {per_user: 2}
+    - hook: {url: "`+be.URL+`", timeout: 2s, actions: [authenticate]}
+`)
+	tok := connLimitToken(t, "frank")
+	clients := make([]*wsClient, 5)
+	for i := range clients {
+		addr := addr1
+		if i%2 == 1 {
+			addr = addr2
+		}
+		clients[i] = dialWS(t, addr)
+		clients[i].handshake("")
+	}
+	for _, c := range clients {
+		c.send(`{"event":"#authenticate","data":"` + tok + `","cid":2}`)
+	}
+	accepted := 0
+	for i, c := range clients {
+		r := c.recv()
+		switch {
+		case strings.HasPrefix(r, `{"rid":2,"data":{"isAuthenticated":true`):
+			accepted++
+		case strings.Contains(r, `"isAuthenticated":false`) && strings.Contains(r, "ConnectionLimitError"):
+		default:
+			t.Fatalf("client %d: %s", i, r)
+		}
+	}
+	if accepted != 2 {
+		t.Fatalf("%d of 5 concurrent authentications of one user accepted with per_user: 2", accepted)
+	}
+}
+
 // TestConnLimitWorkerScope: scope: worker keeps the per-worker count and
 // registers nothing with the brokers: with per_user: 1 each worker admits
 // one socket of alice.

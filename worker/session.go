@@ -531,10 +531,28 @@ func (s *Session) authenticate(p *sc.Packet) bool {
 	}
 	in := s.e.newInput()
 	*in = middleware.Input{Action: middleware.Authenticate, Socket: s.wouldBe(tok), Token: tok.Raw}
+	// conn_limit per_user keeps a place under the new user until the
+	// socket is counted under it (finishAuthenticate) or closes.
+	s.mu.Lock()
+	if s.hold == nil { // nil: the handshake's places were given back when it opened
+		s.hold = &middleware.Hold{}
+	}
+	in.Hold = s.hold
+	s.mu.Unlock()
 	return s.run(chain, in, p, pendingAction{step: stepAuthenticate, tok: tok})
 }
 
+// releaseHold gives back the conn_limit places kept for the action just
+// decided (the socket is counted by now, or the action was refused).
+func (s *Session) releaseHold() {
+	s.mu.Lock()
+	s.hold.Release()
+	s.hold = nil
+	s.mu.Unlock()
+}
+
 func (s *Session) finishAuthenticate(p *sc.Packet, tok *auth.Token, authErr *auth.Error, d middleware.Decision) {
+	defer s.releaseHold() // after syncIdentity counted the socket under its new user
 	if authErr != nil {
 		s.mu.Lock()
 		s.token = nil
