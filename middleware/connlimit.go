@@ -29,8 +29,9 @@ import (
 // until it opens, on this worker and, when the counter is a ConnReserver
 // (the worker's is), in the cluster registry under a reservation id: the
 // owning broker counts and joins in one step, so simultaneous connects on
-// any workers never pass the limit. Without a reserver (or for an open
-// socket re-authenticating) the broker count and the join are separate:
+// any workers never pass the limit. Without a reserver (and for an open
+// socket re-authenticating as its own user, which holds its place already)
+// the broker count and the join are separate:
 // handshakes on different workers checked before the others' joins
 // arrived all pass, up to limit-1+K for K of them, at most limit per
 // worker.
