@@ -106,7 +106,7 @@ func (c *Child) Start(ctx context.Context, p control.StartParams) (control.Start
 	if err != nil {
 		return control.StartResult{}, fmt.Errorf("broker %s: %w", p.Name, err)
 	}
-	secret, err := cfg.Cluster.Secret()
+	secrets, err := cfg.Cluster.Secrets()
 	if err != nil {
 		ln.Close()
 		return control.StartResult{}, err
@@ -117,8 +117,8 @@ func (c *Child) Start(ctx context.Context, p control.StartParams) (control.Start
 		Logger:   c.log.Named("link"),
 		Rules:    chanopts.Compile(cfg.Channels),
 	}
-	if secret != nil {
-		if sc.Secure, err = link.NewSecure(secret); err != nil {
+	if secrets != nil {
+		if sc.Secure, err = link.NewSecure(secrets...); err != nil {
 			ln.Close()
 			return control.StartResult{}, fmt.Errorf("broker %s: %w", p.Name, err)
 		}
@@ -294,15 +294,15 @@ func (c *Child) startRing(cfg configs.Config, p control.StartParams, srv *Server
 		}
 		meta.Link = link.ListenerAddr(ln)
 	}
-	secret, err := cfg.Cluster.Secret()
+	secrets, err := cfg.Cluster.Secrets()
 	if err != nil {
 		return "", err
 	}
 	switch {
-	case plan.CrossHost && secret == nil:
+	case plan.CrossHost && secrets == nil:
 		c.log.Warn("gossip and the TCP links to this broker are not encrypted or authenticated: set the same cluster secret on every node ($"+cfg.Cluster.SecretEnv+", docs/multihost.md)", "gossip", plan.Bind)
-	case secret != nil:
-		c.log.Info("gossip and TCP links secured with the cluster secret", "gossip", plan.Bind, "link", meta.Link)
+	case secrets != nil:
+		c.log.Info("gossip and TCP links secured with the cluster secret", "gossip", plan.Bind, "link", meta.Link, "secrets_accepted", len(secrets))
 	}
 	c.ringName = plan.Name
 	srv.SetRingName(plan.Name)
@@ -314,7 +314,7 @@ func (c *Child) startRing(cfg configs.Config, p control.StartParams, srv *Server
 		Meta:     meta,
 		Logger:   c.log.Named("ring"),
 		OnChange: c.ringChanged,
-		Secret:   secret,
+		Secrets:  secrets,
 	})
 	if err != nil {
 		return "", fmt.Errorf("broker %s: %w", p.Name, err)

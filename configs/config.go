@@ -12,6 +12,7 @@ import (
 	_ "embed"
 	"fmt"
 	"os"
+	"strings"
 	"time"
 )
 
@@ -44,9 +45,10 @@ type Cluster struct {
 	Join      []string `yaml:"join" json:"join"`           // other nodes' gossip addresses
 	Gossip    string   `yaml:"gossip" json:"gossip"`       // this node's memberlist bind address
 	// SecretEnv names the environment variable holding the cluster secret
-	// (at least 16 bytes, the same on every node). Set, it encrypts and
-	// authenticates gossip and the workers' TCP links to brokers; unset
-	// or empty, both are plain (docs/multihost.md).
+	// (at least 16 bytes, the same on every node; comma-separated while it
+	// is being changed, see Secrets). Set, it encrypts and authenticates
+	// gossip and the workers' TCP links to brokers; unset or empty, both
+	// are plain (docs/multihost.md).
 	SecretEnv string  `yaml:"secret_env" json:"secret_env"`
 	Restart   Restart `yaml:"restart" json:"restart"`
 }
@@ -54,21 +56,29 @@ type Cluster struct {
 // MinClusterSecret is the shortest cluster secret accepted, in bytes.
 const MinClusterSecret = 16
 
-// Secret reads the cluster secret from the variable SecretEnv names: nil
-// when that variable is unset or empty, an error naming it when the secret
-// is too short to be one.
-func (c Cluster) Secret() ([]byte, error) {
+// Secrets reads the cluster secrets from the variable SecretEnv names: nil
+// when that variable is unset or empty. The variable holds one secret, or
+// several separated by commas while a secret is being changed: the first
+// is used (gossip encryption, link proofs), every one is accepted
+// (docs/multihost.md, "Changing the secret"). An error names the variable
+// when a secret is too short to be one.
+func (c Cluster) Secrets() ([][]byte, error) {
 	if c.SecretEnv == "" {
 		return nil, nil
 	}
 	v := os.Getenv(c.SecretEnv)
-	if v == "" {
+	if strings.TrimSpace(v) == "" {
 		return nil, nil
 	}
-	if len(v) < MinClusterSecret {
-		return nil, fmt.Errorf("cluster.secret_env: $%s holds %d bytes; a cluster secret needs at least %d", c.SecretEnv, len(v), MinClusterSecret)
+	var out [][]byte
+	for i, part := range strings.Split(v, ",") {
+		part = strings.TrimSpace(part)
+		if len(part) < MinClusterSecret {
+			return nil, fmt.Errorf("cluster.secret_env: secret %d in $%s has %d bytes; a cluster secret needs at least %d", i+1, c.SecretEnv, len(part), MinClusterSecret)
+		}
+		out = append(out, []byte(part))
 	}
-	return []byte(v), nil
+	return out, nil
 }
 
 // BalancerCount resolves the balancer count (nil means the default, 1).

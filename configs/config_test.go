@@ -174,20 +174,29 @@ func TestClusterSecret(t *testing.T) {
 		t.Fatalf("default secret_env %q", c.SecretEnv)
 	}
 	t.Setenv("SHOAL_CLUSTER_SECRET", "")
-	if s, err := c.Secret(); s != nil || err != nil {
+	if s, err := c.Secrets(); s != nil || err != nil {
 		t.Fatalf("unset: %q %v", s, err)
 	}
 	t.Setenv("SHOAL_CLUSTER_SECRET", "too short")
-	if _, err := c.Secret(); err == nil || !strings.Contains(err.Error(), "cluster.secret_env: $SHOAL_CLUSTER_SECRET holds 9 bytes") {
+	if _, err := c.Secrets(); err == nil || !strings.Contains(err.Error(), "cluster.secret_env: secret 1 in $SHOAL_CLUSTER_SECRET has 9 bytes") {
 		t.Fatalf("short secret: %v", err)
 	}
 	t.Setenv("MY_SECRET", "sixteen bytes ok")
 	c.SecretEnv = "MY_SECRET"
-	if s, err := c.Secret(); string(s) != "sixteen bytes ok" || err != nil {
+	if s, err := c.Secrets(); len(s) != 1 || string(s[0]) != "sixteen bytes ok" || err != nil {
 		t.Fatalf("secret from secret_env: %q %v", s, err)
 	}
+	// While the secret changes: the one in use first, then the accepted.
+	t.Setenv("MY_SECRET", " the new secret value , the old secret value ")
+	if s, err := c.Secrets(); len(s) != 2 || string(s[0]) != "the new secret value" || string(s[1]) != "the old secret value" || err != nil {
+		t.Fatalf("two secrets: %q %v", s, err)
+	}
+	t.Setenv("MY_SECRET", "the new secret value,old")
+	if _, err := c.Secrets(); err == nil || !strings.Contains(err.Error(), "secret 2 in $MY_SECRET has 3 bytes") {
+		t.Fatalf("a short second secret: %v", err)
+	}
 	c.SecretEnv = ""
-	if s, err := c.Secret(); s != nil || err != nil {
+	if s, err := c.Secrets(); s != nil || err != nil {
 		t.Fatalf("secret_env \"\": %q %v", s, err)
 	}
 }

@@ -96,10 +96,11 @@ type Config struct {
 	OnChange func([]Member)
 	// Tune, if set, adjusts the memberlist config after the Tuned profile.
 	Tune func(*memberlist.Config)
-	// Secret, if set (the cluster secret), encrypts and authenticates all
+	// Secrets, if set (the cluster secrets), encrypt and authenticate all
 	// gossip with memberlist's AES-GCM keyring: members without the same
-	// secret cannot join, read the ring or inject state.
-	Secret []byte
+	// secret cannot join, read the ring or inject state. The first
+	// encrypts; every one decrypts (while the secret is being changed).
+	Secrets [][]byte
 }
 
 // gossipKey derives memberlist's AES-256 key from the cluster secret; the
@@ -293,8 +294,16 @@ func Start(cfg Config) (*Ring, error) {
 			return nil, fmt.Errorf("ring: advertise port %q: %w", ap, err)
 		}
 	}
-	if len(cfg.Secret) > 0 {
-		mc.SecretKey = gossipKey(cfg.Secret)
+	if len(cfg.Secrets) > 0 {
+		keys := make([][]byte, len(cfg.Secrets))
+		for i, s := range cfg.Secrets {
+			keys[i] = gossipKey(s)
+		}
+		kr, err := memberlist.NewKeyring(keys, keys[0])
+		if err != nil {
+			return nil, fmt.Errorf("ring: gossip keyring: %w", err)
+		}
+		mc.Keyring = kr
 		mc.GossipVerifyIncoming, mc.GossipVerifyOutgoing = true, true
 	}
 	mc.Delegate = d

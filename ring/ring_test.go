@@ -177,11 +177,11 @@ func TestRestartedMemberRejoinsUnderItsName(t *testing.T) {
 func TestSecretGatesTheRing(t *testing.T) {
 	start := func(name, secret string, join []string) *Ring {
 		t.Helper()
-		var s []byte
+		var s [][]byte
 		if secret != "" {
-			s = []byte(secret)
+			s = [][]byte{[]byte(secret)}
 		}
-		r, err := Start(Config{Name: name, Bind: "127.0.0.1:0", Join: join, Meta: Meta{Role: "broker"}, Secret: s})
+		r, err := Start(Config{Name: name, Bind: "127.0.0.1:0", Join: join, Meta: Meta{Role: "broker"}, Secrets: s})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -204,4 +204,26 @@ func TestSecretGatesTheRing(t *testing.T) {
 	if other.NumMembers() != 1 || plain.NumMembers() != 1 {
 		t.Fatalf("outsiders see %d and %d members", other.NumMembers(), plain.NumMembers())
 	}
+}
+
+// TestSecretChange: a member that accepts the old and the new secret but
+// still encrypts with the old one joins a ring on the old secret; one that
+// encrypts with the new one joins that member (which can read it), the
+// steps of changing the secret node by node.
+func TestSecretChange(t *testing.T) {
+	oldS, newS := []byte("the old cluster secret"), []byte("the new cluster secret")
+	start := func(name string, join []string, secrets ...[]byte) *Ring {
+		t.Helper()
+		r, err := Start(Config{Name: name, Bind: "127.0.0.1:0", Join: join, Meta: Meta{Role: "broker"}, Secrets: secrets})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = r.Shutdown() })
+		return r
+	}
+	a := start("a", nil, oldS)
+	b := start("b", []string{a.Addr()}, oldS, newS)
+	waitFor(t, 5*time.Second, "b (old first, new accepted) to join a (old)", func() bool { return a.NumMembers() == 2 })
+	c := start("c", []string{b.Addr()}, newS, oldS)
+	waitFor(t, 5*time.Second, "c (new first, old accepted) to join b", func() bool { return b.NumMembers() == 3 && c.NumMembers() >= 2 })
 }

@@ -181,11 +181,11 @@ func (c *Child) Start(ctx context.Context, p control.StartParams) (control.Start
 	}
 
 	var secure *link.Secure
-	if secret, err := cfg.Cluster.Secret(); err != nil {
+	if secrets, err := cfg.Cluster.Secrets(); err != nil {
 		_ = hooks.Close(ctx)
 		return control.StartResult{}, fmt.Errorf("worker %s: %w", p.Name, err)
-	} else if secret != nil {
-		if secure, err = link.NewSecure(secret); err != nil {
+	} else if secrets != nil {
+		if secure, err = link.NewSecure(secrets...); err != nil {
 			_ = hooks.Close(ctx)
 			return control.StartResult{}, fmt.Errorf("worker %s: %w", p.Name, err)
 		}

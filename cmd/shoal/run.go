@@ -54,7 +54,7 @@ func cmdRun(args []string) int {
 		}
 		// Every broker and worker reads the cluster secret the same way:
 		// refuse a bad one here, once, instead of in each child.
-		if _, err := cfg.Cluster.Secret(); err != nil {
+		if _, err := cfg.Cluster.Secrets(); err != nil {
 			return cfg, err
 		}
 		return cfg, nil

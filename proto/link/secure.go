@@ -45,17 +45,29 @@ const (
 
 // Secure holds what one process needs to secure its links.
 type Secure struct {
-	key    []byte      // HMAC key derived from the secret
+	// keys are the HMAC keys derived from the secrets: a worker proves
+	// with the first; a broker accepts a proof made with any of them and
+	// answers with that one, so that nodes keep talking while the secret
+	// is being changed.
+	keys   [][]byte
 	server *tls.Config // brokers: the ephemeral certificate
 }
 
-// NewSecure derives the link keys from the cluster secret and makes the
-// ephemeral certificate a broker serves.
-func NewSecure(secret []byte) (*Secure, error) {
-	if len(secret) < MinSecret {
-		return nil, fmt.Errorf("link: the cluster secret has %d bytes, need at least %d", len(secret), MinSecret)
+// NewSecure derives the link keys from the cluster secrets (the one in use
+// first, then any still accepted) and makes the ephemeral certificate a
+// broker serves.
+func NewSecure(secrets ...[]byte) (*Secure, error) {
+	if len(secrets) == 0 {
+		return nil, errors.New("link: no cluster secret")
 	}
-	k := sha256.Sum256(append([]byte("shoal link key\x00"), secret...))
+	var keys [][]byte
+	for _, secret := range secrets {
+		if len(secret) < MinSecret {
+			return nil, fmt.Errorf("link: a cluster secret has %d bytes, need at least %d", len(secret), MinSecret)
+		}
+		k := sha256.Sum256(append([]byte("shoal link key\x00"), secret...))
+		keys = append(keys, k[:])
+	}
 	pub, priv, err := ed25519.GenerateKey(rand.Reader)
 	if err != nil {
 		return nil, fmt.Errorf("link: generating the link key pair: %w", err)
@@ -71,7 +83,7 @@ func NewSecure(secret []byte) (*Secure, error) {
 		return nil, fmt.Errorf("link: making the link certificate: %w", err)
 	}
 	return &Secure{
-		key: k[:],
+		keys: keys,
 		server: &tls.Config{
 			MinVersion:   tls.VersionTLS13,
 			Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: priv}},
@@ -79,9 +91,10 @@ func NewSecure(secret []byte) (*Secure, error) {
 	}, nil
 }
 
-// proof is the HMAC a side sends: role separates the two directions.
-func (s *Secure) proof(role string, ekm []byte) []byte {
-	m := hmac.New(sha256.New, s.key)
+// proof is the HMAC a side sends with key: role separates the two
+// directions.
+func proof(key []byte, role string, ekm []byte) []byte {
+	m := hmac.New(sha256.New, key)
 	m.Write([]byte(role))
 	m.Write(ekm)
 	return m.Sum(nil)
@@ -132,29 +145,36 @@ func (s *Secure) exchange(ctx context.Context, tc *tls.Conn, raw net.Conn, me, p
 	if err != nil {
 		return fmt.Errorf("link: exporting keying material: %w", err)
 	}
+	// The worker proves with its first key and accepts the answer made
+	// with it; the broker accepts any of its keys and answers with the one
+	// that matched.
+	key := s.keys[0]
 	send := func() error {
-		if _, err := tc.Write(s.proof(me, ekm)); err != nil {
+		if _, err := tc.Write(proof(key, me, ekm)); err != nil {
 			return fmt.Errorf("link: sending the secret's proof: %w", err)
 		}
 		return nil
 	}
-	check := func() error {
+	check := func(keys [][]byte) error {
 		got := make([]byte, proofSize)
 		if _, err := io.ReadFull(tc, got); err != nil {
 			return fmt.Errorf("link: reading the peer's proof: %w (%w)", err, ErrNotAuthenticated)
 		}
-		if !hmac.Equal(got, s.proof(peer, ekm)) {
-			return ErrNotAuthenticated
+		for _, k := range keys {
+			if hmac.Equal(got, proof(k, peer, ekm)) {
+				key = k
+				return nil
+			}
 		}
-		return nil
+		return ErrNotAuthenticated
 	}
 	if me == "worker" {
 		err = send()
 		if err == nil {
-			err = check()
+			err = check(s.keys[:1])
 		}
 	} else {
-		err = check()
+		err = check(s.keys)
 		if err == nil {
 			err = send()
 		}

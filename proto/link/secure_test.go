@@ -124,6 +124,42 @@ func TestSecureLinkRefusesOtherSecrets(t *testing.T) {
 	}
 }
 
+// While the secret changes, every node accepts both and proves with the
+// one it lists first: a worker still on the old secret and a broker that
+// moved to the new one (and the other way round) keep their links. A node
+// that dropped a secret no longer accepts a peer that proves with it.
+func TestSecureLinkSecretChange(t *testing.T) {
+	oldS, newS := []byte("the old cluster secret"), []byte("the new cluster secret")
+	both := func(first, second []byte) *Secure {
+		s, err := NewSecure(first, second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	for _, tc := range []struct {
+		name           string
+		worker, broker *Secure
+		ok             bool
+	}{
+		{"old worker, broker accepting new and old", mustSecure(t, string(oldS)), both(newS, oldS), true},
+		{"worker moved to new, broker still on old accepting new", both(newS, oldS), both(oldS, newS), true},
+		{"worker on new only, broker on old only", mustSecure(t, string(newS)), mustSecure(t, string(oldS)), false},
+		{"worker still proving with old, broker dropped it", both(oldS, newS), mustSecure(t, string(newS)), false},
+	} {
+		c, s, cerr, serr := securePair(t, tc.worker, tc.broker)
+		if tc.ok {
+			if cerr != nil || serr != nil {
+				t.Fatalf("%s: client %v, server %v", tc.name, cerr, serr)
+			}
+			c.Close()
+			s.Close()
+		} else if !errors.Is(serr, ErrNotAuthenticated) || !errors.Is(cerr, ErrNotAuthenticated) {
+			t.Fatalf("%s: client %v, server %v; want both refused", tc.name, cerr, serr)
+		}
+	}
+}
+
 func TestSecureNeedsALongSecret(t *testing.T) {
 	if _, err := NewSecure([]byte("short")); err == nil || !strings.Contains(err.Error(), "at least 16") {
 		t.Fatalf("5-byte secret: %v", err)
