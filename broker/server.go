@@ -40,7 +40,11 @@ type ServerConfig struct {
 	// Secure secures the links accepted by ServeSecure (TLS and the
 	// cluster secret's proofs, proto/link/secure.go) and the hand-back's
 	// links to peers over TCP; nil: ServeSecure is Serve.
-	Secure       *link.Secure
+	Secure *link.Secure
+	// MaxSecuring bounds the accepted links in their TLS handshake at once
+	// (ServeSecure); past it a new connection is closed at once, so a
+	// connection flood on the link port costs no more; default 256.
+	MaxSecuring  int
 	Epoch        uint64        // base of channel epochs; default: start time in ns
 	MaxFrame     int           // largest inbound frame; default link.DefaultMaxFrame
 	MaxPending   int           // bytes queued per worker link before fan-out waits for it; default 8 MiB
@@ -203,6 +207,9 @@ func NewServer(cfg ServerConfig) *Server {
 	if cfg.MaxPending <= 0 {
 		cfg.MaxPending = 8 << 20
 	}
+	if cfg.MaxSecuring <= 0 {
+		cfg.MaxSecuring = 256
+	}
 	if cfg.WriteTimeout <= 0 {
 		cfg.WriteTimeout = 10 * time.Second
 	}
@@ -336,6 +343,14 @@ func (s *Server) acceptLoop(ln net.Listener, secure bool) {
 			s.mu.Unlock()
 			conn.Close()
 			return
+		}
+		if len(s.securing) >= s.cfg.MaxSecuring {
+			s.mu.Unlock()
+			conn.Close()
+			if ok, held := s.refusedLog.Allow(time.Now()); ok {
+				s.log.Warn("worker link refused: too many links being secured at once", "remote", conn.RemoteAddr().String(), "limit", s.cfg.MaxSecuring, "more_not_logged", held)
+			}
+			continue
 		}
 		if s.securing == nil {
 			s.securing = map[net.Conn]struct{}{}

@@ -2,7 +2,9 @@ package brokerclient_test
 
 import (
 	"context"
+	"errors"
 	"net"
+	"os"
 	"testing"
 	"time"
 
@@ -13,13 +15,17 @@ import (
 
 // startSecureBroker serves a broker's links on loopback TCP secured with
 // secret, as a broker with cluster.secret_env does for other nodes.
-func startSecureBroker(t *testing.T, secret string) brokerclient.Endpoint {
+func startSecureBroker(t *testing.T, secret string, mod ...func(*broker.ServerConfig)) brokerclient.Endpoint {
 	t.Helper()
 	sec, err := link.NewSecure([]byte(secret))
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := broker.NewServer(broker.ServerConfig{Name: "broker-tls", Secure: sec})
+	cfg := broker.ServerConfig{Name: "broker-tls", Secure: sec}
+	for _, f := range mod {
+		f(&cfg)
+	}
+	srv := broker.NewServer(cfg)
 	t.Cleanup(func() { srv.Close(context.Background()) })
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -76,4 +82,37 @@ func TestSecureLinksNeedTheClusterSecret(t *testing.T) {
 			t.Fatalf("a worker with secret %q got a link", other)
 		}
 	}
+}
+
+// Connections that never finish their TLS handshake hold at most
+// MaxSecuring places; past that the broker closes new ones at once, and a
+// real worker gets its link once the silent ones are gone.
+func TestSecureLinksBoundHandshakesInFlight(t *testing.T) {
+	const secret = "correct horse battery staple"
+	ep := startSecureBroker(t, secret, func(c *broker.ServerConfig) { c.MaxSecuring = 2 })
+	addr := ep.Addr[len("tcp:"):]
+	var silent []net.Conn
+	for range 2 {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		silent = append(silent, c)
+	}
+	time.Sleep(100 * time.Millisecond) // both accepted and waiting in their handshake
+	extra, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer extra.Close()
+	_ = extra.SetReadDeadline(time.Now().Add(3 * time.Second))
+	if _, err := extra.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("a third silent connection was kept: %v", err)
+	}
+	for _, c := range silent {
+		c.Close()
+	}
+	w, _ := newClient(t, "worker-1", withSecret(t, secret))
+	w.SetBrokers([]brokerclient.Endpoint{ep})
+	waitConnected(t, w, 1)
 }
