@@ -11,6 +11,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/shoalhq/shoal/configs"
+	"github.com/shoalhq/shoal/internal/loglimit"
 	"github.com/shoalhq/shoal/proto/sc"
 )
 
@@ -53,7 +54,7 @@ type Chain struct {
 	shared  *shared
 	now     func() time.Time
 	log     hclog.Logger
-	logLim  logLimiter
+	logLim  loglimit.Limiter
 	client  *http.Client
 
 	socketSlots int // per-socket buckets (rate per_socket rules)
@@ -179,7 +180,7 @@ func compile(cfg configs.Config, o Options) (*Chain, []*configs.Error) {
 	}
 	c.shared = newShared(prev, c.now())
 	c.shared.client = c.client
-	c.logLim = logLimiter{perSec: 5, burst: 20}
+	c.logLim = loglimit.Limiter{Every: 200 * time.Millisecond, Burst: 20} // 5 lines/s
 
 	p := &problems{}
 	b := &builder{p: p, c: c, prev: prev, fps: map[string]int{}, cfg: &cfg}
@@ -381,7 +382,7 @@ func (c *Chain) Stats() []RuleStats {
 // logDeny writes one line per deny, at most logLim's rate; lines that were
 // held back are counted in the next one.
 func (c *Chain) logDeny(e *entry, in *Input, d Decision) {
-	ok, suppressed := c.logLim.take(c.nanos())
+	ok, suppressed := c.logLim.Allow(c.now())
 	if !ok {
 		return
 	}
@@ -405,35 +406,6 @@ func (c *Chain) logDeny(e *entry, in *Input, d Decision) {
 		args = append(args, "suppressed", suppressed)
 	}
 	c.log.Info("middleware denied", args...)
-}
-
-// logLimiter is a token bucket of log lines.
-type logLimiter struct {
-	mu         sync.Mutex
-	perSec     float64
-	burst      float64
-	tokens     float64
-	last       int64
-	started    bool
-	suppressed uint64
-}
-
-func (l *logLimiter) take(now int64) (ok bool, suppressed uint64) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if !l.started {
-		l.started, l.tokens, l.last = true, l.burst, now
-	}
-	l.tokens = refill(l.tokens, l.last, now, l.perSec, l.burst)
-	l.last = now
-	if l.tokens < 1 {
-		l.suppressed++
-		return false, 0
-	}
-	l.tokens--
-	s := l.suppressed
-	l.suppressed = 0
-	return true, s
 }
 
 // CloseIdleConnections closes the hook client's idle backend connections

@@ -250,7 +250,7 @@ func (r *connLimitRule) call(ctx context.Context, c *Chain, in *Input) (Decision
 	}
 	if err != nil {
 		r.box.unavailable.Add(1)
-		if ok, suppressed := c.logLim.take(c.nanos()); ok {
+		if ok, suppressed := c.logLim.Allow(c.now()); ok {
 			args := []any{"key", key, "error", err}
 			if suppressed > 0 {
 				args = append(args, "suppressed", suppressed)

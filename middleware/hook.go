@@ -213,7 +213,7 @@ func (r *hookRule) call(ctx context.Context, c *Chain, in *Input) (Decision, boo
 	}
 	if r.inflight.Add(1) > r.maxInflight {
 		r.inflight.Add(-1)
-		if ok, suppressed := c.logLim.take(c.nanos()); ok {
+		if ok, suppressed := c.logLim.Allow(c.now()); ok {
 			c.log.Warn("middleware hook busy", "url", r.url, "max_inflight", r.maxInflight, "suppressed", suppressed)
 		}
 		return r.failErr.decide(in), true
@@ -225,7 +225,7 @@ func (r *hookRule) call(ctx context.Context, c *Chain, in *Input) (Decision, boo
 	if err != nil {
 		// Limited like deny lines: a dead backend under load must not
 		// flood the central log.
-		if ok, suppressed := c.logLim.take(c.nanos()); ok {
+		if ok, suppressed := c.logLim.Allow(c.now()); ok {
 			c.log.Warn("middleware hook failed", "url", r.url, "action", in.Action.String(), "error", err, "suppressed", suppressed)
 		}
 		return r.failErr.decide(in), true

@@ -104,7 +104,7 @@ func (r *pluginRule) call(ctx context.Context, c *Chain, in *Input) (Decision, b
 			err = fmt.Errorf("no answer within %s: %w", r.timeout, err)
 		}
 	}
-	if ok, suppressed := c.logLim.take(c.nanos()); ok {
+	if ok, suppressed := c.logLim.Allow(c.now()); ok {
 		c.log.Warn("middleware plugin failed", "path", r.host.path, "action", in.Action.String(), "error", err, "suppressed", suppressed)
 	}
 	return r.failErr.decide(in), true
