@@ -340,10 +340,13 @@ func TestConnLimitScopeConfig(t *testing.T) {
 type reservingCounter struct{ *fakeCounter }
 
 func (r reservingCounter) Reserve(key, conn string) (func(context.Context) (int, error), error) {
-	r.mu.Lock()
+	r.mu.Lock() // count and join in one step, as the owning broker does
+	defer r.mu.Unlock()
 	others := len(r.m[key])
-	r.mu.Unlock()
-	r.Join(key, conn)
+	if r.m[key] == nil {
+		r.m[key] = map[string]bool{}
+	}
+	r.m[key][conn] = true
 	return func(context.Context) (int, error) { return others, nil }, nil
 }
 
