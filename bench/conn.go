@@ -323,11 +323,10 @@ func (s *sess) subscribe(channel string) error {
 // poller owns a set of connections and one epoll instance; one goroutine
 // waits on it and does all reading and protocol replies for its conns.
 type poller struct {
-	a    *agent
-	epfd int
-	ep   *epoll.Instance // epfd, waited for in Go's runtime netpoller (see run)
-	buf  []byte
-	st   pollStats
+	a   *agent
+	ep  *epoll.Instance // waited for in Go's runtime netpoller (see run)
+	buf []byte
+	st  pollStats
 
 	mu      sync.Mutex
 	conns   map[int]*conn  // fd → conn; only the poller deletes, under mu
@@ -348,7 +347,7 @@ func newPoller(a *agent) (*poller, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &poller{a: a, epfd: ep.FD(), ep: ep, buf: make([]byte, 256<<10), conns: make(map[int]*conn), tls: make(map[*conn]bool), pending: make(map[*conn]bool)}, nil
+	return &poller{a: a, ep: ep, buf: make([]byte, 256<<10), conns: make(map[int]*conn), tls: make(map[*conn]bool), pending: make(map[*conn]bool)}, nil
 }
 
 // addTLS starts the reader of a wss:// connection. TLS state lives in user

@@ -165,7 +165,7 @@ func (p *poller) open(c *conn, t *target, src net.IP, timeout time.Duration, tok
 	p.pending[c] = true
 	p.mu.Unlock()
 	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET, Fd: int32(fd)}
-	if err := unix.EpollCtl(p.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
+	if err := unix.EpollCtl(p.ep.FD(), unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
 		p.mu.Lock()
 		delete(p.conns, fd)
 		delete(p.pending, c)
@@ -330,7 +330,7 @@ func (p *poller) forget(c *conn) {
 	}
 	p.mu.Unlock()
 	if c.tc == nil && c.fd >= 0 {
-		_ = unix.EpollCtl(p.epfd, unix.EPOLL_CTL_DEL, c.fd, nil)
+		_ = unix.EpollCtl(p.ep.FD(), unix.EPOLL_CTL_DEL, c.fd, nil)
 	}
 }
 

@@ -158,7 +158,7 @@ func (c *Child) Start(ctx context.Context, p control.StartParams) (control.Start
 	c.srv, c.name = srv, p.Name
 	addrs := map[string]string{control.AddrLink: addr}
 	if cfg.Cluster.Gossip != "" {
-		gossip, err := c.startRing(cfg, p, srv, addr)
+		gossip, err := c.startRing(cfg, p, srv, addr, secrets)
 		if err != nil {
 			srv.Close(ctx)
 			c.srv = nil
@@ -275,8 +275,9 @@ func joinHost(h string) string {
 	return h
 }
 
-// startRing joins the gossip ring; called with c.mu held.
-func (c *Child) startRing(cfg configs.Config, p control.StartParams, srv *Server, unixAddr string) (string, error) {
+// startRing joins the gossip ring, its gossip encrypted with secrets (the
+// cluster secrets, nil for none); called with c.mu held.
+func (c *Child) startRing(cfg configs.Config, p control.StartParams, srv *Server, unixAddr string, secrets [][]byte) (string, error) {
 	plan, err := PlanGossip(cfg, p.Name, p.Index)
 	if err != nil {
 		return "", err
@@ -293,10 +294,6 @@ func (c *Child) startRing(cfg configs.Config, p control.StartParams, srv *Server
 			return "", err
 		}
 		meta.Link = link.ListenerAddr(ln)
-	}
-	secrets, err := cfg.Cluster.Secrets()
-	if err != nil {
-		return "", err
 	}
 	switch {
 	case plan.CrossHost && secrets == nil:

@@ -123,7 +123,7 @@ type Options struct {
 	// 3 × PingInterval (9 s).
 	LinkTimeout  time.Duration
 	WriteTimeout time.Duration // default 10 s
-	// Secure, if set, secures links to tcp: addresses with the cluster
+	// Secure, if set, secures links over TCP with the cluster
 	// secret (TLS, and proofs both ways; proto/link/secure.go). Links over
 	// unix sockets stay plain. A broker that fails the proof is logged and
 	// redialled like a broker that is down.

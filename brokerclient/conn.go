@@ -7,7 +7,6 @@ import (
 	"io"
 	"math/rand/v2"
 	"net"
-	"strings"
 	"sync"
 	"time"
 
@@ -105,7 +104,7 @@ func (b *bconn) run() {
 	for b.ctx.Err() == nil {
 		dctx, cancel := context.WithTimeout(b.ctx, o.DialTimeout)
 		conn, err := link.Dial(dctx, b.ep.Addr)
-		if err == nil && o.Secure != nil && strings.HasPrefix(b.ep.Addr, "tcp:") {
+		if _, tcp := conn.(*net.TCPConn); tcp && o.Secure != nil {
 			if conn, err = o.Secure.Client(dctx, conn); err != nil && !errors.Is(err, context.Canceled) {
 				// A configuration problem (the secrets differ) as often as
 				// a network one: say so at warn level, but not on every

@@ -65,6 +65,8 @@ type Chain struct {
 	// conn_limit scope: cluster rules: which keys sockets join in the
 	// ConnCounter (connlimit.go).
 	clusterIP, clusterUser bool
+	// holds: the actions whose conn_limit rules keep places (Hold).
+	holds [numActions]bool
 
 	inflight sync.WaitGroup // asynchronous decisions (hooks) under way
 }
@@ -235,6 +237,10 @@ func compile(cfg configs.Config, o Options) (*Chain, []*configs.Error) {
 // HasRules reports whether any rule runs for the action, so the worker can
 // skip building an Input when none does.
 func (c *Chain) HasRules(a Action) bool { return a < numActions && len(c.lists[a]) > 0 }
+
+// WantsHold reports whether a conn_limit rule checks action a, so that the
+// caller gives the Input a Hold (Input.Hold); without one it allocates none.
+func (c *Chain) WantsHold(a Action) bool { return a < numActions && c.holds[a] }
 
 // Run decides in. When every rule it reaches is synchronous it returns the
 // decision and pending=false, and done is never called. When it reaches a

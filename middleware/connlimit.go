@@ -31,10 +31,9 @@ import (
 // owning broker counts and joins in one step, so simultaneous connects on
 // any workers never pass the limit. Without a reserver (and for an open
 // socket re-authenticating as its own user, which holds its place already)
-// the broker count and the join are separate:
-// handshakes on different workers checked before the others' joins
-// arrived all pass, up to limit-1+K for K of them, at most limit per
-// worker.
+// the broker count and the join are separate: handshakes on different
+// workers checked before the others' joins arrived all pass, up to
+// limit-1+K for K of them, at most limit per worker.
 
 // ConnCounter is the cluster-wide registry of open sockets behind
 // conn_limit with scope: cluster. Join and Leave must not block (queue the
@@ -154,21 +153,26 @@ func buildConnLimit(b *builder, v any) (rule, []Action) {
 	}
 	switch b.stage {
 	case StageHandshake:
-		r.mark(b.c)
-		return r, []Action{HandshakeWS, HandshakeSC}
+		acts := []Action{HandshakeWS, HandshakeSC}
+		r.mark(b.c, acts...)
+		return r, acts
 	case StageInbound:
 		if r.perIP > 0 {
 			b.p.add(o.sub("per_ip"), "per_ip is checked at the handshake: put it in middleware.handshake")
 		}
-		r.mark(b.c)
+		r.mark(b.c, Authenticate)
 		return r, []Action{Authenticate}
 	}
 	b.p.add(b.key, "conn_limit belongs in middleware.handshake")
 	return nil, nil
 }
 
-// mark tells the chain which keys its sockets must join.
-func (r *connLimitRule) mark(c *Chain) {
+// mark tells the chain which actions keep places and which keys its
+// sockets must join.
+func (r *connLimitRule) mark(c *Chain, acts ...Action) {
+	for _, a := range acts {
+		c.holds[a] = true
+	}
 	if !r.cluster {
 		return
 	}
@@ -210,8 +214,6 @@ func (r *connLimitRule) local(c *Chain, in *Input) (Decision, bool) {
 		}
 	case HandshakeSC, Authenticate:
 		if r.perUser > 0 && in.Socket != nil && in.Socket.UserID != "" {
-			// An open socket re-authenticating is counted already: only a
-			// handshake keeps a place (the caller gives no Hold otherwise).
 			if !cc.admitUser(in.Socket, r.perUser, in.Hold) {
 				return r.err.decide(in), true
 			}

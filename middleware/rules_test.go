@@ -573,3 +573,21 @@ middleware:
 		t.Fatalf("places left: %v", c.shared.conns.pendUser)
 	}
 }
+
+// WantsHold: only actions a conn_limit rule checks get a Hold, so other
+// chains allocate none per connection.
+func TestWantsHold(t *testing.T) {
+	none := load(t, "middleware:\n  handshake:\n    - cidr: {deny: [\"203.0.113.0/24\"]}\n", Options{})
+	hs := load(t, "middleware:\n  handshake:\n    - conn_limit: {per_ip: 5}\n", Options{})
+	in := load(t, "middleware:\n  inbound:\n    - conn_limit: {per_user: 5}\n", Options{})
+	for _, tc := range []struct {
+		c    *Chain
+		want [3]bool // HandshakeWS, HandshakeSC, Authenticate
+	}{{none, [3]bool{}}, {hs, [3]bool{true, true, false}}, {in, [3]bool{false, false, true}}} {
+		for i, a := range []Action{HandshakeWS, HandshakeSC, Authenticate} {
+			if got := tc.c.WantsHold(a); got != tc.want[i] {
+				t.Errorf("WantsHold(%v) = %v, want %v", a, got, tc.want[i])
+			}
+		}
+	}
+}

@@ -170,9 +170,10 @@ func newConnCounts() *connCounts {
 // checked before the first of them opened would see the same count and
 // pass: a burst of simultaneous connects could take any number of sockets
 // past the limit. The caller puts an empty Hold in the Input (handshakeWS,
-// handshakeSC), the conn_limit rules fill it, and the caller calls Release
-// once the socket is open (Chain.Open counted it) or gone. The zero value is
-// ready; a Hold is for one socket.
+// handshakeSC, authenticate; Chain.WantsHold), the conn_limit rules fill
+// it, and the caller calls Release once the socket is counted (Chain.Open,
+// Chain.UserChanged) or gone. The zero value is ready; a Hold is for one
+// socket.
 type Hold struct {
 	mu   sync.Mutex // guards cc and the fields below (taken before cc.mu)
 	cc   *connCounts
@@ -265,53 +266,54 @@ func (h *Hold) Kept() bool {
 // the open sockets and the places held for handshakes under way. Admitted,
 // it keeps a place in h (when h is not nil and keeps none for a yet).
 func (cc *connCounts) admitIP(a netip.Addr, limit int, h *Hold) bool {
+	var slot *netip.Addr
 	if h != nil {
 		h.mu.Lock()
 		defer h.mu.Unlock()
+		slot = &h.ip
 	}
 	cc.mu.Lock()
 	defer cc.mu.Unlock()
-	n := cc.ip[a] + cc.pendIP[a]
-	mine := h != nil && h.ip == a
-	if mine {
-		n-- // an earlier conn_limit rule of this chain kept this place
-	}
-	if n >= limit {
-		return false
-	}
-	if h != nil && !mine && !h.done && !h.ip.IsValid() && (h.cc == nil || h.cc == cc) {
-		h.cc, h.ip = cc, a
-		cc.pendIP[a]++
-	}
-	return true
+	return admit(cc, cc.ip, cc.pendIP, a, limit, false, h, slot)
 }
 
 // admitUser is admitIP for s.UserID. A socket re-authenticating as its own
-// user does not count itself.
+// user is counted already: it does not count itself and keeps no place.
 func (cc *connCounts) admitUser(s *Socket, limit int, h *Hold) bool {
+	var slot *string
 	if h != nil {
 		h.mu.Lock()
 		defer h.mu.Unlock()
+		slot = &h.user
 	}
 	cc.mu.Lock()
 	defer cc.mu.Unlock()
-	u := s.UserID
-	n := cc.user[u] + cc.pendUser[u]
-	counted := false // an open socket re-authenticating as its own user
-	if st := s.state; st != nil && st.opened && st.countedUser == u {
+	st := s.state
+	counted := st != nil && st.opened && st.countedUser == s.UserID
+	return admit(cc, cc.user, cc.pendUser, s.UserID, limit, counted, h, slot)
+}
+
+// admit is admitIP and admitUser for key k of one kind, under h.mu and
+// cc.mu: open and pend are that kind's counts, slot is h's place of that
+// kind (nil without h, the zero K when empty), counted says the socket is
+// among open already. A place an earlier conn_limit rule of the chain kept
+// in h is the socket's own and not counted against it.
+func admit[K comparable](cc *connCounts, open, pend map[K]int, k K, limit int, counted bool, h *Hold, slot *K) bool {
+	var none K
+	n := open[k] + pend[k]
+	if counted {
 		n--
-		counted = true
 	}
-	mine := h != nil && h.user == u
+	mine := slot != nil && *slot == k
 	if mine {
 		n--
 	}
 	if n >= limit {
 		return false
 	}
-	if h != nil && !mine && !counted && !h.done && h.user == "" && (h.cc == nil || h.cc == cc) {
-		h.cc, h.user = cc, u
-		cc.pendUser[u]++
+	if slot != nil && !mine && !counted && !h.done && *slot == none && (h.cc == nil || h.cc == cc) {
+		h.cc, *slot = cc, k
+		pend[k]++
 	}
 	return true
 }

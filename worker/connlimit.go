@@ -21,8 +21,9 @@ import (
 // entries after a broker restart or an owner change, and the brokers drop a
 // dead worker's entries with its link, so a crashed worker's sockets stop
 // counting on their own. A handshake under way is checked with a join and
-// count in one step (Reserve) under a reservation id of its middleware.Hold,
-// left once the socket is open (and joined under its session id) or gone. The channels start with '#': clients cannot
+// count in one step (Reserve) under a reservation id of its
+// middleware.Hold, left once the socket is open (and joined under its
+// session id) or gone. The channels start with '#': clients cannot
 // subscribe to them, and the broker client also keeps shadows of them on
 // the other brokers (one extra small message per broker per join/leave).
 

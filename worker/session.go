@@ -65,8 +65,9 @@ type Session struct {
 	pendMu  sync.Mutex     // held while a pending action's context is saved
 	pend    *pendingAction // the pending action's context; nil when none
 	upgrade *UpgradeInfo   // the upgrade request, until the handshake is decided
-	// hold keeps the socket's conn_limit places from the handshake checks
-	// until chain.Open counted it (under mu; released in Closed at the latest).
+	// hold keeps the socket's conn_limit places from the check of a
+	// handshake or #authenticate until the chain counted the socket (Open,
+	// UserChanged); under mu, released in Closed at the latest.
 	hold *middleware.Hold
 
 	// Publishes acknowledged locally whose broker acknowledgement has not
@@ -431,12 +432,7 @@ func (s *Session) handshakeSC(p *sc.Packet, tok *auth.Token, authErr *sc.Error, 
 		in.BadToken = sentToken(p) // for jwt rules (mw.go)
 		in.TokenRefusal = refused
 	}
-	s.mu.Lock()
-	if s.hold == nil {
-		s.hold = &middleware.Hold{}
-	}
-	in.Hold = s.hold
-	s.mu.Unlock()
+	in.Hold = s.holdFor(chain, middleware.HandshakeSC)
 	s.pendMu.Lock()
 	if u := s.upgrade; u != nil {
 		in.Origin, in.Query, in.Header = u.Origin, u.Query, u.Header
@@ -502,8 +498,7 @@ func (s *Session) finishHandshake(p *sc.Packet, tok *auth.Token, authErr *sc.Err
 		e.chain.Load().Open(s.ident.Load())
 		s.mwOpened = true
 	}
-	s.hold.Release() // counted now (or closing): the places are not needed
-	s.hold = nil
+	s.dropHoldLocked() // counted now (or closing): the places are not needed
 	s.mu.Unlock()
 	e.stats.handshakes.Add(1)
 	h := sc.Handshake{ID: s.id, PingTimeoutMs: e.proto.PingTimeout.D().Milliseconds(), IsAuthenticated: tok != nil}
@@ -533,22 +528,32 @@ func (s *Session) authenticate(p *sc.Packet) bool {
 	*in = middleware.Input{Action: middleware.Authenticate, Socket: s.wouldBe(tok), Token: tok.Raw}
 	// conn_limit per_user keeps a place under the new user until the
 	// socket is counted under it (finishAuthenticate) or closes.
+	in.Hold = s.holdFor(chain, middleware.Authenticate)
+	return s.run(chain, in, p, pendingAction{step: stepAuthenticate, tok: tok})
+}
+
+// holdFor returns the Hold for a check of action a (the handshake's, which
+// the upgrade may have started), or nil when no conn_limit rule checks a.
+func (s *Session) holdFor(chain *middleware.Chain, a middleware.Action) *middleware.Hold {
 	s.mu.Lock()
-	if s.hold == nil { // nil: the handshake's places were given back when it opened
+	defer s.mu.Unlock()
+	if s.hold == nil && chain.WantsHold(a) {
 		s.hold = &middleware.Hold{}
 	}
-	in.Hold = s.hold
-	s.mu.Unlock()
-	return s.run(chain, in, p, pendingAction{step: stepAuthenticate, tok: tok})
+	return s.hold
 }
 
 // releaseHold gives back the conn_limit places kept for the action just
 // decided (the socket is counted by now, or the action was refused).
 func (s *Session) releaseHold() {
 	s.mu.Lock()
+	s.dropHoldLocked()
+	s.mu.Unlock()
+}
+
+func (s *Session) dropHoldLocked() {
 	s.hold.Release()
 	s.hold = nil
-	s.mu.Unlock()
 }
 
 func (s *Session) finishAuthenticate(p *sc.Packet, tok *auth.Token, authErr *auth.Error, d middleware.Decision) {

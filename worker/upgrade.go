@@ -41,7 +41,10 @@ func (e *Engine) CheckUpgrade(remote net.Addr, origin string, header http.Header
 	// conn_limit per_ip keeps a place for the socket in hold until its
 	// handshake is decided (Session.hold), so concurrent upgrades from one
 	// address count each other.
-	hold := &middleware.Hold{}
+	var hold *middleware.Hold
+	if chain.WantsHold(middleware.HandshakeWS) {
+		hold = &middleware.Hold{}
+	}
 	in := middleware.Input{Action: middleware.HandshakeWS, RemoteIP: addrIP(remote), Origin: origin, Header: header, Query: query, Hold: hold}
 	ctx := context.Background()
 	if limit > 0 {
@@ -51,7 +54,7 @@ func (e *Engine) CheckUpgrade(remote net.Addr, origin string, header http.Header
 	}
 	d := chain.Decide(ctx, &in)
 	if d.Verdict == middleware.Allow {
-		if hold.Kept() {
+		if hold != nil && hold.Kept() {
 			if info == nil {
 				info = &UpgradeInfo{}
 			}

@@ -411,7 +411,7 @@ func (c *Conn) armLocked() {
 		return
 	}
 	e := unix.EpollEvent{Events: ev, Fd: c.fd, Pad: int32(c.seq)}
-	if err := unix.EpollCtl(c.srv.epfd, unix.EPOLL_CTL_MOD, int(c.fd), &e); err != nil {
+	if err := unix.EpollCtl(c.srv.ep.FD(), unix.EPOLL_CTL_MOD, int(c.fd), &e); err != nil {
 		c.srv.log.Warn("epoll re-arm failed, closing connection", "fd", c.fd, "error", err)
 		c.abortLocked(ws.StatusAbnormalClosure, "epoll: "+err.Error())
 	}

@@ -236,7 +236,7 @@ func (c *Conn) toHTTP() {
 
 	// The read task owns the fd now: no flush (nothing was queued), no
 	// timer (phase moved on), and the poller ignores a handed conn.
-	if err := unix.EpollCtl(s.epfd, unix.EPOLL_CTL_DEL, fd, nil); err != nil {
+	if err := unix.EpollCtl(s.ep.FD(), unix.EPOLL_CTL_DEL, fd, nil); err != nil {
 		s.log.Debug("epoll del for HTTP hand-off", "fd", fd, "error", err)
 	}
 	s.tableRemove(c)

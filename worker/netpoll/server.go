@@ -30,8 +30,7 @@ type Server struct {
 	log      hclog.Logger
 	upgrader ws.Upgrader
 
-	epfd   int
-	ep     *epoll.Instance // epfd, waited for in Go's own netpoller (see poll)
+	ep     *epoll.Instance // waited for in Go's own netpoller (see poll)
 	wakefd int             // eventfd that wakes the poller for Shutdown
 	// readers run read tasks (and Handler calls); flushers run flush tasks.
 	// Separate, so that Handler calls that block cannot stall writes to
@@ -129,14 +128,13 @@ func New(cfg Config) (*Server, error) {
 	if s.ep, err = epoll.New(256); err != nil {
 		return nil, fmt.Errorf("netpoll: %w", err)
 	}
-	s.epfd = s.ep.FD()
 	s.wakefd, err = unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
 	if err != nil {
 		_ = s.ep.Close()
 		return nil, fmt.Errorf("netpoll: create eventfd: %w", err)
 	}
 	ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(s.wakefd)}
-	if err := unix.EpollCtl(s.epfd, unix.EPOLL_CTL_ADD, s.wakefd, &ev); err != nil {
+	if err := unix.EpollCtl(s.ep.FD(), unix.EPOLL_CTL_ADD, s.wakefd, &ev); err != nil {
 		_ = unix.Close(s.wakefd)
 		_ = s.ep.Close()
 		return nil, fmt.Errorf("netpoll: register eventfd: %w", err)
@@ -253,7 +251,7 @@ func (s *Server) ServePrepared(fd int, prebuf []byte, remote net.Addr, p Prepare
 		c.pendRead = true
 		ev.Events = unix.EPOLLONESHOT
 	}
-	if err := unix.EpollCtl(s.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
+	if err := unix.EpollCtl(s.ep.FD(), unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
 		c.pendRead, c.reading = false, false
 		c.abortLocked(ws.StatusAbnormalClosure, "epoll add")
 		c.unlockAndRun() // closes the fd
